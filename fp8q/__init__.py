@@ -1,0 +1,25 @@
+"""fp8q: stream a Hugging Face safetensors checkpoint into an FP8 checkpoint that loads everywhere.
+
+    import fp8q
+    report = fp8q.quantize("model", "model-fp8")                       # per-channel compressed-tensors
+    fp8q.quantize("model", "model-fp8-block", fp8q.QuantizeOptions(scheme="block", format="fp8"))
+"""
+
+from fp8q.errors import Fp8qError
+from fp8q.formats import Format, Scheme
+from fp8q.pipeline import PlanReady, QuantizeOptions, Report, TensorDone, plan_conversion, quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Format",
+    "Fp8qError",
+    "PlanReady",
+    "QuantizeOptions",
+    "Report",
+    "Scheme",
+    "TensorDone",
+    "__version__",
+    "plan_conversion",
+    "quantize",
+]

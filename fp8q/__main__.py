@@ -1,0 +1,3 @@
+from fp8q.cli import main
+
+main()

@@ -1,0 +1,297 @@
+"""Read a safetensors checkpoint's headers and index into a validated `Checkpoint`; no tensor data.
+
+Imports: errors, dtypes. Every check a malformed or hostile checkpoint needs happens here, before a
+single tensor byte is read: bounded header sizes, offsets that tile the file exactly, index entries
+that agree with the shard headers in both directions, shard names that stay inside the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from fp8q.dtypes import ITEMSIZE
+from fp8q.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# safetensors' own reader refuses headers above 100 MB; nothing legitimate comes close.
+MAX_HEADER_BYTES = 100_000_000
+# Weight files that are never copied and never opened (pickles may run code when unpickled).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *PICKLE_SUFFIXES)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    """One tensor as its shard header describes it. `start` is an absolute file offset."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str
+    start: int
+    nbytes: int
+
+    @property
+    def module(self) -> str:
+        """The module name: the tensor name without its last component (`.weight`, `.bias`)."""
+        return self.name.rpartition(".")[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One safetensors file: its tensors in file order and a hash of its header."""
+
+    name: str
+    path: Path
+    size: int
+    metadata: dict[str, str] | None
+    tensors: tuple[TensorMeta, ...]
+    header_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Everything about a source checkpoint that can be known without reading tensor data."""
+
+    root: Path
+    shards: tuple[Shard, ...]
+    tensors: dict[str, TensorMeta]
+    config: dict[str, Any] | None
+    has_index: bool
+    side_files: tuple[str, ...]
+    skipped_files: tuple[str, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(shard.size for shard in self.shards)
+
+
+def read_checkpoint(src: Path) -> Checkpoint:
+    """Validate a checkpoint folder (or one `.safetensors` file) from its headers alone.
+
+    Raises:
+        CheckpointError: naming the file or tensor at fault and what to do about it.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or folder; give a checkpoint folder or a .safetensors file")
+    if src.is_file():
+        if src.suffix != ".safetensors":
+            raise CheckpointError(f"{src}: not a .safetensors file; give a checkpoint folder or a .safetensors file")
+        shard = read_shard(src.parent, src.name)
+        return Checkpoint(src.parent, (shard,), _tensor_map([shard]), None, False, (), ())
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a file or folder")
+
+    files = _list_files(src)
+    index_path = src / INDEX_FILE
+    if index_path.is_file():
+        shard_names = _read_index(index_path)
+    elif (src / SINGLE_FILE).is_file():
+        shard_names = {SINGLE_FILE: set()}
+    else:
+        shard_names = _guess_shards(src, files)
+
+    shards = [read_shard(src, name) for name in sorted(shard_names)]
+    tensors = _tensor_map(shards)
+    if index_path.is_file():
+        _check_index_matches(shards, shard_names)
+
+    config = _read_config(src / CONFIG_FILE) if (src / CONFIG_FILE).is_file() else None
+    used = set(shard_names) | {INDEX_FILE, CONFIG_FILE}
+    side = tuple(f for f in files if f not in used and not f.endswith(WEIGHT_SUFFIXES))
+    skipped = tuple(f for f in files if f not in used and f.endswith(WEIGHT_SUFFIXES))
+    return Checkpoint(src, tuple(shards), tensors, config, index_path.is_file(), side, skipped)
+
+
+def read_shard(root: Path, name: str) -> Shard:
+    """Parse and validate one shard's header (bounded size, JSON, offsets tiling the file)."""
+    path = root / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: shard is missing; download it again or fix {INDEX_FILE}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: file is truncated ({size} bytes); download it again")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path}: header length {header_len} exceeds the {MAX_HEADER_BYTES} byte limit; "
+                "the file is corrupt or not safetensors"
+            )
+        if 8 + header_len > size:
+            raise CheckpointError(
+                f"{path}: header length {header_len} runs past the end of the file ({size} bytes); "
+                "the file is truncated or corrupt, download it again"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: header is not valid JSON; the file is corrupt, download it again") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt, download it again")
+
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
+    data_start = 8 + header_len
+    tensors = sorted(
+        (_tensor_meta(path, name, name_entry, data_start) for name, name_entry in header.items()),
+        key=lambda t: (t.start, t.name),
+    )
+    expected = data_start
+    for meta in tensors:
+        if meta.start != expected:
+            raise CheckpointError(
+                f"{path}: tensor {meta.name} starts at byte {meta.start - data_start} of the data, "
+                f"expected {expected - data_start}; the offsets do not tile the file, it is corrupt"
+            )
+        expected += meta.nbytes
+    if expected != size:
+        what = "truncated" if expected > size else "has trailing bytes"
+        raise CheckpointError(
+            f"{path}: the header's offsets cover {expected} bytes but the file has {size}: it is {what}; "
+            "download it again"
+        )
+    return Shard(name, path, size, metadata, tuple(tensors), hashlib.sha256(raw).hexdigest())
+
+
+def _tensor_meta(path: Path, name: str, entry: Any, data_start: int) -> TensorMeta:
+    bad = CheckpointError(f"{path}: header entry for tensor {name} is malformed; the file is corrupt")
+    if not isinstance(entry, dict):
+        raise bad
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not (
+        isinstance(shape, list)
+        and all(isinstance(d, int) and d >= 0 for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and o >= 0 for o in offsets)
+    ):
+        raise bad
+    if dtype not in ITEMSIZE:
+        raise CheckpointError(f"{path}: tensor {name} has dtype {dtype!r}, which fp8q does not know")
+    begin, end = offsets
+    nbytes = math.prod(shape) * ITEMSIZE[dtype]
+    if end - begin != nbytes:
+        raise CheckpointError(
+            f"{path}: tensor {name} spans {end - begin} bytes but its shape {shape} and dtype {dtype} "
+            f"need {nbytes}; the file is corrupt"
+        )
+    return TensorMeta(name, dtype, tuple(shape), path.name, data_start + begin, nbytes)
+
+
+def _list_files(root: Path) -> list[str]:
+    """Every regular file under root (following the symlinks of a hub cache), skipping hidden folders."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts[:-1]) or rel.parts[0] in (".git", ".cache"):
+            continue
+        if path.is_file():
+            found.append(rel.as_posix())
+    return found
+
+
+def _read_index(index_path: Path) -> dict[str, set[str]]:
+    """Shard file name -> tensor names, from the index, with hostile shard names refused."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(
+            f"{index_path}: not a valid index (JSON with a weight_map object); download it again"
+        ) from None
+    shards: dict[str, set[str]] = {}
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not _is_safe_shard_name(shard):
+            raise CheckpointError(
+                f"{index_path}: shard name {shard!r} for tensor {tensor} must be a .safetensors file "
+                "inside the checkpoint folder (no '..', no absolute path); the index is corrupt or hostile"
+            )
+        shards.setdefault(shard, set()).add(tensor)
+    if not shards:
+        raise CheckpointError(f"{index_path}: weight_map is empty; the index is corrupt")
+    return shards
+
+
+def _is_safe_shard_name(name: str) -> bool:
+    # Checked with both path flavours so that C:\x, \\server\x and /x are refused on every OS.
+    for flavour in (PurePosixPath, PureWindowsPath):
+        p = flavour(name)
+        if p.is_absolute() or p.drive or p.root or ".." in p.parts:
+            return False
+    return name.endswith(".safetensors") and "\\" not in name
+
+
+def _guess_shards(root: Path, files: list[str]) -> dict[str, set[str]]:
+    candidates = [f for f in files if f.endswith(".safetensors") and "/" not in f]
+    if len(candidates) == 1:
+        return {candidates[0]: set()}
+    if len(candidates) > 1:
+        raise CheckpointError(
+            f"{root}: {len(candidates)} .safetensors files but no {INDEX_FILE}; "
+            "add the index, or pass one .safetensors file"
+        )
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise CheckpointError(
+            f"{root}: only pickle weights ({pickles[0]}); fp8q reads safetensors only and never unpickles. "
+            "Convert them to safetensors first (transformers: save_pretrained(..., safe_serialization=True))"
+        )
+    raise CheckpointError(f"{root}: no model.safetensors or {INDEX_FILE}; this is not a safetensors checkpoint")
+
+
+def _tensor_map(shards: list[Shard]) -> dict[str, TensorMeta]:
+    tensors: dict[str, TensorMeta] = {}
+    for shard in shards:
+        for meta in shard.tensors:
+            if meta.name in tensors:
+                raise CheckpointError(
+                    f"{shard.path}: tensor {meta.name} is also in {tensors[meta.name].shard}; "
+                    "a tensor must live in exactly one shard"
+                )
+            tensors[meta.name] = meta
+    return tensors
+
+
+def _check_index_matches(shards: list[Shard], listed: dict[str, set[str]]) -> None:
+    """The index and the shard headers must name the same tensors, shard by shard."""
+    for shard in shards:
+        in_header = {t.name for t in shard.tensors}
+        missing = sorted(listed[shard.name] - in_header)
+        if missing:
+            raise CheckpointError(
+                f"{shard.path}: tensor {missing[0]} is listed in {INDEX_FILE} but not in this shard "
+                f"({len(missing)} missing); the shard is incomplete or the index is stale"
+            )
+        extra = sorted(in_header - listed[shard.name])
+        if extra:
+            raise CheckpointError(
+                f"{shard.path}: tensor {extra[0]} is in this shard but {INDEX_FILE} does not list it there "
+                f"({len(extra)} unlisted); the index is stale, regenerate it"
+            )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not valid JSON; fix or restore the file") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return config

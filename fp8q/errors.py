@@ -1,0 +1,38 @@
+"""Errors a user can cause. Each message names the file or tensor and says what to do.
+
+Imports: stdlib only. The CLI prints `str(error)` as one line and exits with `exit_code`.
+"""
+
+from __future__ import annotations
+
+
+class Fp8qError(Exception):
+    """Base class: a problem with the input, the options or the environment, not a bug."""
+
+    exit_code = 1
+
+
+class UsageError(Fp8qError):
+    """Options that contradict each other or cannot apply (exit code 2)."""
+
+    exit_code = 2
+
+
+class CheckpointError(Fp8qError):
+    """The source checkpoint is missing, malformed or inconsistent."""
+
+
+class UnsupportedTensorError(Fp8qError):
+    """A tensor that cannot be quantized as asked (dtype, shape, NaN or inf)."""
+
+
+class OutputError(Fp8qError):
+    """The output folder cannot be used or written."""
+
+
+class Interrupted(Fp8qError):
+    """The run was stopped by a signal; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

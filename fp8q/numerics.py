@@ -1,0 +1,177 @@
+"""FP8 quantization math, bit-identical to each layout's reference tool.
+
+Imports: torch, formats. Pure: tensors in, tensors out, on whatever device they live on.
+
+- compressed-tensors (llm-compressor `model_free_ptq`): amax, scale = amax / 448 and q = x / scale,
+  all in the weight's own dtype; zero scales become that dtype's eps; edge tiles zero-padded.
+- fp8 per-tensor (vLLM `scaled_fp8_quant`): float32 amax, scale = amax / 448, q = x * (1 / scale).
+- fp8 block (vLLM's copy of DeepGEMM `per_block_cast_to_fp8`): float32 tile amax clamped at 1e-4,
+  scale = amax / 448, q = x * (1 / scale).
+
+Kernels work on row ranges so a CPU caller can walk a tensor in cache-sized chunks, on several
+threads, and get exactly the bits of the whole-tensor computation: every step is elementwise or
+reduces within a row (channel) or within a band of block rows (block); per-tensor schemes reduce
+the amax first and then quantize with the one scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fp8q.formats import Format, Layout, Scheme
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448.0
+# DeepGEMM's amax floor for block scales.
+DEEPGEMM_AMAX_FLOOR = 1e-4
+
+
+class NonFiniteWeight(ValueError):
+    """The weight holds NaN or inf: no scale can represent it."""
+
+
+def scale_dtype(layout: Layout, weight_dtype: torch.dtype) -> torch.dtype:
+    return weight_dtype if layout.format is Format.COMPRESSED_TENSORS else torch.float32
+
+
+def empty_outputs(w: torch.Tensor, layout: Layout, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate the quantized weight and its scale for `w`, on w's device (or pinned host memory)."""
+    rows, cols = w.shape
+    device = torch.device("cpu") if pin else w.device
+    q = torch.empty((rows, cols), dtype=FP8, device=device, pin_memory=pin)
+    s = torch.empty(layout.scale_shape(rows, cols), dtype=scale_dtype(layout, w.dtype), device=device, pin_memory=pin)
+    return q, s
+
+
+def quantize(w: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a whole 2-D weight on its own device. Returns (q, scale)."""
+    q, s = empty_outputs(w, layout)
+    tensor_scale = amax_to_tensor_scale(tensor_amax(w, 0, w.shape[0], layout), w.dtype, layout)
+    quantize_rows(w, q, s, 0, w.shape[0], layout, tensor_scale)
+    return q, s
+
+
+def row_step(layout: Layout) -> int:
+    """Row ranges handed to `quantize_rows` must start at a multiple of this."""
+    return layout.block[0] if layout.scheme is Scheme.BLOCK else 1
+
+
+def tensor_amax(w: torch.Tensor, r0: int, r1: int, layout: Layout) -> torch.Tensor | None:
+    """Per-tensor schemes: the amax of rows [r0, r1) (combine ranges with max). Others: None."""
+    if layout.scheme is not Scheme.TENSOR:
+        return None
+    x = w[r0:r1]
+    if x.numel() == 0:
+        return torch.zeros((), dtype=w.dtype, device=w.device)
+    amax = x.abs().amax()
+    _check_finite(amax)
+    return amax
+
+
+def amax_to_tensor_scale(amax: torch.Tensor | None, dtype: torch.dtype, layout: Layout) -> torch.Tensor | None:
+    """The one scale of a per-tensor scheme, from the whole tensor's amax."""
+    if amax is None:
+        return None
+    if layout.format is Format.COMPRESSED_TENSORS:
+        return _ct_scale(amax.to(dtype))
+    scale = amax.float() / FP8_MAX
+    # vLLM has no guard here (an all-zero weight would give NaN); any positive scale gives q = 0.
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def quantize_rows(
+    w: torch.Tensor,
+    q: torch.Tensor,
+    s: torch.Tensor,
+    r0: int,
+    r1: int,
+    layout: Layout,
+    tensor_scale: torch.Tensor | None = None,
+) -> None:
+    """Quantize rows [r0, r1) of w into q, and their scales into s.
+
+    Raises:
+        NonFiniteWeight: NaN or inf in these rows.
+    """
+    x = w[r0:r1]
+    if x.numel() == 0:
+        if layout.scheme is not Scheme.TENSOR and s.numel():
+            s[_scale_rows(layout, r0, r1)] = 1
+        elif layout.scheme is Scheme.TENSOR and tensor_scale is not None:
+            s.copy_(tensor_scale.reshape(s.shape))
+        return
+    if layout.scheme is Scheme.CHANNEL:
+        amax = x.abs().amax(dim=1, keepdim=True)
+        _check_finite(amax)
+        scale = _ct_scale(amax)
+        q[r0:r1] = _ct_quantize(x, scale)
+        s[r0:r1] = scale
+    elif layout.scheme is Scheme.TENSOR:
+        assert tensor_scale is not None
+        if layout.format is Format.COMPRESSED_TENSORS:
+            q[r0:r1] = _ct_quantize(x, tensor_scale)
+        else:
+            q[r0:r1] = (x.float() * (1.0 / tensor_scale)).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        if r0 == 0:
+            s.copy_(tensor_scale.reshape(s.shape))
+    else:
+        _quantize_block_band(x, q[r0:r1], s[_scale_rows(layout, r0, r1)], layout)
+
+
+def _scale_rows(layout: Layout, r0: int, r1: int) -> slice:
+    if layout.scheme is Scheme.BLOCK:
+        return slice(r0 // layout.block[0], math.ceil(r1 / layout.block[0]))
+    return slice(r0, r1)
+
+
+def _quantize_block_band(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout) -> None:
+    bh, bw = layout.block
+    rows, cols = x.shape
+    nbr, nbc = math.ceil(rows / bh), math.ceil(cols / bw)
+    # Zero padding leaves every edge tile's amax to its real elements, as both references do.
+    padded = torch.nn.functional.pad(x, (0, nbc * bw - cols, 0, nbr * bh - rows))
+    tiles = padded.view(nbr, bh, nbc, bw)
+    if layout.format is Format.COMPRESSED_TENSORS:
+        amax = tiles.abs().amax(dim=(1, 3), keepdim=True)
+        _check_finite(amax)
+        scale = _ct_scale(amax)
+        qt = _ct_quantize(tiles, scale)
+    else:
+        amax = tiles.abs().float().amax(dim=(1, 3), keepdim=True)
+        _check_finite(amax)
+        scale = amax.clamp(min=DEEPGEMM_AMAX_FLOOR) / FP8_MAX
+        # No clamp in DeepGEMM; |x| <= amax keeps every product within rounding of 448, which the
+        # cast rounds to 448, so clamping changes no bit and guards the cast.
+        qt = (tiles.float() * (1.0 / scale)).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    q.copy_(qt.view(nbr * bh, nbc * bw)[:rows, :cols])
+    s.copy_(scale.view(nbr, nbc))
+
+
+def _ct_scale(amax: torch.Tensor) -> torch.Tensor:
+    # Computed in the weight's dtype, like compressed-tensors' calculate_qparams: bf16 scales for bf16.
+    scale = amax / FP8_MAX
+    eps = torch.finfo(scale.dtype).eps
+    return torch.where(scale == 0, torch.full_like(scale, eps), scale)
+
+
+def _ct_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # Clamp before the cast: casting to float8 does not saturate (out-of-range becomes NaN).
+    return (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _check_finite(amax: torch.Tensor) -> None:
+    if not bool(torch.isfinite(amax).all()):
+        raise NonFiniteWeight("holds NaN or inf values")
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, layout: Layout, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """w ~ q * scale, the scale broadcast over its row, tile or the whole tensor."""
+    rows, cols = q.shape
+    if layout.scheme is Scheme.BLOCK:
+        bh, bw = layout.block
+        full = scale.float().repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
+    else:
+        full = scale.float().reshape(-1, 1) if layout.scheme is Scheme.CHANNEL else scale.float().reshape(())
+    return (q.float() * full).to(dtype)

@@ -1,0 +1,213 @@
+"""The pure planner: from a validated `Checkpoint` and the options, the complete output.
+
+Imports: errors, dtypes, checkpoint, selection, formats. Before any tensor data is read the plan
+fixes every output tensor's name, dtype, shape and byte offset, every shard header, the index and
+the config, so the writer can stream and `inspect` can show the whole result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from fp8q.checkpoint import CONFIG_FILE, Checkpoint, Shard, TensorMeta
+from fp8q.dtypes import ITEMSIZE, ORDER
+from fp8q.errors import UsageError
+from fp8q.formats import Format, Layout, Scheme
+from fp8q.selection import check_not_quantized, natural_key, select
+
+SHARD_METADATA = {"format": "pt"}
+
+
+class Action(str, Enum):
+    KEEP = "keep"
+    QUANTIZE = "quantize"
+
+
+@dataclass(frozen=True, slots=True)
+class OutTensor:
+    """One tensor of an output shard; `start` is an absolute offset in the output file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int = 0
+    nbytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One source tensor: copied as it is (`kept`), or quantized into `weight` and `scale`."""
+
+    source: TensorMeta
+    action: Action
+    kept: OutTensor | None = None
+    weight: OutTensor | None = None
+    scale: OutTensor | None = None
+
+    @property
+    def outputs(self) -> tuple[OutTensor, ...]:
+        return tuple(t for t in (self.kept, self.weight, self.scale) if t is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlan:
+    """One output shard, mirroring one input shard; `jobs` are in input file order."""
+
+    source: Shard
+    name: str
+    header: bytes
+    size: int
+    jobs: tuple[Job, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    checkpoint: Checkpoint
+    layout: Layout
+    shards: tuple[ShardPlan, ...]
+    ignored: tuple[str, ...]
+    quantization_config: dict[str, Any]
+    config: dict[str, Any] | None = field(repr=False)
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [job for shard in self.shards for job in shard.jobs]
+
+    @property
+    def n_quantized(self) -> int:
+        return sum(job.action is Action.QUANTIZE for job in self.jobs)
+
+    @property
+    def n_kept(self) -> int:
+        return sum(job.action is Action.KEEP for job in self.jobs)
+
+    @property
+    def bytes_in(self) -> int:
+        return self.checkpoint.total_bytes
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(shard.size for shard in self.shards)
+
+    @property
+    def largest_quantized(self) -> int:
+        return max((j.source.nbytes for j in self.jobs if j.action is Action.QUANTIZE), default=0)
+
+    def index(self) -> dict[str, Any]:
+        """`model.safetensors.index.json`: every output tensor, scales included."""
+        weight_map = {t.name: s.name for s in self.shards for j in s.jobs for t in j.outputs}
+        total = sum(t.nbytes for s in self.shards for j in s.jobs for t in j.outputs)
+        return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def make_plan(
+    checkpoint: Checkpoint,
+    layout: Layout,
+    ignore: tuple[str, ...] = (),
+    targets: tuple[str, ...] = (),
+) -> Plan:
+    """Plan the conversion; pure apart from reading nothing at all.
+
+    Raises:
+        UsageError: a layout that cannot be written.
+        CheckpointError / UnsupportedTensorError: from the tensor selection.
+    """
+    if layout.format is Format.FP8 and layout.scheme is Scheme.CHANNEL:
+        raise UsageError(
+            "--scheme channel --format fp8: vLLM's fp8 format has no per-channel weights; "
+            "use --format compressed-tensors, or --scheme tensor/block"
+        )
+    if min(layout.block) < 1:
+        raise UsageError(f"--block-size {layout.block[0]}x{layout.block[1]}: both sides must be positive")
+    check_not_quantized(checkpoint.config, str(checkpoint.root / CONFIG_FILE))
+    selection = select(checkpoint.tensors.values(), checkpoint.config, ignore, targets)
+    to_quantize = set(selection.quantize)
+    shards = tuple(_plan_shard(shard, layout, to_quantize) for shard in checkpoint.shards)
+    ignored = list(selection.ignored)
+    qconfig = layout.quantization_config(ignored)
+    config = None
+    if checkpoint.config is not None:
+        # Every other key keeps its place and value; the torch_dtype stays the compute dtype.
+        config = {**checkpoint.config, "quantization_config": qconfig}
+    return Plan(checkpoint, layout, shards, selection.ignored, qconfig, config)
+
+
+def _plan_shard(shard: Shard, layout: Layout, to_quantize: set[str]) -> ShardPlan:
+    jobs: list[Job] = []
+    for meta in shard.tensors:
+        if meta.name in to_quantize:
+            rows, cols = meta.shape
+            module = meta.module
+            weight = OutTensor(meta.name, "F8_E4M3", meta.shape)
+            scale = OutTensor(
+                f"{module}.{layout.scale_suffix}", layout.scale_dtype(meta.dtype), layout.scale_shape(rows, cols)
+            )
+            jobs.append(Job(meta, Action.QUANTIZE, weight=weight, scale=scale))
+        else:
+            jobs.append(Job(meta, Action.KEEP, kept=OutTensor(meta.name, meta.dtype, meta.shape)))
+    header, placed = build_header([t for job in jobs for t in job.outputs], SHARD_METADATA)
+    jobs = [_place(job, placed) for job in jobs]
+    size = len(header) + sum(t.nbytes for t in placed.values())
+    return ShardPlan(shard, shard.name, header, size, tuple(jobs))
+
+
+def _place(job: Job, placed: dict[str, OutTensor]) -> Job:
+    return Job(
+        job.source,
+        job.action,
+        kept=placed[job.kept.name] if job.kept else None,
+        weight=placed[job.weight.name] if job.weight else None,
+        scale=placed[job.scale.name] if job.scale else None,
+    )
+
+
+def build_header(tensors: list[OutTensor], metadata: dict[str, str] | None) -> tuple[bytes, dict[str, OutTensor]]:
+    """The exact header `safetensors.torch.save_file` writes for these tensors, and their offsets.
+
+    safetensors orders data by dtype (its enum order, highest first) then by name, writes compact
+    JSON in that same order after `__metadata__`, and pads the JSON with spaces to a multiple of 8.
+    """
+    ordered = sorted(tensors, key=lambda t: (-ORDER[t.dtype], t.name))
+    entries: dict[str, Any] = {}
+    if metadata is not None:
+        entries["__metadata__"] = metadata
+    offset = 0
+    sized = []
+    for t in ordered:
+        nbytes = math.prod(t.shape) * ITEMSIZE[t.dtype]
+        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        sized.append((t, offset, nbytes))
+        offset += nbytes
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    header = len(text).to_bytes(8, "little") + text
+    placed = {
+        t.name: OutTensor(t.name, t.dtype, t.shape, len(header) + off, nbytes) for t, off, nbytes in sized
+    }
+    return header, placed
+
+
+def describe(plan: Plan) -> dict[str, Any]:
+    """The plan as plain data, for `inspect --json` and the manifest."""
+    return {
+        "source": str(plan.checkpoint.root),
+        "scheme": plan.layout.scheme.value,
+        "format": plan.layout.format.value,
+        "block_size": list(plan.layout.block),
+        "tensors_quantized": plan.n_quantized,
+        "tensors_kept": plan.n_kept,
+        "ignored_modules": list(plan.ignored),
+        "shards": [s.name for s in plan.shards],
+        "bytes_in": plan.bytes_in,
+        "bytes_out": plan.bytes_out,
+        "largest_quantized_tensor_bytes": plan.largest_quantized,
+        "side_files": list(plan.checkpoint.side_files),
+        "skipped_files": list(plan.checkpoint.skipped_files),
+    }
+
+
+__all__ = ["Action", "Job", "OutTensor", "Plan", "ShardPlan", "build_header", "describe", "make_plan", "natural_key"]

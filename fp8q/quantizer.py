@@ -1,0 +1,158 @@
+"""Runs the numerics on a device: CPU worker threads over cache-sized row chunks, or CUDA streams.
+
+Imports: torch, formats, numerics. Both give the same bits: the CPU path splits a tensor into row
+ranges whose results do not depend on the split (see numerics), the CUDA path runs the same ops on
+the whole tensor at once.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from fp8q import numerics
+from fp8q.errors import UsageError
+from fp8q.formats import Layout
+
+# A chunk of this many input bytes, with its temporaries, stays in a core's L2 cache.
+CHUNK_BYTES = 256 << 10
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is CUDA when torch sees a GPU, else the CPU.
+
+    Raises:
+        UsageError: an unknown device, or CUDA asked for where there is none.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device}: fp8q runs on cpu or cuda")
+    return dev
+
+
+class CpuQuantizer:
+    """Quantizes on the CPU with `workers` threads, each walking its own rows chunk by chunk."""
+
+    lookahead = 0
+    pin_memory = False
+
+    def __init__(self, layout: Layout, workers: int) -> None:
+        self.layout = layout
+        self.workers = max(1, workers)
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fp8q-cpu") if self.workers > 1 else None
+
+    def submit(self, w: torch.Tensor) -> Any:
+        return w
+
+    def result(self, handle: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        w: torch.Tensor = handle
+        layout = self.layout
+        q, s = numerics.empty_outputs(w, layout)
+        ranges = self._ranges(w)
+        amaxes = self._map(lambda r: _chunked_amax(w, r, self._chunk_rows(w), layout), ranges)
+        tensor_scale = None
+        if amaxes and amaxes[0] is not None:
+            tensor_scale = numerics.amax_to_tensor_scale(torch.stack(amaxes).amax(), w.dtype, layout)
+        self._map(lambda r: _chunked_quantize(w, q, s, r, self._chunk_rows(w), layout, tensor_scale), ranges)
+        return q, s
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
+
+    def _map(self, fn: Any, ranges: list[tuple[int, int]]) -> list[Any]:
+        if self.pool is None or len(ranges) == 1:
+            return [fn(r) for r in ranges]
+        return list(self.pool.map(fn, ranges))
+
+    def _chunk_rows(self, w: torch.Tensor) -> int:
+        step = numerics.row_step(self.layout)
+        rows = CHUNK_BYTES // max(1, w.shape[1] * w.element_size())
+        return max(step, rows // step * step)
+
+    def _ranges(self, w: torch.Tensor) -> list[tuple[int, int]]:
+        """Split the rows into one contiguous range per worker, on `row_step` boundaries."""
+        rows, step = w.shape[0], numerics.row_step(self.layout)
+        units = max(1, math.ceil(rows / step))
+        parts = min(self.workers, units)
+        bounds = [min(rows, (units * i // parts) * step) for i in range(parts + 1)]
+        return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] or [(0, rows)]
+
+
+def _chunked_amax(w: torch.Tensor, r: tuple[int, int], chunk: int, layout: Layout) -> torch.Tensor | None:
+    parts = [numerics.tensor_amax(w, a, min(a + chunk, r[1]), layout) for a in range(r[0], r[1], chunk)]
+    if not parts or parts[0] is None:
+        return numerics.tensor_amax(w, r[0], r[1], layout)
+    return torch.stack(parts).amax()  # type: ignore[arg-type]
+
+
+def _chunked_quantize(
+    w: torch.Tensor,
+    q: torch.Tensor,
+    s: torch.Tensor,
+    r: tuple[int, int],
+    chunk: int,
+    layout: Layout,
+    tensor_scale: torch.Tensor | None,
+) -> None:
+    for a in range(r[0], max(r[1], r[0] + 1), chunk):
+        numerics.quantize_rows(w, q, s, a, min(a + chunk, r[1]), layout, tensor_scale)
+
+
+class CudaQuantizer:
+    """Quantizes on one CUDA device: uploads on a side stream (from pinned host memory) so the next
+    tensor's transfer overlaps this one's quantization, then downloads into pinned host buffers."""
+
+    lookahead = 1
+    pin_memory = True
+
+    def __init__(self, layout: Layout, device: torch.device) -> None:
+        self.layout = layout
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device)
+        self.compute_stream = torch.cuda.Stream(device)
+
+    def submit(self, w: torch.Tensor) -> Any:
+        with torch.cuda.stream(self.copy_stream):
+            dev = w.to(self.device, non_blocking=True)
+            uploaded = torch.cuda.Event()
+            uploaded.record(self.copy_stream)
+        # Keep the pinned source alive until its copy has run.
+        return w, dev, uploaded
+
+    def result(self, handle: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        host, dev, uploaded = handle
+        with torch.cuda.stream(self.compute_stream):
+            self.compute_stream.wait_event(uploaded)
+            dev.record_stream(self.compute_stream)
+            q_dev, s_dev = numerics.quantize(dev, self.layout)
+            q, s = numerics.empty_outputs(host, self.layout, pin=True)
+            q.copy_(q_dev, non_blocking=True)
+            s.copy_(s_dev, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.compute_stream)
+        done.synchronize()
+        del host
+        return q, s
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+def make_quantizer(layout: Layout, device: torch.device, workers: int) -> CpuQuantizer | CudaQuantizer:
+    if device.type == "cuda":
+        return CudaQuantizer(layout, device)
+    return CpuQuantizer(layout, workers)

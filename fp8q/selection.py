@@ -1,0 +1,129 @@
+"""Which tensors are the weights of Linear layers, and which of those get quantized.
+
+Imports: errors, dtypes, checkpoint types. Decided from names, shapes and dtypes alone (no model
+code): a Linear weight is a 2-D float `*.weight` that is not an embedding. Of those, lm_head, MoE
+routers and gates, and vision/audio towers and their projectors are kept, as are user `--ignore`
+matches; `--targets` narrows the rest. Every Linear left unquantized is listed by exact module name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from fp8q.checkpoint import TensorMeta
+from fp8q.dtypes import FP8, QUANTIZABLE
+from fp8q.errors import CheckpointError, UnsupportedTensorError
+
+FLOAT_DTYPES = (*QUANTIZABLE, "F64", *FP8)
+# Embedding tables are nn.Embedding, not Linear: kept and not listed in `ignore`.
+_EMBEDDING = re.compile(r"(^|\.)([^.]*embed[^.]*|wte|wpe|shared|relative_attention_bias)$")
+_LM_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)$|^output$")
+# MoE routers stay in high precision in every engine (vLLM builds them with quant_config=None).
+_ROUTER = re.compile(r"(^|\.)(gate|shared_expert_gate|router)$|(^|\.)router\.")
+# Vision and audio encoders and their projectors into the language model.
+_ENCODER = re.compile(
+    r"(^|\.)(vision_tower|vision_model|visual|vision|vision_encoder|image_encoder|vision_proj|"
+    r"multi_modal_projector|mm_projector|connector|audio_tower|audio_model|audio_encoder)(\.|$)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """`quantize`: tensor names to quantize. `ignored`: Linear modules left as they are."""
+
+    quantize: tuple[str, ...]
+    ignored: tuple[str, ...]
+
+
+def natural_key(name: str) -> list[str | int]:
+    """Sort key that puts layers.2 before layers.10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def is_linear_weight(meta: TensorMeta) -> bool:
+    return (
+        meta.name.endswith(".weight")
+        and len(meta.shape) == 2
+        and meta.dtype in FLOAT_DTYPES
+        and not _EMBEDDING.search(meta.module)
+    )
+
+
+def keep_reason(module: str) -> str | None:
+    """Why a Linear module is kept by default, or None when it is quantized."""
+    if _LM_HEAD.search(module):
+        return "lm_head"
+    if _ROUTER.search(module):
+        return "router"
+    if _ENCODER.search(module):
+        return "encoder"
+    return None
+
+
+def select(
+    tensors: Iterable[TensorMeta],
+    config: Mapping[str, object] | None,
+    ignore: Iterable[str] = (),
+    targets: Iterable[str] = (),
+) -> Selection:
+    """Decide, for every tensor, whether it is a Linear weight to quantize.
+
+    Raises:
+        CheckpointError: the input is already quantized.
+        UnsupportedTensorError: a Linear weight in a dtype that cannot be quantized.
+    """
+    ignore_res = [re.compile(p) for p in ignore]
+    target_res = [re.compile(p) for p in targets]
+    quantize: list[str] = []
+    ignored: list[str] = []
+    metas = sorted(tensors, key=lambda m: natural_key(m.name))
+    for meta in metas:
+        if meta.dtype in FP8:
+            raise CheckpointError(
+                f"tensor {meta.name} in {meta.shard} is already {meta.dtype}: the input is already "
+                "quantized; give the bf16/fp16/fp32 checkpoint (or `fp8q dequantize` this one first)"
+            )
+        if not is_linear_weight(meta):
+            continue
+        module = meta.module
+        wanted = (
+            keep_reason(module) is None
+            and not any(r.search(module) for r in ignore_res)
+            and (not target_res or any(r.search(module) for r in target_res))
+        )
+        if not wanted:
+            ignored.append(module)
+            continue
+        if meta.dtype not in QUANTIZABLE:
+            raise UnsupportedTensorError(
+                f"tensor {meta.name} in {meta.shard} has dtype {meta.dtype}; fp8q quantizes "
+                f"{'/'.join(QUANTIZABLE)} weights: convert it, or pass --ignore '^{re.escape(module)}$'"
+            )
+        quantize.append(meta.name)
+    names = {m.name for m in metas}
+    if _ties_embeddings(config) and "lm_head.weight" not in names and "lm_head" not in ignored:
+        # The engine still builds an lm_head Linear (sharing the embedding): it must not be quantized.
+        ignored.append("lm_head")
+    return Selection(tuple(quantize), tuple(sorted(ignored, key=natural_key)))
+
+
+def _ties_embeddings(config: Mapping[str, object] | None) -> bool:
+    if not config:
+        return False
+    text = config.get("text_config")
+    for c in (config, text if isinstance(text, Mapping) else {}):
+        if c.get("tie_word_embeddings") is True:
+            return True
+    return False
+
+
+def check_not_quantized(config: Mapping[str, object] | None, config_name: str) -> None:
+    if config and "quantization_config" in config:
+        method = config["quantization_config"]
+        method = method.get("quant_method", "?") if isinstance(method, Mapping) else "?"
+        raise CheckpointError(
+            f"{config_name}: has a quantization_config ({method}): the input is already quantized; "
+            "give the bf16/fp16/fp32 checkpoint"
+        )
