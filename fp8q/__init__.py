@@ -1,8 +1,8 @@
 """fp8q: stream a Hugging Face safetensors checkpoint into an FP8 checkpoint that loads everywhere.
 
-    import fp8q
-    report = fp8q.quantize("model", "model-fp8")                       # per-channel compressed-tensors
-    fp8q.quantize("model", "model-fp8-block", fp8q.QuantizeOptions(scheme="block", format="fp8"))
+import fp8q
+report = fp8q.quantize("model", "model-fp8")                       # per-channel compressed-tensors
+fp8q.quantize("model", "model-fp8-block", fp8q.QuantizeOptions(scheme="block", format="fp8"))
 """
 
 from fp8q.errors import Fp8qError

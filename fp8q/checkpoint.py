@@ -142,9 +142,7 @@ def read_shard(root: Path, name: str) -> Shard:
         raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt, download it again")
 
     metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
     data_start = 8 + header_len
     tensors = sorted(

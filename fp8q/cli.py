@@ -44,17 +44,20 @@ err = Console(stderr=True, highlight=False)
 T = TypeVar("T")
 
 SchemeOpt = Annotated[
-    Scheme, typer.Option("--scheme", help="Scale granularity: one per output channel, per 128x128 block, or per tensor.")
+    Scheme,
+    typer.Option("--scheme", help="Scale granularity: one per output channel, per 128x128 block, or per tensor."),
 ]
 FormatOpt = Annotated[
     Format, typer.Option("--format", help="compressed-tensors (llm-compressor layout) or fp8 (vLLM/DeepSeek layout).")
 ]
 BlockOpt = Annotated[str, typer.Option("--block-size", help="Block tile as ROWSxCOLS, for --scheme block.")]
 IgnoreOpt = Annotated[
-    list[str] | None, typer.Option("--ignore", help="Regex (searched in module names) of Linear layers to keep; repeatable.")
+    list[str] | None,
+    typer.Option("--ignore", help="Regex (searched in module names) of Linear layers to keep; repeatable."),
 ]
 TargetsOpt = Annotated[
-    list[str] | None, typer.Option("--targets", help="Regex: quantize only Linear layers whose name matches; repeatable.")
+    list[str] | None,
+    typer.Option("--targets", help="Regex: quantize only Linear layers whose name matches; repeatable."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan or the result as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")]
@@ -68,7 +71,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
 ) -> None:
     """fp8q: FP8 checkpoints from bf16/fp16/fp32 safetensors, streaming, byte-identical to the reference tools."""
 
@@ -84,7 +89,9 @@ def quantize_command(
     targets: TargetsOpt = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")] = "auto",
     workers: Annotated[int, typer.Option("--workers", help="CPU quantization threads; 0 = one per core.", min=0)] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the new one is complete).")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the new one is complete).")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and write nothing.")] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -111,7 +118,7 @@ def quantize_command(
         )
         if dry_run:
             plan = plan_conversion(src, options)
-            check_output(plan.checkpoint.root if Path(src).is_file() else Path(src), out, overwrite)
+            check_output(Path(src), out, overwrite)
             _show_plan(plan, as_json, quiet)
             return
         with _ProgressView(quiet) as view:
@@ -159,16 +166,19 @@ def _guarded(fn: Callable[[], T]) -> T:
     except Fp8qError as e:
         if debug:
             raise
-        err.print(f"[red]error:[/red] {_one_line(str(e))}", markup=True)
+        err.print(f"[red]error:[/red] {_one_line(str(e))}", soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: nothing was written to the output folder")
+        err.print("[red]interrupted[/red]: nothing was written to the output folder", soft_wrap=True)
         raise typer.Exit(130) from None
     except Exception as e:
         if debug:
             raise
-        err.print(f"[red]internal error:[/red] {type(e).__name__}: {_one_line(str(e))} "
-                  "(set FP8Q_DEBUG=1 for the traceback, and please report it)")
+        err.print(
+            f"[red]internal error:[/red] {type(e).__name__}: {_one_line(str(e))} "
+            "(set FP8Q_DEBUG=1 for the traceback, and please report it)",
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from None
 
 
@@ -209,8 +219,10 @@ def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
     table.add_row("kept Linear modules", ", ".join(plan.ignored) or "none")
     table.add_row("shards", str(len(plan.shards)))
     table.add_row("size", f"{_gb(plan.bytes_in)} in, {_gb(plan.bytes_out)} out")
-    table.add_row("peak memory (est.)", f"host: torch + {_gb(data['estimated_peak_host_bytes'])}, "
-                  f"GPU: {_gb(data['estimated_peak_gpu_bytes'])}")
+    table.add_row(
+        "peak memory (est.)",
+        f"host: torch + {_gb(data['estimated_peak_host_bytes'])}, GPU: {_gb(data['estimated_peak_gpu_bytes'])}",
+    )
     if plan.checkpoint.skipped_files:
         table.add_row("not copied", ", ".join(plan.checkpoint.skipped_files))
     err.print(table)
@@ -235,14 +247,18 @@ class _ProgressView:
     """A byte-counting progress bar fed by pipeline events."""
 
     def __init__(self, quiet: bool) -> None:
-        self.progress = None if quiet else Progress(
-            TextColumn("[bold]quantizing"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
+        self.progress = (
+            None
+            if quiet
+            else Progress(
+                TextColumn("[bold]quantizing"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
+            )
         )
         self.task: Any = None
 

@@ -166,7 +166,9 @@ def _check_finite(amax: torch.Tensor) -> None:
         raise NonFiniteWeight("holds NaN or inf values")
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, layout: Layout, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, layout: Layout, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """w ~ q * scale, the scale broadcast over its row, tile or the whole tensor."""
     rows, cols = q.shape
     if layout.scheme is Scheme.BLOCK:

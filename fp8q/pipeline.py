@@ -130,7 +130,7 @@ def quantize(
     src, out = Path(src), Path(out)
     device = resolve_device(options.device)
     plan = plan_conversion(src, options)
-    check_output(plan.checkpoint.root if src.is_file() else src, out, options.overwrite)
+    check_output(src, out, options.overwrite)
     side_bytes = sum((plan.checkpoint.root / f).stat().st_size for f in plan.checkpoint.side_files)
     check_free_space(out, plan.bytes_out + side_bytes)
     emit(PlanReady(plan))
@@ -224,7 +224,11 @@ def _run_plan(plan: Plan, partial: Path, device: torch.device, workers: int, emi
 
 
 def _quantize_loop(
-    plan: Plan, quantizer: Any, inbox: queue.Queue[_Item | None], outbox: queue.Queue[_Item | None], stop: threading.Event
+    plan: Plan,
+    quantizer: Any,
+    inbox: queue.Queue[_Item | None],
+    outbox: queue.Queue[_Item | None],
+    stop: threading.Event,
 ) -> None:
     pending: deque[_Item] = deque()
     in_flight = 0
@@ -249,8 +253,9 @@ def _quantize_loop(
             item.data = quantizer.submit(item.data)
             in_flight += 1
         pending.append(item)
-        while pending and (in_flight > quantizer.lookahead or pending[0].job is None
-                           or pending[0].job.action is Action.KEEP):
+        while pending and (
+            in_flight > quantizer.lookahead or pending[0].job is None or pending[0].job.action is Action.KEEP
+        ):
             finish_head()
     while pending:
         finish_head()

@@ -185,9 +185,7 @@ def build_header(tensors: list[OutTensor], metadata: dict[str, str] | None) -> t
     text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
     header = len(text).to_bytes(8, "little") + text
-    placed = {
-        t.name: OutTensor(t.name, t.dtype, t.shape, len(header) + off, nbytes) for t, off, nbytes in sized
-    }
+    placed = {t.name: OutTensor(t.name, t.dtype, t.shape, len(header) + off, nbytes) for t, off, nbytes in sized}
     return header, placed
 
 

@@ -89,7 +89,7 @@ class CpuQuantizer:
         units = max(1, math.ceil(rows / step))
         parts = min(self.workers, units)
         bounds = [min(rows, (units * i // parts) * step) for i in range(parts + 1)]
-        return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] or [(0, rows)]
+        return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a] or [(0, rows)]
 
 
 def _chunked_amax(w: torch.Tensor, r: tuple[int, int], chunk: int, layout: Layout) -> torch.Tensor | None:

@@ -95,7 +95,11 @@ def check_output(src: Path, out: Path, overwrite: bool) -> None:
         OutputError: naming OUT and what to do.
     """
     src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r or src_r in out_r.parents:
+    if src_r.is_file():
+        # A single file: the output only must not be the file or the folder holding it.
+        if out_r in (src_r, src_r.parent):
+            raise OutputError(f"{out}: the output must not be the source file or its folder; choose another folder")
+    elif out_r == src_r or src_r in out_r.parents:
         raise OutputError(f"{out}: the output must not be the source folder or inside it; choose another folder")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder; choose another output path")

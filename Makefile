@@ -1,0 +1,37 @@
+# fp8q: `make demo` sets everything up and converts a bundled tiny model; `make test` runs the suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch first, from the CPU wheel pip finds on this machine: letting another package pull it in
+# would fetch a multi-GB CUDA build. Users with GPUs bring their own torch.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test,reference]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/make_tiny_model.py examples/tiny-llama
+	$(BIN)/fp8q inspect examples/tiny-llama
+	$(BIN)/fp8q quantize examples/tiny-llama examples/tiny-llama-fp8 --overwrite
+	$(BIN)/python examples/run_with_transformers.py examples/tiny-llama examples/tiny-llama-fp8
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check fp8q tests examples bench
+	$(BIN)/ruff format --check fp8q tests examples bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(VENV) examples/tiny-llama examples/tiny-llama-fp8 .pytest_cache .ruff_cache

@@ -1,0 +1,69 @@
+"""The chunked, threaded CPU kernel gives the bits of the whole-tensor math; edge cases are safe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8q import quantizer as quantizer_module
+from fp8q.formats import Format, Layout, Scheme
+from fp8q.numerics import NonFiniteWeight, dequantize, quantize
+from fp8q.quantizer import CpuQuantizer
+from tests.factories import as_bytes
+
+LAYOUTS = [
+    Layout(Scheme.CHANNEL, Format.COMPRESSED_TENSORS),
+    Layout(Scheme.BLOCK, Format.COMPRESSED_TENSORS),
+    Layout(Scheme.TENSOR, Format.COMPRESSED_TENSORS),
+    Layout(Scheme.TENSOR, Format.FP8),
+    Layout(Scheme.BLOCK, Format.FP8),
+    Layout(Scheme.BLOCK, Format.FP8, (64, 32)),
+]
+IDS = [f"{x.scheme.value}-{x.format.value}-{x.block[0]}x{x.block[1]}" for x in LAYOUTS]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("shape", [(300, 130), (1, 5), (513, 257)])
+def test_chunked_threads_match_whole_tensor(layout, shape, monkeypatch):
+    monkeypatch.setattr(quantizer_module, "CHUNK_BYTES", 1024)  # many chunks per tensor
+    w = (torch.randn(shape) * 0.1).to(torch.bfloat16)
+    q_ref, s_ref = quantize(w, layout)
+    cpu = CpuQuantizer(layout, workers=2)
+    q, s = cpu.result(cpu.submit(w))
+    cpu.close()
+    assert torch.equal(as_bytes(q), as_bytes(q_ref))
+    assert torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+def test_zero_weight_gets_finite_positive_scales(layout):
+    q, s = quantize(torch.zeros(200, 140, dtype=torch.bfloat16), layout)
+    assert bool((s > 0).all()) and bool(torch.isfinite(s).all())
+    assert bool((q.float() == 0).all())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_is_refused(layout, bad):
+    w = torch.randn(150, 140, dtype=torch.bfloat16)
+    w[149, 3] = bad
+    with pytest.raises(NonFiniteWeight):
+        quantize(w, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+def test_round_trip_error_is_small_and_amax_maps_to_448(layout):
+    w = torch.randn(256, 384) * 0.02
+    q, s = quantize(w.to(torch.bfloat16), layout)
+    assert q.float().abs().max() == 448.0
+    err = (dequantize(q, s, layout, torch.float32) - w).norm() / w.norm()
+    assert err < 0.05
+    assert not torch.isnan(q.float()).any()
+
+
+def test_huge_values_saturate_instead_of_nan():
+    w = torch.full((4, 4), 3e38, dtype=torch.float32)
+    w[0, 0] = 1e-30
+    for layout in LAYOUTS:
+        q, s = quantize(w, layout)
+        assert not torch.isnan(q.float()).any()

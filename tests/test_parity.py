@@ -1,0 +1,88 @@
+"""Byte parity of every quantized tensor and scale with the reference tool of each layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8q import QuantizeOptions, quantize
+from fp8q.formats import Format, Layout, Scheme
+from fp8q.numerics import quantize as quantize_tensor
+from tests.factories import as_bytes, assert_same_tensors, load_all, tiny_llama, tiny_qwen3_moe
+from tests.references import llmcompressor_quantize, vllm_per_block, vllm_per_tensor
+
+llmcompressor = pytest.importorskip("llmcompressor", reason="llm-compressor is the reference for compressed-tensors")
+
+SHAPES = [(80, 200), (256, 128), (300, 130), (1, 7), (129, 257)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _weight(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    w = torch.randn(shape) * 0.05
+    w[0] *= 20  # an outlier row
+    if shape[0] > 2:
+        w[2] = 0  # an all-zero row: the scale must stay finite
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scheme,preset", [(Scheme.CHANNEL, "FP8_DYNAMIC"), (Scheme.BLOCK, "FP8_BLOCK")])
+def test_compressed_tensors_matches_llmcompressor(shape, dtype, scheme, preset):
+    w = _weight(shape, dtype)
+    ref = llmcompressor_quantize({"layer.weight": w}, preset, [])
+    q, s = quantize_tensor(w, Layout(scheme, Format.COMPRESSED_TENSORS))
+    assert torch.equal(as_bytes(q), as_bytes(ref["layer.weight"]))
+    assert s.dtype == ref["layer.weight_scale"].dtype == dtype
+    assert torch.equal(s, ref["layer.weight_scale"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp8_tensor_matches_vllm(shape, dtype):
+    w = _weight(shape, dtype)
+    q_ref, s_ref = vllm_per_tensor(w)
+    q, s = quantize_tensor(w, Layout(Scheme.TENSOR, Format.FP8))
+    assert s.shape == () and s.dtype == torch.float32
+    assert torch.equal(as_bytes(q), as_bytes(q_ref))
+    assert torch.equal(s.reshape(1), s_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp8_block_matches_deepgemm(shape, dtype):
+    w = _weight(shape, dtype)
+    q_ref, s_ref = vllm_per_block(w)
+    q, s = quantize_tensor(w, Layout(Scheme.BLOCK, Format.FP8))
+    assert s.dtype == torch.float32 and s.shape == s_ref.shape
+    assert torch.equal(as_bytes(q), as_bytes(q_ref))
+    assert torch.equal(s, s_ref)
+
+
+def _model_free_ptq(src, out, preset, ignore):
+    from llmcompressor import model_free_ptq
+
+    model_free_ptq(str(src), str(out), scheme=preset, ignore=ignore, device="cpu")
+
+
+def test_dense_checkpoint_matches_model_free_ptq(tmp_path):
+    src = tiny_llama(tmp_path / "src")
+    quantize(src, tmp_path / "fp8q", QuantizeOptions(device="cpu"))
+    _model_free_ptq(src, tmp_path / "ref", "FP8_DYNAMIC", ["lm_head", "model.embed_tokens"])
+    assert_same_tensors(load_all(tmp_path / "fp8q"), load_all(tmp_path / "ref"))
+
+
+def test_moe_checkpoint_matches_model_free_ptq(tmp_path):
+    src = tiny_qwen3_moe(tmp_path / "src")
+    quantize(src, tmp_path / "fp8q", QuantizeOptions(device="cpu"))
+    _model_free_ptq(src, tmp_path / "ref", "FP8_DYNAMIC", ["lm_head", "model.embed_tokens", "re:.*mlp.gate$"])
+    ours, ref = load_all(tmp_path / "fp8q"), load_all(tmp_path / "ref")
+    assert any(".experts.3.down_proj.weight_scale" in k for k in ours)
+    assert_same_tensors(ours, ref)
+
+
+def test_aligned_block_checkpoint_matches_model_free_ptq(tmp_path):
+    src = tiny_llama(tmp_path / "src", hidden=128, intermediate=256)
+    quantize(src, tmp_path / "fp8q", QuantizeOptions(scheme="block", device="cpu"))
+    _model_free_ptq(src, tmp_path / "ref", "FP8_BLOCK", ["lm_head", "model.embed_tokens"])
+    assert_same_tensors(load_all(tmp_path / "fp8q"), load_all(tmp_path / "ref"))
