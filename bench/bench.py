@@ -1,0 +1,179 @@
+"""`make bench`: fp8q against `cp` and llm-compressor `model_free_ptq` on synthetic Llama-shaped checkpoints.
+
+Builds bf16 checkpoints of two sizes (hidden 4096, intermediate 11008, 4 and 12 layers, two layers
+per shard, safetensors only) in a temp folder, then runs each contender in its own process and
+reports wall time, GB/s of bf16 input, ratios measured in this same run, and each process's peak
+RSS (from wait4). Every run reads files the previous steps just wrote, so all of them read from the
+page cache alike.
+
+    python bench/bench.py [--layers 4 12] [--keep DIR] [--no-reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, INTERMEDIATE, VOCAB = 4096, 11008, 32000
+PYTHON = sys.executable
+
+
+def build_checkpoint(folder: Path, layers: int) -> int:
+    """A Llama-shaped bf16 checkpoint; returns its size in bytes."""
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    shapes = {
+        "self_attn.q_proj": (HIDDEN, HIDDEN),
+        "self_attn.k_proj": (HIDDEN, HIDDEN),
+        "self_attn.v_proj": (HIDDEN, HIDDEN),
+        "self_attn.o_proj": (HIDDEN, HIDDEN),
+        "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
+        "mlp.up_proj": (INTERMEDIATE, HIDDEN),
+        "mlp.down_proj": (HIDDEN, INTERMEDIATE),
+    }
+    shards: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": randn(VOCAB, HIDDEN)}]
+    for layer in range(layers):
+        if layer % 2 == 0 and layer:
+            shards.append({})
+        prefix = f"model.layers.{layer}"
+        for name, shape in shapes.items():
+            shards[-1][f"{prefix}.{name}.weight"] = randn(*shape)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shards[-1][f"{prefix}.{norm}.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+    shards[-1]["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+    shards[-1]["lm_head.weight"] = randn(VOCAB, HIDDEN)
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        for key, t in tensors.items():
+            weight_map[key] = name
+            total += t.nbytes
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": VOCAB,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def measure(cmd: list[str]) -> tuple[float, float]:
+    """Run a command; return (seconds, peak RSS in MiB) of that process alone."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{stderr[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def has_llmcompressor() -> bool:
+    return subprocess.run([PYTHON, "-c", "import llmcompressor"], capture_output=True).returncode == 0
+
+
+MODEL_FREE = (
+    "import sys; from llmcompressor import model_free_ptq; "
+    "model_free_ptq(sys.argv[1], sys.argv[2], scheme='FP8_DYNAMIC', "
+    "ignore=['lm_head', 'model.embed_tokens'], device='cpu')"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 12])
+    parser.add_argument("--keep", type=Path, help="build in this folder and keep it")
+    parser.add_argument("--no-reference", action="store_true", help="skip llm-compressor model_free_ptq")
+    parser.add_argument("--extra", nargs="*", default=[], help="extra fp8q quantize options")
+    args = parser.parse_args()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="fp8q-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    reference = not args.no_reference and has_llmcompressor()
+    _, baseline_rss = measure([PYTHON, "-c", "import torch, fp8q"])
+    largest = INTERMEDIATE * HIDDEN * 2
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"RSS of `import torch, fp8q`: {baseline_rss:.0f} MiB")
+    rows = []
+    try:
+        for layers in args.layers:
+            src = root / f"llama-{layers}L"
+            if not src.exists():
+                print(f"building {src} ...", flush=True)
+                build_checkpoint(src, layers)
+            size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+            for out in (root / "cp", root / "fp8q", root / "ref"):
+                shutil.rmtree(out, ignore_errors=True)
+            cp_s, _ = measure(["cp", "-r", str(src), str(root / "cp")])
+            fp8q_s, fp8q_rss = measure(
+                [
+                    PYTHON,
+                    "-m",
+                    "fp8q",
+                    "quantize",
+                    str(src),
+                    str(root / "fp8q"),
+                    "--quiet",
+                    "--device",
+                    "cpu",
+                    *args.extra,
+                ]
+            )
+            ref_s = ref_rss = None
+            if reference:
+                ref_s, ref_rss = measure([PYTHON, "-c", MODEL_FREE, str(src), str(root / "ref")])
+            rows.append((layers, size, cp_s, fp8q_s, fp8q_rss, ref_s, ref_rss))
+            for out in (root / "cp", root / "fp8q", root / "ref"):
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print()
+    print(
+        "| layers | bf16 GB | cp s | fp8q s | fp8q GB/s | fp8q / cp | fp8q peak RSS MiB "
+        "| model_free_ptq s | speed-up | model_free_ptq RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for layers, size, cp_s, s, rss, ref_s, ref_rss in rows:
+        ref = f"{ref_s:.1f} | {ref_s / s:.1f}x | {ref_rss:.0f}" if ref_s else "n/a | n/a | n/a"
+        print(
+            f"| {layers} | {size / 1e9:.2f} | {cp_s:.1f} | {s:.1f} | {size / s / 1e9:.2f} "
+            f"| {s / cp_s:.1f}x | {rss:.0f} | {ref} |"
+        )
+    if len(rows) >= 2:
+        small, big = rows[0][4], rows[-1][4]
+        budget = baseline_rss + 4 * largest / 2**20 + 256
+        print(
+            f"\npeak RSS {rows[-1][0]} vs {rows[0][0]} layers: {big / small - 1:+.1%}; "
+            f"budget (import RSS + 4 x largest tensor + 256 MiB) = {budget:.0f} MiB, used {big:.0f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
