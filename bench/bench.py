@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -82,16 +81,39 @@ def build_checkpoint(folder: Path, layers: int) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+# Peak RSS comes from wait4 in a small intermediate process: a child forked straight from this
+# (large) process would inherit its high-water mark into ru_maxrss.
+_TIMER = (
+    "import os, subprocess, sys, time; t = time.perf_counter(); "
+    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+    "_, st, ru = os.wait4(p.pid, 0); print(time.perf_counter() - t, ru.ru_maxrss, os.waitstatus_to_exitcode(st))"
+)
+
+
 def measure(cmd: list[str]) -> tuple[float, float]:
     """Run a command; return (seconds, peak RSS in MiB) of that process alone."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{stderr[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    done = subprocess.run([PYTHON, "-c", _TIMER, *cmd], capture_output=True, text=True)
+    try:
+        seconds, rss_kib, code = done.stdout.split()[-3:]
+    except ValueError:
+        code = "?"
+    if code != "0":
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
+    return float(seconds), int(rss_kib) / 1024
+
+
+def settle() -> None:
+    """Before each contender: flush dirty pages (so none pays for another's writeback) and, where
+    allowed (root), drop the page cache so every contender reads the checkpoint from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        pass
+
+
+def cold_cache_possible() -> bool:
+    return os.access("/proc/sys/vm/drop_caches", os.W_OK)
 
 
 def has_llmcompressor() -> bool:
@@ -119,6 +141,8 @@ def main() -> None:
     largest = INTERMEDIATE * HIDDEN * 2
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"RSS of `import torch, fp8q`: {baseline_rss:.0f} MiB")
+    cache = "cold (page cache dropped before each run)" if cold_cache_possible() else "warm (cannot drop caches)"
+    print(f"page cache: {cache}")
     rows = []
     try:
         for layers in args.layers:
@@ -129,7 +153,9 @@ def main() -> None:
             size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
             for out in (root / "cp", root / "fp8q", root / "ref"):
                 shutil.rmtree(out, ignore_errors=True)
+            settle()
             cp_s, _ = measure(["cp", "-r", str(src), str(root / "cp")])
+            settle()
             fp8q_s, fp8q_rss = measure(
                 [
                     PYTHON,
@@ -145,6 +171,7 @@ def main() -> None:
                 ]
             )
             ref_s = ref_rss = None
+            settle()
             if reference:
                 ref_s, ref_rss = measure([PYTHON, "-c", MODEL_FREE, str(src), str(root / "ref")])
             rows.append((layers, size, cp_s, fp8q_s, fp8q_rss, ref_s, ref_rss))

@@ -36,11 +36,14 @@ def scale_dtype(layout: Layout, weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if layout.format is Format.COMPRESSED_TENSORS else torch.float32
 
 
-def empty_outputs(w: torch.Tensor, layout: Layout, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Allocate the quantized weight and its scale for `w`, on w's device (or pinned host memory)."""
+def empty_outputs(
+    w: torch.Tensor, layout: Layout, pin: bool = False, q: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantized weight (`q` if given) and a new scale for `w`, on w's device (or pinned host memory)."""
     rows, cols = w.shape
     device = torch.device("cpu") if pin else w.device
-    q = torch.empty((rows, cols), dtype=FP8, device=device, pin_memory=pin)
+    if q is None:
+        q = torch.empty((rows, cols), dtype=FP8, device=device, pin_memory=pin)
     s = torch.empty(layout.scale_shape(rows, cols), dtype=scale_dtype(layout, w.dtype), device=device, pin_memory=pin)
     return q, s
 

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,10 @@ import torch
 from fp8q.checkpoint import CONFIG_FILE, INDEX_FILE, read_checkpoint
 from fp8q.errors import CheckpointError, Fp8qError, OutputError, UnsupportedTensorError
 from fp8q.formats import Format, Layout, Scheme
-from fp8q.numerics import NonFiniteWeight
+from fp8q.numerics import FP8, NonFiniteWeight
 from fp8q.plan import Action, Job, Plan, make_plan
 from fp8q.quantizer import make_quantizer, resolve_device
-from fp8q.tensor_io import read_tensor
+from fp8q.tensor_io import BufferPool, Stopped, read_tensor, typed_view
 from fp8q.writer import (
     ShardFile,
     check_free_space,
@@ -168,19 +169,22 @@ def _write_metadata_files(plan: Plan, partial: Path) -> None:
         copy_file(root / name, partial / name)
 
 
-class _Stopped(Exception):
-    """Another thread failed; this one stops quietly."""
-
-
 @dataclass
 class _Item:
     shard: int
     job: Job | None  # None marks the end of a shard
     data: Any = None
+    buffer: torch.Tensor | None = None  # the pool buffer behind `data`, handed back once used
 
 
 def _run_plan(plan: Plan, partial: Path, device: torch.device, workers: int, emit: EventCallback) -> None:
     quantizer = make_quantizer(plan.layout, device, workers)
+    # Three buffers each way: one being filled, one queued, one being used; memory stays bounded.
+    largest_weight = max((j.weight.nbytes for j in plan.jobs if j.weight is not None), default=0)
+    pools = _Pools(
+        BufferPool(plan.largest_quantized, 3, quantizer.pin_memory),
+        BufferPool(largest_weight, 3, quantizer.pin_memory),
+    )
     to_quantize: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
     to_write: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
     stop = threading.Event()
@@ -190,7 +194,7 @@ def _run_plan(plan: Plan, partial: Path, device: torch.device, workers: int, emi
         def run() -> None:
             try:
                 fn()
-            except _Stopped:
+            except Stopped:
                 pass
             except BaseException as e:  # handed to the main thread, which raises it
                 failures.append(e)
@@ -198,18 +202,18 @@ def _run_plan(plan: Plan, partial: Path, device: torch.device, workers: int, emi
 
         return run
 
-    reader = threading.Thread(
-        target=guarded(lambda: _read(plan, to_quantize, stop, quantizer.pin_memory)), name="fp8q-reader"
+    reader = threading.Thread(target=guarded(lambda: _read(plan, to_quantize, stop, pools.inputs)), name="fp8q-reader")
+    writer = threading.Thread(
+        target=guarded(lambda: _write(plan, partial, to_write, stop, emit, pools.outputs)), name="fp8q-writer"
     )
-    writer = threading.Thread(target=guarded(lambda: _write(plan, partial, to_write, stop, emit)), name="fp8q-writer")
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # one torch thread per worker: our own threads use the cores
     reader.start()
     writer.start()
     try:
-        _quantize_loop(plan, quantizer, to_quantize, to_write, stop)
-    except _Stopped:
+        _quantize_loop(quantizer, pools, to_quantize, to_write, stop)
+    except Stopped:
         pass
     except BaseException as e:
         failures.append(e)
@@ -223,9 +227,15 @@ def _run_plan(plan: Plan, partial: Path, device: torch.device, workers: int, emi
         raise failures[0]
 
 
+@dataclass(frozen=True)
+class _Pools:
+    inputs: BufferPool  # source weights, as read
+    outputs: BufferPool  # quantized weights, until written
+
+
 def _quantize_loop(
-    plan: Plan,
     quantizer: Any,
+    pools: _Pools,
     inbox: queue.Queue[_Item | None],
     outbox: queue.Queue[_Item | None],
     stop: threading.Event,
@@ -238,14 +248,20 @@ def _quantize_loop(
         item = pending.popleft()
         if item.job is not None and item.job.action is Action.QUANTIZE:
             in_flight -= 1
+            job = item.job
+            assert job.weight is not None
+            out = pools.outputs.take(stop)
             try:
-                item.data = quantizer.result(item.data)
+                item.data = quantizer.result(item.data, typed_view(out, FP8, job.weight.shape))
             except NonFiniteWeight:
                 src = item.job.source
                 raise UnsupportedTensorError(
                     f"tensor {src.name} in {src.shard} holds NaN or inf values; fix the source checkpoint, "
                     f"or keep it unquantized with --ignore '^{src.module}$'"
                 ) from None
+            if item.buffer is not None:
+                pools.inputs.give(item.buffer)
+            item.buffer = out
         _put(outbox, item, stop)
 
     while (item := _get(inbox, stop)) is not None:
@@ -262,22 +278,23 @@ def _quantize_loop(
     _put(outbox, None, stop)
 
 
-def _read(plan: Plan, outbox: queue.Queue[_Item | None], stop: threading.Event, pin: bool) -> None:
+def _read(plan: Plan, outbox: queue.Queue[_Item | None], stop: threading.Event, pool: BufferPool) -> None:
     for index, shard in enumerate(plan.shards):
         path = shard.source.path
         fd = os.open(path, os.O_RDONLY)
         try:
             for job in shard.jobs:
-                data = None
+                data = buffer = None
                 if job.action is Action.QUANTIZE:
+                    buffer = pool.take(stop)
                     try:
-                        data = read_tensor(fd, job.source, pin=pin)
+                        data = read_tensor(fd, job.source, buffer)
                     except OSError as e:
                         raise CheckpointError(
                             f"{path}: read error in tensor {job.source.name} ({e.strerror or e}); "
                             "check the disk and the file, then run again"
                         ) from None
-                _put(outbox, _Item(index, job, data), stop)
+                _put(outbox, _Item(index, job, data, buffer), stop)
         finally:
             os.close(fd)
         _put(outbox, _Item(index, None), stop)
@@ -285,19 +302,28 @@ def _read(plan: Plan, outbox: queue.Queue[_Item | None], stop: threading.Event, 
 
 
 def _write(
-    plan: Plan, partial: Path, inbox: queue.Queue[_Item | None], stop: threading.Event, emit: EventCallback
+    plan: Plan,
+    partial: Path,
+    inbox: queue.Queue[_Item | None],
+    stop: threading.Event,
+    emit: EventCallback,
+    pool: BufferPool,
 ) -> None:
     current: ShardFile | None = None
     src_fd = -1
+    # A finished shard is flushed to disk by a helper thread, so the writer never waits on the disk.
+    syncer = ThreadPoolExecutor(1, thread_name_prefix="fp8q-fsync")
+    flushed: list[Future[None]] = []
     try:
         while (item := _get(inbox, stop)) is not None:
             shard = plan.shards[item.shard]
-            if current is None:
-                current = ShardFile(partial / shard.name, shard)
-                src_fd = os.open(shard.source.path, os.O_RDONLY)
+            path = partial / shard.name
             try:
+                if current is None:
+                    current = ShardFile(path, shard)
+                    src_fd = os.open(shard.source.path, os.O_RDONLY)
                 if item.job is None:
-                    current.close()
+                    flushed.append(syncer.submit(current.close))
                     current = None
                     os.close(src_fd)
                     src_fd = -1
@@ -311,22 +337,35 @@ def _write(
                     q, s = item.data
                     current.write(job.weight, q)
                     current.write(job.scale, s)
+                    del q, s
+                    if item.buffer is not None:
+                        pool.give(item.buffer)
             except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise OutputError(f"{partial / shard.name}: disk full; free some space and run again") from None
-                raise OutputError(f"{partial / shard.name}: write error ({e.strerror or e})") from None
+                raise _write_error(path, e) from None
             emit(TensorDone(job.source.name, job.source.nbytes))
+        for future in flushed:
+            try:
+                future.result()
+            except OSError as e:
+                raise _write_error(partial, e) from None
     finally:
+        syncer.shutdown(wait=True)
         if current is not None:
             current.abort()
         if src_fd >= 0:
             os.close(src_fd)
 
 
+def _write_error(path: Path, e: OSError) -> OutputError:
+    if e.errno == errno.ENOSPC:
+        return OutputError(f"{path}: disk full; free some space and run again")
+    return OutputError(f"{path}: write error ({e.strerror or e}); check the disk and run again")
+
+
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
     while True:
         if stop.is_set():
-            raise _Stopped
+            raise Stopped
         try:
             q.put(item, timeout=0.1)
             return
@@ -337,7 +376,7 @@ def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
 def _get(q: queue.Queue[Any], stop: threading.Event) -> Any:
     while True:
         if stop.is_set():
-            raise _Stopped
+            raise Stopped
         try:
             return q.get(timeout=0.1)
         except queue.Empty:

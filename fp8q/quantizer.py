@@ -17,8 +17,9 @@ from fp8q import numerics
 from fp8q.errors import UsageError
 from fp8q.formats import Layout
 
-# A chunk of this many input bytes, with its temporaries, stays in a core's L2 cache.
-CHUNK_BYTES = 256 << 10
+# A chunk of this many input bytes, with its temporaries, stays in a core's L2 cache (measured best
+# of 64 KiB..2 MiB here).
+CHUNK_BYTES = 1 << 20
 
 
 def resolve_device(device: str) -> torch.device:
@@ -57,10 +58,11 @@ class CpuQuantizer:
     def submit(self, w: torch.Tensor) -> Any:
         return w
 
-    def result(self, handle: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def result(self, handle: Any, q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize; the weight goes into `q` when given (a pool buffer), else new memory."""
         w: torch.Tensor = handle
         layout = self.layout
-        q, s = numerics.empty_outputs(w, layout)
+        q, s = numerics.empty_outputs(w, layout, q=q)
         ranges = self._ranges(w)
         amaxes = self._map(lambda r: _chunked_amax(w, r, self._chunk_rows(w), layout), ranges)
         tensor_scale = None
@@ -133,13 +135,13 @@ class CudaQuantizer:
         # Keep the pinned source alive until its copy has run.
         return w, dev, uploaded
 
-    def result(self, handle: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def result(self, handle: Any, q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         host, dev, uploaded = handle
         with torch.cuda.stream(self.compute_stream):
             self.compute_stream.wait_event(uploaded)
             dev.record_stream(self.compute_stream)
             q_dev, s_dev = numerics.quantize(dev, self.layout)
-            q, s = numerics.empty_outputs(host, self.layout, pin=True)
+            q, s = numerics.empty_outputs(host, self.layout, pin=True, q=q)
             q.copy_(q_dev, non_blocking=True)
             s.copy_(s_dev, non_blocking=True)
             done = torch.cuda.Event()

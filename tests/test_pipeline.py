@@ -1,0 +1,69 @@
+"""The threaded, chunked, streaming pipeline writes exactly the files of a plain unpipelined
+conversion: whole-tensor quantization and `safetensors.save_file` per shard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fp8q import QuantizeOptions, quantize
+from fp8q import quantizer as quantizer_module
+from fp8q.formats import Format, Layout, Scheme
+from fp8q.numerics import quantize as quantize_tensor
+from tests.factories import write_shards
+
+LAYOUTS = [
+    ("channel", "compressed-tensors"),
+    ("block", "compressed-tensors"),
+    ("tensor", "compressed-tensors"),
+    ("tensor", "fp8"),
+    ("block", "fp8"),
+]
+
+
+def _source(tmp_path):
+    def w(*shape, dtype=torch.bfloat16):
+        return (torch.randn(*shape) * 0.05).to(dtype)
+
+    return write_shards(
+        tmp_path / "src",
+        {
+            "model-00001-of-00003.safetensors": {
+                "model.embed_tokens.weight": w(50, 40),
+                "model.layers.0.self_attn.q_proj.weight": w(40, 40),
+                "model.layers.0.self_attn.q_proj.bias": w(40),
+                "model.layers.0.mlp.up_proj.weight": w(300, 40),
+                "model.layers.0.input_layernorm.weight": torch.ones(40),
+            },
+            "model-00002-of-00003.safetensors": {
+                "model.layers.0.mlp.down_proj.weight": w(40, 300, dtype=torch.float32),
+                "model.layers.0.mlp.gate.weight": w(4, 40),
+                "model.layers.0.rotary.inv_freq": torch.arange(10, dtype=torch.int64),
+                "model.layers.0.mlp.experts.0.up_proj.weight": w(129, 40, dtype=torch.float16),
+            },
+            "model-00003-of-00003.safetensors": {"lm_head.weight": w(50, 40), "model.norm.weight": torch.ones(40)},
+        },
+        config={"architectures": ["X"], "tie_word_embeddings": False},
+    )
+
+
+@pytest.mark.parametrize("scheme,fmt", LAYOUTS)
+def test_pipeline_equals_unpipelined(tmp_path, monkeypatch, scheme, fmt):
+    monkeypatch.setattr(quantizer_module, "CHUNK_BYTES", 512)
+    src = _source(tmp_path)
+    quantize(src, tmp_path / "out", QuantizeOptions(scheme=scheme, format=fmt, device="cpu", workers=2))
+    layout = Layout(Scheme(scheme), Format(fmt))
+    quantized = {"q_proj", "up_proj", "down_proj"}
+    for shard in sorted(src.glob("*.safetensors")):
+        expected = {}
+        for name, t in load_file(shard).items():
+            module = name.rsplit(".", 2)
+            if name.endswith(".weight") and module[-2] in quantized:
+                q, s = quantize_tensor(t, layout)
+                expected[name] = q
+                expected[name.removesuffix("weight") + layout.scale_suffix] = s
+            else:
+                expected[name] = t
+        save_file(expected, tmp_path / "expected.safetensors", metadata={"format": "pt"})
+        assert (tmp_path / "out" / shard.name).read_bytes() == (tmp_path / "expected.safetensors").read_bytes()
