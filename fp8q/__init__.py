@@ -5,11 +5,11 @@ report = fp8q.quantize("model", "model-fp8")                       # per-channel
 fp8q.quantize("model", "model-fp8-block", fp8q.QuantizeOptions(scheme="block", format="fp8"))
 """
 
-from fp8q.errors import Fp8qError
-from fp8q.formats import Format, Scheme
-from fp8q.pipeline import PlanReady, QuantizeOptions, Report, TensorDone, plan_conversion, quantize
-
 __version__ = "0.1.0"
+
+from fp8q.errors import Fp8qError  # noqa: E402
+from fp8q.formats import Format, Scheme  # noqa: E402
+from fp8q.pipeline import PlanReady, QuantizeOptions, Report, TensorDone, plan_conversion, quantize  # noqa: E402
 
 __all__ = [
     "Format",

@@ -92,6 +92,9 @@ def quantize_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the new one is complete).")
     ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run, reusing its finished shards.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and write nothing.")] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -115,6 +118,7 @@ def quantize_command(
             device=device,
             workers=workers,
             overwrite=overwrite,
+            resume=resume,
         )
         if dry_run:
             plan = plan_conversion(src, options)

@@ -180,3 +180,33 @@ def dequantize(
     else:
         full = scale.float().reshape(-1, 1) if layout.scheme is Scheme.CHANNEL else scale.float().reshape(())
     return (q.float() * full).to(dtype)
+
+
+def error_stats(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout, bands: int = 4) -> dict[str, float]:
+    """Scale range and the dequantization error, the error measured on a few bands of rows spread
+    over the tensor (cheap enough to do for every tensor; `fp8q verify` measures every row)."""
+    rows = w.shape[0]
+    step = row_step(layout) if layout.scheme is Scheme.BLOCK else 16
+    starts = sorted({(rows * i // bands) // step * step for i in range(bands)})
+    diff_sq = ref_sq = 0.0
+    max_abs = 0.0
+    for a in starts:
+        b = min(rows, a + step)
+        if layout.scheme is Scheme.TENSOR:
+            band_scale = s
+        else:
+            band_scale = s[_scale_rows(layout, a, b)]
+        deq = dequantize(q[a:b], band_scale, layout, torch.float32)
+        ref = w[a:b].float()
+        diff = deq - ref
+        diff_sq += float(diff.square().sum())
+        ref_sq += float(ref.square().sum())
+        if diff.numel():
+            max_abs = max(max_abs, float(diff.abs().max()))
+    scale = s.float()
+    return {
+        "scale_min": float(scale.min()) if scale.numel() else 0.0,
+        "scale_max": float(scale.max()) if scale.numel() else 0.0,
+        "rel_error": (diff_sq / ref_sq) ** 0.5 if ref_sq > 0 else 0.0,
+        "max_abs_error": max_abs,
+    }

@@ -22,21 +22,25 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fp8q import __version__
 from fp8q.checkpoint import CONFIG_FILE, INDEX_FILE, read_checkpoint
-from fp8q.errors import CheckpointError, Fp8qError, OutputError, UnsupportedTensorError
+from fp8q.errors import CheckpointError, Fp8qError, Interrupted, OutputError, UnsupportedTensorError
 from fp8q.formats import Format, Layout, Scheme
-from fp8q.numerics import FP8, NonFiniteWeight
+from fp8q.manifest import PROGRESS_FILE, Progress, fingerprint, reusable_shards, sha256_file, write_manifest
+from fp8q.numerics import FP8, NonFiniteWeight, error_stats
 from fp8q.plan import Action, Job, Plan, make_plan
 from fp8q.quantizer import make_quantizer, resolve_device
 from fp8q.tensor_io import BufferPool, Stopped, read_tensor, typed_view
@@ -64,10 +68,22 @@ class QuantizeOptions:
     device: str = "auto"
     workers: int = 0
     overwrite: bool = False
+    resume: bool = False
 
     @property
     def layout(self) -> Layout:
         return Layout(Scheme(self.scheme), Format(self.format), tuple(self.block_size))  # type: ignore[arg-type]
+
+    def output_affecting(self) -> dict[str, Any]:
+        """The options that decide the output bytes (device and workers do not: same bits everywhere)."""
+        layout = self.layout
+        return {
+            "scheme": layout.scheme.value,
+            "format": layout.format.value,
+            "block_size": list(layout.block),
+            "ignore": list(self.ignore),
+            "targets": list(self.targets),
+        }
 
 
 @dataclass(frozen=True)
@@ -93,6 +109,7 @@ class Report:
     bytes_out: int
     seconds: float
     ignored_modules: list[str] = field(default_factory=list)
+    resumed_shards: int = 0
 
     @property
     def gb_per_s(self) -> float:
@@ -132,21 +149,37 @@ def quantize(
     device = resolve_device(options.device)
     plan = plan_conversion(src, options)
     check_output(src, out, options.overwrite)
-    side_bytes = sum((plan.checkpoint.root / f).stat().st_size for f in plan.checkpoint.side_files)
-    check_free_space(out, plan.bytes_out + side_bytes)
-    emit(PlanReady(plan))
-
+    fp = fingerprint(plan, options.output_affecting(), __version__)
     partial = partial_dir(out)
+    reused: dict[str, Any] = {}
     if partial.exists():
-        raise OutputError(f"{partial}: left by an earlier run that did not finish; delete it and run again")
-    partial.mkdir(parents=True)
-    try:
-        _run_plan(plan, partial, device, options.workers or os.cpu_count() or 1, emit)
-        _write_metadata_files(plan, partial)
-        finalize(partial, out)
-    except BaseException:
-        remove_tree(partial)
-        raise
+        if not options.resume:
+            raise OutputError(
+                f"{partial}: left by an interrupted run; pass --resume to continue it, or delete it to start over"
+            )
+        reused = reusable_shards(partial, fp)
+    side_bytes = sum((plan.checkpoint.root / f).stat().st_size for f in plan.checkpoint.side_files)
+    reused_bytes = sum(s.size for s in plan.shards if s.name in reused)
+    check_free_space(out, plan.bytes_out - reused_bytes + side_bytes)
+    emit(PlanReady(plan))
+    for job in (j for s in plan.shards if s.name in reused for j in s.jobs):
+        emit(TensorDone(job.source.name, job.source.nbytes))
+
+    partial.mkdir(parents=True, exist_ok=True)
+    progress = Progress(partial, fp, reused)
+    stop = threading.Event()
+    with _stop_on_signals(stop) as caught:
+        try:
+            workers = options.workers or os.cpu_count() or 1
+            _run_plan(plan, partial, device, workers, emit, stop, progress, set(reused))
+            _write_metadata_files(plan, partial)
+            write_manifest(partial, fp, progress.done, {"seconds": round(time.perf_counter() - started, 3)})
+            (partial / PROGRESS_FILE).unlink()
+            if caught:
+                raise Stopped
+            finalize(partial, out)
+        except BaseException as e:
+            raise _failed(e, caught, partial, progress) from None
     return Report(
         out=str(out),
         device=str(device),
@@ -156,7 +189,47 @@ def quantize(
         bytes_out=plan.bytes_out,
         seconds=time.perf_counter() - started,
         ignored_modules=list(plan.ignored),
+        resumed_shards=len(reused),
     )
+
+
+def _failed(e: BaseException, caught: list[int], partial: Path, progress: Progress) -> BaseException:
+    """Clean up after a failed run. Finished shards are kept for `--resume` when the run was
+    interrupted or hit an I/O error, the cases where running again can succeed."""
+    if caught:
+        signame = signal.Signals(caught[0]).name
+        if progress.done:
+            return Interrupted(
+                f"interrupted by {signame}: {len(progress.done)} finished shard(s) kept in {partial}; "
+                "run again with --resume to continue",
+                128 + caught[0],
+            )
+        remove_tree(partial)
+        return Interrupted(f"interrupted by {signame}: nothing was written", 128 + caught[0])
+    if isinstance(e, (CheckpointError, OutputError)) and progress.done and partial.exists():
+        return type(e)(f"{e}; {len(progress.done)} finished shard(s) kept in {partial}: rerun with --resume")
+    remove_tree(partial)
+    return e
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
+    """SIGINT and SIGTERM stop the run at the next tensor instead of killing it mid-write."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        caught.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _write_metadata_files(plan: Plan, partial: Path) -> None:
@@ -175,9 +248,19 @@ class _Item:
     job: Job | None  # None marks the end of a shard
     data: Any = None
     buffer: torch.Tensor | None = None  # the pool buffer behind `data`, handed back once used
+    stats: dict[str, Any] | None = None  # scale range and error of a quantized weight
 
 
-def _run_plan(plan: Plan, partial: Path, device: torch.device, workers: int, emit: EventCallback) -> None:
+def _run_plan(
+    plan: Plan,
+    partial: Path,
+    device: torch.device,
+    workers: int,
+    emit: EventCallback,
+    stop: threading.Event,
+    progress: Progress,
+    skip: set[str],
+) -> None:
     quantizer = make_quantizer(plan.layout, device, workers)
     # Three buffers each way: one being filled, one queued, one being used; memory stays bounded.
     largest_weight = max((j.weight.nbytes for j in plan.jobs if j.weight is not None), default=0)
@@ -187,7 +270,6 @@ def _run_plan(plan: Plan, partial: Path, device: torch.device, workers: int, emi
     )
     to_quantize: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
     to_write: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
-    stop = threading.Event()
     failures: list[BaseException] = []
 
     def guarded(fn: Callable[[], None]) -> Callable[[], None]:
@@ -202,9 +284,12 @@ def _run_plan(plan: Plan, partial: Path, device: torch.device, workers: int, emi
 
         return run
 
-    reader = threading.Thread(target=guarded(lambda: _read(plan, to_quantize, stop, pools.inputs)), name="fp8q-reader")
+    reader = threading.Thread(
+        target=guarded(lambda: _read(plan, to_quantize, stop, pools.inputs, skip)), name="fp8q-reader"
+    )
     writer = threading.Thread(
-        target=guarded(lambda: _write(plan, partial, to_write, stop, emit, pools.outputs)), name="fp8q-writer"
+        target=guarded(lambda: _write(plan, partial, to_write, stop, emit, pools.outputs, progress)),
+        name="fp8q-writer",
     )
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
@@ -225,6 +310,8 @@ def _run_plan(plan: Plan, partial: Path, device: torch.device, workers: int, emi
         torch.set_num_threads(threads_before)
     if failures:
         raise failures[0]
+    if stop.is_set():
+        raise Stopped
 
 
 @dataclass(frozen=True)
@@ -252,7 +339,11 @@ def _quantize_loop(
             assert job.weight is not None
             out = pools.outputs.take(stop)
             try:
-                item.data = quantizer.result(item.data, typed_view(out, FP8, job.weight.shape))
+                w = quantizer.weight_of(item.data)
+                q, s = quantizer.result(item.data, typed_view(out, FP8, job.weight.shape))
+                item.stats = {"shape": list(w.shape), **error_stats(w, q, s, quantizer.layout)}
+                item.data = (q, s)
+                del w
             except NonFiniteWeight:
                 src = item.job.source
                 raise UnsupportedTensorError(
@@ -278,8 +369,12 @@ def _quantize_loop(
     _put(outbox, None, stop)
 
 
-def _read(plan: Plan, outbox: queue.Queue[_Item | None], stop: threading.Event, pool: BufferPool) -> None:
+def _read(
+    plan: Plan, outbox: queue.Queue[_Item | None], stop: threading.Event, pool: BufferPool, skip: set[str]
+) -> None:
     for index, shard in enumerate(plan.shards):
+        if shard.name in skip:
+            continue
         path = shard.source.path
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -308,8 +403,10 @@ def _write(
     stop: threading.Event,
     emit: EventCallback,
     pool: BufferPool,
+    progress: Progress,
 ) -> None:
     current: ShardFile | None = None
+    stats: dict[str, Any] = {}
     src_fd = -1
     # A finished shard is flushed to disk by a helper thread, so the writer never waits on the disk.
     syncer = ThreadPoolExecutor(1, thread_name_prefix="fp8q-fsync")
@@ -323,8 +420,8 @@ def _write(
                     current = ShardFile(path, shard)
                     src_fd = os.open(shard.source.path, os.O_RDONLY)
                 if item.job is None:
-                    flushed.append(syncer.submit(current.close))
-                    current = None
+                    flushed.append(syncer.submit(_finish_shard, current, shard.name, stats, progress))
+                    current, stats = None, {}
                     os.close(src_fd)
                     src_fd = -1
                     continue
@@ -337,6 +434,7 @@ def _write(
                     q, s = item.data
                     current.write(job.weight, q)
                     current.write(job.scale, s)
+                    stats[job.source.name] = item.stats
                     del q, s
                     if item.buffer is not None:
                         pool.give(item.buffer)
@@ -354,6 +452,12 @@ def _write(
             current.abort()
         if src_fd >= 0:
             os.close(src_fd)
+
+
+def _finish_shard(shard: ShardFile, name: str, stats: dict[str, Any], progress: Progress) -> None:
+    """On the fsync thread: make the shard durable, then record it (with its hash) for --resume."""
+    shard.close()
+    progress.record(name, sha256_file(shard.path), stats)
 
 
 def _write_error(path: Path, e: OSError) -> OutputError:

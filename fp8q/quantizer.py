@@ -58,6 +58,10 @@ class CpuQuantizer:
     def submit(self, w: torch.Tensor) -> Any:
         return w
 
+    def weight_of(self, handle: Any) -> torch.Tensor:
+        """The host copy of a submitted weight."""
+        return handle
+
     def result(self, handle: Any, q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize; the weight goes into `q` when given (a pool buffer), else new memory."""
         w: torch.Tensor = handle
@@ -134,6 +138,9 @@ class CudaQuantizer:
             uploaded.record(self.copy_stream)
         # Keep the pinned source alive until its copy has run.
         return w, dev, uploaded
+
+    def weight_of(self, handle: Any) -> torch.Tensor:
+        return handle[0]
 
     def result(self, handle: Any, q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         host, dev, uploaded = handle

@@ -79,7 +79,7 @@ def test_single_file_input(tmp_path):
     src = tmp_path / "one.safetensors"
     save_file({"proj.weight": torch.randn(40, 24, dtype=torch.bfloat16), "norm.weight": torch.ones(24)}, src)
     quantize(src, tmp_path / "out", QuantizeOptions(device="cpu"))
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["one.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fp8q.json", "one.safetensors"]
     with safe_open(tmp_path / "out" / "one.safetensors", "pt") as f:
         assert f.get_tensor("proj.weight").dtype == torch.float8_e4m3fn
         assert f.get_tensor("proj.weight_scale").shape == (40, 1)

@@ -1,0 +1,116 @@
+"""The run's records: a fingerprint of source and options, the progress log `--resume` trusts, and
+the `fp8q.json` manifest left in OUT.
+
+Imports: errors, checkpoint and plan types. The progress log lives in `OUT.partial/` and is
+rewritten atomically each time a shard is on disk, with that shard's sha256, so a resumed run
+reuses exactly the shards that were finished and still hash the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fp8q.errors import OutputError
+from fp8q.plan import Plan
+
+PROGRESS_FILE = ".fp8q-progress.json"
+MANIFEST_FILE = "fp8q.json"
+
+
+def fingerprint(plan: Plan, options: dict[str, Any], version: str) -> dict[str, Any]:
+    """What must not change between an interrupted run and its `--resume`."""
+    config = plan.checkpoint.config
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest() if config else None
+    return {
+        "version": version,
+        "options": options,
+        "source": [{"file": s.name, "size": s.size, "header_sha256": s.header_sha256} for s in plan.checkpoint.shards],
+        "config_sha256": config_hash,
+    }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Progress:
+    """The finished shards of the run in `partial`, saved after each one."""
+
+    def __init__(self, partial: Path, fingerprint: dict[str, Any], done: dict[str, Any] | None = None) -> None:
+        self.path = partial / PROGRESS_FILE
+        self.fingerprint = fingerprint
+        self.done: dict[str, Any] = dict(done or {})
+
+    def record(self, shard: str, sha256: str, tensors: dict[str, Any]) -> None:
+        self.done[shard] = {"sha256": sha256, "tensors": tensors}
+        atomic_write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done})
+
+
+def reusable_shards(partial: Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """The finished shards of an interrupted run that `--resume` may keep.
+
+    Raises:
+        OutputError: no usable progress log, or the source, options or tool version changed.
+    """
+    path = partial / PROGRESS_FILE
+    try:
+        record = json.loads(path.read_text())
+        recorded, done = record["fingerprint"], record["done"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputError(
+            f"{partial}: no readable progress record, so nothing in it can be trusted; delete it and run again"
+        ) from None
+    for key, what in (
+        ("version", "fp8q version"),
+        ("options", "options"),
+        ("source", "source checkpoint"),
+        ("config_sha256", "source config.json"),
+    ):
+        if recorded.get(key) != expected.get(key):
+            raise OutputError(
+                f"{partial}: cannot resume: the {what} changed since the interrupted run; "
+                f"delete {partial.name} and run again without --resume"
+            )
+    return {
+        name: entry
+        for name, entry in done.items()
+        if (partial / name).is_file() and sha256_file(partial / name) == entry.get("sha256")
+    }
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(partial: Path, fp: dict[str, Any], shards: dict[str, Any], timings: dict[str, float]) -> None:
+    """`fp8q.json`: version, options, source fingerprint, sha256 of every file, per-tensor stats, timings."""
+    files = {
+        p.relative_to(partial).as_posix(): shards[p.name]["sha256"] if p.name in shards else sha256_file(p)
+        for p in sorted(partial.rglob("*"))
+        if p.is_file() and p.name not in (PROGRESS_FILE, MANIFEST_FILE)
+    }
+    tensors = {name: stats for entry in shards.values() for name, stats in sorted(entry["tensors"].items())}
+    manifest = {
+        "tool": "fp8q",
+        "version": fp["version"],
+        "options": fp["options"],
+        "source": {"shards": fp["source"], "config_sha256": fp["config_sha256"]},
+        "files": files,
+        "tensors": tensors,
+        "timings": timings,
+    }
+    atomic_write_json(partial / MANIFEST_FILE, manifest)
