@@ -267,18 +267,19 @@ class _ProgressView:
         self.task: Any = None
 
     def __enter__(self) -> _ProgressView:
-        if self.progress:
-            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.progress:
+        if self.progress and self.task is not None:
             self.progress.stop()
 
     def on_event(self, event: Event) -> None:
         if not self.progress:
             return
         if isinstance(event, PlanReady):
-            self.task = self.progress.add_task("quantize", total=event.plan.bytes_in)
+            # Started only now, so that an error found while planning prints alone on its line.
+            self.progress.start()
+            total = sum(job.source.nbytes for job in event.plan.jobs)
+            self.task = self.progress.add_task("quantize", total=total)
         elif isinstance(event, TensorDone) and self.task is not None:
             self.progress.advance(self.task, event.nbytes)
