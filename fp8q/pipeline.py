@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -247,8 +248,9 @@ class _Item:
     shard: int
     job: Job | None  # None marks the end of a shard
     data: Any = None
-    buffer: torch.Tensor | None = None  # the pool buffer behind `data`, handed back once used
-    stats: dict[str, Any] | None = None  # scale range and error of a quantized weight
+    buffer: torch.Tensor | None = None  # the pool buffer behind the input `data`, handed back once used
+    out_buffers: list[torch.Tensor] = field(default_factory=list)  # pool buffers behind quantized outputs
+    stats: dict[str, Any] = field(default_factory=dict)  # per quantized weight: scale range and error
 
 
 def _run_plan(
@@ -263,10 +265,12 @@ def _run_plan(
 ) -> None:
     quantizer = make_quantizer(plan.layout, device, workers)
     # Three buffers each way: one being filled, one queued, one being used; memory stays bounded.
-    largest_weight = max((j.weight.nbytes for j in plan.jobs if j.weight is not None), default=0)
+    quantized = [j for j in plan.jobs if j.action is Action.QUANTIZE]
+    largest_weight = max((p.out.nbytes for j in quantized for p in j.pieces), default=0)
+    pieces = max((len(j.pieces) for j in quantized), default=1)
     pools = _Pools(
         BufferPool(plan.largest_quantized, 3, quantizer.pin_memory),
-        BufferPool(largest_weight, 3, quantizer.pin_memory),
+        BufferPool(largest_weight, 2 * pieces + 1, quantizer.pin_memory),
     )
     to_quantize: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
     to_write: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
@@ -333,26 +337,36 @@ def _quantize_loop(
     def finish_head() -> None:
         nonlocal in_flight
         item = pending.popleft()
-        if item.job is not None and item.job.action is Action.QUANTIZE:
+        job = item.job
+        if job is not None and job.action is Action.QUANTIZE:
             in_flight -= 1
-            job = item.job
-            assert job.weight is not None
-            out = pools.outputs.take(stop)
-            try:
-                w = quantizer.weight_of(item.data)
-                q, s = quantizer.result(item.data, typed_view(out, FP8, job.weight.shape))
-                item.stats = {"shape": list(w.shape), **error_stats(w, q, s, quantizer.layout)}
-                item.data = (q, s)
-                del w
-            except NonFiniteWeight:
-                src = item.job.source
-                raise UnsupportedTensorError(
-                    f"tensor {src.name} in {src.shard} holds NaN or inf values; fix the source checkpoint, "
-                    f"or keep it unquantized with --ignore '^{src.module}$'"
-                ) from None
+            w = quantizer.weight_of(item.data)
+            results = []
+            for piece in job.pieces:
+                out = pools.outputs.take(stop)
+                item.out_buffers.append(out)
+                try:
+                    q, s = quantizer.result(item.data, typed_view(out, FP8, piece.out.shape), piece.part)
+                except NonFiniteWeight:
+                    src = job.source
+                    raise UnsupportedTensorError(
+                        f"tensor {src.name} in {src.shard} holds NaN or inf values; fix the source checkpoint, "
+                        f"or keep it unquantized with --ignore '^{re.escape(src.module)}$'"
+                    ) from None
+                part_w = w if piece.part is None else piece.part.take(w)
+                item.stats[piece.out.name] = {
+                    "shape": list(part_w.shape),
+                    **error_stats(part_w, q, s, quantizer.layout),
+                }
+                results.append((q, s))
+            item.data = results
+            del w
             if item.buffer is not None:
                 pools.inputs.give(item.buffer)
-            item.buffer = out
+                item.buffer = None
+        elif job is not None and not job.is_copy:
+            # The biases of split experts: small, cut on the spot.
+            item.data = [p.part.take(item.data) if p.part else item.data for p in job.pieces]
         _put(outbox, item, stop)
 
     while (item := _get(inbox, stop)) is not None:
@@ -361,7 +375,7 @@ def _quantize_loop(
             in_flight += 1
         pending.append(item)
         while pending and (
-            in_flight > quantizer.lookahead or pending[0].job is None or pending[0].job.action is Action.KEEP
+            in_flight > quantizer.lookahead or pending[0].job is None or pending[0].job.action is not Action.QUANTIZE
         ):
             finish_head()
     while pending:
@@ -380,8 +394,8 @@ def _read(
         try:
             for job in shard.jobs:
                 data = buffer = None
-                if job.action is Action.QUANTIZE:
-                    buffer = pool.take(stop)
+                if not job.is_copy:
+                    buffer = pool.take(stop) if job.action is Action.QUANTIZE else None
                     try:
                         data = read_tensor(fd, job.source, buffer)
                     except OSError as e:
@@ -426,18 +440,20 @@ def _write(
                     src_fd = -1
                     continue
                 job = item.job
-                if job.action is Action.KEEP:
-                    assert job.kept is not None
-                    current.copy(src_fd, job.source.start, job.kept)
+                if job.is_copy:
+                    current.copy(src_fd, job.source.start, job.pieces[0].out)
+                elif job.action is Action.KEEP:
+                    for piece, t in zip(job.pieces, item.data, strict=True):
+                        current.write(piece.out, t)
                 else:
-                    assert job.weight is not None and job.scale is not None
-                    q, s = item.data
-                    current.write(job.weight, q)
-                    current.write(job.scale, s)
-                    stats[job.source.name] = item.stats
-                    del q, s
-                    if item.buffer is not None:
-                        pool.give(item.buffer)
+                    for piece, (q, s) in zip(job.pieces, item.data, strict=True):
+                        assert piece.scale is not None
+                        current.write(piece.out, q)
+                        current.write(piece.scale, s)
+                    stats.update(item.stats)
+                    item.data = None
+                    for buf in item.out_buffers:
+                        pool.give(buf)
             except OSError as e:
                 raise _write_error(path, e) from None
             emit(TensorDone(job.source.name, job.source.nbytes))

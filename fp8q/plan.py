@@ -16,6 +16,7 @@ from typing import Any
 from fp8q.checkpoint import CONFIG_FILE, Checkpoint, Shard, TensorMeta
 from fp8q.dtypes import ITEMSIZE, ORDER
 from fp8q.errors import UsageError
+from fp8q.experts import Part, fused_weight_of, is_fused_expert_weight, split
 from fp8q.formats import Format, Layout, Scheme
 from fp8q.selection import check_not_quantized, natural_key, select
 
@@ -39,18 +40,31 @@ class OutTensor:
 
 
 @dataclass(frozen=True, slots=True)
+class Piece:
+    """One output of a job: a kept tensor, or a quantized weight and its scale. `part` says how it
+    is cut from the source when the source is one expert's slice of a fused tensor."""
+
+    out: OutTensor
+    scale: OutTensor | None = None
+    part: Part | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
-    """One source tensor: copied as it is (`kept`), or quantized into `weight` and `scale`."""
+    """One source tensor (or one expert's slice of a fused one) and the tensors made from it."""
 
     source: TensorMeta
     action: Action
-    kept: OutTensor | None = None
-    weight: OutTensor | None = None
-    scale: OutTensor | None = None
+    pieces: tuple[Piece, ...]
 
     @property
     def outputs(self) -> tuple[OutTensor, ...]:
-        return tuple(t for t in (self.kept, self.weight, self.scale) if t is not None)
+        return tuple(t for p in self.pieces for t in (p.out, p.scale) if t is not None)
+
+    @property
+    def is_copy(self) -> bool:
+        """Kept whole: its bytes are copied file to file, never read into memory."""
+        return self.action is Action.KEEP and self.pieces[0].part is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +93,12 @@ class Plan:
 
     @property
     def n_quantized(self) -> int:
-        return sum(job.action is Action.QUANTIZE for job in self.jobs)
+        """Quantized weights written (a fused expert tensor counts once per expert and projection)."""
+        return sum(len(job.pieces) for job in self.jobs if job.action is Action.QUANTIZE)
 
     @property
     def n_kept(self) -> int:
-        return sum(job.action is Action.KEEP for job in self.jobs)
+        return sum(len(job.pieces) for job in self.jobs if job.action is Action.KEEP)
 
     @property
     def bytes_in(self) -> int:
@@ -126,7 +141,7 @@ def make_plan(
     check_not_quantized(checkpoint.config, str(checkpoint.root / CONFIG_FILE))
     selection = select(checkpoint.tensors.values(), checkpoint.config, ignore, targets)
     to_quantize = set(selection.quantize)
-    shards = tuple(_plan_shard(shard, layout, to_quantize) for shard in checkpoint.shards)
+    shards = tuple(_plan_shard(shard, layout, to_quantize, checkpoint.config) for shard in checkpoint.shards)
     ignored = list(selection.ignored)
     qconfig = layout.quantization_config(ignored)
     config = None
@@ -136,33 +151,43 @@ def make_plan(
     return Plan(checkpoint, layout, shards, selection.ignored, qconfig, config)
 
 
-def _plan_shard(shard: Shard, layout: Layout, to_quantize: set[str]) -> ShardPlan:
+def _plan_shard(shard: Shard, layout: Layout, to_quantize: set[str], config: dict[str, Any] | None) -> ShardPlan:
     jobs: list[Job] = []
     for meta in shard.tensors:
-        if meta.name in to_quantize:
-            rows, cols = meta.shape
-            module = meta.module
-            weight = OutTensor(meta.name, "F8_E4M3", meta.shape)
-            scale = OutTensor(
-                f"{module}.{layout.scale_suffix}", layout.scale_dtype(meta.dtype), layout.scale_shape(rows, cols)
-            )
-            jobs.append(Job(meta, Action.QUANTIZE, weight=weight, scale=scale))
+        fused_weight = fused_weight_of(meta)
+        if meta.name in to_quantize and is_fused_expert_weight(meta):
+            for piece in split(meta, config):
+                pieces = tuple(
+                    _quantized(p.name, meta.dtype, p.shape(piece.source.shape), layout, p) for p in piece.parts
+                )
+                jobs.append(Job(piece.source, Action.QUANTIZE, pieces))
+        elif fused_weight is not None and fused_weight in to_quantize:
+            # The biases of split experts are split the same way, to sit beside their weights.
+            for piece in split(meta, config):
+                pieces = tuple(
+                    Piece(OutTensor(p.name, meta.dtype, p.shape(piece.source.shape)), part=p) for p in piece.parts
+                )
+                jobs.append(Job(piece.source, Action.KEEP, pieces))
+        elif meta.name in to_quantize:
+            jobs.append(Job(meta, Action.QUANTIZE, (_quantized(meta.name, meta.dtype, meta.shape, layout),)))
         else:
-            jobs.append(Job(meta, Action.KEEP, kept=OutTensor(meta.name, meta.dtype, meta.shape)))
+            jobs.append(Job(meta, Action.KEEP, (Piece(OutTensor(meta.name, meta.dtype, meta.shape)),)))
     header, placed = build_header([t for job in jobs for t in job.outputs], SHARD_METADATA)
     jobs = [_place(job, placed) for job in jobs]
     size = len(header) + sum(t.nbytes for t in placed.values())
     return ShardPlan(shard, shard.name, header, size, tuple(jobs))
 
 
+def _quantized(name: str, dtype: str, shape: tuple[int, ...], layout: Layout, part: Part | None = None) -> Piece:
+    rows, cols = shape
+    module = name.removesuffix(".weight")
+    scale = OutTensor(f"{module}.{layout.scale_suffix}", layout.scale_dtype(dtype), layout.scale_shape(rows, cols))
+    return Piece(OutTensor(name, "F8_E4M3", shape), scale, part)
+
+
 def _place(job: Job, placed: dict[str, OutTensor]) -> Job:
-    return Job(
-        job.source,
-        job.action,
-        kept=placed[job.kept.name] if job.kept else None,
-        weight=placed[job.weight.name] if job.weight else None,
-        scale=placed[job.scale.name] if job.scale else None,
-    )
+    pieces = tuple(Piece(placed[p.out.name], placed[p.scale.name] if p.scale else None, p.part) for p in job.pieces)
+    return Job(job.source, job.action, pieces)
 
 
 def build_header(tensors: list[OutTensor], metadata: dict[str, str] | None) -> tuple[bytes, dict[str, OutTensor]]:
@@ -208,4 +233,15 @@ def describe(plan: Plan) -> dict[str, Any]:
     }
 
 
-__all__ = ["Action", "Job", "OutTensor", "Plan", "ShardPlan", "build_header", "describe", "make_plan", "natural_key"]
+__all__ = [
+    "Action",
+    "Job",
+    "OutTensor",
+    "Piece",
+    "Plan",
+    "ShardPlan",
+    "build_header",
+    "describe",
+    "make_plan",
+    "natural_key",
+]

@@ -15,6 +15,7 @@ import torch
 
 from fp8q import numerics
 from fp8q.errors import UsageError
+from fp8q.experts import Part
 from fp8q.formats import Layout
 
 # A chunk of this many input bytes, with its temporaries, stays in a core's L2 cache (measured best
@@ -62,9 +63,12 @@ class CpuQuantizer:
         """The host copy of a submitted weight."""
         return handle
 
-    def result(self, handle: Any, q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantize; the weight goes into `q` when given (a pool buffer), else new memory."""
-        w: torch.Tensor = handle
+    def result(
+        self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize the submitted weight (or the `part` of it one output takes) into `q` when given
+        (a pool buffer), else into new memory. May be called once per part of the same handle."""
+        w: torch.Tensor = handle if part is None else part.take(handle)
         layout = self.layout
         q, s = numerics.empty_outputs(w, layout, q=q)
         ranges = self._ranges(w)
@@ -142,12 +146,16 @@ class CudaQuantizer:
     def weight_of(self, handle: Any) -> torch.Tensor:
         return handle[0]
 
-    def result(self, handle: Any, q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def result(
+        self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         host, dev, uploaded = handle
+        if part is not None:
+            host = part.take(host)
         with torch.cuda.stream(self.compute_stream):
             self.compute_stream.wait_event(uploaded)
             dev.record_stream(self.compute_stream)
-            q_dev, s_dev = numerics.quantize(dev, self.layout)
+            q_dev, s_dev = numerics.quantize(dev if part is None else part.take(dev), self.layout)
             q, s = numerics.empty_outputs(host, self.layout, pin=True, q=q)
             q.copy_(q_dev, non_blocking=True)
             s.copy_(s_dev, non_blocking=True)

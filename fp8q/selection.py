@@ -1,7 +1,8 @@
 """Which tensors are the weights of Linear layers, and which of those get quantized.
 
 Imports: errors, dtypes, checkpoint types. Decided from names, shapes and dtypes alone (no model
-code): a Linear weight is a 2-D float `*.weight` that is not an embedding. Of those, lm_head, MoE
+code): a Linear weight is a 2-D float `*.weight` that is not an embedding, or a fused 3-D expert
+tensor. Of those, lm_head, MoE
 routers and gates, and vision/audio towers and their projectors are kept, as are user `--ignore`
 matches; `--targets` narrows the rest. Every Linear left unquantized is listed by exact module name.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from fp8q.checkpoint import TensorMeta
 from fp8q.dtypes import FP8, QUANTIZABLE
 from fp8q.errors import CheckpointError, UnsupportedTensorError
+from fp8q.experts import is_fused_expert_weight
 
 FLOAT_DTYPES = (*QUANTIZABLE, "F64", *FP8)
 # Embedding tables are nn.Embedding, not Linear: kept and not listed in `ignore`.
@@ -85,16 +87,19 @@ def select(
                 f"tensor {meta.name} in {meta.shard} is already {meta.dtype}: the input is already "
                 "quantized; give the bf16/fp16/fp32 checkpoint (or `fp8q dequantize` this one first)"
             )
-        if not is_linear_weight(meta):
+        fused = is_fused_expert_weight(meta) and meta.dtype in FLOAT_DTYPES
+        if not (fused or is_linear_weight(meta)):
             continue
-        module = meta.module
+        # A fused 3-D expert tensor (split into per-expert Linear weights when planned) goes by its own name.
+        module = meta.name if fused else meta.module
         wanted = (
             keep_reason(module) is None
             and not any(r.search(module) for r in ignore_res)
             and (not target_res or any(r.search(module) for r in target_res))
         )
         if not wanted:
-            ignored.append(module)
+            if not fused:  # kept fused, it is no Linear module an engine would look up
+                ignored.append(module)
             continue
         if meta.dtype not in QUANTIZABLE:
             raise UnsupportedTensorError(

@@ -1,0 +1,171 @@
+"""Turn the `src` argument into a local path: a checkpoint on disk as it is, or a Hub repo id as a snapshot folder.
+
+Imports: errors, checkpoint, huggingface_hub (the only fp8q module that does). A repo id is looked up in the local
+Hugging Face cache first, so a cached model converts with no network at all (and under HF_HUB_OFFLINE=1); only a
+cache miss downloads. Only what a conversion reads or copies is fetched: safetensors weights and small side files,
+never pickles (`*.bin`, `*.pt`, ... can run code when unpickled) nor other weight formats. When the repo has an index,
+only the shards it lists are fetched: some repos (Mistral's) also ship a `consolidated.safetensors` that would double
+the download. Every failure is one `CheckpointError` line naming the repo, with no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import huggingface_hub.errors as hf_errors
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.utils import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    validate_repo_id,
+)
+
+from fp8q.checkpoint import INDEX_FILE, WEIGHT_SUFFIXES
+from fp8q.errors import CheckpointError, UsageError
+
+try:
+    from httpx import HTTPError as _NetworkError
+except ImportError:  # huggingface_hub < 1.0 talks through requests, whose errors are OSErrors
+    _NetworkError = OSError
+
+# Side files a conversion copies: config, tokenizer, chat template, sentencepiece/tiktoken vocab, custom code, card.
+SIDE_PATTERNS = (INDEX_FILE, "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py", "*.md")
+# Weight formats fp8q never reads; pickles above all. Listed as ignore patterns so that they win over any allow.
+IGNORE_PATTERNS = tuple(f"*{suffix}" for suffix in WEIGHT_SUFFIXES if suffix != ".safetensors")
+_OFFLINE_FIX = "download it first or unset HF_HUB_OFFLINE"
+
+
+class _PartialSnapshot(LocalEntryNotFoundError):
+    """A cached snapshot without (all) its weights: one that AutoConfig alone filled, say."""
+
+
+# huggingface_hub >= 1.x raises IncompleteSnapshotError when its cached tree listing shows missing files.
+_PARTIAL = (_PartialSnapshot, getattr(hf_errors, "IncompleteSnapshotError", _PartialSnapshot))
+
+
+def resolve_source(src: str, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A local path as it is; otherwise `org/name` is a Hub repo id, resolved to a local snapshot folder.
+
+    `revision` (branch, tag or commit hash; default: the repo's main branch) applies to repo ids only.
+    `cache_dir` defaults to huggingface_hub's own (HF_HUB_CACHE), so a model cached by transformers or vLLM is reused.
+
+    Raises:
+        UsageError: a revision was given for a local path.
+        CheckpointError: `src` is neither an existing path nor a usable repo id, or the repo cannot be fetched.
+    """
+    if src and Path(src).exists():
+        if revision is not None:
+            raise UsageError(f"{src}: --revision applies to Hub repo ids only, not to a local path")
+        return Path(src)
+    if not _is_repo_id(src):
+        raise CheckpointError(
+            f"{src}: no such file or folder; give a checkpoint folder, a .safetensors file or a Hub repo id"
+        )
+    label = f"Hub repo {src}" + (f" at revision {revision}" if revision else "")
+    try:
+        try:
+            return _snapshot(src, revision, cache_dir, local_only=True)
+        except LocalEntryNotFoundError as error:
+            if _offline():
+                what = "is only partly" if isinstance(error, _PARTIAL) else "is not"
+                raise CheckpointError(
+                    f"{label} {what} in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; {_OFFLINE_FIX}"
+                ) from None
+        return _snapshot(src, revision, cache_dir, local_only=False)
+    except (OSError, _NetworkError, ValueError) as error:  # Hub, HTTP and cache errors are all of these
+        raise CheckpointError(f"{label}: {_explain(error)}") from None
+
+
+def _is_repo_id(src: str) -> bool:
+    """`name` or `org/name` as the Hub spells them; a missing `x.safetensors` is a typo, not a repo."""
+    if src.endswith(WEIGHT_SUFFIXES):
+        return False
+    try:
+        validate_repo_id(src)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _offline() -> bool:
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import; an environment set later is honoured here too."""
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE) or env
+
+
+def _snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None, *, local_only: bool) -> Path:
+    """Fetch (or find) side files, then the weights of the same commit; raise LocalEntryNotFoundError if incomplete.
+
+    Two calls because the index, a side file, says which shards to fetch. The second names the commit the first
+    resolved (the snapshot folder's name), so a branch that moves in between cannot mix two commits.
+    """
+    common = {"cache_dir": cache_dir, "local_files_only": local_only, "ignore_patterns": list(IGNORE_PATTERNS)}
+    side = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(SIDE_PATTERNS), **common))
+    weights = _shard_names(side)
+    patterns = ["*.safetensors"] if weights is None else [_literal(name) for name in weights]
+    folder = Path(snapshot_download(repo_id, revision=side.name, allow_patterns=patterns, **common))
+    if not _has_weights(folder, weights):
+        if local_only:
+            # Caches written before huggingface_hub 1.x tree listings (or by hand) pass its own completeness check.
+            raise _PartialSnapshot(f"{folder}: cached snapshot without its safetensors weights")
+        raise CheckpointError(
+            f"Hub repo {repo_id}: no .safetensors weights in the repo; fp8q converts safetensors checkpoints only "
+            "and never downloads pickled .bin/.pt weights"
+        )
+    return folder
+
+
+def _shard_names(folder: Path) -> list[str] | None:
+    """The shard names the index lists, or None without a readable index (read_checkpoint reports a bad one)."""
+    try:
+        weight_map = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
+        return sorted({str(name) for name in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _literal(name: str) -> str:
+    """An fnmatch pattern matching exactly `name` (`[`, `*` and `?` escaped as one-character classes)."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
+
+
+def _has_weights(folder: Path, shards: list[str] | None) -> bool:
+    if shards is not None:
+        return bool(shards) and all((folder / name).is_file() for name in shards)
+    return folder.is_dir() and any(folder.glob("*.safetensors"))
+
+
+def _explain(error: Exception) -> str:
+    """What went wrong and what to do, in one line, for an exception out of snapshot_download."""
+    if isinstance(error, GatedRepoError):
+        return "the repo is gated; accept its terms on huggingface.co, then log in (`hf auth login` or HF_TOKEN)"
+    if isinstance(error, RepositoryNotFoundError):
+        return "no such repo on the Hub, or it is private; check the id, or log in (`hf auth login` or HF_TOKEN)"
+    if isinstance(error, RevisionNotFoundError):
+        return "the repo has no such revision; give an existing branch, tag or commit hash"
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status in (401, 403):
+            return f"access denied (HTTP {status}); log in (`hf auth login` or HF_TOKEN) with a token that can read it"
+        return f"the Hub answered HTTP {status}: {_first_line(error)}; try again later"
+    if isinstance(error, OfflineModeIsEnabled):
+        return f"not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; {_OFFLINE_FIX}"
+    if isinstance(error, (LocalEntryNotFoundError, _NetworkError, OSError)):
+        cause = error.__cause__ if isinstance(error, LocalEntryNotFoundError) and error.__cause__ else error
+        return (
+            f"cannot download it ({type(cause).__name__}: {_first_line(cause)}) and it is not in the local "
+            "Hugging Face cache; check the network (or HF_ENDPOINT, proxy), or download it first"
+        )
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else "no details"
