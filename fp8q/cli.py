@@ -60,6 +60,10 @@ TargetsOpt = Annotated[
     typer.Option("--targets", help="Regex: quantize only Linear layers whose name matches; repeatable."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan or the result as JSON on stdout.")]
+TpOpt = Annotated[
+    int | None,
+    typer.Option("--tp", min=1, help="Check that --scheme block layers shard at this vLLM tensor-parallel size."),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")]
 
 
@@ -88,6 +92,7 @@ def quantize_command(
     ignore: IgnoreOpt = None,
     targets: TargetsOpt = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")] = "auto",
+    tp: TpOpt = None,
     workers: Annotated[int, typer.Option("--workers", help="CPU quantization threads; 0 = one per core.", min=0)] = 0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the new one is complete).")
@@ -117,6 +122,7 @@ def quantize_command(
             targets=tuple(_check_regex(p, "--targets") for p in targets or ()),
             device=device,
             workers=workers,
+            tp=tp,
             overwrite=overwrite,
             resume=resume,
         )
@@ -140,6 +146,7 @@ def inspect_command(
     block_size: BlockOpt = "128x128",
     ignore: IgnoreOpt = None,
     targets: TargetsOpt = None,
+    tp: TpOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -152,6 +159,7 @@ def inspect_command(
             block_size=_parse_block(block_size),
             ignore=tuple(_check_regex(p, "--ignore") for p in ignore or ()),
             targets=tuple(_check_regex(p, "--targets") for p in targets or ()),
+            tp=tp,
         )
         _show_plan(plan_conversion(src, options), as_json, quiet)
 
@@ -230,6 +238,8 @@ def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
     if plan.checkpoint.skipped_files:
         table.add_row("not copied", ", ".join(plan.checkpoint.skipped_files))
     err.print(table)
+    for problem in plan.problems:
+        err.print(f"[yellow]problem:[/yellow] {problem}", soft_wrap=True)
 
 
 def _show_report(report: Report, as_json: bool, quiet: bool) -> None:

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from fp8q.numerics import FP8, NonFiniteWeight, error_stats
 from fp8q.plan import Action, Job, Plan, make_plan
 from fp8q.quantizer import make_quantizer, resolve_device
 from fp8q.tensor_io import BufferPool, Stopped, read_tensor, typed_view
+from fp8q.tensor_parallel import tensor_parallel_problems
 from fp8q.writer import (
     ShardFile,
     check_free_space,
@@ -70,6 +71,7 @@ class QuantizeOptions:
     workers: int = 0
     overwrite: bool = False
     resume: bool = False
+    tp: int | None = None  # check that block layouts shard at this vLLM tensor-parallel size
 
     @property
     def layout(self) -> Layout:
@@ -122,8 +124,12 @@ EventCallback = Callable[[Event], None]
 
 
 def plan_conversion(src: str | Path, options: QuantizeOptions) -> Plan:
-    """Read and validate SRC and plan the conversion, reading no tensor data."""
-    return make_plan(read_checkpoint(Path(src)), options.layout, options.ignore, options.targets)
+    """Read and validate SRC and plan the conversion, reading no tensor data. `plan.problems`
+    lists the layers vLLM could not load at `options.tp`."""
+    plan = make_plan(read_checkpoint(Path(src)), options.layout, options.ignore, options.targets)
+    if options.tp is None:
+        return plan
+    return replace(plan, problems=tuple(tensor_parallel_problems(plan.jobs, plan.layout, options.tp)))
 
 
 def quantize(
@@ -149,6 +155,11 @@ def quantize(
     src, out = Path(src), Path(out)
     device = resolve_device(options.device)
     plan = plan_conversion(src, options)
+    if plan.problems:
+        raise Fp8qError(
+            f"{len(plan.problems)} layer(s) would not load in vLLM at --tp {options.tp}, first: {plan.problems[0]} "
+            f"(`fp8q inspect` with the same options lists them all)"
+        )
     check_output(src, out, options.overwrite)
     fp = fingerprint(plan, options.output_affecting(), __version__)
     partial = partial_dir(out)

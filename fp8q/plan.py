@@ -86,6 +86,7 @@ class Plan:
     ignored: tuple[str, ...]
     quantization_config: dict[str, Any]
     config: dict[str, Any] | None = field(repr=False)
+    problems: tuple[str, ...] = ()  # layers an engine could not load as planned (see tensor_parallel)
 
     @property
     def jobs(self) -> list[Job]:
@@ -230,6 +231,7 @@ def describe(plan: Plan) -> dict[str, Any]:
         "largest_quantized_tensor_bytes": plan.largest_quantized,
         "side_files": list(plan.checkpoint.side_files),
         "skipped_files": list(plan.checkpoint.skipped_files),
+        "problems": list(plan.problems),
     }
 
 
