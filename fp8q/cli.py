@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -31,6 +32,7 @@ from fp8q.errors import Fp8qError, UsageError
 from fp8q.formats import Format, Scheme
 from fp8q.pipeline import Event, PlanReady, QuantizeOptions, Report, TensorDone, plan_conversion, quantize
 from fp8q.plan import Plan, describe
+from fp8q.source import resolve_source
 from fp8q.writer import check_output
 
 app = typer.Typer(
@@ -42,6 +44,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True, highlight=False)
 T = TypeVar("T")
+_RANK = int(os.environ.get("RANK", "0"))  # set by torchrun
 
 SchemeOpt = Annotated[
     Scheme,
@@ -60,6 +63,9 @@ TargetsOpt = Annotated[
     typer.Option("--targets", help="Regex: quantize only Linear layers whose name matches; repeatable."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan or the result as JSON on stdout.")]
+RevisionOpt = Annotated[
+    str | None, typer.Option("--revision", help="Branch, tag or commit, when SRC is a Hub repo id.")
+]
 TpOpt = Annotated[
     int | None,
     typer.Option("--tp", min=1, help="Check that --scheme block layers shard at this vLLM tensor-parallel size."),
@@ -84,8 +90,9 @@ def _root(
 
 @app.command("quantize")
 def quantize_command(
-    src: Annotated[str, typer.Argument(help="Checkpoint folder or .safetensors file.")],
+    src: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors file, or Hub repo id (org/name).")],
     out: Annotated[Path, typer.Argument(help="Output folder (created; must not exist or be empty).")],
+    revision: RevisionOpt = None,
     scheme: SchemeOpt = Scheme.CHANNEL,
     format: FormatOpt = Format.COMPRESSED_TENSORS,
     block_size: BlockOpt = "128x128",
@@ -125,22 +132,26 @@ def quantize_command(
             tp=tp,
             overwrite=overwrite,
             resume=resume,
+            revision=revision,
         )
         if dry_run:
-            plan = plan_conversion(src, options)
-            check_output(Path(src), out, overwrite)
+            local = resolve_source(src, revision)
+            plan = plan_conversion(local, replace(options, revision=None))
+            check_output(local, out, overwrite)
             _show_plan(plan, as_json, quiet)
             return
-        with _ProgressView(quiet) as view:
+        with _ProgressView(quiet or _RANK > 0) as view:
             report = quantize(src, out, options, on_event=view.on_event)
-        _show_report(report, as_json, quiet)
+        if _RANK == 0:  # under torchrun, rank 0 speaks for all
+            _show_report(report, as_json, quiet)
 
     _guarded(run)
 
 
 @app.command("inspect")
 def inspect_command(
-    src: Annotated[str, typer.Argument(help="Checkpoint folder or .safetensors file.")],
+    src: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors file, or Hub repo id (org/name).")],
+    revision: RevisionOpt = None,
     scheme: SchemeOpt = Scheme.CHANNEL,
     format: FormatOpt = Format.COMPRESSED_TENSORS,
     block_size: BlockOpt = "128x128",
@@ -160,6 +171,7 @@ def inspect_command(
             ignore=tuple(_check_regex(p, "--ignore") for p in ignore or ()),
             targets=tuple(_check_regex(p, "--targets") for p in targets or ()),
             tp=tp,
+            revision=revision,
         )
         _show_plan(plan_conversion(src, options), as_json, quiet)
 
@@ -178,6 +190,8 @@ def _guarded(fn: Callable[[], T]) -> T:
     except Fp8qError as e:
         if debug:
             raise
+        if _RANK > 0:  # rank 0 reports every process's failure
+            raise typer.Exit(e.exit_code) from None
         err.print(f"[red]error:[/red] {_one_line(str(e))}", soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:

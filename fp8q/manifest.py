@@ -11,13 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from fp8q.errors import OutputError
 from fp8q.plan import Plan
 
-PROGRESS_FILE = ".fp8q-progress.json"
+# In OUT.partial/: the run's fingerprint, and one record per finished shard. One file per shard,
+# so that any number of processes (torchrun) record their shards without touching each other's.
+RUN_FILE = ".fp8q-run.json"
+DONE_DIR = ".fp8q-done"
 MANIFEST_FILE = "fp8q.json"
 
 
@@ -42,31 +46,49 @@ def sha256_file(path: Path) -> str:
 
 
 class Progress:
-    """The finished shards of the run in `partial`, saved after each one."""
+    """The finished shards of the run in `partial`, each recorded (with its hash) once it is on disk."""
 
-    def __init__(self, partial: Path, fingerprint: dict[str, Any], done: dict[str, Any] | None = None) -> None:
-        self.path = partial / PROGRESS_FILE
+    def __init__(self, partial: Path, fingerprint: dict[str, Any]) -> None:
+        self.partial = partial
         self.fingerprint = fingerprint
-        self.done: dict[str, Any] = dict(done or {})
+
+    def start(self) -> None:
+        """Record what this run makes; done once, by the process that prepared `partial`."""
+        (self.partial / DONE_DIR).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.partial / RUN_FILE, {"fingerprint": self.fingerprint})
 
     def record(self, shard: str, sha256: str, tensors: dict[str, Any]) -> None:
-        self.done[shard] = {"sha256": sha256, "tensors": tensors}
-        atomic_write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done})
+        name = hashlib.sha256(shard.encode()).hexdigest()[:32] + ".json"
+        atomic_write_json(self.partial / DONE_DIR / name, {"shard": shard, "sha256": sha256, "tensors": tensors})
+
+    def done(self) -> dict[str, Any]:
+        """Shard name -> {"sha256", "tensors"} for every shard recorded so far, by any process."""
+        records = {}
+        for path in sorted((self.partial / DONE_DIR).glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+                records[record["shard"]] = {"sha256": record["sha256"], "tensors": record["tensors"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a record cut short by a kill: that shard is simply redone
+        return records
+
+    def clear(self) -> None:
+        shutil.rmtree(self.partial / DONE_DIR, ignore_errors=True)
+        (self.partial / RUN_FILE).unlink(missing_ok=True)
 
 
 def reusable_shards(partial: Path, expected: dict[str, Any]) -> dict[str, Any]:
-    """The finished shards of an interrupted run that `--resume` may keep.
+    """The finished shards of an interrupted run that `--resume` may keep: recorded, and still
+    hashing to what was recorded.
 
     Raises:
-        OutputError: no usable progress log, or the source, options or tool version changed.
+        OutputError: no usable run record, or the source, options or tool version changed.
     """
-    path = partial / PROGRESS_FILE
     try:
-        record = json.loads(path.read_text())
-        recorded, done = record["fingerprint"], record["done"]
+        recorded = json.loads((partial / RUN_FILE).read_text())["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         raise OutputError(
-            f"{partial}: no readable progress record, so nothing in it can be trusted; delete it and run again"
+            f"{partial}: no readable run record, so nothing in it can be trusted; delete it and run again"
         ) from None
     for key, what in (
         ("version", "fp8q version"),
@@ -79,10 +101,11 @@ def reusable_shards(partial: Path, expected: dict[str, Any]) -> dict[str, Any]:
                 f"{partial}: cannot resume: the {what} changed since the interrupted run; "
                 f"delete {partial.name} and run again without --resume"
             )
+    done = Progress(partial, expected).done()
     return {
         name: entry
         for name, entry in done.items()
-        if (partial / name).is_file() and sha256_file(partial / name) == entry.get("sha256")
+        if (partial / name).is_file() and sha256_file(partial / name) == entry["sha256"]
     }
 
 
@@ -101,7 +124,7 @@ def write_manifest(partial: Path, fp: dict[str, Any], shards: dict[str, Any], ti
     files = {
         p.relative_to(partial).as_posix(): shards[p.name]["sha256"] if p.name in shards else sha256_file(p)
         for p in sorted(partial.rglob("*"))
-        if p.is_file() and p.name not in (PROGRESS_FILE, MANIFEST_FILE)
+        if p.is_file() and p.name not in (RUN_FILE, MANIFEST_FILE) and DONE_DIR not in p.parts
     }
     tensors = {name: stats for entry in shards.values() for name, stats in sorted(entry["tensors"].items())}
     manifest = {

@@ -38,12 +38,14 @@ import torch
 
 from fp8q import __version__
 from fp8q.checkpoint import CONFIG_FILE, INDEX_FILE, read_checkpoint
+from fp8q.distributed import Cluster, Watcher, assign
 from fp8q.errors import CheckpointError, Fp8qError, Interrupted, OutputError, UnsupportedTensorError
 from fp8q.formats import Format, Layout, Scheme
-from fp8q.manifest import PROGRESS_FILE, Progress, fingerprint, reusable_shards, sha256_file, write_manifest
+from fp8q.manifest import Progress, fingerprint, reusable_shards, sha256_file, write_manifest
 from fp8q.numerics import FP8, NonFiniteWeight, error_stats
 from fp8q.plan import Action, Job, Plan, make_plan
 from fp8q.quantizer import make_quantizer, resolve_device
+from fp8q.source import resolve_source
 from fp8q.tensor_io import BufferPool, Stopped, read_tensor, typed_view
 from fp8q.tensor_parallel import tensor_parallel_problems
 from fp8q.writer import (
@@ -71,6 +73,7 @@ class QuantizeOptions:
     workers: int = 0
     overwrite: bool = False
     resume: bool = False
+    revision: str | None = None  # for a Hub repo id
     tp: int | None = None  # check that block layouts shard at this vLLM tensor-parallel size
 
     @property
@@ -126,7 +129,8 @@ EventCallback = Callable[[Event], None]
 def plan_conversion(src: str | Path, options: QuantizeOptions) -> Plan:
     """Read and validate SRC and plan the conversion, reading no tensor data. `plan.problems`
     lists the layers vLLM could not load at `options.tp`."""
-    plan = make_plan(read_checkpoint(Path(src)), options.layout, options.ignore, options.targets)
+    local = resolve_source(str(src), options.revision)
+    plan = make_plan(read_checkpoint(local), options.layout, options.ignore, options.targets)
     if options.tp is None:
         return plan
     return replace(plan, problems=tuple(tensor_parallel_problems(plan.jobs, plan.layout, options.tp)))
@@ -140,58 +144,92 @@ def quantize(
 ) -> Report:
     """Convert the checkpoint at SRC into an FP8 checkpoint at OUT.
 
+    Under `torchrun`, every process calls this with the same arguments: each converts its share of
+    the shards (balanced by bytes) on its own device, and rank 0 writes the rest once all are done.
+
     Args:
-        src: a checkpoint folder or a single `.safetensors` file.
+        src: a checkpoint folder, a single `.safetensors` file, or a Hub repo id.
         out: the folder to create; it appears only once complete.
         options: scheme, format, device and the rest; defaults to per-channel compressed-tensors.
-        on_event: called with `PlanReady` once, then `TensorDone` per tensor (from a worker thread).
+        on_event: called with `PlanReady` once, then `TensorDone` per tensor (from a worker thread);
+            under torchrun only on rank 0, for the bytes of all processes.
 
     Raises:
         Fp8qError: any problem with the input, options or output, naming the file or tensor.
     """
     options = options or QuantizeOptions()
-    emit = on_event or (lambda event: None)
     started = time.perf_counter()
-    src, out = Path(src), Path(out)
+    out = Path(out)
     device = resolve_device(options.device)
-    plan = plan_conversion(src, options)
-    if plan.problems:
-        raise Fp8qError(
-            f"{len(plan.problems)} layer(s) would not load in vLLM at --tp {options.tp}, first: {plan.problems[0]} "
-            f"(`fp8q inspect` with the same options lists them all)"
-        )
-    check_output(src, out, options.overwrite)
-    fp = fingerprint(plan, options.output_affecting(), __version__)
+    cluster = Cluster.from_env(cuda=device.type == "cuda")
+    try:
+        return _quantize(src, out, options, on_event, cluster, cluster.device(device), started)
+    finally:
+        cluster.close()
+
+
+def _quantize(
+    src: str | Path,
+    out: Path,
+    options: QuantizeOptions,
+    on_event: EventCallback | None,
+    cluster: Cluster,
+    device: torch.device,
+    started: float,
+) -> Report:
+    lead = cluster.rank == 0
+    emit = (on_event if lead else None) or (lambda event: None)
     partial = partial_dir(out)
     reused: dict[str, Any] = {}
-    if partial.exists():
-        if not options.resume:
-            raise OutputError(
-                f"{partial}: left by an interrupted run; pass --resume to continue it, or delete it to start over"
+    error: BaseException | None = None
+    try:
+        local_src = resolve_source(str(src), options.revision)
+        plan = plan_conversion(local_src, replace(options, revision=None))
+        if plan.problems:
+            raise Fp8qError(
+                f"{len(plan.problems)} layer(s) would not load in vLLM at --tp {options.tp}, first: "
+                f"{plan.problems[0]} (`fp8q inspect` with the same options lists them all)"
             )
-        reused = reusable_shards(partial, fp)
-    side_bytes = sum((plan.checkpoint.root / f).stat().st_size for f in plan.checkpoint.side_files)
-    reused_bytes = sum(s.size for s in plan.shards if s.name in reused)
-    check_free_space(out, plan.bytes_out - reused_bytes + side_bytes)
+        fp = fingerprint(plan, options.output_affecting(), __version__)
+        if lead:
+            reused = _prepare_partial(plan, local_src, out, partial, fp, options)
+    except Exception as e:  # noqa: BLE001 - handed to every process, then raised
+        error = e
+    cluster.agree(error)  # every process fails alike, before any data is read
+    reused = cluster.broadcast(reused)
+    todo = {s.name: s.source.size for s in plan.shards if s.name not in reused}
+    mine = assign(todo, cluster.world)[cluster.rank]
+    skip = {s.name for s in plan.shards} - mine
+
     emit(PlanReady(plan))
     for job in (j for s in plan.shards if s.name in reused for j in s.jobs):
         emit(TensorDone(job.source.name, job.source.nbytes))
-
-    partial.mkdir(parents=True, exist_ok=True)
-    progress = Progress(partial, fp, reused)
+    progress = Progress(partial, fp)
     stop = threading.Event()
+    workers = options.workers or max(1, (os.cpu_count() or 1) // cluster.local_world)
     with _stop_on_signals(stop) as caught:
+        failure: BaseException | None = None
         try:
-            workers = options.workers or os.cpu_count() or 1
-            _run_plan(plan, partial, device, workers, emit, stop, progress, set(reused))
-            _write_metadata_files(plan, partial)
-            write_manifest(partial, fp, progress.done, {"seconds": round(time.perf_counter() - started, 3)})
-            (partial / PROGRESS_FILE).unlink()
-            if caught:
-                raise Stopped
-            finalize(partial, out)
+            run_emit = emit if cluster.is_single else _count_bytes(cluster)
+            with Watcher(cluster, stop, (lambda n: emit(TensorDone("", n))) if lead else None):
+                _run_plan(plan, partial, device, workers, run_emit, stop, progress, skip)
         except BaseException as e:
-            raise _failed(e, caught, partial, progress) from None
+            failure = e
+            cluster.mark_failed()
+        if caught and failure is None:
+            failure = Stopped()
+        try:
+            cluster.agree(_interrupted(caught) if caught else failure)
+            if lead:
+                _write_metadata_files(plan, partial)
+                timings = {"seconds": round(time.perf_counter() - started, 3), "processes": cluster.world}
+                write_manifest(partial, fp, progress.done(), timings)
+                progress.clear()
+                if caught:
+                    raise Stopped
+                finalize(partial, out)
+        except BaseException as e:
+            raise (_failed(e, caught, partial, progress) if lead else e) from None
     return Report(
         out=str(out),
         device=str(device),
@@ -205,21 +243,57 @@ def quantize(
     )
 
 
+def _prepare_partial(
+    plan: Plan, src: Path, out: Path, partial: Path, fp: dict[str, Any], options: QuantizeOptions
+) -> dict[str, Any]:
+    """Check OUT and the disk, and set up OUT.partial/; returns the shards a resumed run keeps."""
+    check_output(src, out, options.overwrite)
+    reused: dict[str, Any] = {}
+    if partial.exists():
+        if not options.resume:
+            raise OutputError(
+                f"{partial}: left by an interrupted run; pass --resume to continue it, or delete it to start over"
+            )
+        reused = reusable_shards(partial, fp)
+    side_bytes = sum((plan.checkpoint.root / f).stat().st_size for f in plan.checkpoint.side_files)
+    reused_bytes = sum(s.size for s in plan.shards if s.name in reused)
+    check_free_space(out, plan.bytes_out - reused_bytes + side_bytes)
+    partial.mkdir(parents=True, exist_ok=True)
+    Progress(partial, fp).start()
+    return reused
+
+
+def _count_bytes(cluster: Cluster) -> EventCallback:
+    """Under torchrun, progress goes to the shared counter that rank 0 renders."""
+
+    def count(event: Event) -> None:
+        if isinstance(event, TensorDone):
+            cluster.add_bytes(event.nbytes)
+
+    return count
+
+
+def _interrupted(caught: list[int]) -> Interrupted:
+    signame = signal.Signals(caught[0]).name
+    return Interrupted(f"interrupted by {signame}", 128 + caught[0])
+
+
 def _failed(e: BaseException, caught: list[int], partial: Path, progress: Progress) -> BaseException:
     """Clean up after a failed run. Finished shards are kept for `--resume` when the run was
     interrupted or hit an I/O error, the cases where running again can succeed."""
-    if caught:
-        signame = signal.Signals(caught[0]).name
-        if progress.done:
+    done = progress.done() if partial.exists() else {}
+    interrupted = caught or isinstance(e, Interrupted)
+    if interrupted:
+        what = e if isinstance(e, Interrupted) else _interrupted(caught)
+        if done:
             return Interrupted(
-                f"interrupted by {signame}: {len(progress.done)} finished shard(s) kept in {partial}; "
-                "run again with --resume to continue",
-                128 + caught[0],
+                f"{what}: {len(done)} finished shard(s) kept in {partial}; run again with --resume to continue",
+                what.exit_code,
             )
         remove_tree(partial)
-        return Interrupted(f"interrupted by {signame}: nothing was written", 128 + caught[0])
-    if isinstance(e, (CheckpointError, OutputError)) and progress.done and partial.exists():
-        return type(e)(f"{e}; {len(progress.done)} finished shard(s) kept in {partial}: rerun with --resume")
+        return Interrupted(f"{what}: nothing was written", what.exit_code)
+    if isinstance(e, (CheckpointError, OutputError)) and done:
+        return type(e)(f"{e}; {len(done)} finished shard(s) kept in {partial}: rerun with --resume")
     remove_tree(partial)
     return e
 

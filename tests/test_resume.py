@@ -17,7 +17,7 @@ import torch
 
 from fp8q import QuantizeOptions, quantize
 from fp8q.errors import OutputError
-from fp8q.manifest import PROGRESS_FILE
+from fp8q.manifest import DONE_DIR, Progress
 from tests.factories import add_side_files, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,11 +54,8 @@ def _start(src: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
 def _wait_for_finished_shards(partial: Path, proc: subprocess.Popen[bytes], count: int) -> None:
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(json.loads((partial / PROGRESS_FILE).read_text())["done"]) >= count:
-                return
-        except (OSError, ValueError):
-            pass
+        if len(list((partial / DONE_DIR).glob("*.json"))) >= count:
+            return
         time.sleep(0.005)
     pytest.fail("the run finished or stalled before it could be interrupted")
 
@@ -116,13 +113,13 @@ def test_resume_refuses_changed_options_or_source(tmp_path, source_and_reference
     with pytest.raises(OutputError, match="cannot resume: the options changed"):
         quantize(src, out, QuantizeOptions(device="cpu", resume=True, scheme="block"))
     # A finished shard whose bytes were damaged is redone, not trusted.
-    progress = json.loads((tmp_path / "out.partial" / PROGRESS_FILE).read_text())
-    damaged = next(iter(progress["done"]))
+    done = Progress(tmp_path / "out.partial", {}).done()
+    damaged = next(iter(done))
     with open(tmp_path / "out.partial" / damaged, "r+b") as f:
         f.seek(-1, 2)
         f.write(b"\xff")
     report = quantize(src, out, QuantizeOptions(device="cpu", resume=True))
-    assert report.resumed_shards == len(progress["done"]) - 1
+    assert report.resumed_shards == len(done) - 1
 
 
 def test_two_runs_are_identical_and_manifest_is_complete(tmp_path):

@@ -1,0 +1,89 @@
+"""torchrun: two CPU processes (gloo) split the shards and write exactly the single-process files;
+one failing process fails the whole run, naming the shard, and leaves no OUT."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from fp8q import QuantizeOptions, quantize
+from tests.factories import add_side_files, write_shards
+from tests.test_resume import _hashes, _start, _wait_for_finished_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _source(folder: Path, nan_in: str | None = None) -> Path:
+    shards = {}
+    for i, rows in enumerate([900, 700, 500, 300]):  # unequal sizes: the split is by bytes
+        name = f"model-{i + 1:05d}-of-00004.safetensors"
+        up = torch.randn(rows, 256).to(torch.bfloat16)
+        if name == nan_in:
+            up[3, 3] = float("nan")
+        shards[name] = {
+            f"model.layers.{i}.mlp.up_proj.weight": up,
+            f"model.layers.{i}.mlp.down_proj.weight": torch.randn(256, rows).to(torch.bfloat16),
+            f"model.layers.{i}.input_layernorm.weight": torch.ones(256, dtype=torch.bfloat16),
+        }
+    src = write_shards(folder, shards, config={"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False})
+    add_side_files(src)
+    return src
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        "-m", "fp8q", "quantize", str(src), str(out), "--device", "cpu", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def _manifest_without_timings(folder: Path) -> dict:
+    manifest = json.loads((folder / "fp8q.json").read_text())
+    manifest.pop("timings")
+    return manifest
+
+
+def test_two_processes_match_one(tmp_path):
+    src = _source(tmp_path / "src")
+    quantize(src, tmp_path / "single", QuantizeOptions(device="cpu"))
+    result = _torchrun(src, tmp_path / "multi")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _hashes(tmp_path / "multi") == _hashes(tmp_path / "single")
+    assert _manifest_without_timings(tmp_path / "multi") == _manifest_without_timings(tmp_path / "single")
+    assert not (tmp_path / "multi.partial").exists()
+
+
+def test_failing_process_fails_the_run(tmp_path):
+    bad = "model-00002-of-00004.safetensors"  # the second largest: the other process's share
+    src = _source(tmp_path / "src", nan_in=bad)
+    result = _torchrun(src, tmp_path / "out")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and bad in errors[0] and "NaN" in errors[0], result.stderr[-3000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_resume_with_another_process_count(tmp_path):
+    src = _source(tmp_path / "src")
+    quantize(src, tmp_path / "single", QuantizeOptions(device="cpu"))
+    proc = _start(src, tmp_path / "out", "--workers", "1")
+    _wait_for_finished_shards(tmp_path / "out.partial", proc, 1)
+    proc.kill()
+    proc.wait()
+    result = _torchrun(src, tmp_path / "out", "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _hashes(tmp_path / "out") == _hashes(tmp_path / "single")
