@@ -225,8 +225,6 @@ def _quantize(
                 timings = {"seconds": round(time.perf_counter() - started, 3), "processes": cluster.world}
                 write_manifest(partial, fp, progress.done(), timings)
                 progress.clear()
-                if caught:
-                    raise Stopped
                 finalize(partial, out)
         except BaseException as e:
             raise (_failed(e, caught, partial, progress) if lead else e) from None
