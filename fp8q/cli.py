@@ -28,11 +28,13 @@ from rich.progress import (
 from rich.table import Table
 
 from fp8q import __version__
+from fp8q.dequantize import Started, dequantize
 from fp8q.errors import Fp8qError, UsageError
 from fp8q.formats import Format, Scheme
 from fp8q.pipeline import Event, PlanReady, QuantizeOptions, Report, TensorDone, plan_conversion, quantize
 from fp8q.plan import Plan, describe
 from fp8q.source import resolve_source
+from fp8q.verify import VerifyReport, verify
 from fp8q.writer import check_output
 
 app = typer.Typer(
@@ -178,6 +180,73 @@ def inspect_command(
     _guarded(run)
 
 
+@app.command("verify")
+def verify_command(
+    path: Annotated[str, typer.Argument(help="The FP8 checkpoint folder (or .safetensors file) to check.")],
+    source: Annotated[
+        str | None, typer.Option("--source", help="The checkpoint it was made from: compare every weight.")
+    ] = None,
+    top: Annotated[int, typer.Option("--top", min=0, help="Rows of the worst-tensors table.")] = 10,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check an FP8 checkpoint (any tool's): structure, scales, coverage; with --source, the error of
+    every weight. Exit 1 on any problem, each named by tensor.
+
+    Example:
+
+      fp8q verify ./model-fp8 --source ./model
+    """
+
+    def run() -> None:
+        local_source = resolve_source(source) if source is not None else None
+        with _ProgressView(quiet, "verifying") as view:
+            report = verify(resolve_source(path), local_source, on_event=view.on_event)
+        if as_json:
+            data = {**report.__dict__, "ok": report.ok, "rows": [row.__dict__ for row in report.rows]}
+            sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        if not quiet:
+            _show_verify(report, top)
+        if not report.ok:
+            raise Fp8qError(f"{report.path}: {len(report.problems)} problem(s), first: {report.problems[0]}")
+
+    _guarded(run)
+
+
+@app.command("dequantize")
+def dequantize_command(
+    src: Annotated[str, typer.Argument(help="An FP8 checkpoint (any supported layout), folder or Hub repo id.")],
+    out: Annotated[Path, typer.Argument(help="Output folder for the high-precision checkpoint.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16, float16 or float32.")] = "bfloat16",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Turn an FP8 checkpoint (compressed-tensors, fp8 per-tensor, fp8 block / DeepSeek-V3) back
+    into a bf16 checkpoint with no quantization_config, e.g. to fine-tune it.
+
+    Example:
+
+      fp8q dequantize ./DeepSeek-V3 ./DeepSeek-V3-bf16
+    """
+
+    def run() -> None:
+        with _ProgressView(quiet, "dequantizing") as view:
+            report = dequantize(resolve_source(src), out, dtype=dtype, overwrite=overwrite, on_event=view.on_event)
+        if as_json:
+            sys.stdout.write(json.dumps({**report.__dict__}, indent=2) + "\n")
+        if not quiet:
+            layouts = ", ".join(f"{n} {name}" for name, n in report.layouts.items())
+            err.print(
+                f"[green]done[/green]: {report.out}\n"
+                f"  tensors: {report.tensors_dequantized} dequantized to {report.dtype} ({layouts}), "
+                f"{report.tensors_kept} kept, {report.tensors_dropped} scales dropped\n"
+                f"  size:    {_gb(report.bytes_in)} in, {_gb(report.bytes_out)} out, {report.seconds:.1f} s"
+            )
+
+    _guarded(run)
+
+
 def main() -> None:
     app()
 
@@ -256,6 +325,31 @@ def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
         err.print(f"[yellow]problem:[/yellow] {problem}", soft_wrap=True)
 
 
+def _show_verify(report: VerifyReport, top: int) -> None:
+    layouts = ", ".join(f"{n} {name}" for name, n in report.layouts.items()) or "none"
+    err.print(f"{report.path}: {report.tensors_checked} quantized weights ({layouts})", soft_wrap=True)
+    if top and report.rows:
+        table = Table(title="worst tensors" if report.source else "tensors", title_justify="left")
+        table.add_column("tensor", overflow="fold")
+        for column in ("layout", "scale range", "rel error", "max abs err", "SNR dB", "flag"):
+            table.add_column(column)
+        for row in report.rows[:top]:
+            table.add_row(
+                row.name,
+                row.layout,
+                f"{row.scale_min:.3g}..{row.scale_max:.3g}",
+                "" if row.rel_error is None else f"{row.rel_error:.4f}",
+                "" if row.max_abs_error is None else f"{row.max_abs_error:.3g}",
+                "" if row.snr_db is None else f"{row.snr_db:.1f}",
+                row.flagged or "",
+            )
+        err.print(table)
+    for problem in report.problems:
+        err.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
+    if report.ok:
+        err.print(f"[green]ok[/green]: no problems ({report.seconds:.1f} s)")
+
+
 def _show_report(report: Report, as_json: bool, quiet: bool) -> None:
     if as_json:
         data: dict[str, Any] = dict(report.__dict__)
@@ -272,14 +366,14 @@ def _show_report(report: Report, as_json: bool, quiet: bool) -> None:
 
 
 class _ProgressView:
-    """A byte-counting progress bar fed by pipeline events."""
+    """A byte-counting progress bar fed by the library's events."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, verb: str = "quantizing") -> None:
         self.progress = (
             None
             if quiet
             else Progress(
-                TextColumn("[bold]quantizing"),
+                TextColumn(f"[bold]{verb}"),
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),
@@ -300,10 +394,10 @@ class _ProgressView:
     def on_event(self, event: Event) -> None:
         if not self.progress:
             return
-        if isinstance(event, PlanReady):
+        if isinstance(event, (PlanReady, Started)):
             # Started only now, so that an error found while planning prints alone on its line.
             self.progress.start()
-            total = sum(job.source.nbytes for job in event.plan.jobs)
-            self.task = self.progress.add_task("quantize", total=total)
+            total = sum(j.source.nbytes for j in event.plan.jobs) if isinstance(event, PlanReady) else event.nbytes
+            self.task = self.progress.add_task("run", total=total)
         elif isinstance(event, TensorDone) and self.task is not None:
             self.progress.advance(self.task, event.nbytes)

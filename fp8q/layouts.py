@@ -1,0 +1,323 @@
+"""Recognize the FP8 layout of an existing checkpoint, weight by weight, from its config and headers alone.
+
+Imports: errors, dtypes, checkpoint types, formats, selection. Used by `verify` and `dequantize`, which read
+checkpoints fp8q did not write (llm-compressor, AutoFP8, DeepSeek's own release), so nothing here assumes
+fp8q's conventions: every FP8 `X.weight` is paired with `X.weight_scale` or `X.weight_scale_inv` through the
+tensor map (the scale may sit in another shard), and its layout is read off the scale's shape, checked against
+what the `quantization_config` promises:
+
+- compressed-tensors: scale `[1]` or 0-d (tensor), `[out, 1]` (channel), `[ceil(out/bh), ceil(in/bw)]` (block,
+  `block_structure` from the config group; a `group` strategy is a block of `1 x group_size`).
+- fp8 (vLLM / AutoFP8 / DeepSeek-V3): `weight_scale` F32 0-d or `[1]` (tensor), `weight_scale_inv` F32
+  `[ceil(out/bh), ceil(in/bw)]` with `weight_block_size` (block). transformers names even its per-tensor
+  scale `weight_scale_inv`, which is accepted too.
+
+What is wrong with a weight is recorded as a one-line `problem` instead of raised, so `verify` can list every
+problem at once while `dequantize` refuses on the first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fp8q.checkpoint import TensorMeta
+from fp8q.dtypes import FP8
+from fp8q.errors import CheckpointError
+from fp8q.formats import Format, Layout, Scheme
+from fp8q.selection import is_linear_weight, keep_reason
+
+SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
+# Tensors that only exist for quantization besides the weight scales: static activation scales, zero points
+# (never needed for symmetric FP8, but some tools write them), and the KV-cache scales.
+AUX_SUFFIXES = (
+    "input_scale",
+    "activation_scale",
+    "output_scale",
+    "weight_zero_point",
+    "input_zero_point",
+    "k_scale",
+    "v_scale",
+    "kv_scale",
+)
+# transformers defaults a missing `weight_block_size` to this; DeepSeek-V3 writes it.
+DEFAULT_BLOCK = (128, 128)
+_CT_DTYPES = ("F32", "BF16", "F16")
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedWeight:
+    """One FP8 weight, its scale, and the layout the scale's shape says it has.
+
+    `layout` is set exactly when the weight can be dequantized with `scale` (one scale, of a shape that fits a
+    layout). `problem` is one line naming the tensor when something would stop an engine from loading it as
+    it stands (a name or dtype problem leaves `layout` set: the values can still be checked).
+    """
+
+    weight: TensorMeta
+    scale: TensorMeta | None
+    layout: Layout | None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class DetectedLayout:
+    """The quantization of a whole checkpoint, as far as its config and headers tell."""
+
+    format: Format
+    quantization_config: dict[str, Any]
+    weights: tuple[QuantizedWeight, ...]
+    # Quantization-only tensors that are not the scale of an FP8 weight: input scales, zero points, KV-cache
+    # scales and orphan weight scales. Dequantizing drops them with the scales.
+    extras: tuple[TensorMeta, ...]
+    # Module names and `re:` patterns the config leaves unquantized (compressed-tensors `ignore`, fp8
+    # `ignored_layers` / `modules_to_not_convert`).
+    ignore: tuple[str, ...]
+    # compressed-tensors group targets (class names like "Linear", module names, `re:` patterns); empty for fp8.
+    targets: tuple[str, ...]
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem found from names, shapes and dtypes: per-weight ones, then orphan scales."""
+        found = [w.problem for w in self.weights if w.problem]
+        weight_names = {w.weight.name for w in self.weights}
+        for meta in self.extras:
+            base, _, suffix = meta.name.rpartition(".")
+            if suffix in SCALE_SUFFIXES and f"{base}.weight" not in weight_names:
+                found.append(
+                    f"tensor {meta.name} in {meta.shard} is a weight scale but {base}.weight is not FP8; "
+                    "engines fail on a scale without its FP8 weight"
+                )
+        return found
+
+    @property
+    def dropped(self) -> set[str]:
+        """Names of every tensor that only serves quantization (what a dequantized checkpoint leaves out)."""
+        return {w.scale.name for w in self.weights if w.scale is not None} | {m.name for m in self.extras}
+
+    def is_ignored(self, module: str) -> bool:
+        """Whether the config leaves this module unquantized."""
+        if self.format is Format.COMPRESSED_TENSORS:
+            return any(match_name(module, pattern) for pattern in self.ignore)
+        # vLLM matches fp8 ignored_layers exactly, SGLang on dot boundaries, transformers by substring; the
+        # dot-boundary rule sits between them. lm_head and MoE routers are never FP8 layers in vLLM.
+        if keep_reason(module) in ("lm_head", "router"):
+            return True
+        return any(match_name(module, p) or re.search(rf"(^|\.){re.escape(p)}(\.|$)", module) for p in self.ignore)
+
+    def is_targeted(self, meta: TensorMeta) -> bool:
+        """Whether the config asks for this tensor's module to be quantized (before `ignore`)."""
+        if not self.quantization_config:
+            return False  # no config, no promise
+        if self.format is Format.FP8:
+            return is_linear_weight(meta)
+        return any(_targets(meta, t) for t in self.targets)
+
+
+def match_name(module: str, pattern: str) -> bool:
+    """compressed-tensors' rule: `re:` patterns are `re.match`ed (anchored at the start only), others compared."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module) is not None
+    return module == pattern
+
+
+def describe(layout: Layout | None) -> str:
+    """A layout in words, e.g. `compressed-tensors block 128x128`."""
+    if layout is None:
+        return "unknown"
+    text = f"{layout.format.value} {layout.scheme.value}"
+    return f"{text} {layout.block[0]}x{layout.block[1]}" if layout.scheme is Scheme.BLOCK else text
+
+
+def quantization_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The `quantization_config` of a config.json (`compression_config` in old compressed-tensors)."""
+    if not config:
+        return None
+    qc = config.get("quantization_config", config.get("compression_config"))
+    return qc if isinstance(qc, dict) else None
+
+
+def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, TensorMeta]) -> DetectedLayout:
+    """Find every FP8 weight of a checkpoint, its scale and its layout.
+
+    Args:
+        config: the parsed config.json, or None (a lone `.safetensors` file): the format is then guessed
+            from the scales' names, dtypes and shapes.
+        tensors: the checkpoint's tensor map, every shard together.
+
+    Raises:
+        CheckpointError: a `quantization_config` of a method other than compressed-tensors or fp8.
+    """
+    qc = quantization_config(config) or {}
+    fmt = _format(qc, tensors)
+    rules = _ct_rules(qc) if fmt is Format.COMPRESSED_TENSORS else []
+    expected_fp8 = _fp8_expected(qc) if fmt is Format.FP8 else None
+    weights: list[QuantizedWeight] = []
+    used: set[str] = set()
+    quant_only = (*SCALE_SUFFIXES, *AUX_SUFFIXES)
+    for meta in tensors.values():
+        if meta.dtype not in FP8 or meta.name.rpartition(".")[2] in quant_only:
+            continue  # FP8 zero points or KV scales are not weights
+        if fmt is Format.COMPRESSED_TENSORS:
+            expected = _ct_expected(meta, rules)
+        else:
+            expected = expected_fp8
+        qw = _pair(meta, tensors, fmt, expected)
+        if qw.scale is not None:
+            used.add(qw.scale.name)
+        weights.append(qw)
+    extras = tuple(m for m in tensors.values() if m.name not in used and m.name.rpartition(".")[2] in quant_only)
+    ignore = qc.get("ignore") if fmt is Format.COMPRESSED_TENSORS else qc.get("ignored_layers")
+    if fmt is Format.FP8 and not ignore:
+        ignore = qc.get("modules_to_not_convert")
+    targets = tuple(t for rule in rules for t in rule[0])
+    return DetectedLayout(fmt, dict(qc), tuple(weights), extras, tuple(ignore or ()), targets)
+
+
+def _format(qc: Mapping[str, Any], tensors: Mapping[str, TensorMeta]) -> Format:
+    method = qc.get("quant_method")
+    if method == "compressed-tensors":
+        return Format.COMPRESSED_TENSORS
+    if method == "fp8":
+        return Format.FP8
+    if method is not None:
+        raise CheckpointError(
+            f"quantization_config has quant_method {method!r}; fp8q reads compressed-tensors and fp8 checkpoints"
+        )
+    # No config: DeepSeek/transformers name the scale `_inv`, AutoFP8 writes 0-d F32 scales.
+    scales = [m for m in tensors.values() if m.name.rpartition(".")[2] in SCALE_SUFFIXES]
+    if any(m.name.endswith("_inv") for m in scales) or (scales and all(m.shape == () for m in scales)):
+        return Format.FP8
+    return Format.COMPRESSED_TENSORS
+
+
+# A compressed-tensors config group, reduced to what decides a weight's scale: (targets, expected layout).
+_Rule = tuple[tuple[str, ...], Layout | None]
+
+
+def _ct_rules(qc: Mapping[str, Any]) -> list[_Rule]:
+    rules: list[_Rule] = []
+    groups = qc.get("config_groups") or {}
+    for group in groups.values() if isinstance(groups, dict) else ():
+        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+            continue
+        args = group["weights"]
+        strategy = args.get("strategy")
+        layout: Layout | None = None
+        if strategy in ("tensor", "channel"):
+            layout = Layout(Scheme(strategy), Format.COMPRESSED_TENSORS)
+        elif strategy == "block" and _pair_of_ints(args.get("block_structure")):
+            layout = Layout(Scheme.BLOCK, Format.COMPRESSED_TENSORS, tuple(args["block_structure"]))
+        elif strategy == "group" and isinstance(args.get("group_size"), int) and args["group_size"] > 0:
+            layout = Layout(Scheme.BLOCK, Format.COMPRESSED_TENSORS, (1, args["group_size"]))
+        rules.append((tuple(group.get("targets") or ()), layout))
+    return rules
+
+
+def _ct_expected(meta: TensorMeta, rules: list[_Rule]) -> Layout | None:
+    # compressed-tensors gives a module the first group whose targets match it.
+    for targets, layout in rules:
+        if any(_targets(meta, t) for t in targets):
+            return layout
+    return None
+
+
+def _targets(meta: TensorMeta, target: str) -> bool:
+    if target == "Linear":
+        # The class target: every Linear, which from the files alone means every 2-D non-embedding weight.
+        return is_linear_weight(meta)
+    return match_name(meta.module, target)
+
+
+def _fp8_expected(qc: Mapping[str, Any]) -> Layout | None:
+    if "weight_block_size" not in qc:
+        return None  # vLLM reads a missing key as per-tensor, transformers as 128x128: the scale decides
+    block = qc["weight_block_size"]
+    if block is None:
+        return Layout(Scheme.TENSOR, Format.FP8)
+    if _pair_of_ints(block):
+        return Layout(Scheme.BLOCK, Format.FP8, tuple(block))
+    return None
+
+
+def _pair_of_ints(value: Any) -> bool:
+    return isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)
+
+
+def _pair(meta: TensorMeta, tensors: Mapping[str, TensorMeta], fmt: Format, expected: Layout | None) -> QuantizedWeight:
+    """Find an FP8 tensor's scale and tell its layout, or say what is wrong."""
+    where = f"tensor {meta.name} in {meta.shard}"
+    if not meta.name.endswith(".weight") or len(meta.shape) != 2:
+        return QuantizedWeight(
+            meta, None, None, f"{where} is {meta.dtype} with shape {list(meta.shape)}; fp8q handles 2-D FP8 weights"
+        )
+    module = meta.module
+    found = [tensors[f"{module}.{s}"] for s in SCALE_SUFFIXES if f"{module}.{s}" in tensors]
+    if not found:
+        what = f"{module}.{expected.scale_suffix if expected else 'weight_scale'}"
+        return QuantizedWeight(meta, None, None, f"{where} is FP8 but has no scale: {what} is missing")
+    if len(found) > 1:
+        names = " and ".join(s.name for s in found)
+        return QuantizedWeight(meta, found[0], None, f"{where} has two scales, {names}; keep one")
+    scale = found[0]
+    rows, cols = meta.shape
+    layout = _from_shape(scale.shape, rows, cols, fmt, expected)
+    if layout is None:
+        want = f"; {describe(expected)} needs {list(expected.scale_shape(rows, cols))}" if expected else ""
+        problem = (
+            f"tensor {scale.name} in {scale.shard} has shape {list(scale.shape)}, "
+            f"which fits no FP8 layout of its {rows}x{cols} weight{want}"
+        )
+    elif expected is not None and layout != expected:
+        problem = (
+            f"tensor {scale.name} in {scale.shard} has shape {list(scale.shape)} ({describe(layout)}) "
+            f"but the quantization_config says {describe(expected)}"
+        )
+    else:
+        problem = _check_scale(meta, scale, layout)
+    return QuantizedWeight(meta, scale, layout, problem)
+
+
+def _from_shape(shape: tuple[int, ...], rows: int, cols: int, fmt: Format, expected: Layout | None) -> Layout | None:
+    """The layout a scale of this shape gives a rows x cols weight, the config's own first."""
+    blocks = [expected.block] if expected and expected.scheme is Scheme.BLOCK else []
+    candidates = [
+        *([expected] if expected else []),
+        Layout(Scheme.TENSOR, fmt),
+        *([Layout(Scheme.CHANNEL, fmt)] if fmt is Format.COMPRESSED_TENSORS else []),
+        *(Layout(Scheme.BLOCK, fmt, b) for b in [*blocks, DEFAULT_BLOCK]),
+    ]
+    for layout in candidates:
+        if shape in _accepted_shapes(layout, rows, cols):
+            return layout
+    return None
+
+
+def _accepted_shapes(layout: Layout, rows: int, cols: int) -> tuple[tuple[int, ...], ...]:
+    if layout.scheme is Scheme.TENSOR:
+        return ((), (1,))  # vLLM and compressed-tensors load either
+    return (layout.scale_shape(rows, cols),)
+
+
+def _check_scale(weight: TensorMeta, scale: TensorMeta, layout: Layout) -> str | None:
+    """Name and dtype rules the engines hold a scale of this layout to."""
+    where = f"tensor {scale.name} in {scale.shard}"
+    suffix = scale.name.rpartition(".")[2]
+    if weight.dtype != "F8_E4M3":
+        return f"tensor {weight.name} in {weight.shard} is {weight.dtype}; engines load F8_E4M3 weights"
+    if layout.format is Format.COMPRESSED_TENSORS:
+        if suffix != "weight_scale":
+            return f"{where}: compressed-tensors names the scale {weight.module}.weight_scale"
+        if scale.dtype not in _CT_DTYPES:
+            return f"{where} is {scale.dtype}; compressed-tensors scales are {'/'.join(_CT_DTYPES)}"
+        return None
+    if layout.scheme is Scheme.BLOCK and suffix != "weight_scale_inv":
+        return f"{where}: fp8 block scales are named {weight.module}.weight_scale_inv (vLLM, transformers)"
+    if scale.dtype != "F32":
+        return f"{where} is {scale.dtype}; fp8 scales are F32"
+    return None
+
+
+__all__ = ["DetectedLayout", "QuantizedWeight", "describe", "detect_layout", "match_name", "quantization_config"]

@@ -1,0 +1,329 @@
+"""Check an FP8 checkpoint before it is shipped: will the engines load it, and (given the source) is it close?
+
+Imports: errors, checkpoint, layouts, dequantize, selection, tensor_io. Reads headers first, then one tensor at
+a time, so it runs on checkpoints of any size. What it checks:
+
+- structure: `read_checkpoint`'s validation (index and shard headers agree both ways, offsets tile each file);
+- config: compressed-tensors configs go through compressed-tensors' own `QuantizationConfig.model_validate`
+  (what vLLM and transformers run), when that library is installed; fp8 configs get vLLM's key rules;
+- scales: every FP8 weight has exactly one scale, of the name, shape and dtype its layout needs, and every
+  scale value is finite and positive (NaN, inf, 0 or a negative scale ruins the whole row, tile or tensor);
+- coverage: no Linear weight the config targets is left unquantized unless the config ignores it, and no
+  ignored module is FP8;
+- with the source checkpoint: every quantized weight is dequantized and compared with the source weight of the
+  same name (relative error, max abs error, SNR); errors far above the rest are flagged.
+
+Every problem is one line naming the tensor or module; `VerifyReport.ok` is True when there are none.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fp8q.checkpoint import CONFIG_FILE, Checkpoint, TensorMeta, read_checkpoint
+from fp8q.dequantize import ShardReader, Started, dequantize_weight, row_bands
+from fp8q.dtypes import FP8
+from fp8q.errors import CheckpointError
+from fp8q.formats import Format
+from fp8q.layouts import DetectedLayout, QuantizedWeight, describe, detect_layout, quantization_config
+from fp8q.pipeline import TensorDone
+from fp8q.selection import is_linear_weight, natural_key
+
+# A dequantized weight this far from its source is broken whatever its neighbours do. FP8 e4m3 keeps 3
+# mantissa bits: about 2-4 % relative error (26-34 dB) for sane weights and any of the layouts.
+MAX_REL_ERROR = 0.1
+MIN_SNR_DB = 15.0
+# ...and one this many times the median error of the checkpoint (and above the floor) is an outlier.
+OUTLIER_FACTOR = 3.0
+OUTLIER_FLOOR = 0.05
+
+Event = Started | TensorDone
+EventCallback = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    """One quantized weight: its scale range and, with a source, how far its dequantized values are."""
+
+    name: str
+    layout: str
+    shape: tuple[int, ...]
+    scale_min: float
+    scale_max: float
+    rel_error: float | None = None  # ||deq - w|| / ||w||
+    max_abs_error: float | None = None
+    snr_db: float | None = None  # 20 log10(||w|| / ||deq - w||); inf when exact
+    flagged: str | None = None  # why this row is a problem
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of `verify`. `rows` are sorted worst first (highest relative error; by name without source)."""
+
+    path: str
+    source: str | None
+    format: str | None = None
+    # Layout in words -> number of weights, e.g. {"fp8 block 128x128": 61}.
+    layouts: dict[str, int] = field(default_factory=dict)
+    tensors_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    rows: list[TensorCheck] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(
+    path: str | Path, source: str | Path | None = None, *, on_event: EventCallback | None = None
+) -> VerifyReport:
+    """Check the FP8 checkpoint at PATH, and compare it with SOURCE (the checkpoint it was made from) if given.
+
+    Args:
+        path: an FP8 checkpoint folder (or one `.safetensors` file).
+        source: the bf16/fp16/fp32 checkpoint PATH was quantized from; tensors are matched by name.
+        on_event: called with `Started` once, then `TensorDone` per quantized weight.
+
+    Returns:
+        A report whose `problems` list every finding as one line naming the tensor; empty when all is well.
+
+    Raises:
+        Fp8qError: PATH does not exist, or SOURCE cannot be read. Problems with PATH itself are reported.
+    """
+    started = time.perf_counter()
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: no such file or folder; give an FP8 checkpoint folder or a .safetensors file")
+    report = VerifyReport(str(path), str(source) if source is not None else None)
+    src = read_checkpoint(Path(source)) if source is not None else None
+    try:
+        checkpoint = read_checkpoint(Path(path))
+        detected = _detect(checkpoint)
+    except CheckpointError as e:
+        report.problems.append(str(e))
+    else:
+        if detected.weights:
+            report.format = detected.format.value
+            for qw in detected.weights:
+                report.layouts[describe(qw.layout)] = report.layouts.get(describe(qw.layout), 0) + 1
+            report.problems += _check_config(checkpoint, detected, Path(path).is_dir())
+            report.problems += detected.problems
+            report.problems += _check_coverage(checkpoint, detected)
+            if src is not None:
+                report.problems += _check_against_source(checkpoint, src, detected)
+            _check_values(report, checkpoint, detected, src, on_event or (lambda event: None))
+        else:
+            report.problems.append(f"{checkpoint.root}: no FP8 weights; this is not an FP8 checkpoint")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _detect(checkpoint: Checkpoint) -> DetectedLayout:
+    try:
+        return detect_layout(checkpoint.config, checkpoint.tensors)
+    except CheckpointError as e:  # detect_layout does not know where the config came from
+        raise CheckpointError(f"{checkpoint.root / CONFIG_FILE}: {e}") from None
+
+
+def _check_values(
+    report: VerifyReport,
+    checkpoint: Checkpoint,
+    detected: DetectedLayout,
+    src: Checkpoint | None,
+    emit: EventCallback,
+) -> None:
+    """Read every scale (and with a source every weight), one tensor at a time, into rows and problems."""
+    usable = [qw for qw in detected.weights if qw.scale is not None and qw.layout is not None]
+    emit(Started(len(usable), sum(_nbytes(qw) for qw in usable)))
+    with ShardReader(checkpoint) as reader, ShardReader(src or checkpoint) as src_reader:
+        for qw in usable:
+            src_meta = _source_meta(src, qw) if src is not None else None
+            row, problem = _check_weight(qw, reader, src_reader, src_meta)
+            report.rows.append(row)
+            if problem:
+                report.problems.append(problem)
+            emit(TensorDone(qw.weight.name, _nbytes(qw)))
+    report.tensors_checked = len(report.rows)
+    if src is not None:
+        report.rows = _flag_outliers(report.rows)
+        report.problems += [f"tensor {r.name}: {r.flagged}" for r in report.rows if r.flagged]
+        report.rows.sort(key=lambda r: -(r.rel_error or 0.0))
+    else:
+        report.rows.sort(key=lambda r: natural_key(r.name))
+
+
+def _nbytes(qw: QuantizedWeight) -> int:
+    return qw.weight.nbytes + (qw.scale.nbytes if qw.scale is not None else 0)
+
+
+def _check_config(checkpoint: Checkpoint, detected: DetectedLayout, is_folder: bool) -> list[str]:
+    where = checkpoint.root / CONFIG_FILE
+    if checkpoint.config is None:
+        # A lone .safetensors file has no config to check; a folder without one cannot be loaded.
+        return [f"{where}: missing; engines read the quantization_config from it"] if is_folder else []
+    qc = quantization_config(checkpoint.config)
+    if qc is None:
+        return [f"{where}: no quantization_config; engines would load the FP8 weights as if they were plain"]
+    if detected.format is Format.COMPRESSED_TENSORS:
+        return _check_ct_config(qc, where)
+    return _check_fp8_config(qc, where)
+
+
+def _check_ct_config(qc: dict[str, Any], where: Path) -> list[str]:
+    try:
+        from compressed_tensors.quantization import QuantizationConfig
+    except ImportError:  # optional: the structural checks below still run
+        return []
+    try:
+        QuantizationConfig.model_validate(qc)
+    except Exception as e:  # pydantic's ValidationError, or whatever an older release raises
+        first = " ".join(str(e).split("\n")[:3])
+        return [f"{where}: compressed-tensors refuses the quantization_config: {first}"]
+    return []
+
+
+def _check_fp8_config(qc: dict[str, Any], where: Path) -> list[str]:
+    """vLLM's `Fp8Config.from_config` rules."""
+    problems = []
+    if qc.get("activation_scheme") not in ("static", "dynamic"):
+        problems.append(
+            f"{where}: quantization_config.activation_scheme is {qc.get('activation_scheme')!r}; "
+            "vLLM needs 'dynamic' or 'static'"
+        )
+    block = qc.get("weight_block_size")
+    if block is not None:
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            problems.append(f"{where}: weight_block_size {block!r} must be two positive integers, or null")
+        elif qc.get("activation_scheme") != "dynamic":
+            problems.append(f"{where}: vLLM needs activation_scheme 'dynamic' with weight_block_size")
+    return problems
+
+
+def _check_coverage(checkpoint: Checkpoint, detected: DetectedLayout) -> list[str]:
+    """Linear weights the config targets must be FP8 unless ignored, and ignored ones must not be."""
+    problems = []
+    fp8 = {qw.weight.name for qw in detected.weights}
+    for meta in sorted(checkpoint.tensors.values(), key=lambda m: natural_key(m.name)):
+        if not is_linear_weight(meta):
+            continue
+        ignored = detected.is_ignored(meta.module)
+        if meta.name in fp8 and ignored and detected.format is Format.COMPRESSED_TENSORS:
+            problems.append(
+                f"tensor {meta.name} in {meta.shard} is FP8 but the quantization_config ignores {meta.module}; "
+                "engines would build it unquantized"
+            )
+        elif meta.name not in fp8 and detected.is_targeted(meta) and not ignored:
+            key = "ignore" if detected.format is Format.COMPRESSED_TENSORS else "ignored_layers"
+            problems.append(
+                f"tensor {meta.name} in {meta.shard} is {meta.dtype} but the quantization_config targets "
+                f"{meta.module}: quantize it, or list it in {key}"
+            )
+    return problems
+
+
+def _check_against_source(checkpoint: Checkpoint, src: Checkpoint, detected: DetectedLayout) -> list[str]:
+    """Names, shapes and dtypes against the source; values are compared weight by weight later."""
+    problems = []
+    dropped = detected.dropped
+    fp8 = {qw.weight.name for qw in detected.weights}
+    for name, meta in sorted(src.tensors.items(), key=lambda kv: natural_key(kv[0])):
+        got = checkpoint.tensors.get(name)
+        if got is None:
+            problems.append(f"tensor {name} of the source ({meta.shard}) is missing")
+        elif got.shape != meta.shape:
+            problems.append(f"tensor {name} in {got.shard} has shape {list(got.shape)}, the source {list(meta.shape)}")
+        elif name not in fp8 and got.dtype != meta.dtype:
+            problems.append(f"tensor {name} in {got.shard} is {got.dtype}, the source {meta.dtype}")
+    for name, meta in sorted(checkpoint.tensors.items(), key=lambda kv: natural_key(kv[0])):
+        if name not in src.tensors and name not in dropped:
+            problems.append(f"tensor {name} in {meta.shard} is not in the source")
+    return problems
+
+
+def _check_weight(
+    qw: QuantizedWeight, reader: ShardReader, src_reader: ShardReader, src_meta: TensorMeta | None
+) -> tuple[TensorCheck, str | None]:
+    """Scale values, and with a source the error of the dequantized weight; one tensor in memory at a time."""
+    assert qw.scale is not None and qw.layout is not None
+    scale = reader.read(qw.scale)
+    values = scale.float()
+    problem = _bad_scale_values(qw, values)
+    row = TensorCheck(
+        qw.weight.name,
+        describe(qw.layout),
+        qw.weight.shape,
+        float(values.min()) if values.numel() else 0.0,
+        float(values.max()) if values.numel() else 0.0,
+    )
+    if src_meta is None or problem:
+        return row, problem
+    q = reader.read(qw.weight)
+    w = src_reader.read(src_meta)
+    diff_sq = ref_sq = 0.0
+    max_abs = 0.0
+    rows, cols = q.shape
+    for r0, r1, scale_rows in row_bands(rows, cols, qw.layout):
+        deq = dequantize_weight(q[r0:r1], scale[scale_rows], qw.layout, torch.float32)
+        ref = w[r0:r1].float()
+        diff = deq - ref
+        diff_sq += float(diff.double().square().sum())
+        ref_sq += float(ref.double().square().sum())
+        if diff.numel():
+            max_abs = max(max_abs, float(diff.abs().max()))
+    rel = math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
+    snr = math.inf if diff_sq == 0 else (10 * math.log10(ref_sq / diff_sq) if ref_sq > 0 else -math.inf)
+    return replace(row, rel_error=rel, max_abs_error=max_abs, snr_db=snr), None
+
+
+def _source_meta(src: Checkpoint, qw: QuantizedWeight) -> TensorMeta | None:
+    meta = src.tensors.get(qw.weight.name)
+    if meta is None or meta.shape != qw.weight.shape or meta.dtype in FP8:
+        return None  # reported by _check_against_source
+    return meta
+
+
+def _bad_scale_values(qw: QuantizedWeight, values: torch.Tensor) -> str | None:
+    scale = qw.scale
+    assert scale is not None
+    kinds = [
+        (torch.isnan(values), "NaN"),
+        (torch.isinf(values), "inf"),
+        (values == 0, "zero"),
+        (values < 0, "negative"),
+    ]
+    found = [(int(mask.sum()), what) for mask, what in kinds if bool(mask.any())]
+    if not found:
+        return None
+    counts = ", ".join(f"{n} {what}" for n, what in found)
+    return (
+        f"tensor {scale.name} in {scale.shard} has {counts} of its {values.numel()} scale values; "
+        f"{qw.weight.name} cannot be dequantized, quantize it again"
+    )
+
+
+def _flag_outliers(rows: list[TensorCheck]) -> list[TensorCheck]:
+    """Flag errors that are large outright, or far above the checkpoint's median."""
+    errors = [r.rel_error for r in rows if r.rel_error is not None and math.isfinite(r.rel_error)]
+    median = statistics.median(errors) if errors else 0.0
+    flagged = []
+    for r in rows:
+        why = None
+        if r.rel_error is not None and r.snr_db is not None:
+            numbers = f"relative error {r.rel_error:.4f}, SNR {r.snr_db:.1f} dB, max abs error {r.max_abs_error:.4g}"
+            if r.rel_error > MAX_REL_ERROR or r.snr_db < MIN_SNR_DB:
+                why = f"{numbers}: far from the source (limits {MAX_REL_ERROR} / {MIN_SNR_DB} dB)"
+            elif r.rel_error > max(OUTLIER_FACTOR * median, OUTLIER_FLOOR):
+                why = f"{numbers}: more than {OUTLIER_FACTOR:g}x the median {median:.4f} of the checkpoint"
+        flagged.append(replace(r, flagged=why))
+    return flagged
+
+
+__all__ = ["TensorCheck", "VerifyReport", "verify"]

@@ -1,0 +1,228 @@
+"""`fp8q.verify` on real files: it passes every layout fp8q writes, llm-compressor's output and a DeepSeek-style
+release, and names the tensor when a scale is corrupt or missing, a targeted weight stayed bf16, or (with the
+source) a weight's values are wrong."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fp8q import QuantizeOptions, quantize
+from fp8q.errors import CheckpointError
+from fp8q.verify import TensorCheck, _flag_outliers, verify
+from tests.factories import load_all, tiny_llama, write_shards
+from tests.references import vllm_per_block
+
+pytest.importorskip("transformers")
+
+# id -> (scheme, format, what verify calls the layout)
+LAYOUTS = {
+    "ct-channel": ("channel", "compressed-tensors", "compressed-tensors channel"),
+    "ct-block": ("block", "compressed-tensors", "compressed-tensors block 128x128"),
+    "ct-tensor": ("tensor", "compressed-tensors", "compressed-tensors tensor"),
+    "fp8-tensor": ("tensor", "fp8", "fp8 tensor"),
+    "fp8-block": ("block", "fp8", "fp8 block 128x128"),
+}
+N_LINEAR = 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head is kept
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("verify")
+    found = {"src": tiny_llama(root / "src")}
+    for key, (scheme, fmt, _) in LAYOUTS.items():
+        found[key] = root / key
+        quantize(found["src"], found[key], QuantizeOptions(scheme=scheme, format=fmt, device="cpu"))
+    return found
+
+
+def deepseek_style(folder: Path) -> tuple[Path, Path]:
+    """A bf16 source and its FP8 release the way DeepSeek-V3 ships one: `weight_scale_inv` F32 128x128 tiles
+    (dims not multiples of 128, so edge tiles), `quant_method: fp8` with no ignored_layers, and the embedding,
+    norms, MoE router and lm_head left bf16 with no scale. One expert's scale sits in the other shard."""
+    torch.manual_seed(1)
+    hidden, inter, vocab = 80, 200, 320
+
+    def w(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols) * 0.05).to(torch.bfloat16)
+
+    layer = "model.layers.0"
+    linear = {
+        f"{layer}.self_attn.q_a_proj.weight": w(48, hidden),
+        f"{layer}.self_attn.kv_a_proj_with_mqa.weight": w(40, hidden),
+        f"{layer}.self_attn.o_proj.weight": w(hidden, 160),
+        f"{layer}.mlp.shared_experts.down_proj.weight": w(hidden, inter),
+        **{f"{layer}.mlp.experts.{e}.up_proj.weight": w(inter, hidden) for e in range(2)},
+    }
+    plain = {
+        "model.embed_tokens.weight": w(vocab, hidden),
+        f"{layer}.input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        f"{layer}.mlp.gate.weight": w(2, hidden),
+        f"{layer}.mlp.gate.e_score_correction_bias": torch.zeros(2),
+        "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        "lm_head.weight": w(vocab, hidden),
+    }
+    names = sorted([*linear, *plain])
+    first = set(names[: len(names) // 2])
+    config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "torch_dtype": "bfloat16"}
+    shards = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    source = {shard: {} for shard in shards}
+    fp8 = {shard: {} for shard in shards}
+    for name in names:
+        shard = shards[0] if name in first else shards[1]
+        tensor = linear.get(name, plain.get(name))
+        source[shard][name] = tensor
+        if name in linear:
+            q, s = vllm_per_block(tensor)
+            fp8[shard][name] = q
+            moved = name.endswith("experts.0.up_proj.weight")
+            fp8[shards[1 - shards.index(shard)] if moved else shard][f"{name}_scale_inv"] = s.contiguous()
+        else:
+            fp8[shard][name] = tensor
+    quant = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    src = write_shards(folder / "src", source, config=config)
+    out = write_shards(folder / "fp8", fp8, config={**config, "quantization_config": quant})
+    return src, out
+
+
+def edit(folder: Path, name: str, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Rewrite the shard holding `name` after `change` edits its tensors in place, and update the index."""
+    index = json.loads((folder / INDEX).read_text())
+    shard = index["weight_map"][name]
+    with safe_open(folder / shard, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    save_file(tensors, folder / shard, metadata={"format": "pt"})
+    weight_map = {k: v for k, v in index["weight_map"].items() if v != shard}
+    weight_map.update(dict.fromkeys(tensors, shard))
+    (folder / INDEX).write_text(json.dumps({"metadata": index["metadata"], "weight_map": weight_map}))
+
+
+def copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
+def scale_name(layout: str, module: str) -> str:
+    return f"{module}.weight_scale_inv" if layout == "fp8-block" else f"{module}.weight_scale"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fp8q_outputs_pass(outputs, layout):
+    report = verify(outputs[layout])
+    assert report.ok, report.problems
+    assert report.layouts == {LAYOUTS[layout][2]: N_LINEAR}
+    assert report.format == LAYOUTS[layout][1] and report.tensors_checked == N_LINEAR
+    assert all(0 < r.scale_min <= r.scale_max for r in report.rows)
+
+    report = verify(outputs[layout], outputs["src"])
+    assert report.ok, report.problems
+    errors = [r.rel_error for r in report.rows]
+    assert errors == sorted(errors, reverse=True), "rows are sorted worst first"
+    assert all(0 < e < 0.05 for e in errors)
+    assert all(r.snr_db > 25 and r.max_abs_error > 0 and r.flagged is None for r in report.rows)
+
+
+def test_llm_compressor_output_passes(outputs, tmp_path):
+    llmcompressor = pytest.importorskip("llmcompressor")
+    out = tmp_path / "llmc"
+    llmcompressor.model_free_ptq(
+        str(outputs["src"]), str(out), scheme="FP8_DYNAMIC", ignore=["lm_head", "model.embed_tokens"], device="cpu"
+    )
+    with safe_open(next(out.glob("*.safetensors")), "pt") as f:
+        assert not f.metadata()  # llm-compressor writes shards without metadata
+    report = verify(out, outputs["src"])
+    assert report.ok, report.problems
+    assert report.layouts == {"compressed-tensors channel": N_LINEAR}
+
+
+def test_deepseek_style_release_passes(tmp_path):
+    src, out = deepseek_style(tmp_path)
+    report = verify(out, src)
+    assert report.ok, report.problems
+    assert report.layouts == {"fp8 block 128x128": 6} and report.format == "fp8"
+    assert all(r.rel_error < 0.05 for r in report.rows)
+
+
+@pytest.mark.parametrize(
+    ("layout", "value", "word"),
+    [("ct-channel", math.nan, "NaN"), ("fp8-block", 0.0, "zero"), ("fp8-tensor", -1.0, "negative")],
+)
+def test_corrupt_scale_is_named(outputs, tmp_path, layout, value, word):
+    out = copy(outputs[layout], tmp_path)
+    name = scale_name(layout, "model.layers.1.self_attn.v_proj")
+
+    def corrupt(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = value
+
+    edit(out, name, corrupt)
+    for report in (verify(out), verify(out, outputs["src"])):
+        assert len(report.problems) == 1, report.problems
+        assert name in report.problems[0] and word in report.problems[0]
+
+
+@pytest.mark.parametrize("layout", ["ct-block", "fp8-block", "fp8-tensor"])
+def test_missing_scale_is_named(outputs, tmp_path, layout):
+    out = copy(outputs[layout], tmp_path)
+    module = "model.layers.1.mlp.down_proj"
+    edit(out, scale_name(layout, module), lambda tensors: tensors.pop(scale_name(layout, module)))
+    report = verify(out)
+    assert len(report.problems) == 1, report.problems
+    assert f"{module}.weight " in report.problems[0] and "no scale" in report.problems[0]
+    assert report.tensors_checked == N_LINEAR - 1
+
+
+@pytest.mark.parametrize("layout", ["ct-channel", "fp8-tensor"])
+def test_weight_left_in_bf16_is_named(outputs, tmp_path, layout):
+    out = copy(outputs[layout], tmp_path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    original = load_all(outputs["src"])[name]
+
+    def unquantize(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name] = original
+        del tensors[scale_name(layout, name.removesuffix(".weight"))]
+
+    edit(out, name, unquantize)
+    report = verify(out, outputs["src"])
+    assert len(report.problems) == 1, report.problems
+    assert name in report.problems[0] and "targets" in report.problems[0]
+
+
+def test_altered_weight_is_flagged_against_source(outputs, tmp_path):
+    out = copy(outputs["ct-channel"], tmp_path)
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    def scramble(tensors: dict[str, torch.Tensor]) -> None:
+        raw = tensors[name].view(torch.uint8).clone()
+        raw[: raw.shape[0] // 2] ^= 0x80  # flip the sign of the first half of the rows
+        tensors[name] = raw.view(torch.float8_e4m3fn)
+
+    edit(out, name, scramble)
+    assert verify(out).ok  # nothing wrong in the files themselves
+    report = verify(out, outputs["src"])
+    assert len(report.problems) == 1, report.problems
+    assert name in report.problems[0] and "far from the source" in report.problems[0]
+    assert report.rows[0].name == name and report.rows[0].rel_error > 1
+
+
+def test_outlier_far_above_the_median_is_flagged():
+    rows = [TensorCheck(f"t{i}", "fp8 tensor", (8, 8), 1.0, 1.0, 0.02, 0.1, 34.0) for i in range(5)]
+    rows.append(TensorCheck("odd", "fp8 tensor", (8, 8), 1.0, 1.0, 0.08, 0.5, 22.0))
+    flagged = {r.name: r.flagged for r in _flag_outliers(rows)}
+    assert flagged.pop("odd") and not any(flagged.values())
+
+
+def test_not_an_fp8_checkpoint(outputs, tmp_path):
+    report = verify(outputs["src"])
+    assert report.problems == [f"{outputs['src']}: no FP8 weights; this is not an FP8 checkpoint"]
+    with pytest.raises(CheckpointError, match="no such file"):
+        verify(tmp_path / "nowhere")
