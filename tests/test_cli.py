@@ -59,3 +59,30 @@ def test_console_script_and_module(tmp_path):
     assert missing.stderr.count("\n") == 1 and "no such file or folder" in missing.stderr
     usage = subprocess.run([sys.executable, "-m", "fp8q", "quantize"], capture_output=True, text=True, cwd=ROOT)
     assert usage.returncode == 2
+
+
+def test_verify_and_dequantize_commands(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_llama(tmp_path / "src")
+    runner = CliRunner()
+    assert runner.invoke(app, ["quantize", str(src), str(tmp_path / "fp8"), "--device", "cpu", "-q"]).exit_code == 0
+    good = runner.invoke(app, ["verify", str(tmp_path / "fp8"), "--source", str(src), "--json", "--quiet"])
+    assert good.exit_code == 0, good.output
+    report = json.loads(good.stdout)
+    assert report["ok"] and report["tensors_checked"] == 14 and report["rows"][0]["rel_error"] < 0.05
+
+    back = runner.invoke(app, ["dequantize", str(tmp_path / "fp8"), str(tmp_path / "bf16"), "--quiet"])
+    assert back.exit_code == 0, back.output
+    assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
+
+    # Break one scale: verify fails, naming the tensor.
+    index = json.loads((tmp_path / "fp8" / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.up_proj.weight_scale"
+    shard = tmp_path / "fp8" / index[name]
+    tensors = load_file(shard)
+    tensors[name] = -tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    bad = runner.invoke(app, ["verify", str(tmp_path / "fp8")])
+    assert bad.exit_code == 1
+    assert "model.layers.1.mlp.up_proj" in bad.stderr.strip().splitlines()[-1]
