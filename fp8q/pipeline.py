@@ -2,19 +2,22 @@
 
 Imports: everything below it; never prints. Lifecycle of `quantize(src, out, options)`:
 
+    resolve_source(src)                  a local path, or a Hub repo id from the cache / download
     read_checkpoint(src)                 headers + index, validated; no tensor data
     make_plan(checkpoint, layout)        every output name, dtype, shape, offset, header, config
-    check_output / check_free_space      nothing written yet
-    OUT.partial/
-        reader thread    shard by shard, tensor by tensor: read a weight into (pinned) memory
+    check_output / check_free_space      nothing written yet; under torchrun, rank 0 only
+    OUT.partial/  (+ --resume: keep the recorded shards that still hash the same)
+        reader thread    shard by shard, tensor by tensor: read a weight into a pooled (pinned) buffer
         main thread      quantize it (CPU chunks on worker threads, or CUDA streams)
         writer thread    pwrite weight + scale at planned offsets; copy kept tensors file to file
-        index, config.json, side files
+        fsync thread     flush each finished shard, hash it, record it for --resume
+    all processes agree the run succeeded (torchrun), then rank 0 writes
+        index, config.json, side files, fp8q.json
     rename OUT.partial -> OUT
 
-Memory: the queues hold one item each, so at most about four tensors the size of the largest
-weight are alive at once (one being read, one queued, one being quantized, its outputs queued and
-being written), whatever the size of the model.
+Memory: the buffer pools bound what is alive whatever the model size: three input buffers the
+size of the largest weight (one being read, one queued, one being quantized) and a few output
+buffers for quantized weights (one byte per element) on their way to disk.
 """
 
 from __future__ import annotations
