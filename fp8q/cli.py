@@ -31,9 +31,8 @@ from fp8q import __version__
 from fp8q.dequantize import Started, dequantize
 from fp8q.errors import Fp8qError, UsageError
 from fp8q.formats import Format, Scheme
-from fp8q.pipeline import Event, PlanReady, QuantizeOptions, Report, TensorDone, plan_conversion, quantize
+from fp8q.pipeline import Event, PlanReady, QuantizeOptions, Report, TensorDone, local_source, plan_conversion, quantize
 from fp8q.plan import Plan, describe
-from fp8q.source import resolve_source
 from fp8q.verify import VerifyReport, verify
 from fp8q.writer import check_output
 
@@ -137,7 +136,7 @@ def quantize_command(
             revision=revision,
         )
         if dry_run:
-            local = resolve_source(src, revision)
+            local = local_source(src, revision)
             plan = plan_conversion(local, replace(options, revision=None))
             check_output(local, out, overwrite)
             _show_plan(plan, as_json, quiet)
@@ -199,9 +198,9 @@ def verify_command(
     """
 
     def run() -> None:
-        local_source = resolve_source(source) if source is not None else None
+        reference = local_source(source) if source is not None else None
         with _ProgressView(quiet, "verifying") as view:
-            report = verify(resolve_source(path), local_source, on_event=view.on_event)
+            report = verify(local_source(path), reference, on_event=view.on_event)
         if as_json:
             data = {**report.__dict__, "ok": report.ok, "rows": [row.__dict__ for row in report.rows]}
             sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
@@ -232,7 +231,7 @@ def dequantize_command(
 
     def run() -> None:
         with _ProgressView(quiet, "dequantizing") as view:
-            report = dequantize(resolve_source(src), out, dtype=dtype, overwrite=overwrite, on_event=view.on_event)
+            report = dequantize(local_source(src), out, dtype=dtype, overwrite=overwrite, on_event=view.on_event)
         if as_json:
             sys.stdout.write(json.dumps({**report.__dict__}, indent=2) + "\n")
         if not quiet:
