@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf examples/tiny-llama
 	$(BIN)/python examples/make_tiny_model.py examples/tiny-llama
 	$(BIN)/fp8q inspect examples/tiny-llama
 	$(BIN)/fp8q quantize examples/tiny-llama examples/tiny-llama-fp8 --overwrite
+	$(BIN)/fp8q verify examples/tiny-llama-fp8 --source examples/tiny-llama --top 3
 	$(BIN)/python examples/run_with_transformers.py examples/tiny-llama examples/tiny-llama-fp8
 
 test: $(STAMP) lint
