@@ -330,18 +330,20 @@ def _show_verify(report: VerifyReport, top: int) -> None:
     if top and report.rows:
         table = Table(title="worst tensors" if report.source else "tensors", title_justify="left")
         table.add_column("tensor", overflow="fold")
-        for column in ("layout", "scale range", "rel error", "max abs err", "SNR dB", "flag"):
+        mixed = len(report.layouts) > 1  # one layout is already named in the line above
+        columns = (["layout"] if mixed else []) + ["scale range", "rel err", "max abs", "SNR dB", "flag"]
+        for column in columns:
             table.add_column(column)
         for row in report.rows[:top]:
-            table.add_row(
-                row.name,
-                row.layout,
-                f"{row.scale_min:.3g}..{row.scale_max:.3g}",
+            cells = [row.layout] if mixed else []
+            cells += [
+                f"{row.scale_min:.2g}..{row.scale_max:.2g}",
                 "" if row.rel_error is None else f"{row.rel_error:.4f}",
-                "" if row.max_abs_error is None else f"{row.max_abs_error:.3g}",
+                "" if row.max_abs_error is None else f"{row.max_abs_error:.2g}",
                 "" if row.snr_db is None else f"{row.snr_db:.1f}",
                 row.flagged or "",
-            )
+            ]
+            table.add_row(row.name, *cells)
         err.print(table)
     for problem in report.problems:
         err.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
