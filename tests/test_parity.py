@@ -86,3 +86,23 @@ def test_aligned_block_checkpoint_matches_model_free_ptq(tmp_path):
     quantize(src, tmp_path / "fp8q", QuantizeOptions(scheme="block", device="cpu"))
     _model_free_ptq(src, tmp_path / "ref", "FP8_BLOCK", ["lm_head", "model.embed_tokens"])
     assert_same_tensors(load_all(tmp_path / "fp8q"), load_all(tmp_path / "ref"))
+
+
+@pytest.mark.parametrize(
+    "fmt_scheme", [("tensor", vllm_per_tensor), ("block", vllm_per_block)], ids=["tensor", "block"]
+)
+def test_moe_checkpoint_fp8_formats_match_vllm(tmp_path, fmt_scheme):
+    scheme, reference = fmt_scheme
+    src = tiny_qwen3_moe(tmp_path / "src")
+    quantize(src, tmp_path / "out", QuantizeOptions(scheme=scheme, format="fp8", device="cpu"))
+    source, out = load_all(src), load_all(tmp_path / "out")
+    suffix = "weight_scale_inv" if scheme == "block" else "weight_scale"
+    checked = 0
+    for name, w in source.items():
+        if f"{name.removesuffix('weight')}{suffix}" not in out:
+            continue
+        q_ref, s_ref = reference(w)
+        assert torch.equal(as_bytes(out[name]), as_bytes(q_ref)), name
+        assert torch.equal(out[f"{name.removesuffix('weight')}{suffix}"].reshape(s_ref.shape), s_ref), name
+        checked += 1
+    assert checked == 2 * (4 + 4 * 3)  # two layers: q/k/v/o and three projections of four experts

@@ -56,3 +56,20 @@ def test_cli_refuses_before_reading_and_inspect_lists_all(src, tmp_path):
     result = runner.invoke(app, ["inspect", str(src), "--scheme", "block", "--tp", "2", "--json", "--quiet"])
     assert result.exit_code == 0
     assert len(json.loads(result.stdout)["problems"]) == 3
+
+
+def test_ignore_and_targets_adjust_the_selection(src):
+    plan = plan_conversion(src, QuantizeOptions(targets=(r"\.mlp\.",), ignore=(r"experts",)))
+    quantized = sorted(j.source.name for j in plan.jobs if j.action.value == "quantize")
+    assert quantized == ["model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.gate_proj.weight"]
+    assert sorted(plan.ignored) == sorted(
+        [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.o_proj",
+            "model.layers.0.self_attn.q_a_proj",
+            "model.layers.1.mlp.experts.0.gate_proj",
+            "model.layers.1.mlp.experts.0.down_proj",
+        ]
+    )
+    assert plan.quantization_config["ignore"] == list(plan.ignored)

@@ -284,3 +284,45 @@ def test_debug_shows_traceback(tmp_path, monkeypatch):
     result = run_cli(tmp_path / "nope", tmp_path / "out")
     assert result.exit_code != 0
     assert "no such file or folder" in str(result.exception)
+
+
+def _failing_syscall(monkeypatch, name: str, err: int, after: int = 0):
+    """Make os.<name> fail with errno `err` after `after` successful calls, as a bad disk would."""
+    import errno as errno_module  # noqa: F401 - documents where the codes come from
+    import os as os_module
+
+    real = getattr(os_module, name)
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise OSError(err, os_module.strerror(err))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os_module, name, failing)
+
+
+def test_read_error_during_the_run(tmp_path, monkeypatch):
+    import errno
+
+    src = _good(tmp_path / "src")
+    _failing_syscall(monkeypatch, "preadv", errno.EIO)
+    result = run_cli(src, tmp_path / "out")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "read error in tensor a.q_proj.weight" in lines[0], result.stderr
+    assert "model-00001-of-00002.safetensors" in lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_disk_full_during_the_run(tmp_path, monkeypatch):
+    import errno
+
+    src = _good(tmp_path / "src")
+    _failing_syscall(monkeypatch, "pwrite", errno.ENOSPC)
+    result = run_cli(src, tmp_path / "out")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "disk full" in lines[0] and "model-00001-of-00002.safetensors" in lines[0], lines
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
