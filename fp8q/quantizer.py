@@ -149,20 +149,18 @@ class CudaQuantizer:
     def result(
         self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        host, dev, uploaded = handle
-        if part is not None:
-            host = part.take(host)
+        _, dev, uploaded = handle
         with torch.cuda.stream(self.compute_stream):
             self.compute_stream.wait_event(uploaded)
             dev.record_stream(self.compute_stream)
-            q_dev, s_dev = numerics.quantize(dev if part is None else part.take(dev), self.layout)
-            q, s = numerics.empty_outputs(host, self.layout, pin=True, q=q)
+            x = dev if part is None else part.take(dev)
+            q_dev, s_dev = numerics.quantize(x, self.layout)
+            q, s = numerics.empty_outputs(x, self.layout, pin=True, q=q)
             q.copy_(q_dev, non_blocking=True)
             s.copy_(s_dev, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.compute_stream)
         done.synchronize()
-        del host
         return q, s
 
     def close(self) -> None:
