@@ -566,9 +566,23 @@ def _write(
 
 
 def _finish_shard(shard: ShardFile, name: str, stats: dict[str, Any], progress: Progress) -> None:
-    """On the fsync thread: make the shard durable, then record it (with its hash) for --resume."""
-    shard.close()
-    progress.record(name, sha256_file(shard.path), stats)
+    """On the fsync thread: make the shard durable and hash it (at once: the disk flushes while the
+    CPU hashes from the page cache), then record it for --resume."""
+    failed: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            shard.close()
+        except BaseException as e:  # an fsync error (ENOSPC from delayed allocation, EIO) is raised below
+            failed.append(e)
+
+    flushing = threading.Thread(target=flush, name="fp8q-flush")
+    flushing.start()
+    digest = sha256_file(shard.path)
+    flushing.join()
+    if failed:
+        raise failed[0]
+    progress.record(name, digest, stats)
 
 
 def _write_error(path: Path, e: OSError) -> OutputError:
