@@ -1,8 +1,11 @@
 """fp8q: stream a Hugging Face safetensors checkpoint into an FP8 checkpoint that loads everywhere.
 
-import fp8q
-report = fp8q.quantize("model", "model-fp8")                       # per-channel compressed-tensors
-fp8q.quantize("model", "model-fp8-block", fp8q.QuantizeOptions(scheme="block", format="fp8"))
+Example:
+    >>> import fp8q
+    >>> report = fp8q.quantize("model", "model-fp8")  # per-channel, compressed-tensors
+    >>> fp8q.quantize("model", "model-fp8-block", fp8q.QuantizeOptions(scheme="block", format="fp8"))
+    >>> fp8q.verify("model-fp8", source="model").ok
+    >>> fp8q.dequantize("model-fp8", "model-bf16")
 """
 
 __version__ = "0.1.0"

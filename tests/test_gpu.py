@@ -6,21 +6,13 @@ import pytest
 import torch
 
 from fp8q import QuantizeOptions, quantize
-from fp8q.formats import Format, Layout, Scheme
 from fp8q.quantizer import CpuQuantizer, CudaQuantizer
 from tests.factories import as_bytes, load_all, tiny_qwen3_moe
+from tests.test_numerics import LAYOUTS
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason=f"no CUDA device visible to torch {torch.__version__} on this machine"
 )
-
-LAYOUTS = [
-    Layout(Scheme.CHANNEL, Format.COMPRESSED_TENSORS),
-    Layout(Scheme.BLOCK, Format.COMPRESSED_TENSORS),
-    Layout(Scheme.TENSOR, Format.COMPRESSED_TENSORS),
-    Layout(Scheme.TENSOR, Format.FP8),
-    Layout(Scheme.BLOCK, Format.FP8),
-]
 
 
 @pytest.mark.gpu
