@@ -34,7 +34,7 @@ import torch
 
 from fp8q.checkpoint import CONFIG_FILE, INDEX_FILE, Checkpoint, Shard, TensorMeta, read_checkpoint
 from fp8q.dtypes import ITEMSIZE, NAME_OF
-from fp8q.errors import CheckpointError, OutputError, UsageError
+from fp8q.errors import CheckpointError, OutputError, UsageError, read_error, write_error
 from fp8q.formats import Format, Layout, Scheme
 from fp8q.layouts import DetectedLayout, QuantizedWeight, describe, detect_layout
 from fp8q.manifest import MANIFEST_FILE
@@ -267,10 +267,7 @@ class ShardReader:
         try:
             return read_tensor(self.fd(meta.shard), meta)
         except OSError as e:
-            raise CheckpointError(
-                f"{self.paths[meta.shard]}: read error in tensor {meta.name} ({e.strerror or e}); "
-                "check the disk and the file"
-            ) from None
+            raise read_error(self.paths[meta.shard], meta.name, e) from None
 
     def __enter__(self) -> ShardReader:
         return self
@@ -296,7 +293,7 @@ def _write_shard(job: _ShardJob, partial: Path, reader: ShardReader, dtype: torc
         finally:
             shard.abort()
     except OSError as e:
-        raise OutputError(f"{path}: write error ({e.strerror or e}); check the disk and run again") from None
+        raise write_error(path, e) from None
 
 
 def _write_dequantized(shard: ShardFile, step: _Step, reader: ShardReader, dtype: torch.dtype) -> None:

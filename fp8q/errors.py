@@ -5,6 +5,9 @@ Imports: stdlib only. The CLI prints `str(error)` as one line and exits with `ex
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 
 class Fp8qError(Exception):
     """Base class: a problem with the input, the options or the environment, not a bug."""
@@ -36,3 +39,18 @@ class Interrupted(Fp8qError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def read_error(path: Path, tensor: str, error: OSError) -> CheckpointError:
+    """An OSError while reading a tensor's bytes, as the one line a user sees."""
+    return CheckpointError(
+        f"{path}: read error in tensor {tensor} ({error.strerror or error}); "
+        "check the disk and the file, then run again"
+    )
+
+
+def write_error(path: Path, error: OSError) -> OutputError:
+    """An OSError while writing output, as the one line a user sees (a full disk said plainly)."""
+    if error.errno == errno.ENOSPC:
+        return OutputError(f"{path}: disk full; free some space and run again")
+    return OutputError(f"{path}: write error ({error.strerror or error}); check the disk and run again")

@@ -22,7 +22,6 @@ buffers for quantized weights (one byte per element) on their way to disk.
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 import re
@@ -42,7 +41,15 @@ import torch
 from fp8q import __version__
 from fp8q.checkpoint import CONFIG_FILE, INDEX_FILE, read_checkpoint
 from fp8q.distributed import Cluster, Watcher, assign
-from fp8q.errors import CheckpointError, Fp8qError, Interrupted, OutputError, UnsupportedTensorError
+from fp8q.errors import (
+    CheckpointError,
+    Fp8qError,
+    Interrupted,
+    OutputError,
+    UnsupportedTensorError,
+    read_error,
+    write_error,
+)
 from fp8q.formats import Format, Layout, Scheme
 from fp8q.manifest import Progress, fingerprint, reusable_shards, sha256_file, write_manifest
 from fp8q.numerics import FP8, NonFiniteWeight, error_stats
@@ -494,10 +501,7 @@ def _read(
                     try:
                         data = read_tensor(fd, job.source, buffer)
                     except OSError as e:
-                        raise CheckpointError(
-                            f"{path}: read error in tensor {job.source.name} ({e.strerror or e}); "
-                            "check the disk and the file, then run again"
-                        ) from None
+                        raise read_error(path, job.source.name, e) from None
                 _put(outbox, _Item(index, job, data, buffer), stop)
         finally:
             os.close(fd)
@@ -550,13 +554,13 @@ def _write(
                     for buf in item.out_buffers:
                         pool.give(buf)
             except OSError as e:
-                raise _write_error(path, e) from None
+                raise write_error(path, e) from None
             emit(TensorDone(job.source.name, job.source.nbytes))
         for future in flushed:
             try:
                 future.result()
             except OSError as e:
-                raise _write_error(partial, e) from None
+                raise write_error(partial, e) from None
     finally:
         syncer.shutdown(wait=True)
         if current is not None:
@@ -583,12 +587,6 @@ def _finish_shard(shard: ShardFile, name: str, stats: dict[str, Any], progress: 
     if failed:
         raise failed[0]
     progress.record(name, digest, stats)
-
-
-def _write_error(path: Path, e: OSError) -> OutputError:
-    if e.errno == errno.ENOSPC:
-        return OutputError(f"{path}: disk full; free some space and run again")
-    return OutputError(f"{path}: write error ({e.strerror or e}); check the disk and run again")
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
