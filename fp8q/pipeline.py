@@ -55,7 +55,7 @@ from fp8q.manifest import Progress, fingerprint, reusable_shards, sha256_file, w
 from fp8q.numerics import FP8, NonFiniteWeight, error_stats
 from fp8q.plan import Action, Job, Plan, make_plan
 from fp8q.quantizer import make_quantizer, resolve_device
-from fp8q.tensor_io import BufferPool, Stopped, read_tensor, typed_view
+from fp8q.tensor_io import BufferPool, Stopped, read_ahead, read_tensor, typed_view
 from fp8q.tensor_parallel import tensor_parallel_problems
 from fp8q.writer import (
     ShardFile,
@@ -67,6 +67,10 @@ from fp8q.writer import (
     remove_tree,
     write_json,
 )
+
+# The reader keeps the kernel fetching this far ahead of it, so the disk works while it waits for a
+# free buffer (measured on a cold cache: 256 MiB as fast as more).
+READ_AHEAD = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -493,8 +497,13 @@ def _read(
             continue
         path = shard.source.path
         fd = os.open(path, os.O_RDONLY)
+        hinted = 0  # the file is hinted for read-ahead up to here
         try:
             for job in shard.jobs:
+                if job.source.start + READ_AHEAD > hinted:
+                    begin = max(hinted, job.source.start)
+                    hinted = job.source.start + READ_AHEAD
+                    read_ahead(fd, begin, hinted - begin)
                 data = buffer = None
                 if not job.is_copy:
                     buffer = pool.take(stop) if job.action is Action.QUANTIZE else None

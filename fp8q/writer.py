@@ -16,7 +16,7 @@ import torch
 
 from fp8q.errors import OutputError
 from fp8q.plan import OutTensor, ShardPlan
-from fp8q.tensor_io import copy_range, write_at
+from fp8q.tensor_io import copy_range, start_writeback, write_at
 
 
 class ShardFile:
@@ -34,9 +34,11 @@ class ShardFile:
         if t.numel() * t.element_size() != out.nbytes:
             raise AssertionError(f"{out.name}: {t.numel() * t.element_size()} bytes, planned {out.nbytes}")
         write_at(self.fd, out.start, t)
+        start_writeback(self.fd, out.start, out.nbytes)
 
     def copy(self, src_fd: int, src_offset: int, out: OutTensor) -> None:
         copy_range(src_fd, src_offset, self.fd, out.start, out.nbytes)
+        start_writeback(self.fd, out.start, out.nbytes)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -3,14 +3,21 @@ conversion: whole-tensor quantization and `safetensors.save_file` per shard."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fp8q import QuantizeOptions, quantize
+from fp8q import QuantizeOptions, quantize, tensor_io
+from fp8q import manifest as manifest_module
+from fp8q import pipeline as pipeline_module
 from fp8q import quantizer as quantizer_module
 from fp8q.formats import Format, Layout, Scheme
 from fp8q.numerics import quantize as quantize_tensor
+from fp8q.tensor_io import read_ahead, start_writeback
 from tests.factories import write_shards
 
 LAYOUTS = [
@@ -51,6 +58,7 @@ def _source(tmp_path):
 @pytest.mark.parametrize("scheme,fmt", LAYOUTS)
 def test_pipeline_equals_unpipelined(tmp_path, monkeypatch, scheme, fmt):
     monkeypatch.setattr(quantizer_module, "CHUNK_BYTES", 512)
+    monkeypatch.setattr(pipeline_module, "READ_AHEAD", 1000)  # read-ahead hints on every tensor
     src = _source(tmp_path)
     quantize(src, tmp_path / "out", QuantizeOptions(scheme=scheme, format=fmt, device="cpu", workers=2))
     layout = Layout(Scheme(scheme), Format(fmt))
@@ -67,3 +75,26 @@ def test_pipeline_equals_unpipelined(tmp_path, monkeypatch, scheme, fmt):
                 expected[name] = t
         save_file(expected, tmp_path / "expected.safetensors", metadata={"format": "pt"})
         assert (tmp_path / "out" / shard.name).read_bytes() == (tmp_path / "expected.safetensors").read_bytes()
+
+
+def test_hints_do_not_change_or_fail_on_any_range(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 40)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for offset, nbytes in [(0, 0), (0, 10), (5000, 1 << 30), (1 << 40, 4096)]:
+            read_ahead(fd, offset, nbytes)
+            start_writeback(fd, offset, nbytes)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(range(256)) * 40
+    if sys.platform.startswith("linux"):  # the write-back hint is real there, not a silent no-op
+        assert tensor_io._sync_file_range is not None
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 3 * 4096 + 7])
+def test_sha256_through_windows_equals_hashlib(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(manifest_module, "HASH_WINDOW", 4096)  # many windows, the last one partial
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(size))
+    assert manifest_module.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
