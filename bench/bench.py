@@ -3,10 +3,12 @@
 Builds bf16 checkpoints of two sizes (hidden 4096, intermediate 11008, 4 and 12 layers, two layers
 per shard, safetensors only) in a temp folder, then runs each contender in its own process and
 reports wall time, GB/s of bf16 input, ratios measured in this same run, and each process's peak
-RSS (from wait4). Every run reads files the previous steps just wrote, so all of them read from the
-page cache alike.
+RSS (from wait4). Before each contender the machine is settled: dirty pages flushed and, where
+allowed (root), the page cache dropped, so every contender reads the checkpoint (and its own
+libraries) from disk; `--warm` keeps the cache instead. Each contender runs `--repeat` times, in
+turns, and the median is reported (these machines are noisy).
 
-    python bench/bench.py [--layers 4 12] [--keep DIR] [--no-reference]
+    python bench/bench.py [--layers 4 12] [--repeat 3] [--warm] [--keep DIR] [--no-reference]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,10 +107,12 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     return float(seconds), int(rss_kib) / 1024
 
 
-def settle() -> None:
-    """Before each contender: flush dirty pages (so none pays for another's writeback) and, where
-    allowed (root), drop the page cache so every contender reads the checkpoint from disk."""
+def settle(warm: bool) -> None:
+    """Before each contender: flush dirty pages (so none pays for another's writeback) and, unless
+    `warm`, drop the page cache where allowed (root) so every contender reads from disk."""
     os.sync()
+    if warm:
+        return
     try:
         Path("/proc/sys/vm/drop_caches").write_text("1\n")
     except OSError:
@@ -121,14 +126,23 @@ class Timing:
     rss: float  # peak RSS, MiB
 
 
-def timed(cmd: list[str]) -> Timing:
+def timed(cmd: list[str], out: Path, warm: bool) -> Timing:
     """One contender from a settled machine: its time to exit, its time until its writes are on disk
-    (fp8q fsyncs its shards itself; cp and model_free_ptq leave theirs in the page cache), and its RSS."""
-    settle()
+    (fp8q fsyncs its shards itself; cp and model_free_ptq leave theirs in the page cache), and its RSS.
+    Its output is removed afterwards."""
+    settle(warm)
     seconds, rss = measure(cmd)
     start = time.perf_counter()
     os.sync()
-    return Timing(seconds, seconds + time.perf_counter() - start, rss)
+    durable = seconds + time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return Timing(seconds, durable, rss)
+
+
+def median(timings: list[Timing]) -> Timing:
+    """Median times; the largest peak RSS."""
+    exit_s = statistics.median(t.exit_s for t in timings)
+    return Timing(exit_s, statistics.median(t.durable_s for t in timings), max(t.rss for t in timings))
 
 
 def cold_cache_possible() -> bool:
@@ -152,6 +166,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="build in this folder and keep it")
     parser.add_argument("--no-reference", action="store_true", help="skip llm-compressor model_free_ptq")
     parser.add_argument("--extra", nargs="*", default=[], help="extra fp8q quantize options")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per contender; the median is reported")
+    parser.add_argument("--warm", action="store_true", help="keep the page cache (default: drop it before each run)")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="fp8q-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -160,8 +176,11 @@ def main() -> None:
     largest = INTERMEDIATE * HIDDEN * 2
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"RSS of `import torch, fp8q`: {baseline_rss:.0f} MiB")
-    cache = "cold (page cache dropped before each run)" if cold_cache_possible() else "warm (cannot drop caches)"
-    print(f"page cache: {cache}")
+    if args.warm or not cold_cache_possible():
+        cache = "warm (the checkpoint stays in the page cache)"
+    else:
+        cache = "cold (page cache dropped before each run)"
+    print(f"page cache: {cache}; median of {args.repeat} run(s) per contender, in turns; peak RSS: the largest")
     rows = []
     try:
         for layers in args.layers:
@@ -170,15 +189,22 @@ def main() -> None:
                 print(f"building {src} ...", flush=True)
                 build_checkpoint(src, layers)
             size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-            for out in (root / "cp", root / "fp8q", root / "ref"):
+            outs = {name: root / name for name in ("cp", "fp8q", "ref")}
+            for out in outs.values():
                 shutil.rmtree(out, ignore_errors=True)
-            fp8q_cmd = [PYTHON, "-m", "fp8q", "quantize", str(src), str(root / "fp8q"), "--quiet", "--device", "cpu"]
-            cp = timed(["cp", "-r", str(src), str(root / "cp")])
-            fp8q = timed([*fp8q_cmd, *args.extra])
-            ref = timed([PYTHON, "-c", MODEL_FREE, str(src), str(root / "ref")]) if reference else None
-            rows.append((layers, size, cp, fp8q, ref))
-            for out in (root / "cp", root / "fp8q", root / "ref"):
-                shutil.rmtree(out, ignore_errors=True)
+            commands = {
+                "cp": ["cp", "-r", str(src), str(outs["cp"])],
+                "fp8q": [PYTHON, "-m", "fp8q", "quantize", str(src), str(outs["fp8q"]), "--quiet", "--device", "cpu"]
+                + args.extra,
+            }
+            if reference:
+                commands["ref"] = [PYTHON, "-c", MODEL_FREE, str(src), str(outs["ref"])]
+            runs: dict[str, list[Timing]] = {name: [] for name in commands}
+            for _ in range(args.repeat):
+                for name, cmd in commands.items():
+                    runs[name].append(timed(cmd, outs[name], args.warm))
+            ref = median(runs["ref"]) if reference else None
+            rows.append((layers, size, median(runs["cp"]), median(runs["fp8q"]), ref))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -42,7 +42,7 @@ def fingerprint(plan: Plan, options: dict[str, Any], version: str) -> dict[str, 
 
 # Files are hashed through a memory map, a window at a time: no copy out of the page cache (which
 # `read` makes: a quarter of the hashing time), and at most one window resident at once.
-HASH_WINDOW = 64 << 20
+HASH_WINDOW = 16 << 20
 
 
 def sha256_file(path: Path) -> str:
