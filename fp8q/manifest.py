@@ -51,7 +51,13 @@ def sha256_file(path: Path) -> str:
         size = os.fstat(f.fileno()).st_size
         for offset in range(0, size, HASH_WINDOW):
             length = min(HASH_WINDOW, size - offset)
-            with mmap.mmap(f.fileno(), length, offset=offset, flags=_POPULATE, prot=mmap.PROT_READ) as window:
+            try:
+                window = mmap.mmap(f.fileno(), length, offset=offset, flags=_POPULATE, prot=mmap.PROT_READ)
+            except OSError:  # a filesystem that cannot map files: read instead
+                f.seek(offset)
+                digest.update(f.read(length))
+                continue
+            with window:
                 digest.update(window)
     return digest.hexdigest()
 

@@ -98,3 +98,14 @@ def test_sha256_through_windows_equals_hashlib(tmp_path, monkeypatch, size):
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(size))
     assert manifest_module.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sha256_reads_where_files_cannot_be_mapped(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(manifest_module.mmap, "mmap", refuse)
+    monkeypatch.setattr(manifest_module, "HASH_WINDOW", 4096)
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(3 * 4096 + 7))
+    assert manifest_module.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
