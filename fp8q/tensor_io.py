@@ -14,12 +14,12 @@ then wait for all of it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import math
 import os
 import queue
 import sys
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -32,12 +32,12 @@ HINT_STEP = 2 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _load_sync_file_range() -> object | None:
-    """glibc's sync_file_range, which Python's os module does not wrap."""
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """The C library's sync_file_range (Linux), which Python's os module does not wrap."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # the libc this process already runs on
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -60,7 +60,7 @@ def read_ahead(fd: int, offset: int, nbytes: int) -> None:
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Start writing these dirty bytes to disk without waiting, so the final fsync has little left."""
     if _sync_file_range is not None and nbytes > 0:
-        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
