@@ -48,18 +48,64 @@ HASH_WINDOW = 16 << 20
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        for offset in range(0, size, HASH_WINDOW):
-            length = min(HASH_WINDOW, size - offset)
-            try:
-                window = mmap.mmap(f.fileno(), length, offset=offset, flags=_POPULATE, prot=mmap.PROT_READ)
-            except OSError:  # a filesystem that cannot map files: read instead
-                f.seek(offset)
-                digest.update(f.read(length))
-                continue
-            with window:
-                digest.update(window)
+        _hash_range(digest, f.fileno(), 0, os.fstat(f.fileno()).st_size)
     return digest.hexdigest()
+
+
+class FileHasher:
+    """The sha256 of a file being written in any order. Each finished byte range is reported with
+    `add`; the hash advances over the finished prefix at once, reading it back while it is still in
+    the page cache, so that when the last range lands only what follows the prefix remains."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self.digest = hashlib.sha256()
+        self.hashed = 0  # bytes [0, hashed) are in the digest
+        self.finished: dict[int, int] = {}  # start -> end of finished ranges beyond `hashed`
+        self.error: OSError | None = None
+
+    def add(self, start: int, end: int) -> None:
+        if end <= start or self.error is not None:
+            return
+        self.finished[start] = end
+        try:
+            while self.hashed in self.finished:
+                end = self.finished.pop(self.hashed)
+                _hash_range(self.digest, self.fd, self.hashed, end)
+                self.hashed = end
+        except OSError as e:  # raised by finish(): the digest may hold part of a range now
+            self.error = e
+
+    def finish(self) -> str:
+        """The file's sha256, hashing whatever was not reported; closes the file."""
+        try:
+            if self.error is not None:
+                raise self.error
+            _hash_range(self.digest, self.fd, self.hashed, os.fstat(self.fd).st_size)
+            return self.digest.hexdigest()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _hash_range(digest: Any, fd: int, start: int, end: int) -> None:
+    """Feed bytes [start, end) of the file to `digest`, a mapped window at a time."""
+    offset = start
+    while offset < end:
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps start on a page
+        length = min(HASH_WINDOW, end - base)
+        try:
+            window = mmap.mmap(fd, length, offset=base, flags=_POPULATE, prot=mmap.PROT_READ)
+        except OSError:  # a filesystem that cannot map files: read instead
+            digest.update(os.pread(fd, base + length - offset, offset))
+        else:
+            with window, memoryview(window) as view:
+                digest.update(view[offset - base :])
+        offset = base + length
 
 
 class Progress:

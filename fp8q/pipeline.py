@@ -51,9 +51,9 @@ from fp8q.errors import (
     write_error,
 )
 from fp8q.formats import Format, Layout, Scheme
-from fp8q.manifest import Progress, fingerprint, reusable_shards, sha256_file, write_manifest
+from fp8q.manifest import FileHasher, Progress, fingerprint, reusable_shards, write_manifest
 from fp8q.numerics import FP8, NonFiniteWeight, error_stats
-from fp8q.plan import Action, Job, Plan, make_plan
+from fp8q.plan import Action, Job, OutTensor, Plan, make_plan
 from fp8q.quantizer import make_quantizer, resolve_device
 from fp8q.tensor_io import BufferPool, Stopped, read_ahead, read_tensor, typed_view
 from fp8q.tensor_parallel import tensor_parallel_problems
@@ -528,11 +528,18 @@ def _write(
     progress: Progress,
 ) -> None:
     current: ShardFile | None = None
+    hasher: FileHasher | None = None
     stats: dict[str, Any] = {}
     src_fd = -1
-    # A finished shard is flushed to disk by a helper thread, so the writer never waits on the disk.
+    # A helper thread hashes each shard as its bytes land and flushes it once finished, so the
+    # writer never waits on the disk or the hash.
     syncer = ThreadPoolExecutor(1, thread_name_prefix="fp8q-fsync")
     flushed: list[Future[None]] = []
+
+    def landed(out: OutTensor) -> None:
+        assert hasher is not None
+        syncer.submit(hasher.add, out.start, out.start + out.nbytes)
+
     try:
         while (item := _get(inbox, stop)) is not None:
             shard = plan.shards[item.shard]
@@ -540,24 +547,30 @@ def _write(
             try:
                 if current is None:
                     current = ShardFile(path, shard)
+                    hasher = FileHasher(path)
+                    syncer.submit(hasher.add, 0, len(shard.header))
                     src_fd = os.open(shard.source.path, os.O_RDONLY)
                 if item.job is None:
-                    flushed.append(syncer.submit(_finish_shard, current, shard.name, stats, progress))
-                    current, stats = None, {}
+                    flushed.append(syncer.submit(_finish_shard, current, hasher, shard.name, stats, progress))
+                    current, hasher, stats = None, None, {}
                     os.close(src_fd)
                     src_fd = -1
                     continue
                 job = item.job
                 if job.is_copy:
                     current.copy(src_fd, job.source.start, job.pieces[0].out)
+                    landed(job.pieces[0].out)
                 elif job.action is Action.KEEP:
                     for piece, t in zip(job.pieces, item.data, strict=True):
                         current.write(piece.out, t)
+                        landed(piece.out)
                 else:
                     for piece, (q, s) in zip(job.pieces, item.data, strict=True):
                         assert piece.scale is not None
                         current.write(piece.out, q)
                         current.write(piece.scale, s)
+                        landed(piece.out)
+                        landed(piece.scale)
                     stats.update(item.stats)
                     item.data = None
                     for buf in item.out_buffers:
@@ -574,13 +587,15 @@ def _write(
         syncer.shutdown(wait=True)
         if current is not None:
             current.abort()
+        if hasher is not None:
+            hasher.close()
         if src_fd >= 0:
             os.close(src_fd)
 
 
-def _finish_shard(shard: ShardFile, name: str, stats: dict[str, Any], progress: Progress) -> None:
-    """On the fsync thread: make the shard durable and hash it (at once: the disk flushes while the
-    CPU hashes from the page cache), then record it for --resume."""
+def _finish_shard(shard: ShardFile, hasher: FileHasher, name: str, stats: dict[str, Any], progress: Progress) -> None:
+    """On the fsync thread: make the shard durable and finish its hash (at once: the disk flushes
+    while the CPU hashes from the page cache), then record it for --resume."""
     failed: list[BaseException] = []
 
     def flush() -> None:
@@ -591,8 +606,10 @@ def _finish_shard(shard: ShardFile, name: str, stats: dict[str, Any], progress: 
 
     flushing = threading.Thread(target=flush, name="fp8q-flush")
     flushing.start()
-    digest = sha256_file(shard.path)
-    flushing.join()
+    try:
+        digest = hasher.finish()
+    finally:
+        flushing.join()
     if failed:
         raise failed[0]
     progress.record(name, digest, stats)

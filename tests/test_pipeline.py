@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import sys
 
 import pytest
@@ -109,3 +110,38 @@ def test_sha256_reads_where_files_cannot_be_mapped(tmp_path, monkeypatch):
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(3 * 4096 + 7))
     assert manifest_module.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("report", ["in order", "shuffled", "with a gap"])
+def test_file_hasher_equals_hashlib_whatever_order_ranges_land(tmp_path, monkeypatch, report):
+    monkeypatch.setattr(manifest_module, "HASH_WINDOW", 8192)  # ranges cross windows and pages
+    data = os.urandom(50_000)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    cuts = [0, 8, 5000, 5000, 12_289, 30_000, 49_999, 50_000]  # one empty range, unaligned edges
+    ranges = list(zip(cuts, cuts[1:], strict=False))
+    if report == "shuffled":
+        random.Random(0).shuffle(ranges)
+    elif report == "with a gap":
+        ranges = ranges[:2] + ranges[3:]  # never reported: finish() hashes it from the file
+    hasher = manifest_module.FileHasher(path)
+    for start, end in ranges:
+        hasher.add(start, end)
+    if report == "in order":
+        assert hasher.hashed == len(data)  # all hashed as the ranges landed, nothing left for finish()
+    assert hasher.finish() == hashlib.sha256(data).hexdigest()
+
+
+def test_file_hasher_reports_a_read_error_at_finish(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(10_000))
+    hasher = manifest_module.FileHasher(path)
+
+    def failing(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(manifest_module, "_hash_range", failing)
+    hasher.add(0, 10_000)
+    with pytest.raises(OSError, match="Input/output error"):
+        hasher.finish()
+    assert hasher.fd == -1
