@@ -8,13 +8,50 @@ Example:
     >>> fp8q.dequantize("model-fp8", "model-bf16")
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from fp8q.dequantize import DequantizeReport, dequantize  # noqa: E402, I001 - after pipeline, which it imports
-from fp8q.errors import Fp8qError  # noqa: E402
-from fp8q.formats import Format, Scheme  # noqa: E402
-from fp8q.pipeline import PlanReady, QuantizeOptions, Report, TensorDone, plan_conversion, quantize  # noqa: E402
-from fp8q.verify import VerifyReport, verify  # noqa: E402
+# The API is imported on first use (PEP 562), so that `import fp8q` alone does not import torch:
+# the command (fp8q.__main__) decides how torch is imported.
+_EXPORTS = {
+    "DequantizeReport": "fp8q.dequantize",
+    "dequantize": "fp8q.dequantize",
+    "Fp8qError": "fp8q.errors",
+    "Format": "fp8q.formats",
+    "Scheme": "fp8q.formats",
+    "PlanReady": "fp8q.pipeline",
+    "QuantizeOptions": "fp8q.pipeline",
+    "Report": "fp8q.pipeline",
+    "TensorDone": "fp8q.pipeline",
+    "plan_conversion": "fp8q.pipeline",
+    "quantize": "fp8q.pipeline",
+    "VerifyReport": "fp8q.verify",
+    "verify": "fp8q.verify",
+}
+
+if TYPE_CHECKING:
+    from fp8q.dequantize import DequantizeReport, dequantize
+    from fp8q.errors import Fp8qError
+    from fp8q.formats import Format, Scheme
+    from fp8q.pipeline import PlanReady, QuantizeOptions, Report, TensorDone, plan_conversion, quantize
+    from fp8q.verify import VerifyReport, verify
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fp8q' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "DequantizeReport",

@@ -6,7 +6,6 @@ Exit codes: 0 done, 1 failed, 2 usage, 130/143 interrupted. Errors are one line 
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -245,13 +244,6 @@ def dequantize_command(
             )
 
     _guarded(run)
-
-
-def main() -> None:
-    # The objects the imports made (torch's, mostly) live until exit: keep the garbage collector from
-    # walking them again and again, and at exit, where that walk took 0.4 s of every run.
-    gc.freeze()
-    app()
 
 
 def _guarded(fn: Callable[[], T]) -> T:

@@ -59,6 +59,19 @@ def test_console_script_and_module(tmp_path):
     assert missing.stderr.count("\n") == 1 and "no such file or folder" in missing.stderr
     usage = subprocess.run([sys.executable, "-m", "fp8q", "quantize"], capture_output=True, text=True, cwd=ROOT)
     assert usage.returncode == 2
+    script = Path(sys.executable).with_name("fp8q")  # the console script pip installed beside python
+    if script.exists():
+        out = subprocess.run([str(script), "--version"], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0 and out.stdout.strip() == f"fp8q {__version__}"
+
+
+def test_import_fp8q_leaves_torch_to_first_use():
+    code = (
+        "import sys, fp8q; assert 'torch' not in sys.modules, 'imported early'; "
+        "fp8q.QuantizeOptions; assert 'torch' in sys.modules; print(sorted(fp8q.__all__) == dir(fp8q))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
 
 
 def test_verify_and_dequantize_commands(tmp_path):
