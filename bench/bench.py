@@ -153,6 +153,7 @@ def has_llmcompressor() -> bool:
     return subprocess.run([PYTHON, "-c", "import llmcompressor"], capture_output=True).returncode == 0
 
 
+LABELS = {"ref": "model_free_ptq"}
 MODEL_FREE = (
     "import sys; from llmcompressor import model_free_ptq; "
     "model_free_ptq(sys.argv[1], sys.argv[2], scheme='FP8_DYNAMIC', "
@@ -182,6 +183,7 @@ def main() -> None:
         cache = "cold (page cache dropped before each run)"
     print(f"page cache: {cache}; median of {args.repeat} run(s) per contender, in turns; peak RSS: the largest")
     rows = []
+    every_run: list[tuple[int, dict[str, list[Timing]]]] = []
     try:
         for layers in args.layers:
             src = root / f"llama-{layers}L"
@@ -205,6 +207,7 @@ def main() -> None:
                     runs[name].append(timed(cmd, outs[name], args.warm))
             ref = median(runs["ref"]) if reference else None
             rows.append((layers, size, median(runs["cp"]), median(runs["fp8q"]), ref))
+            every_run.append((layers, runs))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -226,6 +229,12 @@ def main() -> None:
                 f"| {layers} | {size / 1e9:.2f} | {pick(cp):.1f} | {s:.1f} | {size / s / 1e9:.2f} "
                 f"| {s / pick(cp):.1f}x | {ref_cells} | {fp8q.rss:.0f} | {f'{ref.rss:.0f}' if ref else 'n/a'} |"
             )
+    print("\nevery run, seconds to exit:")
+    for layers, runs in every_run:
+        cells = "; ".join(
+            f"{LABELS.get(name, name)} {' '.join(f'{t.exit_s:.1f}' for t in timings)}" for name, timings in runs.items()
+        )
+        print(f"  {layers} layers: {cells}")
     if len(rows) >= 2:
         small, big = rows[0][3].rss, rows[-1][3].rss
         budget = baseline_rss + 4 * largest / 2**20 + 256
