@@ -58,7 +58,8 @@ class FileHasher:
     the page cache, so that when the last range lands only what follows the prefix remains."""
 
     def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_RDONLY)
+        self.path = path
+        self.fd = -1  # opened on first use: the file may not exist yet
         self.digest = hashlib.sha256()
         self.hashed = 0  # bytes [0, hashed) are in the digest
         self.finished: dict[int, int] = {}  # start -> end of finished ranges beyond `hashed`
@@ -69,6 +70,7 @@ class FileHasher:
             return
         self.finished[start] = end
         try:
+            self._open()
             while self.hashed in self.finished:
                 end = self.finished.pop(self.hashed)
                 _hash_range(self.digest, self.fd, self.hashed, end)
@@ -81,6 +83,7 @@ class FileHasher:
         try:
             if self.error is not None:
                 raise self.error
+            self._open()
             _hash_range(self.digest, self.fd, self.hashed, os.fstat(self.fd).st_size)
             return self.digest.hexdigest()
         finally:
@@ -90,6 +93,10 @@ class FileHasher:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def _open(self) -> None:
+        if self.fd < 0:
+            self.fd = os.open(self.path, os.O_RDONLY)
 
 
 def _hash_range(digest: Any, fd: int, start: int, end: int) -> None:

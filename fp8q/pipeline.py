@@ -53,7 +53,7 @@ from fp8q.errors import (
 from fp8q.formats import Format, Layout, Scheme
 from fp8q.manifest import FileHasher, Progress, fingerprint, reusable_shards, write_manifest
 from fp8q.numerics import FP8, NonFiniteWeight, error_stats
-from fp8q.plan import Action, Job, OutTensor, Plan, make_plan
+from fp8q.plan import Action, Job, Plan, make_plan
 from fp8q.quantizer import make_quantizer, resolve_device
 from fp8q.tensor_io import BufferPool, Stopped, read_ahead, read_tensor, typed_view
 from fp8q.tensor_parallel import tensor_parallel_problems
@@ -536,19 +536,14 @@ def _write(
     syncer = ThreadPoolExecutor(1, thread_name_prefix="fp8q-fsync")
     flushed: list[Future[None]] = []
 
-    def landed(out: OutTensor) -> None:
-        assert hasher is not None
-        syncer.submit(hasher.add, out.start, out.start + out.nbytes)
-
     try:
         while (item := _get(inbox, stop)) is not None:
             shard = plan.shards[item.shard]
             path = partial / shard.name
             try:
                 if current is None:
-                    current = ShardFile(path, shard)
                     hasher = FileHasher(path)
-                    syncer.submit(hasher.add, 0, len(shard.header))
+                    current = ShardFile(path, shard, _hash_in_background(syncer, hasher))
                     src_fd = os.open(shard.source.path, os.O_RDONLY)
                 if item.job is None:
                     flushed.append(syncer.submit(_finish_shard, current, hasher, shard.name, stats, progress))
@@ -559,18 +554,14 @@ def _write(
                 job = item.job
                 if job.is_copy:
                     current.copy(src_fd, job.source.start, job.pieces[0].out)
-                    landed(job.pieces[0].out)
                 elif job.action is Action.KEEP:
                     for piece, t in zip(job.pieces, item.data, strict=True):
                         current.write(piece.out, t)
-                        landed(piece.out)
                 else:
                     for piece, (q, s) in zip(job.pieces, item.data, strict=True):
                         assert piece.scale is not None
                         current.write(piece.out, q)
                         current.write(piece.scale, s)
-                        landed(piece.out)
-                        landed(piece.scale)
                     stats.update(item.stats)
                     item.data = None
                     for buf in item.out_buffers:
@@ -591,6 +582,15 @@ def _write(
             hasher.close()
         if src_fd >= 0:
             os.close(src_fd)
+
+
+def _hash_in_background(syncer: ThreadPoolExecutor, hasher: FileHasher) -> Callable[[int, int], None]:
+    """What a shard file calls as each byte range lands: hash it on the fsync thread, in order."""
+
+    def submit(start: int, end: int) -> None:
+        syncer.submit(hasher.add, start, end)
+
+    return submit
 
 
 def _finish_shard(shard: ShardFile, hasher: FileHasher, name: str, stats: dict[str, Any], progress: Progress) -> None:

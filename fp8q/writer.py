@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +22,31 @@ from fp8q.tensor_io import copy_range, start_writeback, write_at
 
 class ShardFile:
     """An output shard being filled: its header is written first, then tensors land at their
-    planned offsets in any order. Holds no tensor data of its own."""
+    planned offsets in any order. Holds no tensor data of its own; `on_written(start, end)` hears of
+    each byte range once it is in the file (the hash follows the writes)."""
 
-    def __init__(self, path: Path, plan: ShardPlan) -> None:
+    def __init__(self, path: Path, plan: ShardPlan, on_written: Callable[[int, int], None] | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.on_written = on_written or (lambda start, end: None)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.write(self.fd, plan.header)
         os.ftruncate(self.fd, plan.size)
+        self.on_written(0, len(plan.header))
 
     def write(self, out: OutTensor, t: torch.Tensor) -> None:
         if t.numel() * t.element_size() != out.nbytes:
             raise AssertionError(f"{out.name}: {t.numel() * t.element_size()} bytes, planned {out.nbytes}")
         write_at(self.fd, out.start, t)
-        start_writeback(self.fd, out.start, out.nbytes)
+        self._landed(out)
 
     def copy(self, src_fd: int, src_offset: int, out: OutTensor) -> None:
         copy_range(src_fd, src_offset, self.fd, out.start, out.nbytes)
+        self._landed(out)
+
+    def _landed(self, out: OutTensor) -> None:
         start_writeback(self.fd, out.start, out.nbytes)
+        self.on_written(out.start, out.start + out.nbytes)
 
     def close(self) -> None:
         if self.fd >= 0:

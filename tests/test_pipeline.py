@@ -145,3 +145,18 @@ def test_file_hasher_reports_a_read_error_at_finish(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Input/output error"):
         hasher.finish()
     assert hasher.fd == -1
+
+
+def test_every_byte_of_every_shard_is_hashed_as_it_lands(tmp_path, monkeypatch):
+    src = _source(tmp_path)
+    left_for_finish = {}
+    real_finish = manifest_module.FileHasher.finish
+
+    def finish(self):
+        left_for_finish[self.path.name] = self.path.stat().st_size - self.hashed
+        return real_finish(self)
+
+    monkeypatch.setattr(manifest_module.FileHasher, "finish", finish)
+    quantize(src, tmp_path / "out", QuantizeOptions(device="cpu"))
+    assert sorted(left_for_finish) == sorted(p.name for p in src.glob("*.safetensors"))
+    assert set(left_for_finish.values()) == {0}  # header, kept, copied, quantized and scales all reported
