@@ -8,10 +8,11 @@ def main() -> None:
     # collector would walk them over and over during the imports (0.15 s) and once more at exit
     # (0.4 s), freeing nothing: import with it off, then set them aside for good.
     gc.disable()
-    from fp8q.cli import app
-
-    gc.freeze()
-    gc.enable()
+    try:
+        from fp8q.cli import app
+    finally:
+        gc.freeze()
+        gc.enable()
     app()
 
 
