@@ -2,7 +2,10 @@
 
 Imports: errors, dtypes. Every check a malformed or hostile checkpoint needs happens here, before a
 single tensor byte is read: bounded header sizes, offsets that tile the file exactly, index entries
-that agree with the shard headers in both directions, shard names that stay inside the folder.
+that agree with the shard headers in both directions, shard names that stay inside the folder, and
+symbolic links that stay inside it too (a README.md linking to /proc/self/environ must not carry
+HF_TOKEN into the output). The one place links may lead out of the folder is a Hub cache snapshot,
+whose files link into their own repo's `blobs/`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -55,6 +59,13 @@ class Shard:
     metadata: dict[str, str] | None
     tensors: tuple[TensorMeta, ...]
     header_sha256: str
+    # When the file last changed, as read with its header: a change in place shows here even when the header
+    # stays the same. The status-change time cannot be set back by any tool, unlike the modification time.
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+
+    def stat_record(self) -> dict[str, int | str]:
+        return {"file": self.name, "size": self.size, "mtime_ns": self.mtime_ns, "ctime_ns": self.ctime_ns}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +79,8 @@ class Checkpoint:
     has_index: bool
     side_files: tuple[str, ...]
     skipped_files: tuple[str, ...]
+    # One line each about what was left out and why (links out of the folder, shards the index does not list).
+    notes: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -86,30 +99,74 @@ def read_checkpoint(src: Path) -> Checkpoint:
     if src.is_file():
         if src.suffix != ".safetensors":
             raise CheckpointError(f"{src}: not a .safetensors file; give a checkpoint folder or a .safetensors file")
-        shard = read_shard(src.parent, src.name)
-        return Checkpoint(src.parent, (shard,), _tensor_map([shard]), None, False, (), ())
+        # The file the user named is read even through a link; the config.json beside it (which engines need)
+        # only where it stays inside its folder.
+        folder = src.parent
+        shard = read_shard(folder, src.name)
+        config_path = folder / CONFIG_FILE
+        config = read_config(_inside(config_path, allowed_link_root(folder))) if config_path.is_file() else None
+        return Checkpoint(folder, (shard,), _tensor_map([shard]), config, False, (), ())
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a file or folder")
 
-    files = _list_files(src)
+    allowed = allowed_link_root(src)
+    files, outside = _list_files(src, allowed)
     index_path = src / INDEX_FILE
     if index_path.is_file():
-        shard_names = _read_index(index_path)
+        shard_names = _read_index(_inside(index_path, allowed))
     elif (src / SINGLE_FILE).is_file():
         shard_names = {SINGLE_FILE: set()}
     else:
         shard_names = _guess_shards(src, files)
 
+    for name in shard_names:
+        _inside(src / name, allowed)
     shards = [read_shard(src, name) for name in sorted(shard_names)]
     tensors = _tensor_map(shards)
     if index_path.is_file():
         _check_index_matches(shards, shard_names)
 
-    config = _read_config(src / CONFIG_FILE) if (src / CONFIG_FILE).is_file() else None
+    config_path = src / CONFIG_FILE
+    config = read_config(_inside(config_path, allowed)) if config_path.is_file() else None
     used = set(shard_names) | {INDEX_FILE, CONFIG_FILE}
     side = tuple(f for f in files if f not in used and not f.endswith(WEIGHT_SUFFIXES))
     skipped = tuple(f for f in files if f not in used and f.endswith(WEIGHT_SUFFIXES))
-    return Checkpoint(src, tuple(shards), tensors, config, index_path.is_file(), side, skipped)
+    notes = [
+        f"{src / f}: a symbolic link to {target}, outside the checkpoint folder: not copied"
+        for f, target in outside
+        if f not in used
+    ]
+    if index_path.is_file():
+        notes += [
+            f"{src / f}: not listed in {INDEX_FILE}: neither converted nor copied"
+            for f in skipped
+            if f.endswith(".safetensors") and "/" not in f
+        ]
+    return Checkpoint(src, tuple(shards), tensors, config, index_path.is_file(), side, skipped, tuple(notes))
+
+
+def allowed_link_root(folder: Path) -> Path:
+    """Where the symbolic links of a checkpoint folder may lead: into the folder itself, or, for a
+    Hub cache snapshot (`models--org--name/snapshots/<commit>/`), into that repo's cache folder."""
+    real = folder.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def _inside(path: Path, allowed: Path) -> Path:
+    """`path` itself when it is no link out of `allowed`.
+
+    Raises:
+        CheckpointError: the path is a symbolic link (or inside a linked folder) that leads out.
+    """
+    target = path.resolve()
+    if not target.is_relative_to(allowed):
+        raise CheckpointError(
+            f"{path}: a symbolic link to {target}, outside the checkpoint folder; fp8q follows no link out of "
+            "the source: copy the file in, or point SRC at the real folder"
+        )
+    return path
 
 
 def read_shard(root: Path, name: str) -> Shard:
@@ -117,8 +174,9 @@ def read_shard(root: Path, name: str) -> Shard:
     path = root / name
     if not path.is_file():
         raise CheckpointError(f"{path}: shard is missing; download it again or fix {INDEX_FILE}")
-    size = path.stat().st_size
     with open(path, "rb") as f:
+        stat = os.fstat(f.fileno())
+        size = stat.st_size
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{path}: file is truncated ({size} bytes); download it again")
@@ -136,7 +194,7 @@ def read_shard(root: Path, name: str) -> Shard:
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path}: header is not valid JSON; the file is corrupt, download it again") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt, download it again")
@@ -163,7 +221,13 @@ def read_shard(root: Path, name: str) -> Shard:
             f"{path}: the header's offsets cover {expected} bytes but the file has {size}: it is {what}; "
             "download it again"
         )
-    return Shard(name, path, size, metadata, tuple(tensors), hashlib.sha256(raw).hexdigest())
+    digest = hashlib.sha256(raw).hexdigest()
+    return Shard(name, path, size, metadata, tuple(tensors), digest, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def changed_since_read(shard: Shard, stat: os.stat_result) -> bool:
+    """Whether the file `stat` describes differs from the one the shard's header was read from."""
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) != (shard.size, shard.mtime_ns, shard.ctime_ns)
 
 
 def _tensor_meta(path: Path, name: str, entry: Any, data_start: int) -> TensorMeta:
@@ -173,13 +237,13 @@ def _tensor_meta(path: Path, name: str, entry: Any, data_start: int) -> TensorMe
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not (
         isinstance(shape, list)
-        and all(isinstance(d, int) and d >= 0 for d in shape)
+        and all(_is_count(d) for d in shape)
         and isinstance(offsets, list)
         and len(offsets) == 2
-        and all(isinstance(o, int) and o >= 0 for o in offsets)
+        and all(_is_count(o) for o in offsets)
     ):
         raise bad
-    if dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise CheckpointError(f"{path}: tensor {name} has dtype {dtype!r}, which fp8q does not know")
     begin, end = offsets
     nbytes = math.prod(shape) * ITEMSIZE[dtype]
@@ -191,16 +255,27 @@ def _tensor_meta(path: Path, name: str, entry: Any, data_start: int) -> TensorMe
     return TensorMeta(name, dtype, tuple(shape), path.name, data_start + begin, nbytes)
 
 
-def _list_files(root: Path) -> list[str]:
-    """Every regular file under root (following the symlinks of a hub cache), skipping hidden folders."""
-    found = []
+def _is_count(value: Any) -> bool:
+    """A JSON integer >= 0 (JSON's `true` is a Python bool, which is an int, and no dimension)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _list_files(root: Path, allowed: Path) -> tuple[list[str], list[tuple[str, Path]]]:
+    """Every regular file under root, skipping hidden folders; and apart, the links that lead out of
+    `allowed` (each with where it leads), which are never read."""
+    found, outside = [], []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts[:-1]) or rel.parts[0] in (".git", ".cache"):
             continue
-        if path.is_file():
+        if not path.is_file():
+            continue
+        target = path.resolve()
+        if target.is_relative_to(allowed):
             found.append(rel.as_posix())
-    return found
+        else:
+            outside.append((rel.as_posix(), target))
+    return found, outside
 
 
 def _read_index(index_path: Path) -> dict[str, set[str]]:
@@ -210,7 +285,7 @@ def _read_index(index_path: Path) -> dict[str, set[str]]:
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
         raise CheckpointError(
             f"{index_path}: not a valid index (JSON with a weight_map object); download it again"
         ) from None
@@ -285,11 +360,20 @@ def _check_index_matches(shards: list[Shard], listed: dict[str, set[str]]) -> No
             )
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
+    """A config.json as a dict.
+
+    Raises:
+        CheckpointError: unreadable, not JSON (or nested too deep to parse), or not an object.
+    """
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); fix or restore the file") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: not valid JSON; fix or restore the file") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deep to be a model config; fix or restore the file") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return config

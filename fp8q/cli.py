@@ -1,19 +1,22 @@
 """The `fp8q` command: typer + rich. The only module that prints or exits.
 
-Exit codes: 0 done, 1 failed, 2 usage, 130/143 interrupted. Errors are one line on stderr;
-`FP8Q_DEBUG=1` adds the traceback. Human output goes to stderr, `--json` results to stdout.
+Exit codes: 0 done, 1 failed (or a plan with problems), 2 usage, 130/143 interrupted. Errors are one
+line on stderr; `FP8Q_DEBUG=1` adds the traceback. Human output goes to stderr, `--json` results to
+stdout. torch and the engine are imported only once a command runs, so `--help` and `--version` are
+instant.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,32 +24,64 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
+from typer.exceptions import TyperException
 
 from fp8q import __version__
-from fp8q.dequantize import Started, dequantize
 from fp8q.errors import Fp8qError, UsageError
 from fp8q.formats import Format, Scheme
-from fp8q.pipeline import Event, PlanReady, QuantizeOptions, Report, TensorDone, local_source, plan_conversion, quantize
-from fp8q.plan import Plan, describe
-from fp8q.verify import VerifyReport, verify
-from fp8q.writer import check_output
+
+if TYPE_CHECKING:
+    from fp8q.pipeline import QuantizeOptions, Report
+    from fp8q.plan import Plan
+    from fp8q.verify import VerifyReport
+
+
+class _PlainHelp:
+    """`--help` listed as the flag it is, not as `--help <bool>`."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_PlainHelp, TyperCommand):
+    """Usage reads `fp8q quantize [OPTIONS] SRC OUT`, as man pages write it, not typer's `{SRC} {OUT}`."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [piece.removeprefix("{").removesuffix("}") for piece in super().collect_usage_pieces(ctx)]
+
+
+class _Group(_PlainHelp, TyperGroup):
+    pass
+
 
 app = typer.Typer(
+    cls=_Group,
     name="fp8q",
     help="Stream a Hugging Face safetensors checkpoint into an FP8 checkpoint for vLLM, SGLang and transformers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True, highlight=False)
+# Piped output is not wrapped at 80 columns: a tensor name stays on one line for grep and logs.
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 1000)
 T = TypeVar("T")
 _RANK = int(os.environ.get("RANK", "0"))  # set by torchrun
 
+SrcArg = Annotated[
+    str,
+    typer.Argument(metavar="SRC", help="Checkpoint folder, .safetensors file, or Hub repo id (org/name)."),
+]
 SchemeOpt = Annotated[
     Scheme,
     typer.Option("--scheme", help="Scale granularity: one per output channel, per 128x128 block, or per tensor."),
@@ -54,24 +89,58 @@ SchemeOpt = Annotated[
 FormatOpt = Annotated[
     Format, typer.Option("--format", help="compressed-tensors (llm-compressor layout) or fp8 (vLLM/DeepSeek layout).")
 ]
-BlockOpt = Annotated[str, typer.Option("--block-size", help="Block tile as ROWSxCOLS, for --scheme block.")]
+BlockOpt = Annotated[str, typer.Option("--block-size", metavar="ROWSxCOLS", help="Block tile, for --scheme block.")]
 IgnoreOpt = Annotated[
     list[str] | None,
-    typer.Option("--ignore", help="Regex (searched in module names) of Linear layers to keep; repeatable."),
+    typer.Option(
+        "--ignore", metavar="REGEX", help="Keep Linear layers whose module name this searches in; repeatable."
+    ),
 ]
 TargetsOpt = Annotated[
     list[str] | None,
-    typer.Option("--targets", help="Regex: quantize only Linear layers whose name matches; repeatable."),
+    typer.Option("--targets", metavar="REGEX", help="Quantize only Linear layers whose name matches; repeatable."),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan or the result as JSON on stdout.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the plan or the result as JSON on stdout.")]
 RevisionOpt = Annotated[
-    str | None, typer.Option("--revision", help="Branch, tag or commit, when SRC is a Hub repo id.")
+    str | None, typer.Option("--revision", metavar="REV", help="Branch, tag or commit, when SRC is a Hub repo id.")
 ]
 TpOpt = Annotated[
     int | None,
-    typer.Option("--tp", min=1, help="Check that --scheme block layers shard at this vLLM tensor-parallel size."),
+    typer.Option(
+        "--tp",
+        min=1,
+        metavar="N",
+        help="Check that --scheme block layers load in vLLM at this tensor-parallel size (default 1).",
+    ),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")]
+LoadCheckOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-load-check",
+        metavar="",
+        help="Write block layers even where vLLM could not load them (checked at --tp).",
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", metavar="FILE", help="config.json to use when SRC has none (a lone .safetensors file)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar or summary; errors only.")]
+
+
+def main() -> None:
+    """The console script: usage errors become one line (exit 2) like every other error."""
+    try:
+        code = app(standalone_mode=False)
+    except TyperException as e:
+        message = e.format_message().replace("Value error, ", "")
+        command = " ".join(a for a in sys.argv[1:2] if not a.startswith("-"))
+        err.print(f"[red]error:[/red] {_one_line(message)} (see `fp8q {command} --help`)".replace("  ", " "))
+        code = e.exit_code
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]: nothing was written")
+        code = 130
+    sys.exit(code or 0)
 
 
 def _version(value: bool) -> None:
@@ -83,32 +152,43 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+        bool, typer.Option("--version", metavar="", callback=_version, is_eager=True, help="Show the version.")
     ] = False,
 ) -> None:
     """fp8q: FP8 checkpoints from bf16/fp16/fp32 safetensors, streaming, byte-identical to the reference tools."""
 
 
-@app.command("quantize")
+@app.command("quantize", cls=_Command)
 def quantize_command(
-    src: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors file, or Hub repo id (org/name).")],
-    out: Annotated[Path, typer.Argument(help="Output folder (created; must not exist or be empty).")],
+    src: SrcArg,
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; must not exist or be empty).")],
     revision: RevisionOpt = None,
     scheme: SchemeOpt = Scheme.CHANNEL,
     format: FormatOpt = Format.COMPRESSED_TENSORS,
     block_size: BlockOpt = "128x128",
     ignore: IgnoreOpt = None,
     targets: TargetsOpt = None,
-    device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", metavar="DEVICE", help="auto (CUDA if available), cpu, cuda or cuda:N.")
+    ] = "auto",
     tp: TpOpt = None,
-    workers: Annotated[int, typer.Option("--workers", help="CPU quantization threads; 0 = one per core.", min=0)] = 0,
+    no_load_check: LoadCheckOpt = False,
+    config: ConfigOpt = None,
+    workers: Annotated[
+        int, typer.Option("--workers", metavar="N", help="CPU quantization threads; 0 = one per core.", min=0)
+    ] = 0,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the new one is complete).")
+        bool,
+        typer.Option(
+            "--overwrite", metavar="", help="Replace OUT if it is an fp8q output (only once the new one is complete)."
+        ),
     ] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue an interrupted run, reusing its finished shards.")
+        bool, typer.Option("--resume", metavar="", help="Continue an interrupted run, reusing its finished shards.")
     ] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and write nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", metavar="", help="Show the plan and write nothing (exit 1 on problems).")
+    ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -122,36 +202,32 @@ def quantize_command(
     """
 
     def run() -> None:
-        options = QuantizeOptions(
-            scheme=scheme,
-            format=format,
-            block_size=_parse_block(block_size),
-            ignore=tuple(_check_regex(p, "--ignore") for p in ignore or ()),
-            targets=tuple(_check_regex(p, "--targets") for p in targets or ()),
-            device=device,
-            workers=workers,
-            tp=tp,
-            overwrite=overwrite,
-            resume=resume,
-            revision=revision,
-        )
+        engine = _engine()
+        options = _options(
+            scheme, format, block_size, ignore, targets, tp, no_load_check, config, revision,
+            device=device, workers=workers, overwrite=overwrite, resume=resume,
+        )  # fmt: skip
         if dry_run:
-            local = local_source(src, revision)
-            plan = plan_conversion(local, replace(options, revision=None))
-            check_output(local, out, overwrite)
+            from dataclasses import replace
+
+            from fp8q.writer import check_output, output_path
+
+            local = engine.local_source(src, revision)
+            plan = engine.plan_conversion(local, replace(options, revision=None))
+            check_output(local, output_path(out), overwrite)
             _show_plan(plan, as_json, quiet)
             return
         with _ProgressView(quiet or _RANK > 0) as view:
-            report = quantize(src, out, options, on_event=view.on_event)
+            report = engine.quantize(src, out, options, on_event=view.on_event)
         if _RANK == 0:  # under torchrun, rank 0 speaks for all
             _show_report(report, as_json, quiet)
 
     _guarded(run)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=_Command)
 def inspect_command(
-    src: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors file, or Hub repo id (org/name).")],
+    src: SrcArg,
     revision: RevisionOpt = None,
     scheme: SchemeOpt = Scheme.CHANNEL,
     format: FormatOpt = Format.COMPRESSED_TENSORS,
@@ -159,33 +235,32 @@ def inspect_command(
     ignore: IgnoreOpt = None,
     targets: TargetsOpt = None,
     tp: TpOpt = None,
+    no_load_check: LoadCheckOpt = False,
+    config: ConfigOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Show what `quantize` would do with SRC: tensors, sizes, memory. Reads headers only."""
+    """Show what `quantize` would do with SRC: tensors, sizes, memory, problems. Reads headers only;
+    exits 1 when the plan has problems, so CI can gate on it."""
 
     def run() -> None:
-        options = QuantizeOptions(
-            scheme=scheme,
-            format=format,
-            block_size=_parse_block(block_size),
-            ignore=tuple(_check_regex(p, "--ignore") for p in ignore or ()),
-            targets=tuple(_check_regex(p, "--targets") for p in targets or ()),
-            tp=tp,
-            revision=revision,
-        )
-        _show_plan(plan_conversion(src, options), as_json, quiet)
+        engine = _engine()
+        options = _options(scheme, format, block_size, ignore, targets, tp, no_load_check, config, revision)
+        _show_plan(engine.plan_conversion(src, options), as_json, quiet)
 
     _guarded(run)
 
 
-@app.command("verify")
+@app.command("verify", cls=_Command)
 def verify_command(
-    path: Annotated[str, typer.Argument(help="The FP8 checkpoint folder (or .safetensors file) to check.")],
+    path: Annotated[
+        str, typer.Argument(metavar="PATH", help="The FP8 checkpoint folder (or .safetensors file) to check.")
+    ],
     source: Annotated[
-        str | None, typer.Option("--source", help="The checkpoint it was made from: compare every weight.")
+        str | None,
+        typer.Option("--source", metavar="SRC", help="The checkpoint it was made from: compare every weight."),
     ] = None,
-    top: Annotated[int, typer.Option("--top", min=0, help="Rows of the worst-tensors table.")] = 10,
+    top: Annotated[int, typer.Option("--top", metavar="N", min=0, help="Rows of the worst-tensors table.")] = 10,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -198,9 +273,12 @@ def verify_command(
     """
 
     def run() -> None:
-        reference = local_source(source) if source is not None else None
+        engine = _engine()
+        from fp8q.verify import verify
+
+        reference = engine.local_source(source) if source is not None else None
         with _ProgressView(quiet, "verifying") as view:
-            report = verify(local_source(path), reference, on_event=view.on_event)
+            report = verify(engine.local_source(path), reference, on_event=view.on_event)
         if as_json:
             data = {**report.__dict__, "ok": report.ok, "rows": [row.__dict__ for row in report.rows]}
             sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
@@ -212,12 +290,16 @@ def verify_command(
     _guarded(run)
 
 
-@app.command("dequantize")
+@app.command("dequantize", cls=_Command)
 def dequantize_command(
-    src: Annotated[str, typer.Argument(help="An FP8 checkpoint (any supported layout), folder or Hub repo id.")],
-    out: Annotated[Path, typer.Argument(help="Output folder for the high-precision checkpoint.")],
-    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16, float16 or float32.")] = "bfloat16",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    src: Annotated[
+        str, typer.Argument(metavar="SRC", help="An FP8 checkpoint (any supported layout), folder or Hub repo id.")
+    ],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder for the high-precision checkpoint.")],
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="bfloat16, float16 or float32.")] = "bfloat16",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", metavar="", help="Replace OUT if it is an fp8q output.")
+    ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -230,8 +312,11 @@ def dequantize_command(
     """
 
     def run() -> None:
+        engine = _engine()
+        from fp8q.dequantize import dequantize
+
         with _ProgressView(quiet, "dequantizing") as view:
-            report = dequantize(local_source(src), out, dtype=dtype, overwrite=overwrite, on_event=view.on_event)
+            report = dequantize(engine.local_source(src), out, dtype=dtype, overwrite=overwrite, on_event=view.on_event)
         if as_json:
             sys.stdout.write(json.dumps({**report.__dict__}, indent=2) + "\n")
         if not quiet:
@@ -240,10 +325,53 @@ def dequantize_command(
                 f"[green]done[/green]: {report.out}\n"
                 f"  tensors: {report.tensors_dequantized} dequantized to {report.dtype} ({layouts}), "
                 f"{report.tensors_kept} kept, {report.tensors_dropped} scales dropped\n"
-                f"  size:    {_gb(report.bytes_in)} in, {_gb(report.bytes_out)} out, {report.seconds:.1f} s"
+                f"  size:    {_gb(report.bytes_in)} in, {_gb(report.bytes_out)} out, {_elapsed():.1f} s",
+                soft_wrap=True,
             )
 
     _guarded(run)
+
+
+def _engine() -> Any:
+    """The conversion engine (and torch with it), imported on first use. Importing torch makes a few
+    hundred thousand objects that live until exit: the garbage collector would walk them over and over
+    during the imports (0.15 s) and once more at exit (0.4 s), freeing nothing, so import with it off
+    and set them aside for good."""
+    gc.disable()
+    try:
+        import fp8q.pipeline as engine
+    finally:
+        gc.freeze()
+        gc.enable()
+    return engine
+
+
+def _options(
+    scheme: Scheme,
+    format: Format,
+    block_size: str,
+    ignore: list[str] | None,
+    targets: list[str] | None,
+    tp: int | None,
+    no_load_check: bool,
+    config: Path | None,
+    revision: str | None,
+    **run: Any,
+) -> QuantizeOptions:
+    from fp8q.pipeline import QuantizeOptions
+
+    return QuantizeOptions(
+        scheme=scheme,
+        format=format,
+        block_size=_parse_block(block_size),
+        ignore=tuple(_check_regex(p, "--ignore") for p in ignore or ()),
+        targets=tuple(_check_regex(p, "--targets") for p in targets or ()),
+        tp=tp,
+        load_check=not no_load_check,
+        config=str(config) if config is not None else None,
+        revision=revision,
+        **run,
+    )
 
 
 def _guarded(fn: Callable[[], T]) -> T:
@@ -251,6 +379,8 @@ def _guarded(fn: Callable[[], T]) -> T:
     debug = os.environ.get("FP8Q_DEBUG", "") not in ("", "0")
     try:
         return fn()
+    except typer.Exit:
+        raise
     except Fp8qError as e:
         if debug:
             raise
@@ -295,29 +425,53 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
+def _elapsed() -> float:
+    """Seconds since this process started (interpreter start-up and imports included), where Linux says."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
+def _notes(notes: tuple[str, ...] | list[str]) -> None:
+    for note in notes:
+        err.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+
+
 def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
+    from fp8q.plan import describe
+
     data = describe(plan)
     data["estimated_peak_host_bytes"] = 4 * plan.largest_quantized
     data["estimated_peak_gpu_bytes"] = 4 * plan.largest_quantized
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
-    if quiet:
-        return
-    table = Table(title=f"fp8q plan for {plan.checkpoint.root}", show_header=False, title_justify="left")
-    table.add_row("layout", f"{plan.layout.scheme.value} / {plan.layout.format.value}")
-    table.add_row("tensors", f"{plan.n_quantized} quantized, {plan.n_kept} kept")
-    table.add_row("kept Linear modules", ", ".join(plan.ignored) or "none")
-    table.add_row("shards", str(len(plan.shards)))
-    table.add_row("size", f"{_gb(plan.bytes_in)} in, {_gb(plan.bytes_out)} out")
-    table.add_row(
-        "peak memory (est.)",
-        f"host: torch + {_gb(data['estimated_peak_host_bytes'])}, GPU: {_gb(data['estimated_peak_gpu_bytes'])}",
-    )
-    if plan.checkpoint.skipped_files:
-        table.add_row("not copied", ", ".join(plan.checkpoint.skipped_files))
-    err.print(table)
-    for problem in plan.problems:
-        err.print(f"[yellow]problem:[/yellow] {problem}", soft_wrap=True)
+    if not quiet:
+        table = Table(title=f"fp8q plan for {plan.checkpoint.root}", show_header=False, title_justify="left")
+        table.add_row("layout", f"{plan.layout.scheme.value} / {plan.layout.format.value}")
+        table.add_row("tensors", f"{plan.n_quantized} quantized, {plan.n_kept} kept")
+        table.add_row("kept Linear modules", ", ".join(plan.ignored) or "none")
+        table.add_row("shards", str(len(plan.shards)))
+        table.add_row("size", f"{_gb(plan.bytes_in)} in, {_gb(plan.bytes_out)} out")
+        table.add_row(
+            "peak memory (est.)",
+            f"host: torch + {_gb(data['estimated_peak_host_bytes'])}, GPU: {_gb(data['estimated_peak_gpu_bytes'])}",
+        )
+        if plan.checkpoint.skipped_files:
+            table.add_row("not copied", ", ".join(plan.checkpoint.skipped_files))
+        err.print(table)
+        _notes(plan.notes)
+        for problem in plan.problems:
+            err.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
+    if plan.problems:
+        # Exit 1 so that CI can gate on `inspect` and `--dry-run`; the problems are listed above.
+        err.print(f"[red]error:[/red] {len(plan.problems)} problem(s): quantize would refuse this plan")
+        raise typer.Exit(1)
 
 
 def _show_verify(report: VerifyReport, top: int) -> None:
@@ -325,21 +479,23 @@ def _show_verify(report: VerifyReport, top: int) -> None:
     err.print(f"{report.path}: {report.tensors_checked} quantized weights ({layouts})", soft_wrap=True)
     if top and report.rows:
         table = Table(title="worst tensors" if report.source else "tensors", title_justify="left")
-        table.add_column("tensor", overflow="fold")
+        table.add_column("tensor", no_wrap=True)
         mixed = len(report.layouts) > 1  # one layout is already named in the line above
-        columns = (["layout"] if mixed else []) + ["scale range", "rel err", "max abs", "SNR dB", "flag"]
-        for column in columns:
+        errors = report.source is not None  # without a source there are no errors to show
+        columns = (["layout"] if mixed else []) + ["scale range"]
+        columns += ["rel err", "max abs", "SNR dB"] if errors else []
+        for column in [*columns, "flag"]:
             table.add_column(column)
         for row in report.rows[:top]:
             cells = [row.layout] if mixed else []
-            cells += [
-                f"{row.scale_min:.2g}..{row.scale_max:.2g}",
-                "" if row.rel_error is None else f"{row.rel_error:.4f}",
-                "" if row.max_abs_error is None else f"{row.max_abs_error:.2g}",
-                "" if row.snr_db is None else f"{row.snr_db:.1f}",
-                row.flagged or "",
-            ]
-            table.add_row(row.name, *cells)
+            cells.append(f"{row.scale_min:.2g}..{row.scale_max:.2g}")
+            if errors:
+                cells += [
+                    "" if row.rel_error is None else f"{row.rel_error:.4f}",
+                    "" if row.max_abs_error is None else f"{row.max_abs_error:.2g}",
+                    "" if row.snr_db is None else f"{row.snr_db:.1f}",
+                ]
+            table.add_row(row.name, *cells, row.flagged or "")
         err.print(table)
     for problem in report.problems:
         err.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
@@ -354,32 +510,54 @@ def _show_report(report: Report, as_json: bool, quiet: bool) -> None:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     if quiet:
         return
+    resumed = ""
+    if report.resumed_shards:
+        resumed = f", {report.resumed_shards} finished shard(s) reused from the interrupted run"
     err.print(
         f"[green]done[/green]: {report.out}\n"
         f"  tensors: {report.tensors_quantized} quantized, {report.tensors_kept} kept\n"
-        f"  size:    {_gb(report.bytes_in)} in, {_gb(report.bytes_out)} out\n"
-        f"  time:    {report.seconds:.1f} s, {report.gb_per_s:.2f} GB/s on {report.device}"
+        f"  size:    {_gb(report.bytes_in)} in, {_gb(report.bytes_out)} out{resumed}\n"
+        f"  time:    {_elapsed():.1f} s in all ({report.seconds:.1f} s converting, "
+        f"{report.gb_per_s:.2f} GB/s on {report.device})",
+        soft_wrap=True,
     )
 
 
+class _Settled(ProgressColumn):
+    """A speed or time-left column that shows nothing until there is something to estimate from: the
+    first tensors (and the start-up before them) make for readings like 80 kB/s, 4:30:02 left."""
+
+    def __init__(self, column: ProgressColumn) -> None:
+        super().__init__()
+        self.column = column
+
+    def render(self, task: Any) -> Text:
+        if not task.completed or (task.elapsed or 0.0) < 2.0:
+            return Text("-", style="progress.remaining")
+        return self.column.render(task)  # type: ignore[return-value]
+
+
 class _ProgressView:
-    """A byte-counting progress bar fed by the library's events."""
+    """A byte-counting progress bar fed by the library's events, naming the shard being written."""
 
     def __init__(self, quiet: bool, verb: str = "quantizing") -> None:
+        self.verb = verb
+        self.quiet = quiet
         self.progress = (
             None
             if quiet
             else Progress(
-                TextColumn(f"[bold]{verb}"),
+                TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
+                _Settled(TransferSpeedColumn()),
+                _Settled(TimeRemainingColumn()),
                 console=err,
                 transient=True,
             )
         )
         self.task: Any = None
+        self.shard = ""
 
     def __enter__(self) -> _ProgressView:
         return self
@@ -388,13 +566,20 @@ class _ProgressView:
         if self.progress and self.task is not None:
             self.progress.stop()
 
-    def on_event(self, event: Event) -> None:
+    def on_event(self, event: Any) -> None:
+        kind = type(event).__name__
+        if kind == "PlanReady" and not self.quiet:
+            _notes(event.plan.notes)  # before the bar, which takes the last line
         if not self.progress:
             return
-        if isinstance(event, (PlanReady, Started)):
+        if kind in ("PlanReady", "Started"):
             # Started only now, so that an error found while planning prints alone on its line.
             self.progress.start()
-            total = sum(j.source.nbytes for j in event.plan.jobs) if isinstance(event, PlanReady) else event.nbytes
-            self.task = self.progress.add_task("run", total=total)
-        elif isinstance(event, TensorDone) and self.task is not None:
+            total = sum(j.source.nbytes for j in event.plan.jobs) if kind == "PlanReady" else event.nbytes
+            self.task = self.progress.add_task(self.verb, total=total)
+        elif kind == "TensorDone" and self.task is not None:
+            shard = getattr(event, "shard", "")
+            if shard and shard != self.shard:
+                self.shard = shard
+                self.progress.update(self.task, description=f"{self.verb} {shard}")
             self.progress.advance(self.task, event.nbytes)

@@ -21,23 +21,22 @@ checkpoint with dequantization on:
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import EllipsisType
 from typing import Any
 
 import torch
 
+from fp8q import __version__, numerics
 from fp8q.checkpoint import CONFIG_FILE, INDEX_FILE, Checkpoint, Shard, TensorMeta, read_checkpoint
 from fp8q.dtypes import ITEMSIZE, NAME_OF
 from fp8q.errors import CheckpointError, OutputError, UsageError, read_error, write_error
-from fp8q.formats import Format, Layout, Scheme
 from fp8q.layouts import DetectedLayout, QuantizedWeight, describe, detect_layout
-from fp8q.manifest import MANIFEST_FILE
+from fp8q.manifest import MANIFEST_FILE, fingerprint, write_manifest
+from fp8q.numerics import row_bands
 from fp8q.pipeline import TensorDone
 from fp8q.plan import SHARD_METADATA, OutTensor, ShardPlan, build_header
 from fp8q.tensor_io import read_tensor, write_at
@@ -47,14 +46,14 @@ from fp8q.writer import (
     check_output,
     copy_file,
     finalize,
+    lock_partial,
+    output_path,
     partial_dir,
     remove_tree,
     write_json,
 )
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Elements dequantized at a time: bounds the float32 temporaries of a band (64 MB) whatever the weight size.
-BAND_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -115,16 +114,17 @@ def dequantize(
         out: the folder to create; it appears only once complete.
         dtype: "bfloat16", "float16" or "float32": the dtype of the dequantized weights. Other tensors keep
             theirs, and config.json is left as it is apart from `quantization_config`.
-        overwrite: replace a non-empty OUT (and a `OUT.partial/` left by an interrupted run).
+        overwrite: replace OUT if it is an fp8q output (its fp8q.json lists every file in it).
         on_event: called with `Started` once, then `TensorDone` per output tensor.
 
     Raises:
         Fp8qError: no FP8 weight in SRC, an FP8 weight without a usable scale (missing, of a shape that fits
-            no layout, NaN or inf), an OUT that cannot be written; one line naming the file or tensor.
+            no layout, of an integer dtype, NaN, inf, zero or negative), NaN codes in a weight, a value its
+            dtype cannot hold, an OUT that cannot be written; one line naming the file or tensor.
     """
     started = time.perf_counter()
     emit = on_event or (lambda event: None)
-    src, out = Path(src), Path(out)
+    src, out = Path(src), output_path(Path(out))
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     checkpoint = read_checkpoint(src)
@@ -132,26 +132,34 @@ def dequantize(
     jobs = _plan(checkpoint, detected, NAME_OF[DTYPES[dtype]])
     check_output(src, out, overwrite)
     partial = partial_dir(out)
-    if partial.exists():
-        if not overwrite:
-            raise OutputError(f"{partial}: left by an interrupted run; delete it, or pass --overwrite")
-        remove_tree(partial)
-    side_files = [f for f in checkpoint.side_files if f != MANIFEST_FILE]  # fp8q.json describes the FP8 run
-    bytes_out = sum(job.plan.size for job in jobs)
-    check_free_space(out, bytes_out + sum((checkpoint.root / f).stat().st_size for f in side_files))
-    steps = [step for job in jobs for step in job.steps]
-    emit(Started(len(steps), sum(_source_bytes(step) for step in steps)))
-
-    partial.mkdir(parents=True)
     try:
+        partial.mkdir(parents=True)
+    except FileExistsError:
+        os.close(lock_partial(partial))  # says so when another run is writing it
+        raise OutputError(f"{partial}: left by an interrupted run; delete it to start over") from None
+    lock = lock_partial(partial)
+    try:
+        side_files = [f for f in checkpoint.side_files if f != MANIFEST_FILE]  # fp8q.json describes the FP8 run
+        bytes_out = sum(job.plan.size for job in jobs)
+        side_bytes = sum((checkpoint.root / f).stat().st_size for f in side_files)
+        check_free_space(out, bytes_out + side_bytes + 4096 + 200 * len(jobs) + 100 * len(checkpoint.tensors))
+        steps = [step for job in jobs for step in job.steps]
+        emit(Started(len(steps), sum(_source_bytes(step) for step in steps)))
         with ShardReader(checkpoint) as reader:
             for job in jobs:
                 _write_shard(job, partial, reader, DTYPES[dtype], emit)
-        _write_metadata(checkpoint, jobs, partial, side_files)
-        finalize(partial, out)
+        try:
+            _write_metadata(checkpoint, jobs, partial, side_files, dtype)
+            record = fingerprint(checkpoint, {"command": "dequantize", "dtype": dtype}, __version__)
+            write_manifest(partial, record, {}, {"seconds": round(time.perf_counter() - started, 3)})
+            finalize(partial, out)
+        except OSError as e:
+            raise write_error(partial, e) from None
     except BaseException:
         remove_tree(partial)
         raise
+    finally:
+        os.close(lock)
     layouts: dict[str, int] = {}
     for qw in detected.weights:
         layouts[describe(qw.layout)] = layouts.get(describe(qw.layout), 0) + 1
@@ -167,42 +175,6 @@ def dequantize(
         seconds=time.perf_counter() - started,
         layouts=layouts,
     )
-
-
-def dequantize_weight(
-    q: torch.Tensor, scale: torch.Tensor, layout: Layout, dtype: torch.dtype = torch.bfloat16
-) -> torch.Tensor:
-    """Dequantize a 2-D FP8 weight (or a band of its rows, with the matching rows of its scale) as the client
-    of its format does: compressed-tensors multiplies in the scale's dtype, fp8 in float32."""
-    full = _broadcast(scale, layout, q.shape)
-    if layout.format is Format.COMPRESSED_TENSORS:
-        return (q.to(scale.dtype) * full).to(dtype)
-    return (q.float() * full.float()).to(dtype)
-
-
-def row_bands(rows: int, cols: int, layout: Layout) -> Iterator[tuple[int, int, slice | EllipsisType]]:
-    """Row ranges [r0, r1) of about `BAND_ELEMENTS` elements, whole block rows each, with the scale rows they
-    use (all of a per-tensor scale)."""
-    step = layout.block[0] if layout.scheme is Scheme.BLOCK else 1
-    band = max(step, BAND_ELEMENTS // max(cols, 1) // step * step)
-    for r0 in range(0, rows, band):
-        r1 = min(rows, r0 + band)
-        if layout.scheme is Scheme.BLOCK:
-            yield r0, r1, slice(r0 // step, math.ceil(r1 / step))
-        elif layout.scheme is Scheme.CHANNEL:
-            yield r0, r1, slice(r0, r1)
-        else:
-            yield r0, r1, ...
-
-
-def _broadcast(scale: torch.Tensor, layout: Layout, shape: torch.Size) -> torch.Tensor:
-    rows, cols = shape
-    if layout.scheme is Scheme.TENSOR:
-        return scale.reshape(())
-    if layout.scheme is Scheme.CHANNEL:
-        return scale.reshape(-1, 1)
-    bh, bw = layout.block
-    return scale.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
 
 
 def _detect(checkpoint: Checkpoint) -> DetectedLayout:
@@ -302,20 +274,46 @@ def _write_dequantized(shard: ShardFile, step: _Step, reader: ShardReader, dtype
     assert qw is not None and qw.scale is not None and qw.layout is not None
     q = reader.read(qw.weight)
     scale = reader.read(qw.scale)
-    if not bool(torch.isfinite(scale).all()):
-        # The client would spread NaN or inf over a whole row, tile or tensor; refuse instead.
-        raise CheckpointError(
-            f"tensor {qw.scale.name} in {qw.scale.shard} holds NaN or inf scales; "
-            f"{qw.weight.name} cannot be dequantized (`fp8q verify` lists every such scale)"
-        )
+    problem = value_problem(qw, q, scale)
+    if problem:
+        # The client would spread it over a whole row, tile or tensor, silently; refuse instead.
+        raise CheckpointError(f"{problem} (`fp8q verify` lists every such problem)")
     rows, cols = q.shape
     row_bytes = cols * ITEMSIZE[step.out.dtype]
     for r0, r1, scale_rows in row_bands(rows, cols, qw.layout):
-        band = dequantize_weight(q[r0:r1], scale[scale_rows], qw.layout, dtype)
+        band = numerics.dequantize(q[r0:r1], scale[scale_rows], qw.layout, dtype)
+        if not bool(torch.isfinite(band).all()):
+            scale_values = scale[scale_rows].float()
+            raise CheckpointError(
+                f"tensor {qw.weight.name} in {qw.weight.shard} times its scale {qw.scale.name} (up to "
+                f"{float(scale_values.max()):.4g}) exceeds what {step.out.dtype} holds; dequantize it to a wider "
+                "dtype (--dtype bfloat16 or float32), or quantize it again"
+            )
         write_at(shard.fd, step.out.start + r0 * row_bytes, band)
 
 
-def _write_metadata(checkpoint: Checkpoint, jobs: list[_ShardJob], partial: Path, side_files: list[str]) -> None:
+def value_problem(qw: QuantizedWeight, q: torch.Tensor, scale: torch.Tensor) -> str | None:
+    """What makes an FP8 weight's values unusable, as one line naming the tensor, or None: a scale no
+    client can use (integer, NaN, inf, zero or negative), or NaN codes in the weight itself."""
+    assert qw.scale is not None
+    bad_scale = numerics.scale_problem(scale)
+    if bad_scale:
+        return (
+            f"tensor {qw.scale.name} in {qw.scale.shard} has {bad_scale}; {qw.weight.name} cannot be dequantized, "
+            "quantize it again"
+        )
+    nans = numerics.nan_codes(q)
+    if nans:
+        return (
+            f"tensor {qw.weight.name} in {qw.weight.shard} holds {nans} NaN code(s) (0x7f/0xff) among its "
+            f"{q.numel()} FP8 values; the checkpoint is corrupt, quantize it again"
+        )
+    return None
+
+
+def _write_metadata(
+    checkpoint: Checkpoint, jobs: list[_ShardJob], partial: Path, side_files: list[str], dtype: str
+) -> None:
     if checkpoint.has_index or len(jobs) > 1:
         weight_map = {s.out.name: job.plan.name for job in jobs for s in job.steps}
         total = sum(s.out.nbytes for job in jobs for s in job.steps)
@@ -323,14 +321,19 @@ def _write_metadata(checkpoint: Checkpoint, jobs: list[_ShardJob], partial: Path
             partial / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         )
     if checkpoint.config is not None:
-        write_json(partial / CONFIG_FILE, _plain_config(checkpoint.config))
+        write_json(partial / CONFIG_FILE, _plain_config(checkpoint.config, dtype))
     for name in side_files:
         copy_file(checkpoint.root / name, partial / name)
 
 
-def _plain_config(config: dict[str, Any]) -> dict[str, Any]:
-    """config.json without its quantization section; every other key keeps its place and value."""
-    return {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
+def _plain_config(config: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """config.json without its quantization section, saying the dtype the weights now have (under the key it
+    already has: `dtype` in transformers 5, `torch_dtype` before); every other key keeps its place and value."""
+    plain = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
+    for key in ("dtype", "torch_dtype"):
+        if key in plain:
+            plain[key] = dtype
+    return plain
 
 
-__all__ = ["DTYPES", "DequantizeReport", "ShardReader", "Started", "dequantize", "dequantize_weight", "row_bands"]
+__all__ = ["DTYPES", "DequantizeReport", "ShardReader", "Started", "dequantize", "value_problem"]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fp8q.checkpoint import TensorMeta
+from fp8q.errors import UnsupportedTensorError
 
 _FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$")
 # Stored as x @ W (input dim first) when the hidden size cannot tell.
@@ -86,6 +87,14 @@ def split(meta: TensorMeta, config: Mapping[str, Any] | None) -> list[ExpertSlic
             transpose = rows == hidden if m["proj"] == "gate_up_proj" else cols == hidden
         else:
             transpose = model_type in _TRANSPOSED_TYPES
+    if m["proj"] == "gate_up_proj":
+        fused_width = meta.shape[1] if is_bias or not transpose else meta.shape[2]
+        if fused_width % 2:
+            raise UnsupportedTensorError(
+                f"tensor {meta.name} in {meta.shard} has shape {list(meta.shape)}: its fused gate+up dim "
+                f"{fused_width} is odd, so it cannot be split into gate and up halves; the checkpoint is malformed "
+                f"(or keep it as it is with --ignore '^{re.escape(meta.name.removesuffix('_bias'))}$')"
+            )
     suffix = "bias" if is_bias else "weight"
     slices = []
     for e in range(experts):

@@ -13,29 +13,30 @@ import json
 import mmap
 import os
 import shutil
+import signal
+import socket
 from pathlib import Path
 from typing import Any
 
+from fp8q.checkpoint import Checkpoint
 from fp8q.errors import OutputError
-from fp8q.plan import Plan
+from fp8q.writer import MANIFEST_FILE, RUN_FILE
 
 # In OUT.partial/: the run's fingerprint, and one record per finished shard. One file per shard,
 # so that any number of processes (torchrun) record their shards without touching each other's.
-RUN_FILE = ".fp8q-run.json"
 DONE_DIR = ".fp8q-done"
-MANIFEST_FILE = "fp8q.json"
 # Map a window's pages in one call instead of faulting them one by one (Linux).
 _POPULATE = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
-def fingerprint(plan: Plan, options: dict[str, Any], version: str) -> dict[str, Any]:
-    """What must not change between an interrupted run and its `--resume`."""
-    config = plan.checkpoint.config
+def fingerprint(checkpoint: Checkpoint, options: dict[str, Any], version: str) -> dict[str, Any]:
+    """What must not change between an interrupted run and its `--resume`; the manifest records it too."""
+    config = checkpoint.config
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest() if config else None
     return {
         "version": version,
         "options": options,
-        "source": [{"file": s.name, "size": s.size, "header_sha256": s.header_sha256} for s in plan.checkpoint.shards],
+        "source": [{"file": s.name, "size": s.size, "header_sha256": s.header_sha256} for s in checkpoint.shards],
         "config_sha256": config_hash,
     }
 
@@ -122,14 +123,22 @@ class Progress:
         self.partial = partial
         self.fingerprint = fingerprint
 
-    def start(self) -> None:
-        """Record what this run makes; done once, by the process that prepared `partial`."""
+    def start(self, source_stat: list[dict[str, Any]]) -> None:
+        """Record what this run makes, from which source files as they are now (sizes and change times),
+        and which process makes it; done once, by the process that holds the lock on `partial`."""
         (self.partial / DONE_DIR).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.partial / RUN_FILE, {"fingerprint": self.fingerprint})
+        record = {
+            "fingerprint": self.fingerprint,
+            "source_stat": source_stat,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+        atomic_write_json(self.partial / RUN_FILE, record)
 
     def record(self, shard: str, sha256: str, tensors: dict[str, Any]) -> None:
         name = hashlib.sha256(shard.encode()).hexdigest()[:32] + ".json"
         atomic_write_json(self.partial / DONE_DIR / name, {"shard": shard, "sha256": sha256, "tensors": tensors})
+        _signal_for_tests(self.partial)
 
     def done(self) -> dict[str, Any]:
         """Shard name -> {"sha256", "tensors"} for every shard recorded so far, by any process."""
@@ -147,15 +156,31 @@ class Progress:
         (self.partial / RUN_FILE).unlink(missing_ok=True)
 
 
-def reusable_shards(partial: Path, expected: dict[str, Any]) -> dict[str, Any]:
+def _signal_for_tests(partial: Path) -> None:
+    """For tests only: with FP8Q_TEST_SIGNAL_AFTER=K:NAME (say `2:KILL`), this process sends itself SIGNAME as
+    soon as K shards are recorded, so a test stops a run at a known point instead of racing it with a poll."""
+    when = os.environ.get("FP8Q_TEST_SIGNAL_AFTER")
+    if not when:
+        return
+    count, _, name = when.partition(":")
+    if len(list((partial / DONE_DIR).glob("*.json"))) == int(count):
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+
+
+def reusable_shards(partial: Path, expected: dict[str, Any], source_stat: list[dict[str, Any]]) -> dict[str, Any]:
     """The finished shards of an interrupted run that `--resume` may keep: recorded, and still
     hashing to what was recorded.
+
+    The source must have the same shard names, sizes and header hashes (the fingerprint), and each kept
+    shard's source file the same modification and status-change times (`source_stat`) as when it was
+    made, so that data changed in place under an unchanged header is made again, not reused.
 
     Raises:
         OutputError: no usable run record, or the source, options or tool version changed.
     """
     try:
-        recorded = json.loads((partial / RUN_FILE).read_text())["fingerprint"]
+        run = json.loads((partial / RUN_FILE).read_text())
+        recorded = run["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         raise OutputError(
             f"{partial}: no readable run record, so nothing in it can be trusted; delete it and run again"
@@ -171,11 +196,18 @@ def reusable_shards(partial: Path, expected: dict[str, Any]) -> dict[str, Any]:
                 f"{partial}: cannot resume: the {what} changed since the interrupted run; "
                 f"delete {partial.name} and run again without --resume"
             )
+    # A finished shard is kept only if its source file is the very one it was made from (output shards mirror
+    # source shards one to one); one changed in place under an unchanged header is simply made again.
+    then = {entry.get("file"): entry for entry in run.get("source_stat") or [] if isinstance(entry, dict)}
+    now = {entry["file"]: entry for entry in source_stat}
     done = Progress(partial, expected).done()
     return {
         name: entry
         for name, entry in done.items()
-        if (partial / name).is_file() and sha256_file(partial / name) == entry["sha256"]
+        if name in now
+        and then.get(name) == now[name]
+        and (partial / name).is_file()
+        and sha256_file(partial / name) == entry["sha256"]
     }
 
 

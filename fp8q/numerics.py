@@ -23,6 +23,8 @@ the amax first and then quantize with the one scale.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from types import EllipsisType
 
 import torch
 
@@ -168,17 +170,78 @@ def _check_finite(amax: torch.Tensor) -> None:
         raise NonFiniteWeight("holds NaN or inf values")
 
 
+# Elements dequantized at a time: bounds the float64 temporaries of a band (32 MB) whatever the weight size.
+BAND_ELEMENTS = 1 << 22
+
+
 def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, layout: Layout, dtype: torch.dtype = torch.bfloat16
+    q: torch.Tensor, scale: torch.Tensor, layout: Layout, dtype: torch.dtype = torch.bfloat16, *, strict: bool = False
 ) -> torch.Tensor:
-    """w ~ q * scale, the scale broadcast over its row, tile or the whole tensor."""
-    rows, cols = q.shape
-    if layout.scheme is Scheme.BLOCK:
-        bh, bw = layout.block
-        full = scale.float().repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
-    else:
-        full = scale.float().reshape(-1, 1) if layout.scheme is Scheme.CHANNEL else scale.float().reshape(())
-    return (q.float() * full).to(dtype)
+    """w ~ q * scale, as the client of the layout computes it, cast to `dtype`. `q` may be a band of rows
+    with the matching rows of the scale (whole tile rows for block).
+
+    - compressed-tensors (its `dequantize` in quantization/lifecycle/forward.py, which transformers'
+      `CompressedTensorsConfig(dequantize=True)` runs): `q.to(scale.dtype) * scale`: the product is
+      rounded to the scale's dtype (bf16 for llm-compressor output).
+    - fp8 (transformers `Fp8Dequantize`, DeepSeek-V3 `weight_dequant`): `q.float() * scale.float()`.
+
+    The product is first taken exactly (float64 holds any float8 x float32 product), then rounded once to
+    the client's dtype, which gives the client's bits. Where the client's dtype cannot hold it (float16
+    weights near 65504, say) the client gets inf; `strict` keeps that inf (what verify checks), otherwise
+    the exact product is rounded to `dtype` instead, so no overflow of the client's makes a weight inf.
+    """
+    exact = q.double() * _broadcast(scale.double(), layout, q.shape)
+    client = exact.to(scale.dtype if layout.format is Format.COMPRESSED_TENSORS else torch.float32)
+    if strict:
+        return client.to(dtype)
+    overflowed = torch.isinf(client) & torch.isfinite(exact)
+    if not bool(overflowed.any()):
+        return client.to(dtype)
+    return torch.where(overflowed, exact, client.double()).to(dtype)
+
+
+def _broadcast(scale: torch.Tensor, layout: Layout, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The scale spread over the weight's shape: one per tensor, row or tile."""
+    rows, cols = shape
+    if layout.scheme is Scheme.TENSOR:
+        return scale.reshape(())
+    if layout.scheme is Scheme.CHANNEL:
+        return scale.reshape(-1, 1)
+    bh, bw = layout.block
+    return scale.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
+
+
+def row_bands(rows: int, cols: int, layout: Layout) -> Iterator[tuple[int, int, slice | EllipsisType]]:
+    """Row ranges [r0, r1) of about `BAND_ELEMENTS` elements, whole block rows each, with the scale rows they
+    use (all of a per-tensor scale)."""
+    step = row_step(layout)
+    band = max(step, BAND_ELEMENTS // max(cols, 1) // step * step)
+    for r0 in range(0, rows, band):
+        r1 = min(rows, r0 + band)
+        yield r0, r1, (... if layout.scheme is Scheme.TENSOR else _scale_rows(layout, r0, r1))
+
+
+def scale_problem(scale: torch.Tensor) -> str | None:
+    """What makes these scale values unusable, in words, or None: an integer dtype is no scale, and a NaN,
+    inf, zero or negative scale ruins its whole row, tile or tensor."""
+    if not scale.dtype.is_floating_point:
+        return f"dtype {str(scale.dtype).removeprefix('torch.')}, not a float"
+    values = scale.float()
+    kinds = [
+        (torch.isnan(values), "NaN"),
+        (torch.isinf(values), "inf"),
+        (values == 0, "zero"),
+        (values < 0, "negative"),
+    ]
+    found = [(int(mask.sum()), what) for mask, what in kinds if bool(mask.any())]
+    if not found:
+        return None
+    return ", ".join(f"{n} {what}" for n, what in found) + f" of its {values.numel()} scale values"
+
+
+def nan_codes(q: torch.Tensor) -> int:
+    """How many float8_e4m3fn NaN codes (0x7f and 0xff; the format has no inf) a weight holds."""
+    return int(((q.view(torch.uint8) & 0x7F) == 0x7F).sum())
 
 
 def error_stats(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout, bands: int = 2) -> dict[str, float]:
@@ -195,8 +258,9 @@ def error_stats(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layou
             band_scale = s
         else:
             band_scale = s[_scale_rows(layout, a, b)]
-        deq = dequantize(q[a:b], band_scale, layout, torch.float32)
-        ref = w[a:b].float()
+        # In float64: the squares of float32 weights near their maximum would overflow in float32.
+        deq = dequantize(q[a:b], band_scale, layout, torch.float64)
+        ref = w[a:b].double()
         diff = deq - ref
         diff_sq += float(diff.square().sum())
         ref_sq += float(ref.square().sum())

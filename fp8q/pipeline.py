@@ -22,6 +22,7 @@ buffers for quantized weights (one byte per element) on their way to disk.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -31,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ from typing import Any
 import torch
 
 from fp8q import __version__
-from fp8q.checkpoint import CONFIG_FILE, INDEX_FILE, read_checkpoint
+from fp8q.checkpoint import CONFIG_FILE, INDEX_FILE, changed_since_read, read_checkpoint, read_config
+from fp8q.checks import plan_notes, plan_problems
 from fp8q.distributed import Cluster, Watcher, assign
 from fp8q.errors import (
     CheckpointError,
@@ -56,13 +58,14 @@ from fp8q.numerics import FP8, NonFiniteWeight, error_stats
 from fp8q.plan import Action, Job, Plan, make_plan
 from fp8q.quantizer import make_quantizer, resolve_device
 from fp8q.tensor_io import BufferPool, Stopped, read_ahead, read_tensor, typed_view
-from fp8q.tensor_parallel import tensor_parallel_problems
 from fp8q.writer import (
     ShardFile,
     check_free_space,
     check_output,
     copy_file,
     finalize,
+    lock_partial,
+    output_path,
     partial_dir,
     remove_tree,
     write_json,
@@ -87,7 +90,9 @@ class QuantizeOptions:
     overwrite: bool = False
     resume: bool = False
     revision: str | None = None  # for a Hub repo id
-    tp: int | None = None  # check that block layouts shard at this vLLM tensor-parallel size
+    tp: int | None = None  # check that block layouts load in vLLM at this tensor-parallel size (None: 1)
+    load_check: bool = True  # False writes block layers vLLM could not load (the user's explicit choice)
+    config: str | None = None  # a config.json to use when SRC has none
 
     @property
     def layout(self) -> Layout:
@@ -114,6 +119,7 @@ class PlanReady:
 class TensorDone:
     name: str
     nbytes: int
+    shard: str = ""  # the output shard it went into
 
 
 @dataclass(frozen=True)
@@ -150,13 +156,15 @@ def local_source(src: str | Path, revision: str | None = None) -> Path:
 
 
 def plan_conversion(src: str | Path, options: QuantizeOptions) -> Plan:
-    """Read and validate SRC and plan the conversion, reading no tensor data. `plan.problems`
-    lists the layers vLLM could not load at `options.tp`."""
+    """Read and validate SRC and plan the conversion, reading no tensor data. `plan.problems` lists
+    why the output could not be served (`quantize` refuses them), `plan.notes` what else to know."""
     local = local_source(src, options.revision)
-    plan = make_plan(read_checkpoint(local), options.layout, options.ignore, options.targets)
-    if options.tp is None:
-        return plan
-    return replace(plan, problems=tuple(tensor_parallel_problems(plan.jobs, plan.layout, options.tp)))
+    checkpoint = read_checkpoint(local)
+    if options.config is not None:
+        checkpoint = replace(checkpoint, config=read_config(Path(options.config)))
+    plan = make_plan(checkpoint, options.layout, options.ignore, options.targets)
+    problems = plan_problems(plan, options.tp, options.load_check)
+    return replace(plan, problems=tuple(problems), notes=tuple(plan_notes(plan)))
 
 
 def quantize(
@@ -186,7 +194,8 @@ def quantize(
     device = resolve_device(options.device)
     cluster = Cluster.from_env(cuda=device.type == "cuda")
     try:
-        return _quantize(src, out, options, on_event, cluster, cluster.device(device), started)
+        with ExitStack() as cleanup:
+            return _quantize(src, out, options, on_event, cluster, cluster.device(device), started, cleanup)
     finally:
         cluster.close()
 
@@ -199,6 +208,7 @@ def _quantize(
     cluster: Cluster,
     device: torch.device,
     started: float,
+    cleanup: ExitStack,
 ) -> Report:
     lead = cluster.rank == 0
     emit = (on_event if lead else None) or (lambda event: None)
@@ -206,16 +216,16 @@ def _quantize(
     reused: dict[str, Any] = {}
     error: BaseException | None = None
     try:
+        out = output_path(out)
+        partial = partial_dir(out)
         local_src = local_source(src, options.revision)
         plan = plan_conversion(local_src, replace(options, revision=None))
         if plan.problems:
-            raise Fp8qError(
-                f"{len(plan.problems)} layer(s) would not load in vLLM at --tp {options.tp}, first: "
-                f"{plan.problems[0]} (`fp8q inspect` with the same options lists them all)"
-            )
-        fp = fingerprint(plan, options.output_affecting(), __version__)
+            raise Fp8qError(refusal(plan.problems))
+        fp = fingerprint(plan.checkpoint, options.output_affecting(), __version__)
         if lead:
-            reused = _prepare_partial(plan, local_src, out, partial, fp, options)
+            reused, lock = _prepare_partial(plan, local_src, out, partial, fp, options)
+            cleanup.callback(os.close, lock)  # releases OUT.partial/ (renamed to OUT by then if all went well)
     except Exception as e:  # noqa: BLE001 - handed to every process, then raised
         error = e
     cluster.agree(error)  # every process fails alike, before any data is read
@@ -225,8 +235,9 @@ def _quantize(
     skip = {s.name for s in plan.shards} - mine
 
     emit(PlanReady(plan))
-    for job in (j for s in plan.shards if s.name in reused for j in s.jobs):
-        emit(TensorDone(job.source.name, job.source.nbytes))
+    for shard in (s for s in plan.shards if s.name in reused):
+        for job in shard.jobs:
+            emit(TensorDone(job.source.name, job.source.nbytes, shard.name))
     progress = Progress(partial, fp)
     stop = threading.Event()
     workers = options.workers or max(1, (os.cpu_count() or 1) // cluster.local_world)
@@ -244,11 +255,14 @@ def _quantize(
         try:
             cluster.agree(_interrupted(caught) if caught else failure)
             if lead:
-                _write_metadata_files(plan, partial)
                 timings = {"seconds": round(time.perf_counter() - started, 3), "processes": cluster.world}
-                write_manifest(partial, fp, progress.done(), timings)
-                progress.clear()
-                finalize(partial, out)
+                try:
+                    _write_metadata_files(plan, partial)
+                    write_manifest(partial, fp, progress.done(), timings)
+                    progress.clear()
+                    finalize(partial, out)
+                except OSError as e:
+                    raise write_error(partial, e) from None
         except BaseException as e:
             raise (_failed(e, caught, partial, progress) if lead else e) from None
     return Report(
@@ -264,24 +278,53 @@ def _quantize(
     )
 
 
+def refusal(problems: tuple[str, ...]) -> str:
+    """The one line that refuses a plan with problems."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems, first: {problems[0]} (`fp8q inspect` with the same options lists them all)"
+
+
 def _prepare_partial(
     plan: Plan, src: Path, out: Path, partial: Path, fp: dict[str, Any], options: QuantizeOptions
-) -> dict[str, Any]:
-    """Check OUT and the disk, and set up OUT.partial/; returns the shards a resumed run keeps."""
+) -> tuple[dict[str, Any], int]:
+    """Check OUT and the disk, and set up and lock OUT.partial/; returns the shards a resumed run keeps
+    and the descriptor that holds the lock (closed when the run ends)."""
     check_output(src, out, options.overwrite)
-    reused: dict[str, Any] = {}
-    if partial.exists():
-        if not options.resume:
-            raise OutputError(
-                f"{partial}: left by an interrupted run; pass --resume to continue it, or delete it to start over"
-            )
-        reused = reusable_shards(partial, fp)
-    side_bytes = sum((plan.checkpoint.root / f).stat().st_size for f in plan.checkpoint.side_files)
-    reused_bytes = sum(s.size for s in plan.shards if s.name in reused)
-    check_free_space(out, plan.bytes_out - reused_bytes + side_bytes)
-    partial.mkdir(parents=True, exist_ok=True)
-    Progress(partial, fp).start()
-    return reused
+    source_stat = [shard.source.stat_record() for shard in plan.shards]
+    try:
+        partial.mkdir(parents=True)
+        fresh = True
+    except FileExistsError:
+        fresh = False
+    lock = lock_partial(partial)
+    try:
+        reused: dict[str, Any] = {}
+        if not fresh:
+            if not options.resume:
+                raise OutputError(
+                    f"{partial}: left by an interrupted run; pass --resume to continue it, or delete it to start over"
+                )
+            reused = reusable_shards(partial, fp, source_stat)
+        reused_bytes = sum(s.size for s in plan.shards if s.name in reused)
+        check_free_space(out, plan.bytes_out - reused_bytes + _metadata_bytes(plan))
+        Progress(partial, fp).start(source_stat)
+    except BaseException:
+        os.close(lock)
+        if fresh:
+            remove_tree(partial)
+        raise
+    return reused, lock
+
+
+def _metadata_bytes(plan: Plan) -> int:
+    """What the run writes beside the shards: side files, index, config and manifest (an upper bound)."""
+    side = sum((plan.checkpoint.root / f).stat().st_size for f in plan.checkpoint.side_files)
+    index = len(json.dumps(plan.index(), indent=2).encode()) + 1
+    config = len(json.dumps(plan.config, indent=2, ensure_ascii=False).encode()) + 1 if plan.config else 0
+    # fp8q.json: a line of statistics per quantized weight, a hash per file, the fingerprint.
+    manifest = 4096 + 400 * plan.n_quantized + 200 * (len(plan.shards) + len(plan.checkpoint.side_files))
+    return side + index + config + manifest
 
 
 def _count_bytes(cluster: Cluster) -> EventCallback:
@@ -546,6 +589,11 @@ def _write(
                     current = ShardFile(path, shard, _hash_in_background(syncer, hasher))
                     src_fd = os.open(shard.source.path, os.O_RDONLY)
                 if item.job is None:
+                    if changed_since_read(shard.source, os.fstat(src_fd)):
+                        raise CheckpointError(
+                            f"{shard.source.path}: changed while fp8q was converting it; run again once nothing "
+                            "writes to the source"
+                        )
                     flushed.append(syncer.submit(_finish_shard, current, hasher, shard.name, stats, progress))
                     current, hasher, stats = None, None, {}
                     os.close(src_fd)
@@ -568,7 +616,7 @@ def _write(
                         pool.give(buf)
             except OSError as e:
                 raise write_error(path, e) from None
-            emit(TensorDone(job.source.name, job.source.nbytes))
+            emit(TensorDone(job.source.name, job.source.nbytes, shard.name))
         for future in flushed:
             try:
                 future.result()

@@ -86,7 +86,12 @@ class Plan:
     ignored: tuple[str, ...]
     quantization_config: dict[str, Any]
     config: dict[str, Any] | None = field(repr=False)
-    problems: tuple[str, ...] = ()  # layers an engine could not load as planned (see tensor_parallel)
+    # Why this output must not be written (no config, nothing quantized, layers an engine could not load):
+    # `quantize` refuses, `inspect` and `--dry-run` exit 1. See fp8q.checks.
+    problems: tuple[str, ...] = ()
+    # One line each that a user should read but that does not stop the run (a client that mis-loads the layout,
+    # files left out).
+    notes: tuple[str, ...] = ()
 
     @property
     def jobs(self) -> list[Job]:
@@ -232,6 +237,7 @@ def describe(plan: Plan) -> dict[str, Any]:
         "side_files": list(plan.checkpoint.side_files),
         "skipped_files": list(plan.checkpoint.skipped_files),
         "problems": list(plan.problems),
+        "notes": list(plan.notes),
     }
 
 

@@ -28,10 +28,12 @@ from typing import Any
 
 import torch
 
+from fp8q import numerics
 from fp8q.checkpoint import CONFIG_FILE, Checkpoint, TensorMeta, read_checkpoint
-from fp8q.dequantize import ShardReader, Started, dequantize_weight, row_bands
+from fp8q.dequantize import ShardReader, Started, value_problem
 from fp8q.dtypes import FP8
-from fp8q.errors import CheckpointError
+from fp8q.errors import CheckpointError, Fp8qError
+from fp8q.experts import Part, fused_weight_of, is_fused_expert_weight, split
 from fp8q.formats import Format
 from fp8q.layouts import DetectedLayout, QuantizedWeight, describe, detect_layout, quantization_config
 from fp8q.pipeline import TensorDone
@@ -143,9 +145,10 @@ def _check_values(
     """Read every scale (and with a source every weight), one tensor at a time, into rows and problems."""
     usable = [qw for qw in detected.weights if qw.scale is not None and qw.layout is not None]
     emit(Started(len(usable), sum(_nbytes(qw) for qw in usable)))
+    sources = _source_tensors(src) if src is not None else {}
     with ShardReader(checkpoint) as reader, ShardReader(src or checkpoint) as src_reader:
         for qw in usable:
-            src_meta = _source_meta(src, qw) if src is not None else None
+            src_meta = _source_of(sources, qw)
             row, problem = _check_weight(qw, reader, src_reader, src_meta)
             report.rows.append(row)
             if problem:
@@ -229,84 +232,120 @@ def _check_coverage(checkpoint: Checkpoint, detected: DetectedLayout) -> list[st
     return problems
 
 
+@dataclass(frozen=True)
+class _SourceTensor:
+    """Where an output tensor comes from in the source: a tensor, or one expert's part of a fused one."""
+
+    source: TensorMeta  # the bytes to read (one expert's slice of a fused tensor)
+    shape: tuple[int, ...]
+    dtype: str
+    part: Part | None = None
+    fused: str | None = None  # the fused source tensor it was split from
+
+    def take(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.part is None else self.part.take(w)
+
+
+def _source_tensors(src: Checkpoint) -> dict[str, _SourceTensor]:
+    """Every tensor name a conversion of `src` can write, with where it comes from: each source tensor by
+    its own name, and fused 3-D experts (and their biases) also by the per-expert names fp8q splits them into."""
+    found = {name: _SourceTensor(meta, meta.shape, meta.dtype) for name, meta in src.tensors.items()}
+    for meta in src.tensors.values():
+        if not (is_fused_expert_weight(meta) or fused_weight_of(meta)):
+            continue
+        try:
+            slices = split(meta, src.config)
+        except Fp8qError:
+            continue  # a fused tensor that cannot be split is compared whole
+        for piece in slices:
+            for part in piece.parts:
+                shape = part.shape(piece.source.shape)
+                found[part.name] = _SourceTensor(piece.source, shape, meta.dtype, part, meta.name)
+    return found
+
+
 def _check_against_source(checkpoint: Checkpoint, src: Checkpoint, detected: DetectedLayout) -> list[str]:
-    """Names, shapes and dtypes against the source; values are compared weight by weight later."""
+    """Names, shapes and dtypes against the source; values are compared weight by weight later. A fused
+    expert tensor may be in the output whole, or split per expert (as fp8q writes it)."""
     problems = []
     dropped = detected.dropped
     fp8 = {qw.weight.name for qw in detected.weights}
-    for name, meta in sorted(src.tensors.items(), key=lambda kv: natural_key(kv[0])):
+    sources = _source_tensors(src)
+    split_in_output = {s.fused for name, s in sources.items() if s.fused and name in checkpoint.tensors}
+    for name, origin in sorted(sources.items(), key=lambda kv: natural_key(kv[0])):
         got = checkpoint.tensors.get(name)
         if got is None:
-            problems.append(f"tensor {name} of the source ({meta.shard}) is missing")
-        elif got.shape != meta.shape:
-            problems.append(f"tensor {name} in {got.shard} has shape {list(got.shape)}, the source {list(meta.shape)}")
-        elif name not in fp8 and got.dtype != meta.dtype:
-            problems.append(f"tensor {name} in {got.shard} is {got.dtype}, the source {meta.dtype}")
+            if origin.fused is None and name not in split_in_output:
+                problems.append(f"tensor {name} of the source ({origin.source.shard}) is missing")
+            elif origin.fused in split_in_output:  # split, but not into this part
+                problems.append(f"tensor {name} (split from {origin.fused} of the source) is missing")
+        elif got.shape != origin.shape:
+            problems.append(
+                f"tensor {name} in {got.shard} has shape {list(got.shape)}, the source {list(origin.shape)}"
+            )
+        elif name not in fp8 and got.dtype != origin.dtype:
+            problems.append(f"tensor {name} in {got.shard} is {got.dtype}, the source {origin.dtype}")
     for name, meta in sorted(checkpoint.tensors.items(), key=lambda kv: natural_key(kv[0])):
-        if name not in src.tensors and name not in dropped:
+        if name not in sources and name not in dropped:
             problems.append(f"tensor {name} in {meta.shard} is not in the source")
     return problems
 
 
 def _check_weight(
-    qw: QuantizedWeight, reader: ShardReader, src_reader: ShardReader, src_meta: TensorMeta | None
+    qw: QuantizedWeight, reader: ShardReader, src_reader: ShardReader, src_meta: _SourceTensor | None
 ) -> tuple[TensorCheck, str | None]:
-    """Scale values, and with a source the error of the dequantized weight; one tensor in memory at a time."""
+    """Scale and weight values, with a source the error of the dequantized weight; one tensor at a time.
+
+    The weight is dequantized as its client computes it (`strict`: an overflow of the client's dtype stays
+    inf), so a scale that makes any weight non-finite in the client is named.
+    """
     assert qw.scale is not None and qw.layout is not None
     scale = reader.read(qw.scale)
     values = scale.float()
-    problem = _bad_scale_values(qw, values)
+    finite = values[torch.isfinite(values)]
     row = TensorCheck(
         qw.weight.name,
         describe(qw.layout),
         qw.weight.shape,
-        float(values.min()) if values.numel() else 0.0,
-        float(values.max()) if values.numel() else 0.0,
+        float(finite.min()) if finite.numel() else math.nan,
+        float(finite.max()) if finite.numel() else math.nan,
     )
-    if src_meta is None or problem:
-        return row, problem
     q = reader.read(qw.weight)
-    w = src_reader.read(src_meta)
+    problem = value_problem(qw, q, scale)
+    if problem:
+        return row, problem
+    w = src_reader.read(src_meta.source) if src_meta is not None else None
     diff_sq = ref_sq = 0.0
     max_abs = 0.0
     rows, cols = q.shape
-    for r0, r1, scale_rows in row_bands(rows, cols, qw.layout):
-        deq = dequantize_weight(q[r0:r1], scale[scale_rows], qw.layout, torch.float32)
-        ref = w[r0:r1].float()
+    for r0, r1, scale_rows in numerics.row_bands(rows, cols, qw.layout):
+        deq = numerics.dequantize(q[r0:r1], scale[scale_rows], qw.layout, torch.float64, strict=True)
+        if not bool(torch.isfinite(deq).all()):
+            client = scale.dtype if qw.layout.format is Format.COMPRESSED_TENSORS else torch.float32
+            return row, (
+                f"tensor {qw.scale.name} in {qw.scale.shard} makes {qw.weight.name} overflow to inf in the "
+                f"{str(client).removeprefix('torch.')} its client computes in; quantize it again"
+            )
+        if w is None or src_meta is None:
+            continue
+        ref = src_meta.take(w)[r0:r1].double()
         diff = deq - ref
-        diff_sq += float(diff.double().square().sum())
-        ref_sq += float(ref.double().square().sum())
+        diff_sq += float(diff.square().sum())
+        ref_sq += float(ref.square().sum())
         if diff.numel():
             max_abs = max(max_abs, float(diff.abs().max()))
+    if w is None:
+        return row, None
     rel = math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
     snr = math.inf if diff_sq == 0 else (10 * math.log10(ref_sq / diff_sq) if ref_sq > 0 else -math.inf)
     return replace(row, rel_error=rel, max_abs_error=max_abs, snr_db=snr), None
 
 
-def _source_meta(src: Checkpoint, qw: QuantizedWeight) -> TensorMeta | None:
-    meta = src.tensors.get(qw.weight.name)
-    if meta is None or meta.shape != qw.weight.shape or meta.dtype in FP8:
+def _source_of(sources: dict[str, _SourceTensor], qw: QuantizedWeight) -> _SourceTensor | None:
+    origin = sources.get(qw.weight.name)
+    if origin is None or origin.shape != qw.weight.shape or origin.dtype in FP8:
         return None  # reported by _check_against_source
-    return meta
-
-
-def _bad_scale_values(qw: QuantizedWeight, values: torch.Tensor) -> str | None:
-    scale = qw.scale
-    assert scale is not None
-    kinds = [
-        (torch.isnan(values), "NaN"),
-        (torch.isinf(values), "inf"),
-        (values == 0, "zero"),
-        (values < 0, "negative"),
-    ]
-    found = [(int(mask.sum()), what) for mask, what in kinds if bool(mask.any())]
-    if not found:
-        return None
-    counts = ", ".join(f"{n} {what}" for n, what in found)
-    return (
-        f"tensor {scale.name} in {scale.shard} has {counts} of its {values.numel()} scale values; "
-        f"{qw.weight.name} cannot be dequantized, quantize it again"
-    )
+    return origin
 
 
 def _flag_outliers(rows: list[TensorCheck]) -> list[TensorCheck]:

@@ -1,23 +1,33 @@
 """The output folder: streaming shard files, JSON side files, copies, and the atomic rename.
 
-Imports: errors, plan types, tensor_io. All work happens in `OUT.partial/` beside OUT; only a
-complete result is renamed to OUT, so a crash or kill never leaves a folder that looks finished.
+Imports: errors, checkpoint, plan types, tensor_io. All work happens in `OUT.partial/` beside OUT,
+locked by the run that writes it; only a complete result is renamed to OUT, so a crash or kill never
+leaves a folder that looks finished. fp8q deletes only what it made: its own `OUT.partial/`, and with
+`--overwrite` an OUT whose fp8q.json lists every file in it.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fp8q.checkpoint import allowed_link_root
 from fp8q.errors import OutputError
 from fp8q.plan import OutTensor, ShardPlan
 from fp8q.tensor_io import copy_range, start_writeback, write_at
+
+# In OUT: fp8q's manifest; in OUT.partial/: the record of the run that writes it (see manifest.py).
+MANIFEST_FILE = "fp8q.json"
+RUN_FILE = ".fp8q-run.json"
 
 
 class ShardFile:
@@ -80,18 +90,42 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def output_path(out: Path) -> Path:
+    """OUT as the run uses it: a symbolic link to a folder stands for that folder, so the new checkpoint
+    replaces the folder and the link keeps pointing at it.
+
+    Raises:
+        OutputError: a link to nothing.
+    """
+    if not out.is_symlink():
+        return out
+    target = out.resolve()
+    if not target.exists():
+        raise OutputError(f"{out}: a symbolic link to {target}, which does not exist; create it or choose another")
+    return target
+
+
 def finalize(partial: Path, out: Path) -> None:
-    """Move a finished `OUT.partial/` to OUT, replacing an old OUT only now that the new one is whole."""
+    """Move a finished `OUT.partial/` to OUT. An old OUT (empty, or an fp8q output `check_output` let
+    `--overwrite` replace, checked again now) is moved into a folder this run creates, and deleted only
+    once the new one is in place: no other path is ever touched."""
     _fsync_dir(partial)
-    old = out.with_name(out.name + ".old")
+    if out.exists() and any(out.iterdir()):
+        check_replaceable(out)  # again: files may have been added to it while the run was going
+    trash = None
     if out.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(out, old)
-    os.rename(partial, out)
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+        os.rename(out, trash / out.name)
+    try:
+        os.rename(partial, out)
+    except OSError:
+        if trash is not None:
+            os.rename(trash / out.name, out)
+            trash.rmdir()
+        raise
     _fsync_dir(out.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    if trash is not None:
+        shutil.rmtree(trash)
 
 
 def remove_tree(path: Path) -> None:
@@ -99,22 +133,97 @@ def remove_tree(path: Path) -> None:
 
 
 def check_output(src: Path, out: Path, overwrite: bool) -> None:
-    """OUT must not be SRC or inside it, and must be empty unless --overwrite.
+    """OUT must be neither SRC nor inside it nor around it, and must be empty, or (with --overwrite) an
+    fp8q output that holds nothing but what its fp8q.json lists.
 
     Raises:
         OutputError: naming OUT and what to do.
     """
     src_r, out_r = src.resolve(), out.resolve()
     if src_r.is_file():
-        # A single file: the output only must not be the file or the folder holding it.
-        if out_r in (src_r, src_r.parent):
-            raise OutputError(f"{out}: the output must not be the source file or its folder; choose another folder")
-    elif out_r == src_r or src_r in out_r.parents:
-        raise OutputError(f"{out}: the output must not be the source folder or inside it; choose another folder")
+        # A single file: only the file and the config.json beside it are read, so OUT may sit beside it.
+        if out_r == src_r or out_r in src_r.parents or out_r == src.parent.resolve():
+            raise OutputError(
+                f"{out}: the output folder holds the source file ({src}); fp8q never replaces a folder holding "
+                "its source: choose another folder"
+            )
+    else:
+        # The folder whose files the run reads: a Hub cache snapshot's links lead into its repo folder.
+        for inside in {src_r, allowed_link_root(src_r)}:
+            if out_r == inside or inside in out_r.parents:
+                raise OutputError(
+                    f"{out}: the output must not be the source folder or inside it; choose another folder"
+                )
+            if out_r in inside.parents:
+                raise OutputError(
+                    f"{out}: the output folder holds the source ({src}); fp8q never replaces a folder holding "
+                    "its source: choose another folder"
+                )
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder; choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it, or choose another folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(
+                f"{out}: exists and is not empty; pass --overwrite to replace it (an fp8q output only), "
+                "or choose another folder"
+            )
+        check_replaceable(out)
+
+
+def check_replaceable(out: Path) -> None:
+    """`--overwrite` replaces only what is provably an fp8q output: a folder whose fp8q.json, written by
+    fp8q, lists every file in it.
+
+    Raises:
+        OutputError: anything else, naming what makes it so.
+    """
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
+        listed = manifest["files"] if manifest.get("tool") == "fp8q" else None
+        if not isinstance(listed, dict):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError, KeyError, TypeError):
+        raise OutputError(
+            f"{out}: exists, is not empty and is not an fp8q output (no {MANIFEST_FILE} of fp8q's): fp8q deletes "
+            "nothing it did not write; empty it yourself or choose another folder"
+        ) from None
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_symlink() or (not path.is_dir() and rel != MANIFEST_FILE and rel not in listed):
+            raise OutputError(
+                f"{out}: holds {rel}, which fp8q did not write (its {MANIFEST_FILE} does not list it); "
+                "--overwrite replaces only an fp8q output: move it away, or choose another folder"
+            )
+
+
+def lock_partial(partial: Path) -> int:
+    """Take the exclusive lock on `OUT.partial/` that every run writing into it holds until it ends;
+    returns the descriptor to release it with (closing it releases the lock).
+
+    Raises:
+        OutputError: another run holds it.
+    """
+    fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise OutputError(f"{partial}: cannot be locked ({e.strerror or e}); write elsewhere") from None
+        raise OutputError(
+            f"{partial}: another fp8q run{_holder(partial)} is writing it right now; wait for it to finish or "
+            "stop it, or write elsewhere"
+        ) from None
+    return fd
+
+
+def _holder(partial: Path) -> str:
+    """` (pid N on HOST)` from the run record of the run that holds the lock, where it says."""
+    try:
+        record = json.loads((partial / RUN_FILE).read_text(encoding="utf-8"))
+        return f" (pid {int(record['pid'])} on {record['host']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def check_free_space(out: Path, needed: int) -> None:

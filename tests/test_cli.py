@@ -31,9 +31,16 @@ def test_inspect_json_plan(tmp_path):
 
 def test_dry_run_writes_nothing(tmp_path):
     src = tiny_llama(tmp_path / "src")
-    result = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--dry-run", "--scheme", "block"])
+    result = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--dry-run", "--scheme", "tensor"])
     assert result.exit_code == 0, result.output
     assert "14 quantized, 7 kept" in result.stderr and result.stdout == ""
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    # A plan with problems (q/k/v of 80 rows are no whole 128-row tiles for vLLM's merged layers) exits 1.
+    result = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--dry-run", "--scheme", "block"])
+    assert result.exit_code == 1, result.output
+    problems = [line for line in result.stderr.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 10 and any("model.layers.0.self_attn.q_proj: output size 80" in p for p in problems)
+    assert result.stderr.strip().splitlines()[-1] == "error: 10 problem(s): quantize would refuse this plan"
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 

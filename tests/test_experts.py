@@ -14,7 +14,7 @@ from tests.factories import as_bytes, load_all, write_shards
 E, H, I = 3, 40, 24  # noqa: E741
 
 
-def _fused(tmp_path, model_type: str, transposed: bool):
+def _fused(tmp_path, model_type: str, transposed: bool, extra: dict[str, torch.Tensor] | None = None):
     gate_up = torch.randn(E, H, 2 * I) if transposed else torch.randn(E, 2 * I, H)
     down = torch.randn(E, I, H) if transposed else torch.randn(E, H, I)
     tensors = {
@@ -23,6 +23,7 @@ def _fused(tmp_path, model_type: str, transposed: bool):
         "model.layers.0.mlp.experts.down_proj": down.mul(0.05).to(torch.bfloat16),
         "model.layers.0.mlp.experts.down_proj_bias": torch.randn(E, H).to(torch.bfloat16),
         "model.layers.0.mlp.router.weight": torch.randn(E, H).to(torch.bfloat16),
+        **(extra or {}),
     }
     config = {"model_type": model_type, "hidden_size": H, "tie_word_embeddings": False}
     return write_shards(tmp_path / "src", {"model.safetensors": tensors}, index=False, config=config), tensors
@@ -49,7 +50,7 @@ def _expected_parts(tensors, e: int, model_type: str, transposed: bool):
 @pytest.mark.parametrize("scheme,fmt", [("channel", "compressed-tensors"), ("block", "fp8")])
 def test_fused_experts_are_split_then_quantized(tmp_path, model_type, transposed, scheme, fmt):
     src, tensors = _fused(tmp_path, model_type, transposed)
-    report = quantize(src, tmp_path / "out", QuantizeOptions(scheme=scheme, format=fmt, device="cpu"))
+    report = quantize(src, tmp_path / "out", QuantizeOptions(scheme=scheme, format=fmt, device="cpu", load_check=False))
     out = load_all(tmp_path / "out")
     layout = Layout(Scheme(scheme), Format(fmt))
     assert "model.layers.0.mlp.experts.gate_up_proj" not in out
@@ -71,8 +72,10 @@ def test_fused_experts_are_split_then_quantized(tmp_path, model_type, transposed
 
 
 def test_ignored_fused_experts_stay_fused(tmp_path):
-    src, tensors = _fused(tmp_path, "gpt_oss", True)
+    attention = {"model.layers.0.self_attn.o_proj.weight": torch.randn(H, H).to(torch.bfloat16)}
+    src, tensors = _fused(tmp_path, "gpt_oss", True, extra=attention)
     quantize(src, tmp_path / "out", QuantizeOptions(device="cpu", ignore=("experts",)))
     out = load_all(tmp_path / "out")
-    assert sorted(out) == sorted(tensors)
-    assert all(torch.equal(out[k], tensors[k]) for k in tensors)
+    assert sorted(out) == sorted([*tensors, "model.layers.0.self_attn.o_proj.weight_scale"])
+    assert out["model.layers.0.self_attn.o_proj.weight"].dtype == torch.float8_e4m3fn
+    assert all(torch.equal(out[k], tensors[k]) for k in tensors if "experts" in k)

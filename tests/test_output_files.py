@@ -78,8 +78,12 @@ def test_tied_embeddings(tmp_path):
 def test_single_file_input(tmp_path):
     src = tmp_path / "one.safetensors"
     save_file({"proj.weight": torch.randn(40, 24, dtype=torch.bfloat16), "norm.weight": torch.ones(24)}, src)
+    (tmp_path / "config.json").write_text('{"model_type": "x"}')  # beside the file: engines need it
+    (tmp_path / "notes.txt").write_text("not part of it")  # other files beside it are not copied
     quantize(src, tmp_path / "out", QuantizeOptions(device="cpu"))
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fp8q.json", "one.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "fp8q.json", "one.safetensors"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "x" and config["quantization_config"]["ignore"] == []
     with safe_open(tmp_path / "out" / "one.safetensors", "pt") as f:
         assert f.get_tensor("proj.weight").dtype == torch.float8_e4m3fn
         assert f.get_tensor("proj.weight_scale").shape == (40, 1)

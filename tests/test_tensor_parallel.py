@@ -27,7 +27,7 @@ SHAPES = {
 @pytest.fixture
 def src(tmp_path):
     tensors = {name: torch.zeros(shape, dtype=torch.bfloat16) for name, shape in SHAPES.items()}
-    return write_shards(tmp_path / "src", {"model.safetensors": tensors}, index=False)
+    return write_shards(tmp_path / "src", {"model.safetensors": tensors}, index=False, config={"model_type": "x"})
 
 
 def _failing(src, tp, scheme="block"):
@@ -51,10 +51,11 @@ def test_cli_refuses_before_reading_and_inspect_lists_all(src, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--scheme", "block", "--tp", "2"])
     assert result.exit_code == 1
-    assert "3 layer(s) would not load in vLLM at --tp 2" in result.stderr and "--ignore" in result.stderr
+    assert "3 problems, first: " in result.stderr and "at --tp 2; vLLM cannot load" in result.stderr
+    assert "--ignore" in result.stderr
     assert not (tmp_path / "out").exists()
     result = runner.invoke(app, ["inspect", str(src), "--scheme", "block", "--tp", "2", "--json", "--quiet"])
-    assert result.exit_code == 0
+    assert result.exit_code == 1  # so that CI can gate on it
     assert len(json.loads(result.stdout)["problems"]) == 3
 
 

@@ -1,0 +1,66 @@
+"""What would make a planned output unservable (refused), and what a user should know about it (noted).
+
+Imports: plan types, formats, tensor_parallel, checkpoint. Pure: everything is decided from the plan, before any
+data is read, so `quantize` refuses before writing, and `inspect` / `--dry-run` can exit 1 for CI to gate on.
+"""
+
+from __future__ import annotations
+
+from fp8q.checkpoint import CONFIG_FILE
+from fp8q.formats import Format, Scheme
+from fp8q.plan import Action, Plan
+from fp8q.selection import is_linear_weight
+from fp8q.tensor_parallel import tensor_parallel_problems
+
+
+def plan_problems(plan: Plan, tp: int | None, load_check: bool) -> list[str]:
+    """One line per reason the planned output could not be served as it is; empty when it can.
+
+    Args:
+        tp: the vLLM tensor-parallel size block layouts must shard at; None checks at 1.
+        load_check: False skips the engine load check (the user's explicit choice), never the others.
+    """
+    problems = []
+    if plan.config is None:
+        root = plan.checkpoint.root
+        problems.append(
+            f"{root / CONFIG_FILE}: missing; engines read the quantization_config from it, so the FP8 weights "
+            "would load as plain ones: add the model's config.json to the source folder, or pass --config FILE"
+        )
+    if plan.n_quantized == 0:
+        linear = sum(1 for meta in plan.checkpoint.tensors.values() if is_linear_weight(meta))
+        problems.append(
+            f"{plan.checkpoint.root}: nothing to quantize: none of its {linear} Linear weight(s) is left after "
+            "--targets, --ignore and the layers always kept (lm_head, routers, encoders), and a config that "
+            "declares FP8 with no FP8 weight misleads engines; check the patterns (`fp8q inspect` lists the layers)"
+        )
+    if load_check:
+        problems += tensor_parallel_problems(plan.jobs, plan.layout, tp or 1)
+    return problems
+
+
+def plan_notes(plan: Plan) -> list[str]:
+    """One line per thing worth knowing about the output that does not stop the run."""
+    notes = list(plan.checkpoint.notes)
+    layout = plan.layout
+    if layout.format is Format.FP8 and layout.scheme is Scheme.TENSOR:
+        notes.append(
+            "--scheme tensor --format fp8 is vLLM's and SGLang's layout: transformers ignores its per-tensor "
+            "weight_scale without an error and computes garbage (use --format compressed-tensors for transformers)"
+        )
+    if layout.scheme is Scheme.BLOCK:
+        bh, bw = layout.block
+        odd = [
+            (piece.out.name, piece.out.shape)
+            for job in plan.jobs
+            if job.action is Action.QUANTIZE
+            for piece in job.pieces
+            if piece.out.shape[0] % bh or piece.out.shape[1] % bw
+        ]
+        if odd:
+            name, shape = odd[0]
+            notes.append(
+                f"{len(odd)} block-quantized weight(s) have dims that are not multiples of {bh}x{bw} "
+                f"(first: {name} {list(shape)}): transformers cannot run them, vLLM and SGLang can"
+            )
+    return notes
