@@ -1,23 +1,35 @@
 # fp8q: `make demo` sets everything up and converts a bundled tiny model; `make test` runs the suite.
+# Each target installs only what it needs: the demo skips llm-compressor (the tests' reference), which
+# takes most of the install time.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
+BASE   := $(VENV)/.base-stamp
+DEMO   := $(VENV)/.demo-stamp
+TESTS  := $(VENV)/.test-stamp
 
 .PHONY: install demo test lint bench clean
 
-install: $(STAMP)
+install: $(BASE)
 
 # torch first, from the CPU wheel pip finds on this machine: letting another package pull it in
 # would fetch a multi-GB CUDA build. Users with GPUs bring their own torch.
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,reference]"
-	touch $(STAMP)
+	$(BIN)/python -m pip install -q -e .
+	touch $(BASE)
 
-demo: $(STAMP)
+$(DEMO): $(BASE)
+	$(BIN)/python -m pip install -q -e ".[demo]"
+	touch $(DEMO)
+
+$(TESTS): $(BASE)
+	$(BIN)/python -m pip install -q -e ".[test,reference]"
+	touch $(TESTS)
+
+demo: $(DEMO)
 	rm -rf examples/tiny-llama
 	$(BIN)/python examples/make_tiny_model.py examples/tiny-llama
 	$(BIN)/fp8q inspect examples/tiny-llama
@@ -25,14 +37,14 @@ demo: $(STAMP)
 	$(BIN)/fp8q verify examples/tiny-llama-fp8 --source examples/tiny-llama --top 3
 	$(BIN)/python examples/run_with_transformers.py examples/tiny-llama examples/tiny-llama-fp8
 
-test: $(STAMP) lint
+test: $(TESTS) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-lint: $(STAMP)
+lint: $(TESTS)
 	$(BIN)/ruff check fp8q tests examples bench
 	$(BIN)/ruff format --check fp8q tests examples bench
 
-bench: $(STAMP)
+bench: $(TESTS)
 	$(BIN)/python bench/bench.py
 
 clean:
