@@ -119,9 +119,10 @@ def _hash_range(digest: Any, fd: int, start: int, end: int) -> None:
 class Progress:
     """The finished shards of the run in `partial`, each recorded (with its hash) once it is on disk."""
 
-    def __init__(self, partial: Path, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, partial: Path, fingerprint: dict[str, Any], rank: int = 0) -> None:
         self.partial = partial
         self.fingerprint = fingerprint
+        self.rank = rank  # the process (under torchrun) that records through this
 
     def start(self, source_stat: list[dict[str, Any]]) -> None:
         """Record what this run makes, from which source files as they are now (sizes and change times),
@@ -137,16 +138,18 @@ class Progress:
 
     def record(self, shard: str, sha256: str, tensors: dict[str, Any]) -> None:
         name = hashlib.sha256(shard.encode()).hexdigest()[:32] + ".json"
-        atomic_write_json(self.partial / DONE_DIR / name, {"shard": shard, "sha256": sha256, "tensors": tensors})
+        record = {"shard": shard, "sha256": sha256, "tensors": tensors, "rank": self.rank}
+        atomic_write_json(self.partial / DONE_DIR / name, record)
         _signal_for_tests(self.partial)
 
     def done(self) -> dict[str, Any]:
-        """Shard name -> {"sha256", "tensors"} for every shard recorded so far, by any process."""
+        """Shard name -> {"sha256", "tensors", "rank"} for every shard recorded so far, by any process."""
         records = {}
         for path in sorted((self.partial / DONE_DIR).glob("*.json")):
             try:
                 record = json.loads(path.read_text())
-                records[record["shard"]] = {"sha256": record["sha256"], "tensors": record["tensors"]}
+                entry = {"sha256": record["sha256"], "tensors": record["tensors"], "rank": record.get("rank", 0)}
+                records[record["shard"]] = entry
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # a record cut short by a kill: that shard is simply redone
         return records

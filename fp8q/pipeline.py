@@ -238,7 +238,7 @@ def _quantize(
     for shard in (s for s in plan.shards if s.name in reused):
         for job in shard.jobs:
             emit(TensorDone(job.source.name, job.source.nbytes, shard.name))
-    progress = Progress(partial, fp)
+    progress = Progress(partial, fp, cluster.rank)
     stop = threading.Event()
     workers = options.workers or max(1, (os.cpu_count() or 1) // cluster.local_world)
     with _stop_on_signals(stop) as caught:
@@ -255,10 +255,16 @@ def _quantize(
         try:
             cluster.agree(_interrupted(caught) if caught else failure)
             if lead:
-                timings = {"seconds": round(time.perf_counter() - started, 3), "processes": cluster.world}
+                done = progress.done()
+                timings = {
+                    "seconds": round(time.perf_counter() - started, 3),
+                    "processes": cluster.world,
+                    # Which process made each shard (under torchrun), or an earlier run for a reused one.
+                    "shards": {name: {"rank": entry["rank"], "reused": name in reused} for name, entry in done.items()},
+                }
                 try:
                     _write_metadata_files(plan, partial)
-                    write_manifest(partial, fp, progress.done(), timings)
+                    write_manifest(partial, fp, done, timings)
                     progress.clear()
                     finalize(partial, out)
                 except OSError as e:

@@ -19,12 +19,24 @@ import torch
 FP8 = torch.float8_e4m3fn
 
 
-def llmcompressor_quantize(tensors: dict[str, torch.Tensor], preset: str, ignore: list[str]) -> dict[str, torch.Tensor]:
-    """Run llm-compressor's model-free converter on a {name: tensor} shard, as model_free_ptq does."""
+def ct_tensor_scheme():
+    """compressed-tensors per-tensor weights with dynamic per-token activations (`--scheme tensor`): no preset
+    of llm-compressor's has it (FP8 needs calibrated activations), so the scheme is spelled out."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    def args(strategy: str, dynamic: bool) -> QuantizationArgs:
+        return QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True, dynamic=dynamic)
+
+    return QuantizationScheme(targets=["Linear"], weights=args("tensor", False), input_activations=args("token", True))
+
+
+def llmcompressor_quantize(tensors: dict[str, torch.Tensor], scheme, ignore: list[str]) -> dict[str, torch.Tensor]:
+    """Run llm-compressor's model-free converter on a {name: tensor} shard, as model_free_ptq does; `scheme` is a
+    preset name or a compressed-tensors QuantizationScheme."""
     from llmcompressor.entrypoints.model_free.converter import ModelFreePtqConverter
     from llmcompressor.entrypoints.model_free.validate import validate_config
 
-    config = validate_config(None, preset, ignore)
+    config = validate_config(None, scheme, ignore)
     out = ModelFreePtqConverter(config).process(dict(tensors))
     # llm-compressor 0.14 crashes saving cropped edge tiles (non-contiguous); the values are what count.
     return {k: v.contiguous() for k, v in out.items()}

@@ -15,8 +15,6 @@ from safetensors import safe_open
 from fp8q import QuantizeOptions, quantize
 from fp8q.dequantize import Started, dequantize
 from fp8q.errors import CheckpointError, OutputError
-from fp8q.formats import Format, Layout, Scheme
-from fp8q.numerics import dequantize as reference_dequantize
 from fp8q.pipeline import TensorDone
 from fp8q.verify import verify
 from tests.factories import SIDE_FILES, as_bytes, load_all, tiny_llama
@@ -70,12 +68,19 @@ def client_dequantized(fp8: Path) -> dict[str, torch.Tensor]:
             args = QuantizationArgs.model_validate(groups[0]["weights"])  # one group, targets ["Linear"]
             result[name] = ct_dequantize(q, tensors[f"{module}.weight_scale"], args=args).to(torch.bfloat16)
         elif qc["weight_block_size"] is None:
-            layout = Layout(Scheme.TENSOR, Format.FP8)
-            result[name] = reference_dequantize(q, tensors[f"{module}.weight_scale"], layout, torch.bfloat16)
+            result[name] = fp8_client(q, tensors[f"{module}.weight_scale"], None)
         else:
-            layout = Layout(Scheme.BLOCK, Format.FP8, tuple(qc["weight_block_size"]))
-            result[name] = reference_dequantize(q, tensors[f"{module}.weight_scale_inv"], layout, torch.bfloat16)
+            result[name] = fp8_client(q, tensors[f"{module}.weight_scale_inv"], tuple(qc["weight_block_size"]))
     return result
+
+
+def fp8_client(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    """transformers' `Fp8Dequantize` and DeepSeek-V3's `weight_dequant` (inference/kernel.py: `y = x * s`): the
+    float8 values times the float32 scale of their tensor or 128x128 tile, in float32, then to bf16."""
+    s = scale.float()
+    if block is not None:
+        s = s.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[: q.shape[0], : q.shape[1]]
+    return (q.float() * s).to(torch.bfloat16)
 
 
 def _load(path: Path, **kwargs):

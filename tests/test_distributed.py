@@ -14,7 +14,7 @@ import torch
 
 from fp8q import QuantizeOptions, quantize
 from tests.factories import add_side_files, write_shards
-from tests.test_resume import _hashes, _start, _wait_for_finished_shards
+from tests.test_resume import _hashes, killed_after
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +65,11 @@ def test_two_processes_match_one(tmp_path):
     assert _hashes(tmp_path / "multi") == _hashes(tmp_path / "single")
     assert _manifest_without_timings(tmp_path / "multi") == _manifest_without_timings(tmp_path / "single")
     assert not (tmp_path / "multi.partial").exists()
+    # Each process made its own share, balanced by bytes: 900+300 rows to one, 700+500 to the other.
+    made = json.loads((tmp_path / "multi" / "fp8q.json").read_text())["timings"]["shards"]
+    by_rank = [sorted(name for name, shard in made.items() if shard["rank"] == rank) for rank in (0, 1)]
+    names = sorted(p.name for p in src.glob("*.safetensors"))
+    assert by_rank == [[names[0], names[3]], [names[1], names[2]]]
 
 
 def test_failing_process_fails_the_run(tmp_path):
@@ -80,10 +85,7 @@ def test_failing_process_fails_the_run(tmp_path):
 def test_resume_with_another_process_count(tmp_path):
     src = _source(tmp_path / "src")
     quantize(src, tmp_path / "single", QuantizeOptions(device="cpu"))
-    proc = _start(src, tmp_path / "out", "--workers", "1")
-    _wait_for_finished_shards(tmp_path / "out.partial", proc, 1)
-    proc.kill()
-    proc.wait()
+    killed_after(src, tmp_path / "out", 1)
     result = _torchrun(src, tmp_path / "out", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert _hashes(tmp_path / "out") == _hashes(tmp_path / "single")

@@ -61,9 +61,21 @@ def test_round_trip_error_is_small_and_amax_maps_to_448(layout):
     assert not torch.isnan(q.float()).any()
 
 
-def test_huge_values_saturate_instead_of_nan():
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+def test_huge_values_saturate_to_448_with_the_exact_scale(layout):
     w = torch.full((4, 4), 3e38, dtype=torch.float32)
     w[0, 0] = 1e-30
-    for layout in LAYOUTS:
-        q, s = quantize(w, layout)
-        assert not torch.isnan(q.float()).any()
+    q, s = quantize(w, layout)
+    expected = torch.full((4, 4), 448.0)
+    expected[0, 0] = 0.0  # 1e-30 / (3e38 / 448) underflows to zero
+    assert torch.equal(q.float(), expected)
+    assert torch.equal(s.float().unique(), (torch.tensor([3e38]) / torch.tensor([448.0])))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+def test_values_just_under_a_rounding_edge_saturate(layout):
+    # amax/scale rounds to at most 448 * (1 + 2^-7) < 464, which the cast takes to 448: no clamp is needed.
+    w = torch.tensor([[1.0, -1.0, 0.5, 0.999]], dtype=torch.bfloat16).repeat(3, 1)
+    q, _ = quantize(w, layout)
+    assert q.float().abs().max() == 448.0 and not torch.isnan(q.float()).any()
+    assert q.float()[0, 0] == 448.0 and q.float()[0, 1] == -448.0

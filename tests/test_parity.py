@@ -9,7 +9,7 @@ from fp8q import QuantizeOptions, quantize
 from fp8q.formats import Format, Layout, Scheme
 from fp8q.numerics import quantize as quantize_tensor
 from tests.factories import as_bytes, assert_same_tensors, load_all, tiny_llama, tiny_qwen3_moe
-from tests.references import llmcompressor_quantize, vllm_per_block, vllm_per_tensor
+from tests.references import ct_tensor_scheme, llmcompressor_quantize, vllm_per_block, vllm_per_tensor
 
 llmcompressor = pytest.importorskip("llmcompressor", reason="llm-compressor is the reference for compressed-tensors")
 
@@ -22,14 +22,20 @@ def _weight(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     w[0] *= 20  # an outlier row
     if shape[0] > 2:
         w[2] = 0  # an all-zero row: the scale must stay finite
+    if shape[0] > 128:
+        w[128:256] *= 1e-4  # block rows whose tiles' amax is under DeepGEMM's 1e-4 floor
+    if shape[1] > 128:
+        w[1:128, 128:256] = 0  # with row 0 zeroed below: an all-zero 128x128 tile
+        w[0, 128:256] = 0
     return w.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("scheme,preset", [(Scheme.CHANNEL, "FP8_DYNAMIC"), (Scheme.BLOCK, "FP8_BLOCK")])
-def test_compressed_tensors_matches_llmcompressor(shape, dtype, scheme, preset):
+@pytest.mark.parametrize("scheme", [Scheme.CHANNEL, Scheme.BLOCK, Scheme.TENSOR])
+def test_compressed_tensors_matches_llmcompressor(shape, dtype, scheme):
     w = _weight(shape, dtype)
+    preset = {Scheme.CHANNEL: "FP8_DYNAMIC", Scheme.BLOCK: "FP8_BLOCK", Scheme.TENSOR: ct_tensor_scheme()}[scheme]
     ref = llmcompressor_quantize({"layer.weight": w}, preset, [])
     q, s = quantize_tensor(w, Layout(scheme, Format.COMPRESSED_TENSORS))
     assert torch.equal(as_bytes(q), as_bytes(ref["layer.weight"]))
@@ -54,6 +60,8 @@ def test_fp8_block_matches_deepgemm(shape, dtype):
     w = _weight(shape, dtype)
     q_ref, s_ref = vllm_per_block(w)
     q, s = quantize_tensor(w, Layout(Scheme.BLOCK, Format.FP8))
+    if shape[0] > 128:  # the floor is reached, by the all-zero tile and by the tiny ones
+        assert bool((s_ref == torch.tensor(1e-4) / 448.0).any())
     assert s.dtype == torch.float32 and s.shape == s_ref.shape
     assert torch.equal(as_bytes(q), as_bytes(q_ref))
     assert torch.equal(s, s_ref)
@@ -65,10 +73,12 @@ def _model_free_ptq(src, out, preset, ignore):
     model_free_ptq(str(src), str(out), scheme=preset, ignore=ignore, device="cpu")
 
 
-def test_dense_checkpoint_matches_model_free_ptq(tmp_path):
+@pytest.mark.parametrize("scheme", ["channel", "tensor"])
+def test_dense_checkpoint_matches_model_free_ptq(tmp_path, scheme):
     src = tiny_llama(tmp_path / "src")
-    quantize(src, tmp_path / "fp8q", QuantizeOptions(device="cpu"))
-    _model_free_ptq(src, tmp_path / "ref", "FP8_DYNAMIC", ["lm_head", "model.embed_tokens"])
+    quantize(src, tmp_path / "fp8q", QuantizeOptions(scheme=scheme, device="cpu"))
+    preset = "FP8_DYNAMIC" if scheme == "channel" else ct_tensor_scheme()
+    _model_free_ptq(src, tmp_path / "ref", preset, ["lm_head", "model.embed_tokens"])
     assert_same_tensors(load_all(tmp_path / "fp8q"), load_all(tmp_path / "ref"))
 
 

@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 
 from fp8q import QuantizeOptions, quantize
 from fp8q.cli import app
-from fp8q.manifest import DONE_DIR
 from fp8q.verify import verify
 from fp8q.writer import lock_partial
 from tests.factories import add_side_files, load_all, tiny_qwen3_moe, write_shards
+from tests.test_resume import killed_after
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False}
@@ -199,20 +199,11 @@ def test_hub_cache_snapshot_links_into_its_repo_are_followed(tmp_path):
 # ── 4. --resume never reuses output made from data that has since changed ──
 
 
-def _killed_after(src: Path, out: Path, shards: int) -> None:
-    run = _fp8q_run(
-        "quantize", src, out, "--device", "cpu", "--quiet", env={"FP8Q_TEST_SIGNAL_AFTER": f"{shards}:KILL"}
-    )
-    assert run.returncode == -9, run.stderr
-    assert len(list((out.with_name(out.name + ".partial") / DONE_DIR).glob("*.json"))) == shards
-    assert not out.exists()
-
-
 @pytest.mark.parametrize("restore_mtime", [False, True], ids=["plain edit", "edit with mtime set back"])
 def test_resume_redoes_a_shard_changed_in_place_under_the_same_header(tmp_path, restore_mtime):
     src = _source(tmp_path / "src", shards=3)
     out = tmp_path / "out"
-    _killed_after(src, out, 2)
+    killed_after(src, out, 2)
     shard = src / "model-00001-of-00003.safetensors"  # finished before the kill (shards go in order)
     stat, header = shard.stat(), shard.read_bytes()[:4096]
     tensors = load_file(shard)
@@ -235,7 +226,7 @@ def test_resume_redoes_a_shard_changed_in_place_under_the_same_header(tmp_path, 
 def test_a_second_run_on_a_locked_output_is_refused(tmp_path, resume):
     src = _source(tmp_path / "src")
     out = tmp_path / "out"
-    _killed_after(src, out, 1)
+    killed_after(src, out, 1)
     partial = tmp_path / "out.partial"
     before = _tree(partial)
     fd = lock_partial(partial)  # stands for another live run; the record names the run that made it
@@ -617,7 +608,7 @@ def test_verify_without_source_shows_no_empty_error_columns(tmp_path):
 def test_summary_counts_reused_shards_and_whole_time(tmp_path):
     src = _source(tmp_path / "src", shards=3)
     out = tmp_path / "out"
-    _killed_after(src, out, 1)
+    killed_after(src, out, 1)
     code, lines = _cli("quantize", src, out, "--device", "cpu", "--resume")
     assert code == 0
     text = "\n".join(lines)

@@ -226,3 +226,53 @@ def test_not_an_fp8_checkpoint(outputs, tmp_path):
     assert report.problems == [f"{outputs['src']}: no FP8 weights; this is not an FP8 checkpoint"]
     with pytest.raises(CheckpointError, match="no such file"):
         verify(tmp_path / "nowhere")
+
+
+def _edit_config(folder: Path, change) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    change(config["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("layout", "change", "expect"),
+    [
+        ("fp8-tensor", lambda qc: qc.pop("activation_scheme"), "activation_scheme is None; vLLM needs"),
+        ("fp8-block", lambda qc: qc.update(weight_block_size=[128]), "weight_block_size [128] must be two positive"),
+        ("fp8-block", lambda qc: qc.update(activation_scheme="static"), "needs activation_scheme 'dynamic' with"),
+        (
+            "ct-channel",
+            lambda qc: qc["config_groups"]["group_0"]["weights"].update(bogus=1),
+            "compressed-tensors refuses",
+        ),
+    ],
+)
+def test_config_problems_are_named(outputs, tmp_path, layout, change, expect):
+    out = copy(outputs[layout], tmp_path)
+    _edit_config(out, change)
+    report = verify(out)
+    assert any(str(out / "config.json") in p and expect in p for p in report.problems), report.problems
+
+
+def test_config_missing_or_without_quantization_config(outputs, tmp_path):
+    out = copy(outputs["ct-channel"], tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert any("no quantization_config" in p for p in verify(out).problems)
+    (out / "config.json").unlink()
+    assert any("config.json: missing" in p for p in verify(out).problems)
+
+
+def test_source_mismatches_are_named(outputs, tmp_path):
+    out = copy(outputs["ct-channel"], tmp_path)
+    src = copy(outputs["src"], tmp_path / "source")
+    # In the output: a kept tensor changes dtype, a tensor the source lacks appears, one goes missing.
+    edit(out, "model.norm.weight", lambda t: t.update({"model.norm.weight": t["model.norm.weight"].float()}))
+    edit(out, "model.norm.weight", lambda t: t.update({"model.extra.bias": torch.zeros(3)}))
+    edit(out, "model.layers.0.input_layernorm.weight", lambda t: t.pop("model.layers.0.input_layernorm.weight"))
+    problems = verify(out, src).problems
+    assert any("tensor model.norm.weight in" in p and "is F32, the source BF16" in p for p in problems), problems
+    assert any("tensor model.extra.bias in" in p and "is not in the source" in p for p in problems), problems
+    assert any("tensor model.layers.0.input_layernorm.weight of the source" in p and "missing" in p for p in problems)
+    assert len(problems) == 3, problems

@@ -1,0 +1,191 @@
+"""What the README and the API promise, each checked so that breaking it fails a test: progress events,
+memory that does not grow with the model, Hub repo ids through the command, the block size in the config,
+a tensor in two shards, and the debug traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from fp8q import PlanReady, QuantizeOptions, TensorDone, quantize
+from fp8q.cli import app
+from tests.factories import add_side_files, write_shards
+from tests.test_resume import killed_after
+from tests.test_source import add_commit
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False}
+
+
+def _layers(folder: Path, layers: int, width: int = 512) -> Path:
+    """`layers` shards of one layer each, every layer the same size: the model grows, its tensors do not."""
+    shards = {}
+    for i in range(layers):
+        shards[f"model-{i + 1:05d}-of-{layers:05d}.safetensors"] = {
+            f"model.layers.{i}.mlp.up_proj.weight": (torch.randn(2 * width, width) * 0.05).to(torch.bfloat16),
+            f"model.layers.{i}.mlp.down_proj.weight": (torch.randn(width, 2 * width) * 0.05).to(torch.bfloat16),
+            f"model.layers.{i}.post_attention_layernorm.weight": torch.ones(width, dtype=torch.bfloat16),
+        }
+    src = write_shards(folder, shards, config=CONFIG)
+    add_side_files(src)
+    return src
+
+
+# ── progress events ──
+
+
+def _events(src: Path, out: Path, **options: object) -> tuple[list[object], object]:
+    events: list[object] = []
+    report = quantize(src, out, QuantizeOptions(device="cpu", **options), on_event=events.append)
+    return events, report
+
+
+def test_events_one_plan_then_one_per_tensor_with_all_the_bytes(tmp_path):
+    src = _layers(tmp_path / "src", 3)
+    events, _ = _events(src, tmp_path / "out")
+    plans = [e for e in events if isinstance(e, PlanReady)]
+    done = [e for e in events if isinstance(e, TensorDone)]
+    assert len(plans) == 1 and events[0] is plans[0] and len(done) == len(events) - 1
+    tensors = plans[0].plan.checkpoint.tensors
+    assert sorted(e.name for e in done) == sorted(tensors)  # one each, none twice
+    assert sum(e.nbytes for e in done) == sum(meta.nbytes for meta in tensors.values())
+    assert {e.shard for e in done} == {p.name for p in src.glob("*.safetensors")}
+    assert all(e.shard == tensors[e.name].shard for e in done)
+
+
+def test_events_on_resume_count_reused_shards_too(tmp_path):
+    src = _layers(tmp_path / "src", 3)
+    killed_after(src, tmp_path / "out", 1)
+    events, report = _events(src, tmp_path / "out", resume=True)
+    done = [e for e in events if isinstance(e, TensorDone)]
+    checkpoint = events[0].plan.checkpoint
+    assert report.resumed_shards == 1
+    assert sorted(e.name for e in done) == sorted(checkpoint.tensors)
+    assert sum(e.nbytes for e in done) == sum(meta.nbytes for meta in checkpoint.tensors.values())
+
+
+# ── memory does not grow with the model ──
+
+
+_PEAK = (
+    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def _peak_rss_kib(src: Path, out: Path) -> int:
+    cmd = [sys.executable, "-m", "fp8q", "quantize", str(src), str(out), "--device", "cpu", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True, env=env, check=True)
+    return int(run.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
+    small, large = _layers(tmp_path / "small", 4, width=1024), _layers(tmp_path / "large", 12, width=1024)
+    extra_mib = (
+        sum(p.stat().st_size for p in large.glob("*.safetensors"))
+        - sum(p.stat().st_size for p in small.glob("*.safetensors"))
+    ) / 2**20
+    rss_small = _peak_rss_kib(small, tmp_path / "out-small") / 1024
+    rss_large = _peak_rss_kib(large, tmp_path / "out-large") / 1024
+    # 8 more layers are 64 MiB more model; a pipeline that held them would grow by about that much.
+    assert extra_mib == pytest.approx(64, rel=0.01)
+    assert rss_large - rss_small < extra_mib / 4, (rss_small, rss_large)
+
+
+# ── Hub repo ids through the command ──
+
+
+def test_repo_id_and_revision_through_the_command(tmp_path):
+    def files(value: float) -> dict[str, bytes]:
+        folder = tmp_path / f"build-{value}"
+        tensors = {
+            "model.layers.0.mlp.up_proj.weight": torch.full((64, 32), value, dtype=torch.bfloat16),
+            "model.norm.weight": torch.ones(32, dtype=torch.bfloat16),
+        }
+        write_shards(folder, {"model.safetensors": tensors}, index=False, config=CONFIG)
+        return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    cache = tmp_path / "hub"
+    a = add_commit(cache, "org/tiny", "a" * 40, files(1.0), refs=("main",))
+    b = add_commit(cache, "org/tiny", "b" * 40, files(2.0), refs=("v2",))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    made = {}
+    for revision, snapshot in (("v2", b), (None, a)):
+        out = tmp_path / f"out-{revision}"
+        pinned = ["--revision", revision] if revision else []
+        args = ["quantize", "org/tiny", str(out), "--device", "cpu", "-q", *pinned]
+        run = subprocess.run([sys.executable, "-m", "fp8q", *args], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        direct = tmp_path / f"direct-{revision}"
+        quantize(snapshot, direct, QuantizeOptions(device="cpu"))
+        made[revision] = (out / "model.safetensors").read_bytes()
+        assert made[revision] == (direct / "model.safetensors").read_bytes()
+    assert made["v2"] != made[None]
+    run = subprocess.run(
+        [sys.executable, "-m", "fp8q", "quantize", "org/tiny", str(tmp_path / "x"), "--revision", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "Hub repo org/tiny at revision nope" in run.stderr
+
+
+# ── the block size is written where the engines read it ──
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "fp8"])
+def test_block_size_is_carried_into_config_and_scales(tmp_path, fmt):
+    src = _layers(tmp_path / "src", 1, width=256)
+    options = QuantizeOptions(device="cpu", scheme="block", format=fmt, block_size=(64, 32))
+    quantize(src, tmp_path / "out", options)
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    if fmt == "fp8":
+        assert qc["weight_block_size"] == [64, 32]
+        suffix = "weight_scale_inv"
+    else:
+        group = qc["config_groups"]["group_0"]
+        assert group["weights"]["block_structure"] == [64, 32] and group["input_activations"]["group_size"] == 32
+        suffix = "weight_scale"
+    with safe_open(tmp_path / "out" / "model-00001-of-00001.safetensors", "pt") as f:
+        assert tuple(f.get_slice(f"model.layers.0.mlp.up_proj.{suffix}").get_shape()) == (512 // 64, 256 // 32)
+
+
+# ── bad input not covered elsewhere ──
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    w = torch.randn(32, 16, dtype=torch.bfloat16)
+    src = write_shards(
+        tmp_path / "src",
+        {"a.safetensors": {"x.up_proj.weight": w}, "b.safetensors": {"x.up_proj.weight": w}},
+        index=False,
+        config=CONFIG,
+    )
+    (src / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x.up_proj.weight": "a.safetensors", "y": "b.safetensors"}})
+    )
+    result = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "out")])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, lines
+    assert "b.safetensors: tensor x.up_proj.weight is also in a.safetensors" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_prints_the_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "fp8q", "quantize", str(tmp_path / "nope"), str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    loud = subprocess.run(cmd, capture_output=True, text=True, env={**env, "FP8Q_DEBUG": "1"})
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr and quiet.stderr.count("\n") == 1
+    assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr
+    assert "CheckpointError: " in loud.stderr and "no such file or folder" in loud.stderr
