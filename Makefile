@@ -1,6 +1,9 @@
 # fp8q: `make demo` sets everything up and converts a bundled tiny model; `make test` runs the suite.
-# Each target installs only what it needs: the demo skips llm-compressor (the tests' reference), which
-# takes most of the install time.
+# Each target installs only what it needs: the demo skips llm-compressor (the tests' reference). pip
+# installs with --no-compile: byte-compiling all of torch and transformers up front takes longer than
+# the whole demo, and Python compiles the modules it imports on first use anyway, and keeps them (which
+# a PYTHONDONTWRITEBYTECODE in the environment would stop: every import would compile again).
+unexport PYTHONDONTWRITEBYTECODE
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -16,17 +19,16 @@ install: $(BASE)
 # would fetch a multi-GB CUDA build. Users with GPUs bring their own torch.
 $(BASE): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q --no-compile torch==2.13.0
+	$(BIN)/python -m pip install -q --no-compile -e .
 	touch $(BASE)
 
 $(DEMO): $(BASE)
-	$(BIN)/python -m pip install -q -e ".[demo]"
+	$(BIN)/python -m pip install -q --no-compile -e ".[demo]"
 	touch $(DEMO)
 
 $(TESTS): $(BASE)
-	$(BIN)/python -m pip install -q -e ".[test,reference]"
+	$(BIN)/python -m pip install -q --no-compile -e ".[test,reference]"
 	touch $(TESTS)
 
 demo: $(DEMO)
