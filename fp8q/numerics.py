@@ -32,6 +32,12 @@ from fp8q.formats import Format, Layout, Scheme
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448.0
+
+# Same bits on every device: only operations whose result IEEE fixes (one correctly rounded step) are used.
+# PyTorch on CUDA computes `tensor / python_scalar` as `tensor * (1 / scalar)`, which is not correctly
+# rounded (1/448 is no binary fraction), while the CPU divides; so scales divide by a 448 *tensor* on the
+# weight's own device (a CPU tensor would take the same shortcut), and `1 / scale` is `torch.reciprocal`,
+# a correctly rounded division on both. tests/test_numerics.py records every division by a Python number.
 # DeepGEMM's amax floor for block scales.
 DEEPGEMM_AMAX_FLOOR = 1e-4
 
@@ -87,7 +93,7 @@ def amax_to_tensor_scale(amax: torch.Tensor | None, dtype: torch.dtype, layout: 
         return None
     if layout.format is Format.COMPRESSED_TENSORS:
         return _ct_scale(amax.to(dtype))
-    scale = amax.float() / FP8_MAX
+    scale = _over_fp8_max(amax.float())
     # vLLM has no guard here (an all-zero weight would give NaN); any positive scale gives q = 0.
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
@@ -124,7 +130,7 @@ def quantize_rows(
         if layout.format is Format.COMPRESSED_TENSORS:
             q[r0:r1].copy_(x / tensor_scale)
         else:
-            q[r0:r1].copy_(x.float() * (1.0 / tensor_scale))
+            q[r0:r1].copy_(x.float() * torch.reciprocal(tensor_scale))
         if r0 == 0:
             s.copy_(tensor_scale.reshape(s.shape))
     else:
@@ -152,17 +158,22 @@ def _quantize_block_band(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layo
     else:
         amax = tiles.abs().float().amax(dim=(1, 3), keepdim=True)
         _check_finite(amax)
-        scale = amax.clamp(min=DEEPGEMM_AMAX_FLOOR) / FP8_MAX
-        qt = tiles.float() * (1.0 / scale)
+        scale = _over_fp8_max(amax.clamp(min=DEEPGEMM_AMAX_FLOOR))
+        qt = tiles.float() * torch.reciprocal(scale)
     q.copy_(qt.view(nbr * bh, nbc * bw)[:rows, :cols])
     s.copy_(scale.view(nbr, nbc))
 
 
 def _ct_scale(amax: torch.Tensor) -> torch.Tensor:
     # Computed in the weight's dtype, like compressed-tensors' calculate_qparams: bf16 scales for bf16.
-    scale = amax / FP8_MAX
+    scale = _over_fp8_max(amax)
     eps = torch.finfo(scale.dtype).eps
     return torch.where(scale == 0, torch.full_like(scale, eps), scale)
+
+
+def _over_fp8_max(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448, correctly rounded in amax's dtype on any device (see the note at FP8_MAX)."""
+    return amax / torch.full((), FP8_MAX, dtype=amax.dtype, device=amax.device)
 
 
 def _check_finite(amax: torch.Tensor) -> None:

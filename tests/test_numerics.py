@@ -79,3 +79,45 @@ def test_values_just_under_a_rounding_edge_saturate(layout):
     q, _ = quantize(w, layout)
     assert q.float().abs().max() == 448.0 and not torch.isnan(q.float()).any()
     assert q.float()[0, 0] == 448.0 and q.float()[0, 1] == -448.0
+
+
+class _ScalarDivisions(torch.overrides.TorchFunctionMode):
+    """Records every division of a tensor by a Python number: PyTorch on CUDA turns that into a multiply by
+    the reciprocal, whose bits differ from the CPU's division (measured on an H200)."""
+
+    DIVISIONS = {torch.div, torch.true_divide, torch.Tensor.div, torch.Tensor.div_, torch.Tensor.__truediv__}
+    DIVISIONS |= {torch.Tensor.__itruediv__, torch.Tensor.true_divide, torch.Tensor.true_divide_}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        divisor = args[1] if len(args) > 1 else kwargs.get("other")
+        if func in self.DIVISIONS and isinstance(divisor, (int, float)):
+            self.found.append(f"{getattr(func, '__name__', func)}(tensor, {divisor!r})")
+        return func(*args, **kwargs)
+
+
+def test_the_recorder_sees_a_division_by_a_python_number():
+    with _ScalarDivisions() as mode:
+        torch.ones(3) / 448.0
+        torch.ones(3).div(2)
+        torch.ones(3) / torch.tensor(448.0)  # a tensor divisor is fine
+    assert mode.found == ["div(tensor, 448.0)", "div(tensor, 2)"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_no_division_by_a_python_number(layout, dtype):
+    """The numerics use only operations whose bits are the same on the CPU and on CUDA."""
+    w = (torch.randn(300, 130) * 0.1).to(dtype)
+    w[:128, :128] = 0  # an all-zero tile and rows: the guarded branches run too
+    with _ScalarDivisions() as mode:
+        q, s = quantize(w, layout)
+        cpu = CpuQuantizer(layout, workers=2)
+        cpu.result(cpu.submit(w))
+        cpu.close()
+        dequantize(q, s, layout, torch.bfloat16)
+    assert mode.found == []
