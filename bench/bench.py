@@ -1,14 +1,25 @@
-"""`make bench`: fp8q against `cp` and llm-compressor `model_free_ptq` on synthetic Llama-shaped checkpoints.
+"""`make bench`: fp8q against `cp`, its own ceiling and llm-compressor `model_free_ptq`, on synthetic Llama checkpoints.
 
-Builds bf16 checkpoints of two sizes (hidden 4096, intermediate 11008, 4 and 12 layers, two layers
-per shard, safetensors only) in a temp folder, then runs each contender in its own process and
-reports wall time, GB/s of bf16 input, ratios measured in this same run, and each process's peak
-RSS (from wait4). Before each contender the machine is settled: dirty pages flushed and, where
-allowed (root), the page cache dropped, so every contender reads the checkpoint (and its own
-libraries) from disk; `--warm` keeps the cache instead. Each contender runs `--repeat` times, in
-turns, and the median is reported (these machines are noisy).
+Models (bf16, safetensors only, built once in a temp folder or `--keep DIR`):
+- `--model small` (default): hidden 4096, intermediate 11008, `--layers 4 12`, two layers a shard. The 4-layer
+  row is the start-up figure (importing torch is a fixed cost); throughput is judged at 12 layers.
+- `--model 8b`: Llama-3.1-8B's shape (hidden 4096, intermediate 14336, 8 KV heads, vocab 128256, 32 layers),
+  16.06 GB in 5 shards.
 
-    python bench/bench.py [--layers 4 12] [--repeat 3] [--warm] [--keep DIR] [--no-reference]
+Contenders, each in its own process, in turns, `--repeat` times (median reported; these machines are noisy):
+- `cp`: `cp -r` of the folder, the floor any converter that reads and writes every byte sits on;
+- `fp8q`: `fp8q quantize --device DEVICE`;
+- `fp8q-ceiling`: the whole fp8q pipeline with the quantization replaced by a stand-in that costs nothing and
+  writes outputs of the right dtypes and shapes (FP8Q_BENCH_CEILING=1): what reading, writing, hashing and
+  statistics cost, the most any device's kernels can reach;
+- `model_free_ptq`: llm-compressor's converter (FP8_DYNAMIC, on cuda:0 with `--device cuda`), where installed.
+
+Before each run the machine is settled: dirty pages flushed and, unless `--warm`, the page cache dropped where
+allowed (root). Reported per contender: wall time to exit (and until its output is on disk: exit, then `sync`),
+peak RSS of the process (from wait4), and with `--device cuda` the peak GPU memory in use (NVML, sampled).
+
+    python bench/bench.py [--device cpu|cuda] [--model small|8b] [--layers 4 12] [--only fp8q,cp]
+                          [--repeat 3] [--warm] [--json] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,57 +40,71 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-HIDDEN, INTERMEDIATE, VOCAB = 4096, 11008, 32000
 PYTHON = sys.executable
+CONTENDERS = ("cp", "fp8q", "fp8q-ceiling", "model_free_ptq")
 
 
-def build_checkpoint(folder: Path, layers: int) -> int:
-    """A Llama-shaped bf16 checkpoint; returns its size in bytes."""
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    kv_heads: int
+    vocab: int
+    layers_per_shard: int
+
+
+SMALL = Shape(hidden=4096, intermediate=11008, kv_heads=32, vocab=32000, layers_per_shard=2)
+EIGHT_B = Shape(hidden=4096, intermediate=14336, kv_heads=8, vocab=128256, layers_per_shard=8)  # 32 layers: 5 shards
+
+
+def build_checkpoint(folder: Path, layers: int, shape: Shape) -> int:
+    """A Llama-shaped bf16 checkpoint; returns its size in bytes. The embedding opens the first shard and the
+    final norm and lm_head close the last, as in the real releases."""
     folder.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * (shape.hidden // 32)
 
-    def randn(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+    def randn(*dims: int) -> torch.Tensor:
+        return (torch.randn(*dims, generator=gen) * 0.02).to(torch.bfloat16)
 
-    shapes = {
-        "self_attn.q_proj": (HIDDEN, HIDDEN),
-        "self_attn.k_proj": (HIDDEN, HIDDEN),
-        "self_attn.v_proj": (HIDDEN, HIDDEN),
-        "self_attn.o_proj": (HIDDEN, HIDDEN),
-        "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
-        "mlp.up_proj": (INTERMEDIATE, HIDDEN),
-        "mlp.down_proj": (HIDDEN, INTERMEDIATE),
+    linears = {
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
     }
-    shards: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": randn(VOCAB, HIDDEN)}]
+    shards: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": randn(shape.vocab, h)}]
     for layer in range(layers):
-        if layer % 2 == 0 and layer:
+        if layer % shape.layers_per_shard == 0 and layer:
             shards.append({})
         prefix = f"model.layers.{layer}"
-        for name, shape in shapes.items():
-            shards[-1][f"{prefix}.{name}.weight"] = randn(*shape)
+        for name, dims in linears.items():
+            shards[-1][f"{prefix}.{name}.weight"] = randn(*dims)
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            shards[-1][f"{prefix}.{norm}.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
-    shards[-1]["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
-    shards[-1]["lm_head.weight"] = randn(VOCAB, HIDDEN)
+            shards[-1][f"{prefix}.{norm}.weight"] = torch.ones(h, dtype=torch.bfloat16)
+    shards.append({"model.norm.weight": torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": randn(shape.vocab, h)})
     weight_map, total = {}, 0
-    for i, tensors in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    for n, tensors in enumerate(shards):
+        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(tensors, folder / name, metadata={"format": "pt"})
         for key, t in tensors.items():
             weight_map[key] = name
             total += t.nbytes
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
+        "hidden_size": h,
+        "intermediate_size": i,
         "num_hidden_layers": layers,
         "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "vocab_size": VOCAB,
+        "num_key_value_heads": shape.kv_heads,
+        "vocab_size": shape.vocab,
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
@@ -86,8 +112,8 @@ def build_checkpoint(folder: Path, layers: int) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-# Peak RSS comes from wait4 in a small intermediate process: a child forked straight from this
-# (large) process would inherit its high-water mark into ru_maxrss.
+# Peak RSS comes from wait4 in a small intermediate process: a child forked straight from this (large)
+# process would inherit its high-water mark into ru_maxrss.
 _TIMER = (
     "import os, subprocess, sys, time; t = time.perf_counter(); "
     "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
@@ -95,153 +121,191 @@ _TIMER = (
 )
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """Run a command; return (seconds, peak RSS in MiB) of that process alone."""
-    done = subprocess.run([PYTHON, "-c", _TIMER, *cmd], capture_output=True, text=True)
-    try:
-        seconds, rss_kib, code = done.stdout.split()[-3:]
-    except ValueError:
-        code = "?"
-    if code != "0":
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
-    return float(seconds), int(rss_kib) / 1024
+class GpuPeak:
+    """Peak GPU memory in use while a contender runs, above what was in use before (NVML, sampled every 20 ms);
+    None where NVML is not there."""
 
+    def __init__(self, enabled: bool) -> None:
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._nvml = None
+        if enabled:
+            try:
+                import pynvml
 
-def settle(warm: bool) -> None:
-    """Before each contender: flush dirty pages (so none pays for another's writeback) and, unless
-    `warm`, drop the page cache where allowed (root) so every contender reads from disk."""
-    os.sync()
-    if warm:
-        return
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1\n")
-    except OSError:
-        pass
+                pynvml.nvmlInit()
+                self._nvml = pynvml
+                self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                self._base = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+                self.peak = 0
+            except Exception:  # noqa: BLE001 - no NVML: no GPU figure, the rest still runs
+                self._nvml = None
+
+    def __enter__(self) -> GpuPeak:
+        if self._nvml is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used - self._base
+            self.peak = max(self.peak or 0, used)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
 
 
 @dataclass(frozen=True)
 class Timing:
     exit_s: float  # until the process exited
     durable_s: float  # ... and until `sync` returned: its output is on disk
-    rss: float  # peak RSS, MiB
+    rss_mib: float
+    gpu_mib: float | None
 
 
-def timed(cmd: list[str], out: Path, warm: bool) -> Timing:
-    """One contender from a settled machine: its time to exit, its time until its writes are on disk
-    (fp8q fsyncs its shards itself; cp and model_free_ptq leave theirs in the page cache), and its RSS.
-    Its output is removed afterwards."""
+def settle(warm: bool) -> None:
+    """Flush dirty pages (so no contender pays for another's write-back) and, unless `warm`, drop the page
+    cache where allowed (root) so every contender reads from disk."""
+    os.sync()
+    if not warm:
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        except OSError:
+            pass
+
+
+def timed(cmd: list[str], out: Path, warm: bool, cuda: bool, env: dict[str, str]) -> Timing:
     settle(warm)
-    seconds, rss = measure(cmd)
+    with GpuPeak(cuda) as gpu:
+        done = subprocess.run([PYTHON, "-c", _TIMER, *cmd], capture_output=True, text=True, env=env)
+    try:
+        seconds, rss_kib, code = done.stdout.split()[-3:]
+    except ValueError:
+        code = "?"
+    if code != "0":
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
     start = time.perf_counter()
     os.sync()
-    durable = seconds + time.perf_counter() - start
+    durable = float(seconds) + time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
-    return Timing(seconds, durable, rss)
+    gpu_mib = gpu.peak / 2**20 if gpu.peak is not None else None
+    return Timing(float(seconds), durable, int(rss_kib) / 1024, gpu_mib)
 
 
-def median(timings: list[Timing]) -> Timing:
-    """Median times; the largest peak RSS."""
-    exit_s = statistics.median(t.exit_s for t in timings)
-    return Timing(exit_s, statistics.median(t.durable_s for t in timings), max(t.rss for t in timings))
-
-
-def cold_cache_possible() -> bool:
-    return os.access("/proc/sys/vm/drop_caches", os.W_OK)
+def commands(src: Path, outs: dict[str, Path], device: str) -> dict[str, tuple[list[str], dict[str, str]]]:
+    env = dict(os.environ)
+    quantize = [PYTHON, "-m", "fp8q", "quantize", str(src)]
+    model_free = (
+        "import sys; from llmcompressor import model_free_ptq; model_free_ptq(sys.argv[1], sys.argv[2], "
+        "scheme='FP8_DYNAMIC', ignore=['lm_head', 'model.embed_tokens'], device=sys.argv[3])"
+    )
+    return {
+        "cp": (["cp", "-r", str(src), str(outs["cp"])], env),
+        "fp8q": ([*quantize, str(outs["fp8q"]), "--quiet", "--device", device], env),
+        "fp8q-ceiling": (
+            [*quantize, str(outs["fp8q-ceiling"]), "--quiet", "--device", device],
+            {**env, "FP8Q_BENCH_CEILING": "1"},
+        ),
+        "model_free_ptq": (
+            [PYTHON, "-c", model_free, str(src), str(outs["model_free_ptq"]), "cuda:0" if device == "cuda" else "cpu"],
+            env,
+        ),
+    }
 
 
 def has_llmcompressor() -> bool:
     return subprocess.run([PYTHON, "-c", "import llmcompressor"], capture_output=True).returncode == 0
 
 
-LABELS = {"ref": "model_free_ptq"}
-MODEL_FREE = (
-    "import sys; from llmcompressor import model_free_ptq; "
-    "model_free_ptq(sys.argv[1], sys.argv[2], scheme='FP8_DYNAMIC', "
-    "ignore=['lm_head', 'model.embed_tokens'], device='cpu')"
-)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[4, 12])
-    parser.add_argument("--keep", type=Path, help="build in this folder and keep it")
-    parser.add_argument("--no-reference", action="store_true", help="skip llm-compressor model_free_ptq")
-    parser.add_argument("--extra", nargs="*", default=[], help="extra fp8q quantize options")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", choices=("small", "8b"), default="small")
+    parser.add_argument("--layers", type=int, nargs="+", help="layer counts of the small model (default 4 12)")
+    parser.add_argument("--only", help=f"comma-separated contenders, of {', '.join(CONTENDERS)}")
     parser.add_argument("--repeat", type=int, default=3, help="runs per contender; the median is reported")
     parser.add_argument("--warm", action="store_true", help="keep the page cache (default: drop it before each run)")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
+    parser.add_argument("--keep", type=Path, help="build in this folder and keep it")
     args = parser.parse_args()
+    chosen = args.only.split(",") if args.only else list(CONTENDERS)
+    unknown = sorted(set(chosen) - set(CONTENDERS))
+    if unknown:
+        parser.error(f"--only: unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
+    if "model_free_ptq" in chosen and not has_llmcompressor():
+        chosen.remove("model_free_ptq")
+        print("model_free_ptq: llm-compressor is not installed here, left out", file=sys.stderr)
+    if args.model == "8b":
+        shape, sizes = EIGHT_B, [32]
+    else:
+        shape, sizes = SMALL, args.layers or [4, 12]
+    say = sys.stderr if args.json else sys.stdout
     root = args.keep or Path(tempfile.mkdtemp(prefix="fp8q-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    reference = not args.no_reference and has_llmcompressor()
-    _, baseline_rss = measure([PYTHON, "-c", "import torch, fp8q"])
-    largest = INTERMEDIATE * HIDDEN * 2
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"RSS of `import torch, fp8q`: {baseline_rss:.0f} MiB")
-    if args.warm or not cold_cache_possible():
-        cache = "warm (the checkpoint stays in the page cache)"
-    else:
-        cache = "cold (page cache dropped before each run)"
-    print(f"page cache: {cache}; median of {args.repeat} run(s) per contender, in turns; peak RSS: the largest")
-    rows = []
-    every_run: list[tuple[int, dict[str, list[Timing]]]] = []
+    cache = "warm (kept)" if args.warm or not os.access("/proc/sys/vm/drop_caches", os.W_OK) else "cold (dropped)"
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, device {args.device}", file=say)
+    print(f"page cache: {cache}; median of {args.repeat} run(s) per contender, in turns", file=say)
+    results = []
     try:
-        for layers in args.layers:
-            src = root / f"llama-{layers}L"
+        for layers in sizes:
+            src = root / f"llama-{args.model}-{layers}L"
             if not src.exists():
-                print(f"building {src} ...", flush=True)
-                build_checkpoint(src, layers)
+                print(f"building {src} ...", file=say, flush=True)
+                build_checkpoint(src, layers, shape)
             size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-            outs = {name: root / name for name in ("cp", "fp8q", "ref")}
-            for out in outs.values():
-                shutil.rmtree(out, ignore_errors=True)
-            commands = {
-                "cp": ["cp", "-r", str(src), str(outs["cp"])],
-                "fp8q": [PYTHON, "-m", "fp8q", "quantize", str(src), str(outs["fp8q"]), "--quiet", "--device", "cpu"]
-                + args.extra,
-            }
-            if reference:
-                commands["ref"] = [PYTHON, "-c", MODEL_FREE, str(src), str(outs["ref"])]
-            runs: dict[str, list[Timing]] = {name: [] for name in commands}
+            outs = {name: root / f"out-{name}" for name in CONTENDERS}
+            cmds = commands(src, outs, args.device)
+            runs: dict[str, list[Timing]] = {name: [] for name in chosen}
             for _ in range(args.repeat):
-                for name, cmd in commands.items():
-                    runs[name].append(timed(cmd, outs[name], args.warm))
-            ref = median(runs["ref"]) if reference else None
-            rows.append((layers, size, median(runs["cp"]), median(runs["fp8q"]), ref))
-            every_run.append((layers, runs))
+                for name in chosen:
+                    cmd, env = cmds[name]
+                    cuda = args.device == "cuda" and name != "cp"
+                    runs[name].append(timed(cmd, outs[name], args.warm, cuda, env))
+            for name, timings in runs.items():
+                gpu = [t.gpu_mib for t in timings if t.gpu_mib is not None]
+                results.append(
+                    {
+                        "layers": layers,
+                        "bytes": size,
+                        "contender": name,
+                        "seconds": [round(t.exit_s, 3) for t in timings],
+                        "median_s": round(statistics.median(t.exit_s for t in timings), 3),
+                        "median_durable_s": round(statistics.median(t.durable_s for t in timings), 3),
+                        "peak_rss_mib": round(max(t.rss_mib for t in timings)),
+                        "gpu_peak_mib": round(max(gpu)) if gpu else None,
+                    }
+                )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        sys.stdout.write(json.dumps({"results": results}) + "\n")
+        return
+    print_table(results)
 
-    for title, pick in (
-        ("until the process exits", lambda r: r.exit_s),
-        ("until its output is on disk (exit, then `sync`)", lambda r: r.durable_s),
-    ):
-        print(f"\n{title}:\n")
+
+def print_table(results: list[dict]) -> None:
+    """One table per model size; ratios against cp and model_free_ptq measured in this same run."""
+    for layers in sorted({r["layers"] for r in results}):
+        rows = {r["contender"]: r for r in results if r["layers"] == layers}
+        size = next(iter(rows.values()))["bytes"]
+        cp, ref = rows.get("cp"), rows.get("model_free_ptq")
+        print(f"\n{layers} layers, {size / 1e9:.2f} GB of bf16:\n")
         print(
-            "| layers | bf16 GB | cp s | fp8q s | fp8q GB/s | fp8q / cp | model_free_ptq s | fp8q speed-up "
-            "| fp8q peak RSS MiB | model_free_ptq RSS MiB |"
+            "| contender | median s (runs) | GB/s | x cp | model_free_ptq / it | until on disk s | peak RSS MiB | GPU peak MiB |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for layers, size, cp, fp8q, ref in rows:
-            s = pick(fp8q)
-            ref_cells = f"{pick(ref):.1f} | {pick(ref) / s:.1f}x" if ref else "n/a | n/a"
+        print("|---|---|---|---|---|---|---|---|")
+        for name, r in rows.items():
+            s = r["median_s"]
+            runs = " ".join(f"{x:.1f}" for x in r["seconds"])
+            vs_cp = f"{s / cp['median_s']:.2f}" if cp else "n/a"
+            vs_ref = f"{ref['median_s'] / s:.1f}x" if ref else "n/a"
+            gpu = r["gpu_peak_mib"] if r["gpu_peak_mib"] is not None else "-"
             print(
-                f"| {layers} | {size / 1e9:.2f} | {pick(cp):.1f} | {s:.1f} | {size / s / 1e9:.2f} "
-                f"| {s / pick(cp):.1f}x | {ref_cells} | {fp8q.rss:.0f} | {f'{ref.rss:.0f}' if ref else 'n/a'} |"
+                f"| {name} | {s:.1f} ({runs}) | {size / s / 1e9:.2f} | {vs_cp} | {vs_ref} | {r['median_durable_s']:.1f} "
+                f"| {r['peak_rss_mib']} | {gpu} |"
             )
-    print("\nevery run, seconds to exit:")
-    for layers, runs in every_run:
-        cells = "; ".join(
-            f"{LABELS.get(name, name)} {' '.join(f'{t.exit_s:.1f}' for t in timings)}" for name, timings in runs.items()
-        )
-        print(f"  {layers} layers: {cells}")
-    if len(rows) >= 2:
-        small, big = rows[0][3].rss, rows[-1][3].rss
-        budget = baseline_rss + 4 * largest / 2**20 + 256
-        print(
-            f"\npeak RSS {rows[-1][0]} vs {rows[0][0]} layers: {big / small - 1:+.1%}; "
-            f"budget (import RSS + 4 x largest tensor + 256 MiB) = {budget:.0f} MiB, used {big:.0f} MiB"
-        )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,13 @@ def empty_outputs(
 
 
 def quantize(w: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a whole 2-D weight on its own device. Returns (q, scale)."""
+    """Quantize a whole 2-D weight on its own device. Returns (q, scale).
+
+    Raises:
+        NonFiniteWeight: NaN or inf in the weight, on the CPU. On a GPU the check would stop the host for
+            every tensor, so there the scale comes out NaN or inf instead, for the caller to check once it
+            is on the host anyway (`scale_is_finite`).
+    """
     q, s = empty_outputs(w, layout)
     tensor_scale = amax_to_tensor_scale(tensor_amax(w, 0, w.shape[0], layout), w.dtype, layout)
     quantize_rows(w, q, s, 0, w.shape[0], layout, tensor_scale)
@@ -177,6 +183,8 @@ def _over_fp8_max(amax: torch.Tensor) -> torch.Tensor:
 
 
 def _check_finite(amax: torch.Tensor) -> None:
+    if amax.device.type != "cpu":
+        return  # see `quantize`: NaN or inf amax gives a NaN or inf scale, checked by the caller
     if not bool(torch.isfinite(amax).all()):
         raise NonFiniteWeight("holds NaN or inf values")
 
@@ -205,9 +213,7 @@ def dequantize(
     client = exact.to(scale.dtype if layout.format is Format.COMPRESSED_TENSORS else torch.float32)
     if strict:
         return client.to(dtype)
-    overflowed = torch.isinf(client) & torch.isfinite(exact)
-    if not bool(overflowed.any()):
-        return client.to(dtype)
+    overflowed = torch.isinf(client) & torch.isfinite(exact)  # no test of it on the host: a GPU never waits
     return torch.where(overflowed, exact, client.double()).to(dtype)
 
 
@@ -255,32 +261,41 @@ def nan_codes(q: torch.Tensor) -> int:
     return int(((q.view(torch.uint8) & 0x7F) == 0x7F).sum())
 
 
-def error_stats(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout, bands: int = 2) -> dict[str, float]:
-    """Scale range and the dequantization error, the error measured on a few bands of rows spread
-    over the tensor (cheap enough to do for every tensor; `fp8q verify` measures every row)."""
+def error_sums(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout, bands: int = 2) -> torch.Tensor:
+    """What the manifest's statistics are made of, as one float64 vector on the weight's device (so that a GPU
+    computes them without stopping): squared error and squared weight summed over a few bands of rows spread
+    over the tensor, the largest error there, and the smallest and largest scale. `error_stats` reads them."""
     rows = w.shape[0]
     step = row_step(layout) if layout.scheme is Scheme.BLOCK else 16
     starts = sorted({(rows * i // bands) // step * step for i in range(bands)})
-    diff_sq = ref_sq = 0.0
-    max_abs = 0.0
+    zero = torch.zeros((), dtype=torch.float64, device=w.device)
+    diff_sq, ref_sq, max_abs = zero, zero, zero
     for a in starts:
         b = min(rows, a + step)
-        if layout.scheme is Scheme.TENSOR:
-            band_scale = s
-        else:
-            band_scale = s[_scale_rows(layout, a, b)]
+        band_scale = s if layout.scheme is Scheme.TENSOR else s[_scale_rows(layout, a, b)]
         # In float64: the squares of float32 weights near their maximum would overflow in float32.
-        deq = dequantize(q[a:b], band_scale, layout, torch.float64)
-        ref = w[a:b].double()
-        diff = deq - ref
-        diff_sq += float(diff.square().sum())
-        ref_sq += float(ref.square().sum())
+        diff = dequantize(q[a:b], band_scale, layout, torch.float64) - w[a:b].double()
+        diff_sq = diff_sq + diff.square().sum()
+        ref_sq = ref_sq + w[a:b].double().square().sum()
         if diff.numel():
-            max_abs = max(max_abs, float(diff.abs().max()))
-    scale = s.float()
+            max_abs = torch.maximum(max_abs, diff.abs().max())
+    scale = s.double().reshape(-1)
+    if not scale.numel():
+        scale = zero.reshape(1)
+    return torch.stack([diff_sq, ref_sq, max_abs, scale.min(), scale.max()])
+
+
+def error_stats(sums: list[float]) -> dict[str, float]:
+    """Scale range and the dequantization error, from `error_sums` (read back to the host)."""
+    diff_sq, ref_sq, max_abs, scale_min, scale_max = sums
     return {
-        "scale_min": float(scale.min()) if scale.numel() else 0.0,
-        "scale_max": float(scale.max()) if scale.numel() else 0.0,
+        "scale_min": scale_min,
+        "scale_max": scale_max,
         "rel_error": (diff_sq / ref_sq) ** 0.5 if ref_sq > 0 else 0.0,
         "max_abs_error": max_abs,
     }
+
+
+def scale_is_finite(scale: torch.Tensor) -> bool:
+    """False when the weight held NaN or inf (its scale then does too; see `quantize`)."""
+    return bool(torch.isfinite(scale).all())

@@ -54,7 +54,7 @@ from fp8q.errors import (
 )
 from fp8q.formats import Format, Layout, Scheme
 from fp8q.manifest import FileHasher, Progress, fingerprint, reusable_shards, write_manifest
-from fp8q.numerics import FP8, NonFiniteWeight, error_stats
+from fp8q.numerics import FP8, NonFiniteWeight
 from fp8q.plan import Action, Job, Plan, make_plan
 from fp8q.quantizer import make_quantizer, resolve_device
 from fp8q.tensor_io import BufferPool, Stopped, read_ahead, read_tensor, typed_view
@@ -405,7 +405,6 @@ class _Item:
     data: Any = None
     buffer: torch.Tensor | None = None  # the pool buffer behind the input `data`, handed back once used
     out_buffers: list[torch.Tensor] = field(default_factory=list)  # pool buffers behind quantized outputs
-    stats: dict[str, Any] = field(default_factory=dict)  # per quantized weight: scale range and error
 
 
 def _run_plan(
@@ -423,9 +422,10 @@ def _run_plan(
     quantized = [j for j in plan.jobs if j.action is Action.QUANTIZE]
     largest_weight = max((p.out.nbytes for j in quantized for p in j.pieces), default=0)
     pieces = max((len(j.pieces) for j in quantized), default=1)
+    # A device that works on while the host goes on holds its weights' buffers longer.
     pools = _Pools(
-        BufferPool(plan.largest_quantized, 3, quantizer.pin_memory),
-        BufferPool(largest_weight, 2 * pieces + 1, quantizer.pin_memory),
+        BufferPool(plan.largest_quantized, 3 + quantizer.in_flight, quantizer.pin_memory),
+        BufferPool(largest_weight, (2 + quantizer.in_flight) * pieces + 1, quantizer.pin_memory),
     )
     to_quantize: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
     to_write: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
@@ -447,7 +447,7 @@ def _run_plan(
         target=guarded(lambda: _read(plan, to_quantize, stop, pools.inputs, skip)), name="fp8q-reader"
     )
     writer = threading.Thread(
-        target=guarded(lambda: _write(plan, partial, to_write, stop, emit, pools.outputs, progress)),
+        target=guarded(lambda: _write(plan, partial, to_write, stop, emit, pools, progress)),
         name="fp8q-writer",
     )
     threads_before = torch.get_num_threads()
@@ -495,29 +495,17 @@ def _quantize_loop(
         job = item.job
         if job is not None and job.action is Action.QUANTIZE:
             in_flight -= 1
-            w = quantizer.weight_of(item.data)
             results = []
             for piece in job.pieces:
                 out = pools.outputs.take(stop)
                 item.out_buffers.append(out)
                 try:
-                    q, s = quantizer.result(item.data, typed_view(out, FP8, piece.out.shape), piece.part)
+                    results.append(quantizer.start(item.data, typed_view(out, FP8, piece.out.shape), piece.part))
                 except NonFiniteWeight:
-                    src = job.source
-                    raise UnsupportedTensorError(
-                        f"tensor {src.name} in {src.shard} holds NaN or inf values; fix the source checkpoint, "
-                        f"or keep it unquantized with --ignore '^{re.escape(src.module)}$'"
-                    ) from None
-                part_w = w if piece.part is None else piece.part.take(w)
-                item.stats[piece.out.name] = {
-                    "shape": list(part_w.shape),
-                    **error_stats(part_w, q, s, quantizer.layout),
-                }
-                results.append((q, s))
+                    raise _non_finite(job) from None
             item.data = results
-            del w
-            if item.buffer is not None:
-                pools.inputs.give(item.buffer)
+            if item.buffer is not None and all(r.ready for r in results):
+                pools.inputs.give(item.buffer)  # done with the input (a GPU's is given back once written)
                 item.buffer = None
         elif job is not None and not job.is_copy:
             # The biases of split experts: small, cut on the spot.
@@ -536,6 +524,14 @@ def _quantize_loop(
     while pending:
         finish_head()
     _put(outbox, None, stop)
+
+
+def _non_finite(job: Job) -> UnsupportedTensorError:
+    src = job.source
+    return UnsupportedTensorError(
+        f"tensor {src.name} in {src.shard} holds NaN or inf values; fix the source checkpoint, "
+        f"or keep it unquantized with --ignore '^{re.escape(src.module)}$'"
+    )
 
 
 def _read(
@@ -573,16 +569,18 @@ def _write(
     inbox: queue.Queue[_Item | None],
     stop: threading.Event,
     emit: EventCallback,
-    pool: BufferPool,
+    pools: _Pools,
     progress: Progress,
 ) -> None:
     current: ShardFile | None = None
     hasher: FileHasher | None = None
     stats: dict[str, Any] = {}
     src_fd = -1
-    # A helper thread hashes each shard as its bytes land and flushes it once finished, so the
-    # writer never waits on the disk or the hash.
-    syncer = ThreadPoolExecutor(1, thread_name_prefix="fp8q-fsync")
+    # Each shard has a helper thread of its own that hashes it as its bytes land and flushes it once
+    # finished: the writer never waits on the disk or the hash, and the hashing of a finished shard's
+    # last bytes goes on beside that of the next (sha256 runs on one core per stream).
+    syncer: ThreadPoolExecutor | None = None
+    syncers: list[ThreadPoolExecutor] = []
     flushed: list[Future[None]] = []
 
     try:
@@ -591,6 +589,8 @@ def _write(
             path = partial / shard.name
             try:
                 if current is None:
+                    syncer = ThreadPoolExecutor(1, thread_name_prefix="fp8q-fsync")
+                    syncers.append(syncer)
                     hasher = FileHasher(path)
                     current = ShardFile(path, shard, _hash_in_background(syncer, hasher))
                     src_fd = os.open(shard.source.path, os.O_RDONLY)
@@ -600,6 +600,7 @@ def _write(
                             f"{shard.source.path}: changed while fp8q was converting it; run again once nothing "
                             "writes to the source"
                         )
+                    assert syncer is not None
                     flushed.append(syncer.submit(_finish_shard, current, hasher, shard.name, stats, progress))
                     current, hasher, stats = None, None, {}
                     os.close(src_fd)
@@ -612,14 +613,7 @@ def _write(
                     for piece, t in zip(job.pieces, item.data, strict=True):
                         current.write(piece.out, t)
                 else:
-                    for piece, (q, s) in zip(job.pieces, item.data, strict=True):
-                        assert piece.scale is not None
-                        current.write(piece.out, q)
-                        current.write(piece.scale, s)
-                    stats.update(item.stats)
-                    item.data = None
-                    for buf in item.out_buffers:
-                        pool.give(buf)
+                    _write_quantized(current, job, item, stats, pools)
             except OSError as e:
                 raise write_error(path, e) from None
             emit(TensorDone(job.source.name, job.source.nbytes, shard.name))
@@ -629,13 +623,33 @@ def _write(
             except OSError as e:
                 raise write_error(partial, e) from None
     finally:
-        syncer.shutdown(wait=True)
+        for executor in syncers:
+            executor.shutdown(wait=True)
         if current is not None:
             current.abort()
         if hasher is not None:
             hasher.close()
         if src_fd >= 0:
             os.close(src_fd)
+
+
+def _write_quantized(shard: ShardFile, job: Job, item: _Item, stats: dict[str, Any], pools: _Pools) -> None:
+    """Write a quantized weight and its scale once the device has them ready, and hand its buffers back."""
+    for piece, done in zip(job.pieces, item.data, strict=True):
+        assert piece.scale is not None
+        try:
+            done.wait()
+        except NonFiniteWeight:
+            raise _non_finite(job) from None
+        shard.write(piece.out, done.q)
+        shard.write(piece.scale, done.s)
+        stats[piece.out.name] = {"shape": list(piece.out.shape), **done.stats()}
+    item.data = None
+    if item.buffer is not None:
+        pools.inputs.give(item.buffer)
+        item.buffer = None
+    for buf in item.out_buffers:
+        pools.outputs.give(buf)
 
 
 def _hash_in_background(syncer: ThreadPoolExecutor, hasher: FileHasher) -> Callable[[int, int], None]:

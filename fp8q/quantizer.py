@@ -3,12 +3,19 @@
 Imports: torch, formats, numerics. Both give the same bits: the CPU path splits a tensor into row
 ranges whose results do not depend on the split (see numerics), the CUDA path runs the same ops on
 the whole tensor at once.
+
+A quantizer's `start` returns a `Quantized`: on the CPU it is done when returned; on a GPU it is a promise
+(upload, quantization, statistics and download queued on three streams), kept by `wait()`, which the
+pipeline's writer calls just before it writes the bytes, so the thread feeding the GPU never waits for it.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +28,37 @@ from fp8q.formats import Layout
 # A chunk of this many input bytes, with its temporaries, stays in a core's L2 cache (measured best
 # of 64 KiB..2 MiB here).
 CHUNK_BYTES = 1 << 20
+
+
+@dataclass
+class Quantized:
+    """One weight's quantization: `q` and `s` are host tensors that hold their values once `wait()` has
+    returned, and `stats()` then reads the manifest's statistics."""
+
+    q: torch.Tensor
+    s: torch.Tensor
+    sums: torch.Tensor  # numerics.error_sums, on the device that computed it
+    pending: Callable[[], None] | None = None  # waits for the device; None: finished already
+    keep: tuple[torch.Tensor, ...] = field(default=(), repr=False)  # device memory the copies still read
+
+    @property
+    def ready(self) -> bool:
+        return self.pending is None
+
+    def wait(self) -> None:
+        """Block until `q` and `s` hold their values.
+
+        Raises:
+            NonFiniteWeight: the weight held NaN or inf (found from its scale, now on the host).
+        """
+        if self.pending is not None:
+            self.pending()
+            self.pending, self.keep = None, ()
+            if not numerics.scale_is_finite(self.s):
+                raise numerics.NonFiniteWeight("holds NaN or inf values")
+
+    def stats(self) -> dict[str, float]:
+        return numerics.error_stats(self.sums.tolist())
 
 
 def resolve_device(device: str) -> torch.device:
@@ -50,6 +88,7 @@ class CpuQuantizer:
 
     lookahead = 0
     pin_memory = False
+    in_flight = 0  # weights still being worked on after `start` returns
 
     def __init__(self, layout: Layout, workers: int) -> None:
         self.layout = layout
@@ -63,11 +102,13 @@ class CpuQuantizer:
         """The host copy of a submitted weight."""
         return handle
 
-    def result(
-        self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def start(self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
         """Quantize the submitted weight (or the `part` of it one output takes) into `q` when given
-        (a pool buffer), else into new memory. May be called once per part of the same handle."""
+        (a pool buffer), else into new memory. May be called once per part of the same handle.
+
+        Raises:
+            NonFiniteWeight: NaN or inf in the weight.
+        """
         w: torch.Tensor = handle if part is None else part.take(handle)
         layout = self.layout
         q, s = numerics.empty_outputs(w, layout, q=q)
@@ -77,7 +118,15 @@ class CpuQuantizer:
         if amaxes and amaxes[0] is not None:
             tensor_scale = numerics.amax_to_tensor_scale(torch.stack(amaxes).amax(), w.dtype, layout)
         self._map(lambda r: _chunked_quantize(w, q, s, r, self._chunk_rows(w), layout, tensor_scale), ranges)
-        return q, s
+        return Quantized(q, s, numerics.error_sums(w, q, s, layout))
+
+    def result(
+        self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`start`, then wait: the quantized weight and its scale."""
+        done = self.start(handle, q, part)
+        done.wait()
+        return done.q, done.s
 
     def close(self) -> None:
         if self.pool:
@@ -123,51 +172,98 @@ def _chunked_quantize(
 
 
 class CudaQuantizer:
-    """Quantizes on one CUDA device: uploads on a side stream (from pinned host memory) so the next
-    tensor's transfer overlaps this one's quantization, then downloads into pinned host buffers."""
+    """Quantizes on one CUDA device with three streams: uploads (from pinned host memory), quantization
+    and statistics, and downloads (into pinned host buffers), each waiting on the last one's event, so
+    that several weights are in flight and the host never waits for the GPU: the pipeline's writer waits
+    for each download just before it writes those bytes."""
 
     lookahead = 1
     pin_memory = True
+    in_flight = 3  # weights whose buffers stay out after `start`: one pending, one queued, one being written
 
     def __init__(self, layout: Layout, device: torch.device) -> None:
         self.layout = layout
         self.device = device
-        self.copy_stream = torch.cuda.Stream(device)
-        self.compute_stream = torch.cuda.Stream(device)
+        self.upload = torch.cuda.Stream(device)
+        self.compute = torch.cuda.Stream(device)
+        self.download = torch.cuda.Stream(device)
 
     def submit(self, w: torch.Tensor) -> Any:
-        with torch.cuda.stream(self.copy_stream):
+        with torch.cuda.stream(self.upload):
             dev = w.to(self.device, non_blocking=True)
             uploaded = torch.cuda.Event()
-            uploaded.record(self.copy_stream)
+            uploaded.record(self.upload)
         # Keep the pinned source alive until its copy has run.
         return w, dev, uploaded
 
     def weight_of(self, handle: Any) -> torch.Tensor:
         return handle[0]
 
+    def start(self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
+        _, dev, uploaded = handle
+        with torch.cuda.stream(self.compute):
+            self.compute.wait_event(uploaded)
+            dev.record_stream(self.compute)  # the upload stream's memory, read here
+            x = dev if part is None else part.take(dev)
+            q_dev, s_dev = numerics.quantize(x, self.layout)  # NaN or inf: a non-finite scale, seen in wait()
+            sums = numerics.error_sums(x, q_dev, s_dev, self.layout)
+            computed = torch.cuda.Event()
+            computed.record(self.compute)
+        with torch.cuda.stream(self.download):
+            self.download.wait_event(computed)
+            q_host, s_host = numerics.empty_outputs(x, self.layout, pin=True, q=q)
+            q_host.copy_(q_dev, non_blocking=True)
+            s_host.copy_(s_dev, non_blocking=True)
+            downloaded = torch.cuda.Event()
+            downloaded.record(self.download)
+        # The device tensors stay referenced until the download has run; the sums are read after it.
+        return Quantized(q_host, s_host, sums, downloaded.synchronize, keep=(q_dev, s_dev))
+
     def result(
         self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        _, dev, uploaded = handle
-        with torch.cuda.stream(self.compute_stream):
-            self.compute_stream.wait_event(uploaded)
-            dev.record_stream(self.compute_stream)
-            x = dev if part is None else part.take(dev)
-            q_dev, s_dev = numerics.quantize(x, self.layout)
-            q, s = numerics.empty_outputs(x, self.layout, pin=True, q=q)
-            q.copy_(q_dev, non_blocking=True)
-            s.copy_(s_dev, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.compute_stream)
-        done.synchronize()
-        return q, s
+        done = self.start(handle, q, part)
+        done.wait()
+        return done.q, done.s
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
 
 
-def make_quantizer(layout: Layout, device: torch.device, workers: int) -> CpuQuantizer | CudaQuantizer:
+class CeilingQuantizer:
+    """For `make bench` only (FP8Q_BENCH_CEILING=1): a stand-in that costs nothing, writing zeros and unit
+    scales of the right dtypes and shapes, so that a run measures what everything but the quantization
+    costs (reading, writing, hashing, statistics): the most any device's kernel can reach."""
+
+    lookahead = 0
+    pin_memory = False
+    in_flight = 0
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def submit(self, w: torch.Tensor) -> Any:
+        return w
+
+    def weight_of(self, handle: Any) -> torch.Tensor:
+        return handle
+
+    def start(self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
+        w: torch.Tensor = handle if part is None else part.take(handle)
+        q, s = numerics.empty_outputs(w, self.layout, q=q)
+        q.view(torch.uint8).zero_()
+        s.fill_(1)
+        return Quantized(q, s, numerics.error_sums(w, q, s, self.layout))
+
+    def close(self) -> None:
+        pass
+
+
+def make_quantizer(
+    layout: Layout, device: torch.device, workers: int
+) -> CpuQuantizer | CudaQuantizer | CeilingQuantizer:
+    if os.environ.get("FP8Q_BENCH_CEILING") == "1":
+        return CeilingQuantizer(layout)
     if device.type == "cuda":
         return CudaQuantizer(layout, device)
     return CpuQuantizer(layout, workers)
