@@ -14,8 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from fp8q import QuantizeOptions, quantize, tensor_io
 from fp8q import manifest as manifest_module
+from fp8q import numerics as numerics_module
 from fp8q import pipeline as pipeline_module
 from fp8q import quantizer as quantizer_module
+from fp8q.errors import UnsupportedTensorError
 from fp8q.formats import Format, Layout, Scheme
 from fp8q.numerics import quantize as quantize_tensor
 from fp8q.tensor_io import read_ahead, start_writeback
@@ -162,3 +164,46 @@ def test_every_byte_of_every_shard_is_hashed_as_it_lands(tmp_path, monkeypatch):
     quantize(src, tmp_path / "out", QuantizeOptions(device="cpu"))
     assert sorted(left_for_finish) == sorted(p.name for p in src.glob("*.safetensors"))
     assert set(left_for_finish.values()) == {0}  # header, kept, copied, quantized and scales all reported
+
+
+class _Deferred(quantizer_module.CpuQuantizer):
+    """The GPU's way, on the CPU: `start` only promises, and the work happens in `wait()`, on the writer's
+    thread, after later weights have been read. A pipeline that handed an input buffer back before the
+    promise was kept would quantize the next weight's bytes in its place."""
+
+    in_flight = 3
+
+    def start(self, handle, q=None, part=None):
+        def run():
+            done = quantizer_module.CpuQuantizer.start(self, handle, q, part)
+            promise.q.copy_(done.q)
+            promise.s.copy_(done.s)
+            promise.sums = done.sums
+
+        w = handle if part is None else part.take(handle)
+        q_out, s_out = numerics_module.empty_outputs(w, self.layout, q=torch.empty_like(q) if q is not None else None)
+        promise = quantizer_module.Quantized(q_out, s_out, torch.zeros(5, dtype=torch.float64), pending=run)
+        return promise
+
+
+@pytest.mark.parametrize("scheme,fmt", LAYOUTS)
+def test_deferred_quantizer_writes_the_same_files(tmp_path, monkeypatch, scheme, fmt):
+    src = _source(tmp_path)
+    options = {"scheme": scheme, "format": fmt, "device": "cpu", "load_check": False}
+    quantize(src, tmp_path / "now", QuantizeOptions(**options))
+    monkeypatch.setattr(pipeline_module, "make_quantizer", lambda layout, device, workers: _Deferred(layout, 1))
+    quantize(src, tmp_path / "later", QuantizeOptions(**options))
+    for shard in src.glob("*.safetensors"):
+        assert (tmp_path / "later" / shard.name).read_bytes() == (tmp_path / "now" / shard.name).read_bytes()
+
+
+def test_deferred_quantizer_names_a_nan_weight(tmp_path, monkeypatch):
+    src = _source(tmp_path)
+    shard = src / "model-00002-of-00003.safetensors"
+    tensors = load_file(shard)
+    tensors["model.layers.0.mlp.down_proj.weight"][3, 3] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    monkeypatch.setattr(pipeline_module, "make_quantizer", lambda layout, device, workers: _Deferred(layout, 1))
+    with pytest.raises(UnsupportedTensorError, match="model.layers.0.mlp.down_proj.weight in .* holds NaN or inf"):
+        quantize(src, tmp_path / "out", QuantizeOptions(device="cpu"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
