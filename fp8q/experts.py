@@ -1,12 +1,20 @@
 """Fused 3-D MoE expert tensors, split into the per-expert 2-D Linear weights engines know.
 
-Imports: checkpoint types. Some checkpoints (gpt-oss, Llama 4) store all experts of a layer in one
-tensor: `experts.gate_up_proj` [E, H, 2I] (applied as x @ W, the transpose of a Linear weight) and
-`experts.down_proj` [E, I, H], with biases `gate_up_proj_bias` [E, 2I] and `down_proj_bias` [E, H].
-gpt-oss interleaves gate and up along the 2I axis (gate = even, up = odd); Llama 4 and the
-transformers 5 in-memory form [E, 2I, H] (Linear orientation) put all of gate first. Each expert is
-a contiguous byte range of the fused tensor, so it is read and quantized on its own, and written as
-`experts.N.gate_proj.weight` [I, H], `experts.N.up_proj.weight` [I, H], `experts.N.down_proj.weight` [H, I].
+Imports: checkpoint types, errors, architectures. Some checkpoints store all experts of a layer in one tensor
+per projection, under one of two namings:
+
+- `experts.gate_up_proj` and `experts.down_proj` (gpt-oss, Llama 4, Gemma-4, Qwen3-VL-MoE, Qwen3.5, and
+  transformers 5's in-memory form), with biases `gate_up_proj_bias` [E, 2I] and `down_proj_bias` [E, H];
+  written as `experts.N.gate_proj.weight`, `experts.N.up_proj.weight`, `experts.N.down_proj.weight`;
+- `block_sparse_moe.input_linear.weight` and `output_linear.weight` (GraniteMoE); written as
+  `block_sparse_moe.experts.N.w1.weight` (gate), `w3` (up) and `w2` (down), the names vLLM's granitemoe.py
+  turns them into at load.
+
+A fused tensor is [E, out, in] (Linear orientation: [E, 2I, H] and [E, H, I]) or [E, in, out] (applied as
+x @ W: [E, H, 2I] and [E, I, H]). The hidden size tells which where the two dims differ; where they do not
+(gpt-oss's square down_proj) the architecture's table entry does. gpt-oss interleaves gate and up along the
+2I axis (gate = even, up = odd); the others put all of gate first. Each expert is a contiguous byte range
+of the fused tensor, so it is read and quantized on its own.
 """
 
 from __future__ import annotations
@@ -18,13 +26,22 @@ from typing import Any
 
 import torch
 
+from fp8q.architectures import architecture_of
 from fp8q.checkpoint import TensorMeta
 from fp8q.errors import UnsupportedTensorError
 
-_FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$")
-# Stored as x @ W (input dim first) when the hidden size cannot tell.
-_TRANSPOSED_TYPES = ("gpt_oss", "llama4", "llama4_text")
-_INTERLEAVED_TYPES = ("gpt_oss",)
+# The fused projection of gate and up, and the down projection, under each naming: (pattern, output names).
+_NAMINGS = (
+    (
+        re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"),
+        {"gate": "{prefix}.{e}.gate_proj", "up": "{prefix}.{e}.up_proj", "down": "{prefix}.{e}.down_proj"},
+    ),
+    (
+        re.compile(r"^(?P<prefix>.*\.block_sparse_moe)\.(?P<proj>input_linear|output_linear)\.weight(?P<bias>)$"),
+        {"gate": "{prefix}.experts.{e}.w1", "up": "{prefix}.experts.{e}.w3", "down": "{prefix}.experts.{e}.w2"},
+    ),
+)
+_GATE_UP = ("gate_up_proj", "input_linear")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,53 +76,62 @@ class ExpertSlice:
     parts: tuple[Part, ...]
 
 
+def _match(name: str) -> tuple[re.Match[str], dict[str, str]] | None:
+    for pattern, names in _NAMINGS:
+        m = pattern.match(name)
+        if m:
+            return m, names
+    return None
+
+
 def is_fused_expert_weight(meta: TensorMeta) -> bool:
-    m = _FUSED.match(meta.name)
-    return bool(m) and not m["bias"] and len(meta.shape) == 3
+    found = _match(meta.name)
+    return found is not None and not found[0]["bias"] and len(meta.shape) == 3
 
 
 def fused_weight_of(meta: TensorMeta) -> str | None:
     """For a fused expert bias, the name of its fused weight."""
-    m = _FUSED.match(meta.name)
-    return f"{m['prefix']}.{m['proj']}" if m and m["bias"] and len(meta.shape) == 2 else None
+    found = _match(meta.name)
+    if found is None or not found[0]["bias"] or len(meta.shape) != 2:
+        return None
+    return f"{found[0]['prefix']}.{found[0]['proj']}"
 
 
 def split(meta: TensorMeta, config: Mapping[str, Any] | None) -> list[ExpertSlice]:
-    """The per-expert slices of a fused expert weight or bias and the output tensors of each."""
-    m = _FUSED.match(meta.name)
-    assert m is not None
-    experts = meta.shape[0]
-    per_expert = meta.nbytes // experts if experts else 0
-    model_type, hidden = _text_config(config)
-    interleaved = model_type in _INTERLEAVED_TYPES
+    """The per-expert slices of a fused expert weight or bias and the output tensors of each.
+
+    Raises:
+        UnsupportedTensorError: an odd fused gate+up dim, or an orientation neither the shape nor the
+            architecture can tell.
+    """
+    found = _match(meta.name)
+    assert found is not None
+    m, names = found
+    gate_up = m["proj"] in _GATE_UP
     is_bias = bool(m["bias"])
-    transpose = False
-    if not is_bias:
-        rows, cols = meta.shape[1:]
-        if hidden is not None and (rows == hidden) != (cols == hidden):
-            # gate_up: [H, 2I] is transposed; down: [I, H] is transposed.
-            transpose = rows == hidden if m["proj"] == "gate_up_proj" else cols == hidden
-        else:
-            transpose = model_type in _TRANSPOSED_TYPES
-    if m["proj"] == "gate_up_proj":
+    arch = architecture_of(config)
+    transpose = False if is_bias else _transposed(meta, gate_up, _hidden_size(config), arch.experts)
+    if gate_up:
         fused_width = meta.shape[1] if is_bias or not transpose else meta.shape[2]
         if fused_width % 2:
             raise UnsupportedTensorError(
                 f"tensor {meta.name} in {meta.shard} has shape {list(meta.shape)}: its fused gate+up dim "
                 f"{fused_width} is odd, so it cannot be split into gate and up halves; the checkpoint is malformed "
-                f"(or keep it as it is with --ignore '^{re.escape(meta.name.removesuffix('_bias'))}$')"
+                f"(or keep it as it is with --ignore '^{re.escape(fused_weight_of(meta) or meta.name)}$')"
             )
+    experts = meta.shape[0]
+    per_expert = meta.nbytes // experts if experts else 0
     suffix = "bias" if is_bias else "weight"
     slices = []
     for e in range(experts):
-        base = f"{m['prefix']}.{e}"
-        if m["proj"] == "gate_up_proj":
+        fmt = {"prefix": m["prefix"], "e": e}
+        if gate_up:
             parts = tuple(
-                Part(f"{base}.{name}.{suffix}", transpose, half, interleaved)
-                for half, name in ((0, "gate_proj"), (1, "up_proj"))
+                Part(f"{names[which].format(**fmt)}.{suffix}", transpose, half, arch.interleaved)
+                for half, which in ((0, "gate"), (1, "up"))
             )
         else:
-            parts = (Part(f"{base}.down_proj.{suffix}", transpose),)
+            parts = (Part(f"{names['down'].format(**fmt)}.{suffix}", transpose),)
         source = replace(
             meta,
             name=f"{meta.name} (expert {e})",
@@ -117,11 +143,24 @@ def split(meta: TensorMeta, config: Mapping[str, Any] | None) -> list[ExpertSlic
     return slices
 
 
-def _text_config(config: Mapping[str, Any] | None) -> tuple[str | None, int | None]:
+def _transposed(meta: TensorMeta, gate_up: bool, hidden: int | None, orientation: str) -> bool:
+    """Whether a fused weight is [E, in, out]: from the hidden size where the shape tells, else the table."""
+    rows, cols = meta.shape[1:]
+    if hidden is not None and (rows == hidden) != (cols == hidden):
+        # gate_up: [H, 2I] is [in, out]; down: [I, H] is [in, out].
+        return rows == hidden if gate_up else cols == hidden
+    if orientation in ("out_in", "in_out"):
+        return orientation == "in_out"
+    raise UnsupportedTensorError(
+        f"tensor {meta.name} in {meta.shard} has shape {list(meta.shape)}, which could be [experts, out, in] or "
+        "[experts, in, out], and its architecture does not say (config.json's hidden_size and model_type): "
+        "fix the config, or keep it as it is with --ignore"
+    )
+
+
+def _hidden_size(config: Mapping[str, Any] | None) -> int | None:
     if not config:
-        return None, None
+        return None
     text = config.get("text_config")
-    text = text if isinstance(text, Mapping) else {}
-    model_type = text.get("model_type") or config.get("model_type")
-    hidden = text.get("hidden_size") or config.get("hidden_size")
-    return model_type, hidden if isinstance(hidden, int) else None
+    hidden = (text.get("hidden_size") if isinstance(text, Mapping) else None) or config.get("hidden_size")
+    return hidden if isinstance(hidden, int) and not isinstance(hidden, bool) else None

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,9 @@ class Progress:
     def record(self, shard: str, sha256: str, tensors: dict[str, Any]) -> None:
         name = hashlib.sha256(shard.encode()).hexdigest()[:32] + ".json"
         record = {"shard": shard, "sha256": sha256, "tensors": tensors, "rank": self.rank}
-        atomic_write_json(self.partial / DONE_DIR / name, record)
-        _signal_for_tests(self.partial)
+        with _RECORDING:  # shards finish on threads of their own: one record at a time
+            atomic_write_json(self.partial / DONE_DIR / name, record)
+            _signal_for_tests(self.partial)
 
     def done(self) -> dict[str, Any]:
         """Shard name -> {"sha256", "tensors", "rank"} for every shard recorded so far, by any process."""
@@ -159,9 +161,13 @@ class Progress:
         (self.partial / RUN_FILE).unlink(missing_ok=True)
 
 
+_RECORDING = threading.Lock()
+
+
 def _signal_for_tests(partial: Path) -> None:
     """For tests only: with FP8Q_TEST_SIGNAL_AFTER=K:NAME (say `2:KILL`), this process sends itself SIGNAME as
-    soon as K shards are recorded, so a test stops a run at a known point instead of racing it with a poll."""
+    soon as K shards are recorded (records are serialized, so exactly K), so a test stops a run at a known point
+    instead of racing it with a poll."""
     when = os.environ.get("FP8Q_TEST_SIGNAL_AFTER")
     if not when:
         return

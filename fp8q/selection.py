@@ -1,10 +1,11 @@
 """Which tensors are the weights of Linear layers, and which of those get quantized.
 
-Imports: errors, dtypes, checkpoint types. Decided from names, shapes and dtypes alone (no model
-code): a Linear weight is a 2-D float `*.weight` that is not an embedding, or a fused 3-D expert
-tensor. Of those, lm_head, MoE
-routers and gates, and vision/audio towers and their projectors are kept, as are user `--ignore`
-matches; `--targets` narrows the rest. Every Linear left unquantized is listed by exact module name.
+Imports: errors, dtypes, checkpoint types, architectures, experts. Decided from names, shapes and dtypes alone
+(no model code): a Linear weight is a 2-D float `*.weight` that is not an embedding, or a fused 3-D expert
+tensor. Of those, lm_head, MoE routers and gates, vision/audio towers and their projectors, and what the
+architecture's table entry keeps (MTP heads, layers its engines build unquantized) stay as they are, as do user
+`--ignore` matches; `--targets` narrows the rest. Every Linear left unquantized is listed by exact module name,
+and layers that vLLM loads as one (q/k/v, gate/up, ...) are quantized alike or refused.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from fp8q.architectures import GENERIC, Architecture, architecture_of, groups, keep_rules, model_types
 from fp8q.checkpoint import TensorMeta
 from fp8q.dtypes import FP8, QUANTIZABLE
-from fp8q.errors import CheckpointError, UnsupportedTensorError
+from fp8q.errors import CheckpointError, UnsupportedTensorError, UsageError
 from fp8q.experts import is_fused_expert_weight
 
 FLOAT_DTYPES = (*QUANTIZABLE, "F64", *FP8)
@@ -33,10 +35,13 @@ _ENCODER = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class Selection:
-    """`quantize`: tensor names to quantize. `ignored`: Linear modules left as they are."""
+    """`quantize`: tensor names to quantize. `ignored`: Linear modules left as they are. `kept`: why, for each
+    module kept by a rule rather than by the user's patterns. `architecture`: the table entry that applied."""
 
     quantize: tuple[str, ...]
     ignored: tuple[str, ...]
+    kept: tuple[tuple[str, str], ...] = ()
+    architecture: Architecture = GENERIC
 
 
 def natural_key(name: str) -> list[str | int]:
@@ -53,7 +58,7 @@ def is_linear_weight(meta: TensorMeta) -> bool:
     )
 
 
-def keep_reason(module: str) -> str | None:
+def keep_reason(module: str, arch: Architecture = GENERIC) -> str | None:
     """Why a Linear module is kept by default, or None when it is quantized."""
     if _LM_HEAD.search(module):
         return "lm_head"
@@ -61,6 +66,9 @@ def keep_reason(module: str) -> str | None:
         return "router"
     if _ENCODER.search(module):
         return "encoder"
+    for rule in keep_rules(arch):
+        if rule.pattern.search(module):
+            return rule.why
     return None
 
 
@@ -78,8 +86,10 @@ def select(
     """
     ignore_res = [re.compile(p) for p in ignore]
     target_res = [re.compile(p) for p in targets]
+    arch = architecture_of(config)
     quantize: list[str] = []
     ignored: list[str] = []
+    kept: list[tuple[str, str]] = []
     metas = sorted(tensors, key=lambda m: natural_key(m.name))
     for meta in metas:
         if meta.dtype in FP8:
@@ -92,8 +102,11 @@ def select(
             continue
         # A fused 3-D expert tensor (split into per-expert Linear weights when planned) goes by its own name.
         module = meta.name if fused else meta.module
+        reason = keep_reason(module, arch)
+        if reason is not None:
+            kept.append((module, reason))
         wanted = (
-            keep_reason(module) is None
+            reason is None
             and not any(r.search(module) for r in ignore_res)
             and (not target_res or any(r.search(module) for r in target_res))
         )
@@ -111,7 +124,43 @@ def select(
     if _ties_embeddings(config) and "lm_head.weight" not in names and "lm_head" not in ignored:
         # The engine still builds an lm_head Linear (sharing the embedding): it must not be quantized.
         ignored.append("lm_head")
-    return Selection(tuple(quantize), tuple(sorted(ignored, key=natural_key)))
+    _check_groups(set(quantize), set(ignored), arch, bool(ignore_res or target_res))
+    return Selection(tuple(quantize), tuple(sorted(ignored, key=natural_key)), tuple(kept), arch)
+
+
+def _check_groups(quantized: set[str], ignored: set[str], arch: Architecture, patterns: bool) -> None:
+    """Layers that vLLM loads as one (q/k/v, gate/up, ...) must be all quantized or all kept.
+
+    Raises:
+        UsageError: a group split, naming it (by --ignore/--targets, or by no rule at all: a checkpoint whose
+            own layout breaks the rule).
+    """
+    modules = {name.removesuffix(".weight") for name in quantized} | ignored
+    for group in groups(arch):
+        for parent in {m.rpartition(".")[0] for m in modules if m.rpartition(".")[2] in group}:
+            members = [f"{parent}.{part}" for part in group if f"{parent}.{part}" in modules]
+            split = {m in ignored for m in members}
+            if len(members) > 1 and len(split) > 1:
+                kept_ones = [m.rpartition(".")[2] for m in members if m in ignored]
+                cause = "--ignore/--targets" if patterns else "the checkpoint's own layout"
+                raise UsageError(
+                    f"{cause} would keep {', '.join(kept_ones)} but quantize the rest of {parent}."
+                    f"{{{','.join(m.rpartition('.')[2] for m in members)}}}, which vLLM loads as one layer and refuses "
+                    "half quantized: keep all of them or none (for example --ignore "
+                    f"'^{re.escape(parent)}\\.({'|'.join(m.rpartition('.')[2] for m in members)})$')"
+                )
+
+
+def unknown_architecture_note(config: Mapping[str, object] | None, arch: Architecture) -> str | None:
+    """A note when the architecture is not in fp8q's table: generic rules were applied."""
+    if arch is not GENERIC:
+        return None
+    types = model_types(config)
+    what = f"model_type {types[0]!r}" if types else "a config with no model_type"
+    return (
+        f"{what} is not in fp8q's architecture table: generic rules apply (lm_head, routers, encoders and MTP "
+        "heads kept); check the kept layers with `fp8q inspect`"
+    )
 
 
 def _ties_embeddings(config: Mapping[str, object] | None) -> bool:

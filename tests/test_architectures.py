@@ -174,6 +174,12 @@ def tag(model: torch.nn.Module) -> set[str]:
         if "experts" in children:
             experts.add(children.pop("experts"))
             routers |= {c for c in children.values() if _direct_weight_ndim(c) == 2}
+    # gpt-oss keeps its attention in bf16: OpenAI's release lists `model.layers.*.self_attn` in
+    # modules_to_not_convert, and vLLM's gpt_oss.py builds the attention without a quant_config.
+    if type(model).__name__.startswith("GptOss"):
+        for module in model.modules():
+            if type(module).__name__.endswith("Attention"):
+                routers |= {c for c in module.children() if isinstance(c, torch.nn.Linear)}
 
     tied = set()
     with torch.no_grad():

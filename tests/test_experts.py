@@ -73,7 +73,7 @@ def test_fused_experts_are_split_then_quantized(tmp_path, model_type, transposed
 
 def test_ignored_fused_experts_stay_fused(tmp_path):
     attention = {"model.layers.0.self_attn.o_proj.weight": torch.randn(H, H).to(torch.bfloat16)}
-    src, tensors = _fused(tmp_path, "gpt_oss", True, extra=attention)
+    src, tensors = _fused(tmp_path, "llama4_text", True, extra=attention)
     quantize(src, tmp_path / "out", QuantizeOptions(device="cpu", ignore=("experts",)))
     out = load_all(tmp_path / "out")
     assert sorted(out) == sorted([*tensors, "model.layers.0.self_attn.o_proj.weight_scale"])
