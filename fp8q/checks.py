@@ -9,7 +9,7 @@ from __future__ import annotations
 from fp8q.checkpoint import CONFIG_FILE
 from fp8q.formats import Format, Scheme
 from fp8q.plan import Action, Plan
-from fp8q.selection import is_linear_weight
+from fp8q.selection import is_linear_weight, unknown_architecture_note
 from fp8q.tensor_parallel import tensor_parallel_problems
 
 
@@ -42,6 +42,9 @@ def plan_problems(plan: Plan, tp: int | None, load_check: bool) -> list[str]:
 def plan_notes(plan: Plan) -> list[str]:
     """One line per thing worth knowing about the output that does not stop the run."""
     notes = list(plan.checkpoint.notes)
+    unknown = unknown_architecture_note(plan.config, plan.architecture)
+    if unknown:
+        notes.append(unknown)
     layout = plan.layout
     if layout.format is Format.FP8 and layout.scheme is Scheme.TENSOR:
         notes.append(

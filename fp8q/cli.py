@@ -464,6 +464,8 @@ def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
         )
         if plan.checkpoint.skipped_files:
             table.add_row("not copied", ", ".join(plan.checkpoint.skipped_files))
+        for label, value in _decisions(plan, data):
+            table.add_row(label, value)
         err.print(table)
         _notes(plan.notes)
         for problem in plan.problems:
@@ -472,6 +474,29 @@ def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
         # Exit 1 so that CI can gate on `inspect` and `--dry-run`; the problems are listed above.
         err.print(f"[red]error:[/red] {len(plan.problems)} problem(s): quantize would refuse this plan")
         raise typer.Exit(1)
+
+
+def _decisions(plan: Plan, data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The architecture rules' decisions, as table rows: what they kept and why, MTP, fused experts and groups."""
+    generic = "" if plan.architecture.model_types else " (generic rules)"
+    rows = [("architecture", plan.architecture.name + generic)]
+    reasons: dict[str, list[str]] = {}
+    for module, why in plan.kept:
+        reasons.setdefault(why, []).append(module)
+    for why, modules in reasons.items():
+        what, _, because = why.partition(": ")
+        example = modules[0] + (f" (+{len(modules) - 1} more)" if len(modules) > 1 else "")
+        rows.append((f"kept: {what}", f"{example}" + (f"; {because}" if because else "")))
+    if data["mtp"]:
+        quantized, kept = len(data["mtp"]["quantized"]), ", ".join(data["mtp"]["kept"]) or "none"
+        rows.append(("MTP layers", f"{quantized} Linear weights quantized like the backbone; kept: {kept}"))
+    if data["split_experts"]:
+        split = data["split_experts"]
+        rows.append(("fused experts", f"{len(split)} 3-D tensors split into {sum(split.values())} per-expert weights"))
+    if data["fused_groups"]:
+        groups = ", ".join(f"{n} x {g}" for g, n in data["fused_groups"].items())
+        rows.append(("loaded as one", f"{groups} (each quantized alike)"))
+    return rows
 
 
 def _show_verify(report: VerifyReport, top: int) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from fp8q.architectures import GENERIC, Architecture, groups
 from fp8q.checkpoint import CONFIG_FILE, Checkpoint, Shard, TensorMeta
 from fp8q.dtypes import ITEMSIZE, ORDER
 from fp8q.errors import UsageError
@@ -92,6 +94,8 @@ class Plan:
     # One line each that a user should read but that does not stop the run (a client that mis-loads the layout,
     # files left out).
     notes: tuple[str, ...] = ()
+    architecture: Architecture = GENERIC  # the table entry whose rules applied
+    kept: tuple[tuple[str, str], ...] = ()  # (module, why) for each Linear a rule kept
 
     @property
     def jobs(self) -> list[Job]:
@@ -154,7 +158,16 @@ def make_plan(
     if checkpoint.config is not None:
         # Every other key keeps its place and value; the torch_dtype stays the compute dtype.
         config = {**checkpoint.config, "quantization_config": qconfig}
-    return Plan(checkpoint, layout, shards, selection.ignored, qconfig, config)
+    return Plan(
+        checkpoint,
+        layout,
+        shards,
+        selection.ignored,
+        qconfig,
+        config,
+        architecture=selection.architecture,
+        kept=selection.kept,
+    )
 
 
 def _plan_shard(shard: Shard, layout: Layout, to_quantize: set[str], config: dict[str, Any] | None) -> ShardPlan:
@@ -238,7 +251,60 @@ def describe(plan: Plan) -> dict[str, Any]:
         "skipped_files": list(plan.checkpoint.skipped_files),
         "problems": list(plan.problems),
         "notes": list(plan.notes),
+        "architecture": plan.architecture.name,
+        "kept_by_rule": dict(plan.kept),
+        "split_experts": split_experts(plan),
+        "fused_groups": fused_groups(plan),
+        "mtp": mtp_summary(plan),
     }
+
+
+def fused_groups(plan: Plan) -> dict[str, int]:
+    """How many instances of each group of layers that vLLM loads as one there are (all quantized alike)."""
+    modules = {p.out.name.removesuffix(".weight") for j in plan.jobs if j.action is Action.QUANTIZE for p in j.pieces}
+    modules |= set(plan.ignored)
+    found = {}
+    for group in groups(plan.architecture):
+        parents = {m.rpartition(".")[0] for m in modules if m.rpartition(".")[2] in group}
+        count = sum(1 for parent in parents if sum(f"{parent}.{g}" in modules for g in group) > 1)
+        if count:
+            found["+".join(group)] = count
+    return found
+
+
+def split_experts(plan: Plan) -> dict[str, int]:
+    """Each fused 3-D expert tensor that is split, with the number of per-expert weights made from it."""
+    found: dict[str, int] = {}
+    for job in plan.jobs:
+        if job.action is Action.QUANTIZE and job.pieces[0].part is not None:
+            fused = job.source.name.rpartition(" (expert ")[0]
+            found[fused] = found.get(fused, 0) + len(job.pieces)
+    return found
+
+
+def mtp_summary(plan: Plan) -> dict[str, list[str]]:
+    """The MTP / nextn draft layers' Linear modules, quantized and kept."""
+    quantized = []
+    config = plan.checkpoint.config or {}
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    layers = config.get("num_hidden_layers", text.get("num_hidden_layers"))
+    for job in plan.jobs:
+        for piece in job.pieces:
+            module = piece.out.name.removesuffix(".weight")
+            if not is_mtp(module, layers) or not piece.out.name.endswith(".weight"):
+                continue
+            if job.action is Action.QUANTIZE:
+                quantized.append(module)
+    kept = [m for m in plan.ignored if is_mtp(m, layers)]
+    return {"quantized": quantized, "kept": kept} if quantized or kept else {}
+
+
+def is_mtp(module: str, layers: Any) -> bool:
+    """An MTP / nextn draft layer's module: under `mtp.`, or in a decoder layer past num_hidden_layers."""
+    if module.startswith("mtp.") or ".mtp." in module:
+        return True
+    m = re.search(r"(^|\.)layers\.(\d+)\.", module)
+    return bool(m) and isinstance(layers, int) and int(m[2]) >= layers
 
 
 __all__ = [

@@ -19,6 +19,7 @@ Every problem is one line naming the tensor or module; `VerifyReport.ok` is True
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from fp8q import numerics
+from fp8q.architectures import architecture_of, groups
 from fp8q.checkpoint import CONFIG_FILE, Checkpoint, TensorMeta, read_checkpoint
 from fp8q.dequantize import ShardReader, Started, value_problem
 from fp8q.dtypes import FP8
@@ -37,7 +39,7 @@ from fp8q.experts import Part, fused_weight_of, is_fused_expert_weight, split
 from fp8q.formats import Format
 from fp8q.layouts import DetectedLayout, QuantizedWeight, describe, detect_layout, quantization_config
 from fp8q.pipeline import TensorDone
-from fp8q.selection import is_linear_weight, natural_key
+from fp8q.selection import is_linear_weight, keep_reason, natural_key
 
 # A dequantized weight this far from its source is broken whatever its neighbours do. FP8 e4m3 keeps 3
 # mantissa bits: about 2-4 % relative error (26-34 dB) for sane weights and any of the layouts.
@@ -119,8 +121,10 @@ def verify(
             report.problems += _check_config(checkpoint, detected, Path(path).is_dir())
             report.problems += detected.problems
             report.problems += _check_coverage(checkpoint, detected)
+            report.problems += _check_rules(checkpoint, detected)
             if src is not None:
                 report.problems += _check_against_source(checkpoint, src, detected)
+                report.problems += _check_exact(checkpoint, src, detected)
             _check_values(report, checkpoint, detected, src, on_event or (lambda event: None))
         else:
             report.problems.append(f"{checkpoint.root}: no FP8 weights; this is not an FP8 checkpoint")
@@ -207,6 +211,63 @@ def _check_fp8_config(qc: dict[str, Any], where: Path) -> list[str]:
             problems.append(f"{where}: weight_block_size {block!r} must be two positive integers, or null")
         elif qc.get("activation_scheme") != "dynamic":
             problems.append(f"{where}: vLLM needs activation_scheme 'dynamic' with weight_block_size")
+    return problems
+
+
+def _check_rules(checkpoint: Checkpoint, detected: DetectedLayout) -> list[str]:
+    """fp8q's architecture rules, on anyone's checkpoint: no FP8 weight where engines build the layer unquantized
+    (output heads, routers, MTP heads, ...), and layers vLLM loads as one all FP8 or none."""
+    arch = architecture_of(checkpoint.config)
+    problems = []
+    fp8 = {qw.weight.module for qw in detected.weights}
+    for qw in detected.weights:
+        why = keep_reason(qw.weight.module, arch)
+        if why is not None and why != "encoder":  # vision towers: FP8 in some releases, engine by engine
+            problems.append(
+                f"tensor {qw.weight.name} in {qw.weight.shard} is FP8, but it is {why}: engines build that layer "
+                "unquantized and cannot load it; keep it in high precision"
+            )
+    linear = {m.module for m in checkpoint.tensors.values() if is_linear_weight(m)}
+    for group in groups(arch):
+        for parent in sorted({m.rpartition(".")[0] for m in linear if m.rpartition(".")[2] in group}, key=natural_key):
+            members = [g for g in group if f"{parent}.{g}" in linear]
+            quantized = [g for g in members if f"{parent}.{g}" in fp8]
+            if len(members) > 1 and 0 < len(quantized) < len(members):
+                rest = [g for g in members if g not in quantized]
+                problems.append(
+                    f"{parent}.{{{','.join(members)}}}: {', '.join(quantized)} FP8 but {', '.join(rest)} not; vLLM "
+                    "loads them as one layer and refuses it half quantized"
+                )
+    return problems
+
+
+# Tensors engines use as they are stored, which a conversion must copy bit for bit: MoE routing biases and gates
+# (a downcast e_score_correction_bias mis-routes tokens), SSM and conv parameters, attention sinks, scales of
+# norms and experts.
+_EXACT = re.compile(
+    r"(e_score_correction_bias|\.sinks|A_log|dt_bias|\.D|conv1d\.(weight|bias)|per_expert_scale|router\.scale"
+    r"|shared_expert_gate\.weight|\.gate\.weight|router(\.layer)?\.(weight|bias)|layer_scalar)$"
+)
+_EXACT_MAX_BYTES = 64 << 20
+
+
+def _check_exact(checkpoint: Checkpoint, src: Checkpoint, detected: DetectedLayout) -> list[str]:
+    """Every tensor that must not change (1-D ones, routers, SSM parameters, ...) is the source's, byte for byte."""
+    fp8, dropped = {qw.weight.name for qw in detected.weights}, detected.dropped
+    problems = []
+    with ShardReader(checkpoint) as out, ShardReader(src) as source:
+        for name, meta in sorted(checkpoint.tensors.items(), key=lambda kv: natural_key(kv[0])):
+            origin = src.tensors.get(name)
+            exact = len(meta.shape) <= 1 or _EXACT.search(name)
+            if not exact or name in fp8 or name in dropped or origin is None or meta.nbytes > _EXACT_MAX_BYTES:
+                continue
+            if (origin.dtype, origin.shape) != (meta.dtype, meta.shape):
+                continue  # reported by _check_against_source
+            if not torch.equal(out.read(meta).view(torch.uint8), source.read(origin).view(torch.uint8)):
+                problems.append(
+                    f"tensor {name} in {meta.shard} differs from the source; it must be copied bit for bit "
+                    "(engines use it as it is stored)"
+                )
     return problems
 
 

@@ -25,7 +25,7 @@ def _good(folder: Path) -> Path:
             "model-00001-of-00002.safetensors": {"a.q_proj.weight": torch.randn(32, 16, dtype=torch.bfloat16)},
             "model-00002-of-00002.safetensors": {"a.norm.weight": torch.ones(16, dtype=torch.bfloat16)},
         },
-        config={"architectures": ["X"], "tie_word_embeddings": False},
+        config={"architectures": ["X"], "model_type": "llama", "tie_word_embeddings": False},
     )
 
 
@@ -175,7 +175,7 @@ def nan_weight(d: Path) -> Path:
     w = torch.randn(32, 16, dtype=torch.bfloat16)
     w[5, 5] = float("nan")
     tensors = {"layers.0.mlp.up_proj.weight": w}
-    return write_shards(d / "src", {"model.safetensors": tensors}, index=False, config={"model_type": "x"})
+    return write_shards(d / "src", {"model.safetensors": tensors}, index=False, config={"model_type": "llama"})
 
 
 CASES = [

@@ -193,8 +193,13 @@ def test_weight_left_in_bf16_is_named(outputs, tmp_path, layout):
 
     edit(out, name, unquantize)
     report = verify(out, outputs["src"])
-    assert len(report.problems) == 1, report.problems
+    assert len(report.problems) == 2, report.problems
     assert name in report.problems[0] and "targets" in report.problems[0]
+    # ...and q/k/v, which vLLM loads as one layer, are now half quantized.
+    assert report.problems[1] == (
+        "model.layers.0.self_attn.{q_proj,k_proj,v_proj}: k_proj, v_proj FP8 but q_proj not; vLLM loads them as "
+        "one layer and refuses it half quantized"
+    )
 
 
 def test_altered_weight_is_flagged_against_source(outputs, tmp_path):
