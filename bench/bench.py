@@ -287,25 +287,28 @@ def main() -> None:
 
 def print_table(results: list[dict]) -> None:
     """One table per model size; ratios against cp and model_free_ptq measured in this same run."""
+    header = ["contender", "median s (runs)", "GB/s", "x cp", "model_free_ptq / it", "until on disk s"]
+    header += ["peak RSS MiB", "GPU peak MiB"]
     for layers in sorted({r["layers"] for r in results}):
         rows = {r["contender"]: r for r in results if r["layers"] == layers}
         size = next(iter(rows.values()))["bytes"]
         cp, ref = rows.get("cp"), rows.get("model_free_ptq")
         print(f"\n{layers} layers, {size / 1e9:.2f} GB of bf16:\n")
-        print(
-            "| contender | median s (runs) | GB/s | x cp | model_free_ptq / it | until on disk s | peak RSS MiB | GPU peak MiB |"
-        )
-        print("|---|---|---|---|---|---|---|---|")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
         for name, r in rows.items():
             s = r["median_s"]
-            runs = " ".join(f"{x:.1f}" for x in r["seconds"])
-            vs_cp = f"{s / cp['median_s']:.2f}" if cp else "n/a"
-            vs_ref = f"{ref['median_s'] / s:.1f}x" if ref else "n/a"
-            gpu = r["gpu_peak_mib"] if r["gpu_peak_mib"] is not None else "-"
-            print(
-                f"| {name} | {s:.1f} ({runs}) | {size / s / 1e9:.2f} | {vs_cp} | {vs_ref} | {r['median_durable_s']:.1f} "
-                f"| {r['peak_rss_mib']} | {gpu} |"
-            )
+            cells = [
+                name,
+                f"{s:.1f} ({' '.join(f'{x:.1f}' for x in r['seconds'])})",
+                f"{size / s / 1e9:.2f}",
+                f"{s / cp['median_s']:.2f}" if cp else "n/a",
+                f"{ref['median_s'] / s:.1f}x" if ref else "n/a",
+                f"{r['median_durable_s']:.1f}",
+                str(r["peak_rss_mib"]),
+                str(r["gpu_peak_mib"]) if r["gpu_peak_mib"] is not None else "-",
+            ]
+            print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
