@@ -137,7 +137,8 @@ def _check_groups(quantized: set[str], ignored: set[str], arch: Architecture, pa
     """
     modules = {name.removesuffix(".weight") for name in quantized} | ignored
     for group in groups(arch):
-        for parent in {m.rpartition(".")[0] for m in modules if m.rpartition(".")[2] in group}:
+        parents = {m.rpartition(".")[0] for m in modules if m.rpartition(".")[2] in group}
+        for parent in sorted(parents, key=natural_key):
             members = [f"{parent}.{part}" for part in group if f"{parent}.{part}" in modules]
             split = {m in ignored for m in members}
             if len(members) > 1 and len(split) > 1:
