@@ -45,11 +45,11 @@ class Architecture:
 # Every architecture: the output heads, MoE routers and gates, encoders (see selection.py) and these.
 COMMON_KEEP = (
     # An MTP layer's own LM head (DeepSeek, GLM: `shared_head.head`) is an LM head: never FP8 in any engine.
-    _keep(r"(^|\.)shared_head\.head$", "an MTP layer's LM head (vLLM builds it as ParallelLMHead: deepseek_mtp.py)"),
+    _keep(r"(^|\.)shared_head\.head$", "MTP shared_head.head: an LM head, never FP8 (deepseek_mtp.py ParallelLMHead)"),
     # The MTP projection of [embedding; hidden] (DeepSeek, GLM): a plain torch nn.Linear in vLLM, and bf16 in
     # DeepSeek's own FP8 release.
     _keep(r"(^|\.)eh_proj$", "MTP eh_proj: vLLM builds it as a plain nn.Linear (deepseek_mtp.py, glm4_moe_mtp.py)"),
-    _keep(r"(^|\.)conv1d$", "a convolution (Mamba / gated-delta-net conv1d), built unquantized"),
+    _keep(r"(^|\.)conv1d$", "conv1d: a convolution (Mamba, gated delta net), built unquantized"),
 )
 COMMON_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
@@ -93,7 +93,7 @@ _TABLE = (
         ("qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text"),
         keep=(
             _keep(
-                r"\.linear_attn\.(in_proj_a|in_proj_b)$", "in_proj_a/b (vLLM's in_proj_ba): not FP8 in Qwen's release"
+                r"\.linear_attn\.(in_proj_a|in_proj_b)$", "in_proj_a/b: vLLM's in_proj_ba, not FP8 in Qwen's release"
             ),
             _keep(r"(^|\.)mtp\.fc$", "MTP fc: bf16 in Qwen's FP8 release, listed in modules_to_not_convert"),
         ),
