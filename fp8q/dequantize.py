@@ -296,7 +296,8 @@ def value_problem(qw: QuantizedWeight, q: torch.Tensor, scale: torch.Tensor) -> 
     """What makes an FP8 weight's values unusable, as one line naming the tensor, or None: a scale no
     client can use (integer, NaN, inf, zero or negative), or NaN codes in the weight itself."""
     assert qw.scale is not None
-    bad_scale = numerics.scale_problem(scale)
+    assert qw.layout is not None
+    bad_scale = numerics.scale_problem(scale, qw.layout)
     if bad_scale:
         return (
             f"tensor {qw.scale.name} in {qw.scale.shard} has {bad_scale}; {qw.weight.name} cannot be dequantized, "

@@ -1,7 +1,9 @@
 """What each layout writes: scale tensor names, dtypes and shapes, and the `quantization_config`.
 
 Imports: stdlib only. Exact names and keys follow FORMATS.md (compressed-tensors `float-quantized`,
-vLLM/AutoFP8 `fp8` per-tensor, DeepSeek-V3 `fp8` block).
+vLLM/AutoFP8 `fp8` per-tensor, DeepSeek-V3 `fp8` block), compressed-tensors `mxfp8-quantized` as
+llm-compressor's `model_free_ptq(scheme="MXFP8")` writes it, and DeepSeek-V3.1's power-of-two block
+scales (`"scale_fmt": "ue8m0"`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,15 @@ class Scheme(str, Enum):
     CHANNEL = "channel"
     BLOCK = "block"
     TENSOR = "tensor"
+    MX = "mx"  # MXFP8: groups of 32 along the input dim, E8M0 (power-of-two) scales stored as uint8
+
+
+class ScaleFormat(str, Enum):
+    FLOAT = "float"
+    UE8M0 = "ue8m0"  # block scales rounded up to a power of two (DeepGEMM on Blackwell, DeepSeek-V3.1)
+
+
+MX_GROUP = 32
 
 
 class Format(str, Enum):
@@ -30,6 +41,7 @@ class Layout:
     scheme: Scheme
     format: Format
     block: tuple[int, int] = (128, 128)
+    scale_format: ScaleFormat = ScaleFormat.FLOAT
 
     @property
     def scale_suffix(self) -> str:
@@ -39,12 +51,17 @@ class Layout:
         return "weight_scale"
 
     def scale_dtype(self, weight_dtype: str) -> str:
-        """compressed-tensors keeps the weight's dtype for scales; vLLM's fp8 format wants float32."""
+        """compressed-tensors keeps the weight's dtype for scales (MX: the E8M0 exponent, one byte); vLLM's fp8
+        format wants float32."""
+        if self.scheme is Scheme.MX:
+            return "U8"
         return weight_dtype if self.format is Format.COMPRESSED_TENSORS else "F32"
 
     def scale_shape(self, rows: int, cols: int) -> tuple[int, ...]:
         if self.scheme is Scheme.CHANNEL:
             return (rows, 1)
+        if self.scheme is Scheme.MX:
+            return (rows, cols // MX_GROUP)
         if self.scheme is Scheme.BLOCK:
             return (math.ceil(rows / self.block[0]), math.ceil(cols / self.block[1]))
         # AutoFP8 writes a 0-d scale; compressed-tensors a 1-element vector.
@@ -60,6 +77,8 @@ def _fp8_config(layout: Layout, ignore: list[str]) -> dict[str, Any]:
     config: dict[str, Any] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     if layout.scheme is Scheme.BLOCK:
         config["fmt"] = "e4m3"
+        if layout.scale_format is ScaleFormat.UE8M0:
+            config["scale_fmt"] = "ue8m0"  # as DeepSeek-V3.1's config says it
         config["weight_block_size"] = list(layout.block)
     else:
         # transformers defaults a missing weight_block_size to [128, 128]; null means per-tensor.
@@ -86,8 +105,15 @@ def _quant_args(strategy: str, dynamic: bool, **extra: Any) -> dict[str, Any]:
 
 
 def _compressed_tensors_config(layout: Layout, ignore: list[str]) -> dict[str, Any]:
-    # Only keys every compressed-tensors release accepts: QuantizationArgs forbids unknown keys.
-    if layout.scheme is Scheme.BLOCK:
+    # Only keys every compressed-tensors release accepts: QuantizationArgs forbids unknown keys. MXFP8 needs
+    # `scale_dtype` (which only the releases that have MX know): the keys llm-compressor writes for it.
+    fmt = "float-quantized"
+    if layout.scheme is Scheme.MX:
+        fmt = "mxfp8-quantized"
+        mx = {"group_size": MX_GROUP, "scale_dtype": "torch.uint8", "zp_dtype": None, "observer": None}
+        weights = _quant_args("group", False, **mx)
+        inputs = _quant_args("group", True, **mx)
+    elif layout.scheme is Scheme.BLOCK:
         weights = _quant_args("block", False, block_structure=list(layout.block))
         inputs = _quant_args("group", True, group_size=layout.block[1])
     else:
@@ -95,7 +121,7 @@ def _compressed_tensors_config(layout: Layout, ignore: list[str]) -> dict[str, A
         inputs = _quant_args("token", True)
     return {
         "quant_method": "compressed-tensors",
-        "format": "float-quantized",
+        "format": fmt,
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
@@ -103,7 +129,7 @@ def _compressed_tensors_config(layout: Layout, ignore: list[str]) -> dict[str, A
                 "weights": weights,
                 "input_activations": inputs,
                 "output_activations": None,
-                "format": "float-quantized",
+                "format": fmt,
             }
         },
         "ignore": ignore,

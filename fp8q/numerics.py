@@ -6,7 +6,12 @@ Imports: torch, formats. Pure: tensors in, tensors out, on whatever device they 
   all in the weight's own dtype; zero scales become that dtype's eps; edge tiles zero-padded.
 - fp8 per-tensor (vLLM `scaled_fp8_quant`): float32 amax, scale = amax / 448, q = x * (1 / scale).
 - fp8 block (vLLM's copy of DeepGEMM `per_block_cast_to_fp8`): float32 tile amax clamped at 1e-4,
-  scale = amax / 448, q = x * (1 / scale).
+  scale = amax / 448, q = x * (1 / scale); with ue8m0 scales (`use_ue8m0=True`) the scale is first
+  rounded up to a power of two, 2^ceil(log2(scale)) with vLLM's float32 log2.
+- MXFP8 (compressed-tensors `calculate_qparams` with an E8M0 uint8 scale): per group of 32 along the
+  input dim, in the weight's dtype: amax rounded to a power of two (up when its mantissa is at least
+  0.75), exponent - 8 (the e4m3 largest power of two), biased by 127 and clamped to [0, 255]; the
+  scale 2^(exponent - 127) in the weight's dtype (1 where that underflows), q = x / scale.
 
 No clamp before the cast, and none is needed: with |x| <= amax, x / (amax / 448) rounds to at most
 448 * (1 + 2^-7) < 464, which float8_e4m3fn's round-to-nearest-even takes to 448 (464 is the midpoint
@@ -28,7 +33,7 @@ from types import EllipsisType
 
 import torch
 
-from fp8q.formats import Format, Layout, Scheme
+from fp8q.formats import MX_GROUP, Format, Layout, ScaleFormat, Scheme
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448.0
@@ -47,6 +52,8 @@ class NonFiniteWeight(ValueError):
 
 
 def scale_dtype(layout: Layout, weight_dtype: torch.dtype) -> torch.dtype:
+    if layout.scheme is Scheme.MX:
+        return torch.uint8
     return weight_dtype if layout.format is Format.COMPRESSED_TENSORS else torch.float32
 
 
@@ -74,6 +81,17 @@ def quantize(w: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tenso
     tensor_scale = amax_to_tensor_scale(tensor_amax(w, 0, w.shape[0], layout), w.dtype, layout)
     quantize_rows(w, q, s, 0, w.shape[0], layout, tensor_scale)
     return q, s
+
+
+def _pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """2^exponent in float32, exactly (an integer tensor in; subnormal or inf at the ends)."""
+    return torch.ldexp(torch.ones(exponent.shape, dtype=torch.float32, device=exponent.device), exponent)
+
+
+def _log2_of_pow2(x: torch.Tensor) -> torch.Tensor:
+    """log2 of powers of two, exactly, as int32 (-inf for 0 and +inf for inf are the caller's to mind)."""
+    _, exponent = torch.frexp(x.float())  # x = 0.5 * 2^exponent
+    return exponent.to(torch.int32) - 1
 
 
 def row_step(layout: Layout) -> int:
@@ -139,8 +157,55 @@ def quantize_rows(
             q[r0:r1].copy_(x.float() * torch.reciprocal(tensor_scale))
         if r0 == 0:
             s.copy_(tensor_scale.reshape(s.shape))
+    elif layout.scheme is Scheme.MX:
+        _quantize_mx_rows(x, q[r0:r1], s[r0:r1])
     else:
         _quantize_block_band(x, q[r0:r1], s[_scale_rows(layout, r0, r1)], layout)
+
+
+def _quantize_mx_rows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
+    groups = x.unflatten(-1, (-1, MX_GROUP))
+    amax = groups.abs().amax(dim=-1)
+    _check_finite(amax)
+    scale = _pow2(mx_exponent(amax) - 127).to(x.dtype)
+    # compressed-tensors' zero guard for uint8 scales is 1: only a float16 scale that underflowed meets it.
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    # Dividing by a power of two is exact; the clamp only bites where a guarded scale of 1 left big values.
+    q.copy_((groups / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).flatten(-2))
+    s.copy_((127 + _log2_of_pow2(scale)).to(torch.uint8))
+
+
+# The mantissa and exponent widths of the dtypes MX amaxes come in; compressed-tensors rounds with their bits.
+_BITS = {torch.bfloat16: (7, 8, torch.int16), torch.float16: (10, 5, torch.int16), torch.float32: (23, 8, torch.int32)}
+
+
+def mx_exponent(amax: torch.Tensor) -> torch.Tensor:
+    """The biased E8M0 exponent of each group's scale, from its amax in the weight's dtype (int32 in [0, 255])."""
+    mantissa, exponent_bits, int_dtype = _BITS[amax.dtype]
+    bits = amax.view(int_dtype).to(torch.int64) & ((1 << (8 * amax.element_size())) - 1)
+    # Round to a power of two: up when the mantissa's top two bits are set (its fraction is 0.75 or more).
+    rounded = (bits + (1 << (mantissa - 2))) & (((1 << (exponent_bits + 1)) - 1) << mantissa)
+    width = 8 * amax.element_size()
+    signed = torch.where(rounded >= 1 << (width - 1), rounded - (1 << width), rounded).to(int_dtype)
+    p2 = signed.view(amax.dtype).float()
+    exponent = 127 + _log2_of_pow2(p2) - 8  # 8: log2 of e4m3's largest power of two, 256 (448 = 1.75 x 256)
+    exponent = torch.where(p2 == 0, torch.zeros_like(exponent), exponent)
+    exponent = torch.where(torch.isinf(p2), torch.full_like(exponent, 255), exponent)
+    return exponent.clamp(0, 255)
+
+
+def mx_scale_values(scale: torch.Tensor) -> torch.Tensor:
+    """E8M0 uint8 exponents as the scales they stand for, in bfloat16 as compressed-tensors decodes them."""
+    return _pow2(scale.to(torch.int32) - 127).to(torch.bfloat16)
+
+
+def _ceil_pow2_ue8m0(scale: torch.Tensor) -> torch.Tensor:
+    """vLLM's `_ceil_to_ue8m0`: 2^ceil(log2(scale)) with log2 in float32. float32's log2 is taken as the
+    correctly rounded one, from a float64 log2 (exact to far below float32's rounding), so that every device
+    gives the same bits; at most a couple of float32 ulps above a power of two it rounds down to it, as
+    vLLM's does."""
+    exponent = torch.ceil(torch.log2(scale.double()).float()).to(torch.int32)
+    return _pow2(exponent)
 
 
 def _scale_rows(layout: Layout, r0: int, r1: int) -> slice:
@@ -165,6 +230,8 @@ def _quantize_block_band(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layo
         amax = tiles.abs().float().amax(dim=(1, 3), keepdim=True)
         _check_finite(amax)
         scale = _over_fp8_max(amax.clamp(min=DEEPGEMM_AMAX_FLOOR))
+        if layout.scale_format is ScaleFormat.UE8M0:
+            scale = _ceil_pow2_ue8m0(scale)
         qt = tiles.float() * torch.reciprocal(scale)
     q.copy_(qt.view(nbr * bh, nbc * bw)[:rows, :cols])
     s.copy_(scale.view(nbr, nbc))
@@ -209,6 +276,8 @@ def dequantize(
     weights near 65504, say) the client gets inf; `strict` keeps that inf (what verify checks), otherwise
     the exact product is rounded to `dtype` instead, so no overflow of the client's makes a weight inf.
     """
+    if layout.scheme is Scheme.MX:
+        scale = mx_scale_values(scale)  # compressed-tensors decodes E8M0 to bfloat16, and multiplies in it
     exact = q.double() * _broadcast(scale.double(), layout, q.shape)
     client = exact.to(scale.dtype if layout.format is Format.COMPRESSED_TENSORS else torch.float32)
     if strict:
@@ -224,6 +293,8 @@ def _broadcast(scale: torch.Tensor, layout: Layout, shape: torch.Size | tuple[in
         return scale.reshape(())
     if layout.scheme is Scheme.CHANNEL:
         return scale.reshape(-1, 1)
+    if layout.scheme is Scheme.MX:
+        return scale.repeat_interleave(MX_GROUP, 1)
     bh, bw = layout.block
     return scale.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
 
@@ -238,9 +309,15 @@ def row_bands(rows: int, cols: int, layout: Layout) -> Iterator[tuple[int, int, 
         yield r0, r1, (... if layout.scheme is Scheme.TENSOR else _scale_rows(layout, r0, r1))
 
 
-def scale_problem(scale: torch.Tensor) -> str | None:
-    """What makes these scale values unusable, in words, or None: an integer dtype is no scale, and a NaN,
-    inf, zero or negative scale ruins its whole row, tile or tensor."""
+def scale_problem(scale: torch.Tensor, layout: Layout) -> str | None:
+    """What makes these scale values unusable, in words, or None: an integer dtype is no scale (but an MX
+    scale's E8M0 exponent, where 255 is NaN), and a NaN, inf, zero or negative scale ruins its whole row,
+    tile or tensor."""
+    if layout.scheme is Scheme.MX:
+        if scale.dtype != torch.uint8:
+            return f"dtype {str(scale.dtype).removeprefix('torch.')}, not uint8 E8M0 exponents"
+        nans = int((scale == 255).sum())
+        return f"{nans} NaN (E8M0 255) of its {scale.numel()} scale values" if nans else None
     if not scale.dtype.is_floating_point:
         return f"dtype {str(scale.dtype).removeprefix('torch.')}, not a float"
     values = scale.float()
@@ -279,7 +356,7 @@ def error_sums(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout
         ref_sq = ref_sq + w[a:b].double().square().sum()
         if diff.numel():
             max_abs = torch.maximum(max_abs, diff.abs().max())
-    scale = s.double().reshape(-1)
+    scale = (mx_scale_values(s) if layout.scheme is Scheme.MX else s).double().reshape(-1)
     if not scale.numel():
         scale = zero.reshape(1)
     return torch.stack([diff_sq, ref_sq, max_abs, scale.min(), scale.max()])

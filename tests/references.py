@@ -7,7 +7,7 @@ its math is restated here from its source, step for step:
   `segmented_max_reduction` (float32 |x| max, scale = max / 448) and `scaled_fp8_conversion`
   (x * (1 / scale), clamped to +-448, round to nearest even).
 - block: vllm/utils/deep_gemm.py `per_block_cast_to_fp8` (zero-padded tiles, float32 amax
-  clamped at 1e-4, sf = amax / 448, q = x * (1.0 / sf)).
+  clamped at 1e-4, sf = amax / 448, with `use_ue8m0` sf = 2^ceil(log2(sf)), q = x * (1.0 / sf)).
 """
 
 from __future__ import annotations
@@ -50,7 +50,15 @@ def vllm_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def vllm_per_block(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+def vllm_ceil_to_ue8m0(x: torch.Tensor) -> torch.Tensor:
+    """vllm/utils/deep_gemm.py `_ceil_to_ue8m0`: `torch.pow(2.0, torch.ceil(torch.log2(x.abs())))`."""
+    return torch.pow(2.0, torch.ceil(torch.log2(x.abs())))
+
+
+def vllm_per_block(
+    w: torch.Tensor, block: tuple[int, int] = (128, 128), use_ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vllm/utils/deep_gemm.py `per_block_cast_to_fp8(x, block_size, use_ue8m0)` (the e4m3fn branch)."""
     m, n = w.shape
     bm, bn = block
     padded = torch.zeros((math.ceil(m / bm) * bm, math.ceil(n / bn) * bn), dtype=w.dtype)
@@ -58,5 +66,6 @@ def vllm_per_block(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tupl
     view = padded.view(-1, bm, padded.size(1) // bn, bn)
     amax = view.abs().float().amax(dim=(1, 3), keepdim=True).clamp(1e-4)
     sf = amax / 448.0
+    sf = vllm_ceil_to_ue8m0(sf) if use_ue8m0 else sf
     q = (view * (1.0 / sf)).to(FP8)
     return q.view_as(padded)[:m, :n].contiguous(), sf.view(view.size(0), view.size(2))
