@@ -6,6 +6,7 @@ Example:
     >>> fp8q.quantize("model", "model-fp8-block", fp8q.QuantizeOptions(scheme="block", format="fp8"))
     >>> fp8q.verify("model-fp8", source="model").ok
     >>> fp8q.dequantize("model-fp8", "model-bf16")
+    >>> fp8q.convert("model-fp8", "model-fp8-block", fp8q.QuantizeOptions(scheme="block", format="fp8"))
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ __version__ = "0.1.0"
 # The API is imported on first use (PEP 562), so that `import fp8q` alone does not import torch:
 # the command (fp8q.__main__) decides how torch is imported.
 _EXPORTS = {
-    "DequantizeReport": "fp8q.dequantize",
-    "dequantize": "fp8q.dequantize",
+    "dequantize": "fp8q.pipeline",
+    "convert": "fp8q.pipeline",
+    "Started": "fp8q.events",
     "Fp8qError": "fp8q.errors",
     "Format": "fp8q.formats",
     "Scheme": "fp8q.formats",
-    "PlanReady": "fp8q.pipeline",
+    "PlanReady": "fp8q.events",
     "QuantizeOptions": "fp8q.pipeline",
-    "Report": "fp8q.pipeline",
-    "TensorDone": "fp8q.pipeline",
+    "Report": "fp8q.events",
+    "TensorDone": "fp8q.events",
     "plan_conversion": "fp8q.pipeline",
     "quantize": "fp8q.pipeline",
     "VerifyReport": "fp8q.verify",
@@ -34,10 +36,10 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from fp8q.dequantize import DequantizeReport, dequantize
     from fp8q.errors import Fp8qError
+    from fp8q.events import PlanReady, Report, Started, TensorDone
     from fp8q.formats import Format, Scheme
-    from fp8q.pipeline import PlanReady, QuantizeOptions, Report, TensorDone, plan_conversion, quantize
+    from fp8q.pipeline import QuantizeOptions, convert, dequantize, plan_conversion, quantize
     from fp8q.verify import VerifyReport, verify
 
 
@@ -54,8 +56,9 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "DequantizeReport",
+    "Started",
     "VerifyReport",
+    "convert",
     "dequantize",
     "verify",
     "Format",

@@ -20,7 +20,9 @@ def plan_problems(plan: Plan, tp: int | None, load_check: bool) -> list[str]:
         tp: the vLLM tensor-parallel size block layouts must shard at; None checks at 1.
         load_check: False skips the engine load check (the user's explicit choice), never the others.
     """
-    problems = []
+    problems: list[str] = []
+    if plan.layout is None:
+        return problems  # dequantize: a plain checkpoint, which needs no config to say how it is quantized
     if plan.config is None:
         root = plan.checkpoint.root
         problems.append(
@@ -42,10 +44,12 @@ def plan_problems(plan: Plan, tp: int | None, load_check: bool) -> list[str]:
 def plan_notes(plan: Plan) -> list[str]:
     """One line per thing worth knowing about the output that does not stop the run."""
     notes = list(plan.checkpoint.notes)
+    layout = plan.layout
+    if layout is None:
+        return notes
     unknown = unknown_architecture_note(plan.config, plan.architecture)
     if unknown:
         notes.append(unknown)
-    layout = plan.layout
     if layout.format is Format.FP8 and layout.scheme is Scheme.TENSOR:
         notes.append(
             "--scheme tensor --format fp8 is vLLM's and SGLang's layout: transformers ignores its per-tensor "

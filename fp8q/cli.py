@@ -121,6 +121,32 @@ LoadCheckOpt = Annotated[
         help="Write block layers even where vLLM could not load them (checked at --tp).",
     ),
 ]
+ScaleFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--scale-format",
+        metavar="float|ue8m0",
+        help="ue8m0: power-of-two block scales (DeepSeek-V3.1, DeepGEMM); with --scheme block --format fp8.",
+    ),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", metavar="DEVICE", help="auto (CUDA if available), cpu, cuda or cuda:N.")
+]
+WorkersOpt = Annotated[
+    int, typer.Option("--workers", metavar="N", help="CPU quantization threads; 0 = one per core.", min=0)
+]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", metavar="", help="Replace OUT if it is an fp8q output (only once the new one is complete)."
+    ),
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", metavar="", help="Continue an interrupted run, reusing its finished shards.")
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", metavar="", help="Show the plan and write nothing (exit 1 on problems).")
+]
 ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", metavar="FILE", help="config.json to use when SRC has none (a lone .safetensors file)."),
@@ -166,29 +192,17 @@ def quantize_command(
     scheme: SchemeOpt = Scheme.CHANNEL,
     format: FormatOpt = Format.COMPRESSED_TENSORS,
     block_size: BlockOpt = "128x128",
+    scale_format: ScaleFormatOpt = "float",
     ignore: IgnoreOpt = None,
     targets: TargetsOpt = None,
-    device: Annotated[
-        str, typer.Option("--device", metavar="DEVICE", help="auto (CUDA if available), cpu, cuda or cuda:N.")
-    ] = "auto",
+    device: DeviceOpt = "auto",
     tp: TpOpt = None,
     no_load_check: LoadCheckOpt = False,
     config: ConfigOpt = None,
-    workers: Annotated[
-        int, typer.Option("--workers", metavar="N", help="CPU quantization threads; 0 = one per core.", min=0)
-    ] = 0,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite", metavar="", help="Replace OUT if it is an fp8q output (only once the new one is complete)."
-        ),
-    ] = False,
-    resume: Annotated[
-        bool, typer.Option("--resume", metavar="", help="Continue an interrupted run, reusing its finished shards.")
-    ] = False,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", metavar="", help="Show the plan and write nothing (exit 1 on problems).")
-    ] = False,
+    workers: WorkersOpt = 0,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -202,27 +216,85 @@ def quantize_command(
     """
 
     def run() -> None:
-        engine = _engine()
         options = _options(
             scheme, format, block_size, ignore, targets, tp, no_load_check, config, revision,
-            device=device, workers=workers, overwrite=overwrite, resume=resume,
+            scale_format=scale_format, device=device, workers=workers, overwrite=overwrite, resume=resume,
         )  # fmt: skip
-        if dry_run:
-            from dataclasses import replace
-
-            from fp8q.writer import check_output, output_path
-
-            local = engine.local_source(src, revision)
-            plan = engine.plan_conversion(local, replace(options, revision=None))
-            check_output(local, output_path(out), overwrite)
-            _show_plan(plan, as_json, quiet)
-            return
-        with _ProgressView(quiet or _RANK > 0) as view:
-            report = engine.quantize(src, out, options, on_event=view.on_event)
-        if _RANK == 0:  # under torchrun, rank 0 speaks for all
-            _show_report(report, as_json, quiet)
+        _convert(src, out, options, "quantize", dry_run, as_json, quiet)
 
     _guarded(run)
+
+
+@app.command("convert", cls=_Command)
+def convert_command(
+    src: Annotated[
+        str, typer.Argument(metavar="SRC", help="An FP8 checkpoint (any layout fp8q detects), folder or Hub repo id.")
+    ],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; must not exist or be empty).")],
+    revision: RevisionOpt = None,
+    scheme: SchemeOpt = Scheme.CHANNEL,
+    format: FormatOpt = Format.COMPRESSED_TENSORS,
+    block_size: BlockOpt = "128x128",
+    scale_format: ScaleFormatOpt = "float",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype", metavar="DTYPE", help="Dequantize to bfloat16, float16 or float32 (default: config's)."
+        ),
+    ] = None,
+    ignore: IgnoreOpt = None,
+    targets: TargetsOpt = None,
+    device: DeviceOpt = "auto",
+    tp: TpOpt = None,
+    no_load_check: LoadCheckOpt = False,
+    workers: WorkersOpt = 0,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert an FP8 checkpoint (fp8q's, llm-compressor's, DeepSeek's) to another FP8 layout in one pass:
+    exactly what `fp8q dequantize` then `fp8q quantize` would write.
+
+    Examples:
+
+      fp8q convert ./DeepSeek-V3 ./DeepSeek-V3-channel --scheme channel
+
+      fp8q convert ./DeepSeek-V3 ./DeepSeek-V3-ue8m0 --scheme block --format fp8 --scale-format ue8m0
+    """
+
+    def run() -> None:
+        options = _options(
+            scheme, format, block_size, ignore, targets, tp, no_load_check, None, revision,
+            scale_format=scale_format, dtype=dtype, device=device, workers=workers, overwrite=overwrite,
+            resume=resume,
+        )  # fmt: skip
+        _convert(src, out, options, "convert", dry_run, as_json, quiet)
+
+    _guarded(run)
+
+
+def _convert(
+    src: str, out: Path, options: QuantizeOptions, mode: str, dry_run: bool, as_json: bool, quiet: bool
+) -> None:
+    """quantize and convert: the plan for --dry-run, else the run and its summary."""
+    engine = _engine()
+    if dry_run:
+        from dataclasses import replace
+
+        from fp8q.writer import check_output, output_path
+
+        local = engine.local_source(src, options.revision)
+        plan = engine.plan_conversion(local, replace(options, revision=None), engine.Mode(mode))
+        check_output(local, output_path(out), options.overwrite)
+        _show_plan(plan, as_json, quiet)
+        return
+    verb = {"quantize": "quantizing", "convert": "converting"}[mode]
+    with _ProgressView(quiet or _RANK > 0, verb) as view:
+        report = engine.run(src, out, options, view.on_event, engine.Mode(mode))
+    if _RANK == 0:  # under torchrun, rank 0 speaks for all
+        _show_report(report, as_json, quiet)
 
 
 @app.command("inspect", cls=_Command)
@@ -297,13 +369,13 @@ def dequantize_command(
     ],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder for the high-precision checkpoint.")],
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="bfloat16, float16 or float32.")] = "bfloat16",
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", metavar="", help="Replace OUT if it is an fp8q output.")
-    ] = False,
+    device: DeviceOpt = "cpu",
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Turn an FP8 checkpoint (compressed-tensors, fp8 per-tensor, fp8 block / DeepSeek-V3) back
+    """Turn an FP8 checkpoint (compressed-tensors, MXFP8, fp8 per-tensor, fp8 block / DeepSeek-V3) back
     into a bf16 checkpoint with no quantization_config, e.g. to fine-tune it.
 
     Example:
@@ -313,21 +385,10 @@ def dequantize_command(
 
     def run() -> None:
         engine = _engine()
-        from fp8q.dequantize import dequantize
-
+        options = engine.QuantizeOptions(dtype=dtype, overwrite=overwrite, resume=resume, device=device)
         with _ProgressView(quiet, "dequantizing") as view:
-            report = dequantize(engine.local_source(src), out, dtype=dtype, overwrite=overwrite, on_event=view.on_event)
-        if as_json:
-            sys.stdout.write(json.dumps({**report.__dict__}, indent=2) + "\n")
-        if not quiet:
-            layouts = ", ".join(f"{n} {name}" for name, n in report.layouts.items())
-            err.print(
-                f"[green]done[/green]: {report.out}\n"
-                f"  tensors: {report.tensors_dequantized} dequantized to {report.dtype} ({layouts}), "
-                f"{report.tensors_kept} kept, {report.tensors_dropped} scales dropped\n"
-                f"  size:    {_gb(report.bytes_in)} in, {_gb(report.bytes_out)} out, {_elapsed():.1f} s",
-                soft_wrap=True,
-            )
+            report = engine.run(src, out, options, view.on_event, engine.Mode.DEQUANTIZE)
+        _show_report(report, as_json, quiet)
 
     _guarded(run)
 
@@ -360,6 +421,8 @@ def _options(
 ) -> QuantizeOptions:
     from fp8q.pipeline import QuantizeOptions
 
+    if run.get("scale_format", "float") not in ("float", "ue8m0"):
+        raise UsageError(f"--scale-format {run['scale_format']!r}: choose float or ue8m0")
     return QuantizeOptions(
         scheme=scheme,
         format=format,
@@ -453,7 +516,8 @@ def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     if not quiet:
         table = Table(title=f"fp8q plan for {plan.checkpoint.root}", show_header=False, title_justify="left")
-        table.add_row("layout", f"{plan.layout.scheme.value} / {plan.layout.format.value}")
+        layout = f"{plan.layout.scheme.value} / {plan.layout.format.value}" if plan.layout else "none (dequantize)"
+        table.add_row("layout", layout)
         table.add_row("tensors", f"{plan.n_quantized} quantized, {plan.n_kept} kept")
         table.add_row("kept Linear modules", ", ".join(plan.ignored) or "none")
         table.add_row("shards", str(len(plan.shards)))
@@ -538,9 +602,16 @@ def _show_report(report: Report, as_json: bool, quiet: bool) -> None:
     resumed = ""
     if report.resumed_shards:
         resumed = f", {report.resumed_shards} finished shard(s) reused from the interrupted run"
+    tensors = f"{report.tensors_quantized} quantized, {report.tensors_kept} kept"
+    if report.tensors_dequantized:
+        layouts = ", ".join(f"{n} {name}" for name, n in report.layouts.items())
+        tensors += (
+            f"; {report.tensors_dequantized} FP8 weights ({layouts}) dequantized to {report.dtype}, "
+            f"{report.tensors_dropped} scales dropped"
+        )
     err.print(
         f"[green]done[/green]: {report.out}\n"
-        f"  tensors: {report.tensors_quantized} quantized, {report.tensors_kept} kept\n"
+        f"  tensors: {tensors}\n"
         f"  size:    {_gb(report.bytes_in)} in, {_gb(report.bytes_out)} out{resumed}\n"
         f"  time:    {_elapsed():.1f} s in all ({report.seconds:.1f} s converting, "
         f"{report.gb_per_s:.2f} GB/s on {report.device})",

@@ -38,3 +38,8 @@ NAME_OF: dict[torch.dtype, str] = {dt: name for name, dt in TORCH_DTYPE.items()}
 QUANTIZABLE = ("BF16", "F16", "F32")
 # Any of these in the input means it is already quantized.
 FP8 = ("F8_E4M3", "F8_E5M2")
+
+
+def config_name(name: str) -> str:
+    """A safetensors dtype name as configs name the dtype (BF16 -> bfloat16)."""
+    return str(TORCH_DTYPE[name]).removeprefix("torch.")

@@ -23,6 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from fp8q import numerics
 from fp8q.checkpoint import TensorMeta
 from fp8q.dtypes import FP8
 from fp8q.errors import CheckpointError
@@ -320,4 +323,31 @@ def _check_scale(weight: TensorMeta, scale: TensorMeta, layout: Layout) -> str |
     return None
 
 
-__all__ = ["DetectedLayout", "QuantizedWeight", "describe", "detect_layout", "match_name", "quantization_config"]
+def value_problem(qw: QuantizedWeight, q: torch.Tensor, scale: torch.Tensor) -> str | None:
+    """What makes an FP8 weight's values unusable, as one line naming the tensor, or None: a scale no client can
+    use (integer, NaN, inf, zero or negative), or NaN codes in the weight itself."""
+    assert qw.scale is not None and qw.layout is not None
+    bad_scale = numerics.scale_problem(scale, qw.layout)
+    if bad_scale:
+        return (
+            f"tensor {qw.scale.name} in {qw.scale.shard} has {bad_scale}; {qw.weight.name} cannot be dequantized, "
+            "quantize it again"
+        )
+    nans = numerics.nan_codes(q)
+    if nans:
+        return (
+            f"tensor {qw.weight.name} in {qw.weight.shard} holds {nans} NaN code(s) (0x7f/0xff) among its "
+            f"{q.numel()} FP8 values; the checkpoint is corrupt, quantize it again"
+        )
+    return None
+
+
+__all__ = [
+    "DetectedLayout",
+    "QuantizedWeight",
+    "describe",
+    "detect_layout",
+    "match_name",
+    "quantization_config",
+    "value_problem",
+]

@@ -1,16 +1,19 @@
-"""Runs a conversion: read, quantize and write overlap in three threads with bounded queues.
+"""The one engine: every conversion (quantize, dequantize, convert) is read -> transform -> write, in three
+threads with bounded queues; the three differ only in their plan, whose jobs say what happens to each tensor
+(keep: copied file to file; quantize; dequantize; requantize: dequantize, then quantize).
 
-Imports: everything below it; never prints. Lifecycle of `quantize(src, out, options)`:
+Imports: everything below it; never prints. Lifecycle of `run(src, out, options, mode)`:
 
     resolve_source(src)                  a local path, or a Hub repo id from the cache / download
     read_checkpoint(src)                 headers + index, validated; no tensor data
-    make_plan(checkpoint, layout)        every output name, dtype, shape, offset, header, config
+    make_plan(checkpoint, layout, ...)   every output name, dtype, shape, offset, header, config
     check_output / check_free_space      nothing written yet; under torchrun, rank 0 only
-    OUT.partial/  (+ --resume: keep the recorded shards that still hash the same)
-        reader thread    shard by shard, tensor by tensor: read a weight into a pooled (pinned) buffer
-        main thread      quantize it (CPU chunks on worker threads, or CUDA streams)
+    OUT.partial/, locked  (+ --resume: keep the recorded shards that still hash the same)
+        reader thread    shard by shard, tensor by tensor: read a tensor into a pooled (pinned) buffer,
+                         and an FP8 weight's scale from whichever shard holds it
+        main thread      dequantize it (CPU), quantize it (CPU chunks on worker threads, or CUDA streams)
         writer thread    pwrite weight + scale at planned offsets; copy kept tensors file to file
-        fsync thread     flush each finished shard, hash it, record it for --resume
+        shard threads    flush each finished shard, hash it, record it for --resume
     all processes agree the run succeeded (torchrun), then rank 0 writes
         index, config.json, side files, fp8q.json
     rename OUT.partial -> OUT
@@ -34,6 +37,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ from fp8q import __version__
 from fp8q.checkpoint import CONFIG_FILE, INDEX_FILE, changed_since_read, read_checkpoint, read_config
 from fp8q.checks import plan_notes, plan_problems
 from fp8q.distributed import Cluster, Watcher, assign
+from fp8q.dtypes import TORCH_DTYPE, config_name
 from fp8q.errors import (
     CheckpointError,
     Fp8qError,
@@ -52,13 +57,17 @@ from fp8q.errors import (
     read_error,
     write_error,
 )
-from fp8q.formats import Format, Layout, Scheme
+from fp8q.events import Event, EventCallback, PlanReady, Report, TensorDone
+from fp8q.formats import Format, Layout, ScaleFormat, Scheme
+from fp8q.fp8_source import check_convertible, detect_fp8, output_dtype, source_layouts
+from fp8q.layouts import QuantizedWeight, value_problem
 from fp8q.manifest import FileHasher, Progress, fingerprint, reusable_shards, write_manifest
 from fp8q.numerics import FP8, NonFiniteWeight
 from fp8q.plan import Action, Job, Plan, make_plan
-from fp8q.quantizer import make_quantizer, resolve_device
-from fp8q.tensor_io import BufferPool, Stopped, read_ahead, read_tensor, typed_view
+from fp8q.quantizer import dequantize_into, make_quantizer, resolve_device
+from fp8q.tensor_io import BufferPool, ShardReader, Stopped, read_ahead, read_tensor, typed_view
 from fp8q.writer import (
+    MANIFEST_FILE,
     ShardFile,
     check_free_space,
     check_output,
@@ -76,6 +85,14 @@ from fp8q.writer import (
 READ_AHEAD = 256 << 20
 
 
+class Mode(str, Enum):
+    """What a run makes: the one engine's three conversions differ only in their plan."""
+
+    QUANTIZE = "quantize"  # a bf16/fp16/fp32 checkpoint -> FP8
+    DEQUANTIZE = "dequantize"  # an FP8 checkpoint -> high precision, no quantization_config
+    CONVERT = "convert"  # an FP8 checkpoint -> another FP8 layout: dequantize, then quantize
+
+
 @dataclass(frozen=True)
 class QuantizeOptions:
     """What to produce and how. `workers` 0 means one per CPU core."""
@@ -83,6 +100,7 @@ class QuantizeOptions:
     scheme: Scheme = Scheme.CHANNEL
     format: Format = Format.COMPRESSED_TENSORS
     block_size: tuple[int, int] = (128, 128)
+    scale_format: ScaleFormat = ScaleFormat.FLOAT
     ignore: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
     device: str = "auto"
@@ -93,56 +111,30 @@ class QuantizeOptions:
     tp: int | None = None  # check that block layouts load in vLLM at this tensor-parallel size (None: 1)
     load_check: bool = True  # False writes block layers vLLM could not load (the user's explicit choice)
     config: str | None = None  # a config.json to use when SRC has none
+    # dequantize and convert: the dtype FP8 weights are dequantized to (None: the config's, else bfloat16)
+    dtype: str | None = None
 
     @property
     def layout(self) -> Layout:
-        return Layout(Scheme(self.scheme), Format(self.format), tuple(self.block_size))  # type: ignore[arg-type]
+        block = tuple(self.block_size)
+        return Layout(Scheme(self.scheme), Format(self.format), block, ScaleFormat(self.scale_format))  # type: ignore[arg-type]
 
-    def output_affecting(self) -> dict[str, Any]:
+    def output_affecting(self, mode: Mode, dtype: str | None) -> dict[str, Any]:
         """The options that decide the output bytes (device and workers do not: same bits everywhere)."""
-        layout = self.layout
-        return {
-            "scheme": layout.scheme.value,
-            "format": layout.format.value,
-            "block_size": list(layout.block),
-            "ignore": list(self.ignore),
-            "targets": list(self.targets),
-        }
-
-
-@dataclass(frozen=True)
-class PlanReady:
-    plan: Plan
-
-
-@dataclass(frozen=True)
-class TensorDone:
-    name: str
-    nbytes: int
-    shard: str = ""  # the output shard it went into
-
-
-@dataclass(frozen=True)
-class Report:
-    """The outcome of a run, for the CLI summary and `--json`."""
-
-    out: str
-    device: str
-    tensors_quantized: int
-    tensors_kept: int
-    bytes_in: int
-    bytes_out: int
-    seconds: float
-    ignored_modules: list[str] = field(default_factory=list)
-    resumed_shards: int = 0
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-
-Event = PlanReady | TensorDone
-EventCallback = Callable[[Event], None]
+        decided: dict[str, Any] = {"command": mode.value}
+        if mode is not Mode.DEQUANTIZE:
+            layout = self.layout
+            decided |= {
+                "scheme": layout.scheme.value,
+                "format": layout.format.value,
+                "block_size": list(layout.block),
+                "scale_format": layout.scale_format.value,
+                "ignore": list(self.ignore),
+                "targets": list(self.targets),
+            }
+        if dtype is not None:
+            decided["dtype"] = config_name(dtype)
+        return decided
 
 
 def local_source(src: str | Path, revision: str | None = None) -> Path:
@@ -155,14 +147,22 @@ def local_source(src: str | Path, revision: str | None = None) -> Path:
     return resolve_source(str(src), revision)
 
 
-def plan_conversion(src: str | Path, options: QuantizeOptions) -> Plan:
+def plan_conversion(src: str | Path, options: QuantizeOptions, mode: Mode = Mode.QUANTIZE) -> Plan:
     """Read and validate SRC and plan the conversion, reading no tensor data. `plan.problems` lists
-    why the output could not be served (`quantize` refuses them), `plan.notes` what else to know."""
+    why the output could not be served (a run refuses them), `plan.notes` what else to know."""
     local = local_source(src, options.revision)
     checkpoint = read_checkpoint(local)
     if options.config is not None:
         checkpoint = replace(checkpoint, config=read_config(Path(options.config)))
-    plan = make_plan(checkpoint, options.layout, options.ignore, options.targets)
+    if mode is Mode.QUANTIZE:
+        plan = make_plan(checkpoint, options.layout, options.ignore, options.targets)
+    else:
+        source = detect_fp8(checkpoint)
+        dtype = output_dtype(options.dtype, checkpoint.config)
+        layout = options.layout if mode is Mode.CONVERT else None
+        if mode is Mode.CONVERT:
+            check_convertible(checkpoint, source, options.layout)
+        plan = make_plan(checkpoint, layout, options.ignore, options.targets, source=source, dtype=dtype)
     problems = plan_problems(plan, options.tp, options.load_check)
     return replace(plan, problems=tuple(problems), notes=tuple(plan_notes(plan)))
 
@@ -188,19 +188,65 @@ def quantize(
     Raises:
         Fp8qError: any problem with the input, options or output, naming the file or tensor.
     """
-    options = options or QuantizeOptions()
+    return run(src, out, options or QuantizeOptions(), on_event, Mode.QUANTIZE)
+
+
+def dequantize(
+    src: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    resume: bool = False,
+    device: str = "cpu",
+    on_event: EventCallback | None = None,
+) -> Report:
+    """Write the FP8 checkpoint at SRC (any layout fp8q detects) as a `dtype` checkpoint at OUT that loads with
+    no quantization library: each FP8 weight dequantized as its format's client does, scales dropped,
+    `quantization_config` removed from config.json (which then says the new dtype); streaming, atomic and
+    resumable like `quantize`.
+
+    Raises:
+        Fp8qError: no FP8 weight in SRC, an FP8 weight without a usable scale, NaN codes or values `dtype`
+            cannot hold, an OUT that cannot be written; one line naming the file or tensor.
+    """
+    options = QuantizeOptions(dtype=dtype, overwrite=overwrite, resume=resume, device=device)
+    return run(src, out, options, on_event, Mode.DEQUANTIZE)
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    options: QuantizeOptions | None = None,
+    on_event: EventCallback | None = None,
+) -> Report:
+    """Convert the FP8 checkpoint at SRC (any layout fp8q detects) into another FP8 layout at OUT, in one pass:
+    each FP8 weight dequantized as its format's client does, to `options.dtype` (default: the config's dtype),
+    then quantized as `quantize` does. The result is byte for byte what `dequantize` then `quantize` make.
+
+    Raises:
+        Fp8qError: as `quantize`; also a source whose conversion would silently lose what it holds
+            (static activation or KV-cache scales) or that is already in the target layout.
+    """
+    return run(src, out, options or QuantizeOptions(), on_event, Mode.CONVERT)
+
+
+def run(
+    src: str | Path, out: str | Path, options: QuantizeOptions, on_event: EventCallback | None, mode: Mode
+) -> Report:
+    """The engine: plan, then read -> transform on a device -> write, for any of the three conversions."""
     started = time.perf_counter()
     out = Path(out)
     device = resolve_device(options.device)
     cluster = Cluster.from_env(cuda=device.type == "cuda")
     try:
         with ExitStack() as cleanup:
-            return _quantize(src, out, options, on_event, cluster, cluster.device(device), started, cleanup)
+            return _run(src, out, options, on_event, cluster, cluster.device(device), started, cleanup, mode)
     finally:
         cluster.close()
 
 
-def _quantize(
+def _run(
     src: str | Path,
     out: Path,
     options: QuantizeOptions,
@@ -209,6 +255,7 @@ def _quantize(
     device: torch.device,
     started: float,
     cleanup: ExitStack,
+    mode: Mode,
 ) -> Report:
     lead = cluster.rank == 0
     emit = (on_event if lead else None) or (lambda event: None)
@@ -219,10 +266,10 @@ def _quantize(
         out = output_path(out)
         partial = partial_dir(out)
         local_src = local_source(src, options.revision)
-        plan = plan_conversion(local_src, replace(options, revision=None))
+        plan = plan_conversion(local_src, replace(options, revision=None), mode)
         if plan.problems:
             raise Fp8qError(refusal(plan.problems))
-        fp = fingerprint(plan.checkpoint, options.output_affecting(), __version__)
+        fp = fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__)
         if lead:
             reused, lock = _prepare_partial(plan, local_src, out, partial, fp, options)
             cleanup.callback(os.close, lock)  # releases OUT.partial/ (renamed to OUT by then if all went well)
@@ -281,6 +328,10 @@ def _quantize(
         seconds=time.perf_counter() - started,
         ignored_modules=list(plan.ignored),
         resumed_shards=len(reused),
+        tensors_dequantized=plan.n_dequantized,
+        tensors_dropped=len(plan.source.dropped) if plan.source else 0,
+        dtype=config_name(plan.dtype) if plan.dtype else None,
+        layouts=source_layouts(plan.source),
     )
 
 
@@ -395,7 +446,8 @@ def _write_metadata_files(plan: Plan, partial: Path) -> None:
     if plan.config is not None:
         write_json(partial / CONFIG_FILE, plan.config)
     for name in plan.checkpoint.side_files:
-        copy_file(root / name, partial / name)
+        if name != MANIFEST_FILE:  # an FP8 source's fp8q.json describes its own run: this run writes its own
+            copy_file(root / name, partial / name)
 
 
 @dataclass
@@ -405,6 +457,7 @@ class _Item:
     data: Any = None
     buffer: torch.Tensor | None = None  # the pool buffer behind the input `data`, handed back once used
     out_buffers: list[torch.Tensor] = field(default_factory=list)  # pool buffers behind quantized outputs
+    scale: torch.Tensor | None = None  # an FP8 source weight's scale
 
 
 def _run_plan(
@@ -417,9 +470,10 @@ def _run_plan(
     progress: Progress,
     skip: set[str],
 ) -> None:
-    quantizer = make_quantizer(plan.layout, device, workers)
+    # dequantize quantizes nothing: any layout will do for its quantizer, which only dequantizes.
+    quantizer = make_quantizer(plan.layout or Layout(Scheme.CHANNEL, Format.COMPRESSED_TENSORS), device, workers)
     # Three buffers each way: one being filled, one queued, one being used; memory stays bounded.
-    quantized = [j for j in plan.jobs if j.action is Action.QUANTIZE]
+    quantized = [j for j in plan.jobs if j.action.quantizes]
     largest_weight = max((p.out.nbytes for j in quantized for p in j.pieces), default=0)
     pieces = max((len(j.pieces) for j in quantized), default=1)
     # A device that works on while the host goes on holds its weights' buffers longer.
@@ -456,7 +510,7 @@ def _run_plan(
     reader.start()
     writer.start()
     try:
-        _quantize_loop(quantizer, pools, to_quantize, to_write, stop)
+        _quantize_loop(quantizer, pools, to_quantize, to_write, stop, plan.dtype)
     except Stopped:
         pass
     except BaseException as e:
@@ -485,6 +539,7 @@ def _quantize_loop(
     inbox: queue.Queue[_Item | None],
     outbox: queue.Queue[_Item | None],
     stop: threading.Event,
+    dtype: str | None,
 ) -> None:
     pending: deque[_Item] = deque()
     in_flight = 0
@@ -493,7 +548,7 @@ def _quantize_loop(
         nonlocal in_flight
         item = pending.popleft()
         job = item.job
-        if job is not None and job.action is Action.QUANTIZE:
+        if job is not None and job.action.quantizes:
             in_flight -= 1
             results = []
             for piece in job.pieces:
@@ -507,23 +562,53 @@ def _quantize_loop(
             if item.buffer is not None and all(r.ready for r in results):
                 pools.inputs.give(item.buffer)  # done with the input (a GPU's is given back once written)
                 item.buffer = None
-        elif job is not None and not job.is_copy:
+        elif job is not None and job.action is Action.KEEP and not job.is_copy:
             # The biases of split experts: small, cut on the spot.
             item.data = [p.part.take(item.data) if p.part else item.data for p in job.pieces]
         _put(outbox, item, stop)
 
     while (item := _get(inbox, stop)) is not None:
-        if item.job is not None and item.job.action is Action.QUANTIZE:
+        job = item.job
+        if job is not None and job.action.dequantizes:
+            assert dtype is not None
+            item.data = _dequantized(job, item.data, item.scale, dtype, quantizer)
+            pools.inputs.give(item.buffer)  # the FP8 bytes are done with; the dequantized weight is new memory
+            item.buffer = item.scale = None
+            if job.action is Action.DEQUANTIZE:
+                item.data = [item.data]  # written as it is
+        if job is not None and job.action.quantizes:
             item.data = quantizer.submit(item.data)
             in_flight += 1
         pending.append(item)
         while pending and (
-            in_flight > quantizer.lookahead or pending[0].job is None or pending[0].job.action is not Action.QUANTIZE
+            in_flight > quantizer.lookahead or pending[0].job is None or not pending[0].job.action.quantizes
         ):
             finish_head()
     while pending:
         finish_head()
     _put(outbox, None, stop)
+
+
+def _dequantized(job: Job, q: torch.Tensor, scale: torch.Tensor, dtype: str, quantizer: Any) -> torch.Tensor:
+    """An FP8 source weight in `dtype`, as its format's client computes it (see numerics.dequantize).
+
+    Raises:
+        CheckpointError: a scale no client can use, NaN codes, or values `dtype` cannot hold; naming the tensor.
+    """
+    assert job.scale is not None and job.source_layout is not None
+    weight = QuantizedWeight(job.source, job.scale, job.source_layout)
+    problem = value_problem(weight, q, scale)
+    if problem:
+        # The client would spread it over a whole row, tile or tensor, silently; refuse instead.
+        raise CheckpointError(f"{problem} (`fp8q verify` lists every such problem)")
+    out = torch.empty(q.shape, dtype=TORCH_DTYPE[dtype])
+    if not dequantize_into(q, scale, job.source_layout, out, getattr(quantizer, "pool", None)):
+        raise CheckpointError(
+            f"tensor {job.source.name} in {job.source.shard} times its scale {job.scale.name} (up to "
+            f"{float(scale.float().max()):.4g}) exceeds what {dtype} holds; dequantize it to a wider dtype "
+            "(--dtype bfloat16 or float32), or quantize it again"
+        )
+    return out
 
 
 def _non_finite(job: Job) -> UnsupportedTensorError:
@@ -537,29 +622,32 @@ def _non_finite(job: Job) -> UnsupportedTensorError:
 def _read(
     plan: Plan, outbox: queue.Queue[_Item | None], stop: threading.Event, pool: BufferPool, skip: set[str]
 ) -> None:
-    for index, shard in enumerate(plan.shards):
-        if shard.name in skip:
-            continue
-        path = shard.source.path
-        fd = os.open(path, os.O_RDONLY)
-        hinted = 0  # the file is hinted for read-ahead up to here
-        try:
-            for job in shard.jobs:
-                if job.source.start + READ_AHEAD > hinted:
-                    begin = max(hinted, job.source.start)
-                    hinted = job.source.start + READ_AHEAD
-                    read_ahead(fd, begin, hinted - begin)
-                data = buffer = None
-                if not job.is_copy:
-                    buffer = pool.take(stop) if job.action is Action.QUANTIZE else None
-                    try:
-                        data = read_tensor(fd, job.source, buffer)
-                    except OSError as e:
-                        raise read_error(path, job.source.name, e) from None
-                _put(outbox, _Item(index, job, data, buffer), stop)
-        finally:
-            os.close(fd)
-        _put(outbox, _Item(index, None), stop)
+    with ShardReader(plan.checkpoint) as scales:  # FP8 weights' scales, from whichever shard holds them
+        for index, shard in enumerate(plan.shards):
+            if shard.name in skip:
+                continue
+            path = shard.source.path
+            fd = os.open(path, os.O_RDONLY)
+            hinted = 0  # the file is hinted for read-ahead up to here
+            try:
+                for job in shard.jobs:
+                    if job.source.start + READ_AHEAD > hinted:
+                        begin = max(hinted, job.source.start)
+                        hinted = job.source.start + READ_AHEAD
+                        read_ahead(fd, begin, hinted - begin)
+                    item = _Item(index, job)
+                    if not job.is_copy:
+                        item.buffer = pool.take(stop) if job.action is not Action.KEEP else None
+                        try:
+                            item.data = read_tensor(fd, job.source, item.buffer)
+                        except OSError as e:
+                            raise read_error(path, job.source.name, e) from None
+                    if job.scale is not None:
+                        item.scale = scales.read(job.scale)
+                    _put(outbox, item, stop)
+            finally:
+                os.close(fd)
+            _put(outbox, _Item(index, None), stop)
     _put(outbox, None, stop)
 
 
@@ -609,7 +697,7 @@ def _write(
                 job = item.job
                 if job.is_copy:
                     current.copy(src_fd, job.source.start, job.pieces[0].out)
-                elif job.action is Action.KEEP:
+                elif not job.action.quantizes:
                     for piece, t in zip(job.pieces, item.data, strict=True):
                         current.write(piece.out, t)
                 else:

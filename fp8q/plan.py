@@ -10,17 +10,18 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
 from fp8q.architectures import GENERIC, Architecture, groups
 from fp8q.checkpoint import CONFIG_FILE, Checkpoint, Shard, TensorMeta
-from fp8q.dtypes import ITEMSIZE, ORDER
+from fp8q.dtypes import ITEMSIZE, ORDER, config_name
 from fp8q.errors import UsageError
 from fp8q.experts import Part, fused_weight_of, is_fused_expert_weight, split
-from fp8q.formats import Format, Layout, Scheme
-from fp8q.selection import check_not_quantized, natural_key, select
+from fp8q.formats import Format, Layout, ScaleFormat, Scheme
+from fp8q.layouts import DetectedLayout, QuantizedWeight
+from fp8q.selection import Selection, check_not_quantized, natural_key, select
 
 SHARD_METADATA = {"format": "pt"}
 
@@ -28,6 +29,16 @@ SHARD_METADATA = {"format": "pt"}
 class Action(str, Enum):
     KEEP = "keep"
     QUANTIZE = "quantize"
+    DEQUANTIZE = "dequantize"  # an FP8 weight of the source, written in high precision
+    REQUANTIZE = "requantize"  # an FP8 weight of the source, dequantized, then quantized in the new layout
+
+    @property
+    def quantizes(self) -> bool:
+        return self in (Action.QUANTIZE, Action.REQUANTIZE)
+
+    @property
+    def dequantizes(self) -> bool:
+        return self in (Action.DEQUANTIZE, Action.REQUANTIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +69,9 @@ class Job:
     source: TensorMeta
     action: Action
     pieces: tuple[Piece, ...]
+    # An FP8 source weight's scale (in whichever shard holds it) and the layout they are in.
+    scale: TensorMeta | None = None
+    source_layout: Layout | None = None
 
     @property
     def outputs(self) -> tuple[OutTensor, ...]:
@@ -83,7 +97,7 @@ class ShardPlan:
 @dataclass(frozen=True)
 class Plan:
     checkpoint: Checkpoint
-    layout: Layout
+    layout: Layout | None  # None: nothing is quantized (dequantize)
     shards: tuple[ShardPlan, ...]
     ignored: tuple[str, ...]
     quantization_config: dict[str, Any]
@@ -96,6 +110,8 @@ class Plan:
     notes: tuple[str, ...] = ()
     architecture: Architecture = GENERIC  # the table entry whose rules applied
     kept: tuple[tuple[str, str], ...] = ()  # (module, why) for each Linear a rule kept
+    source: DetectedLayout | None = None  # an FP8 source's layout (dequantize, convert)
+    dtype: str | None = None  # the high-precision dtype FP8 source weights are dequantized to
 
     @property
     def jobs(self) -> list[Job]:
@@ -104,11 +120,16 @@ class Plan:
     @property
     def n_quantized(self) -> int:
         """Quantized weights written (a fused expert tensor counts once per expert and projection)."""
-        return sum(len(job.pieces) for job in self.jobs if job.action is Action.QUANTIZE)
+        return sum(len(job.pieces) for job in self.jobs if job.action.quantizes)
 
     @property
     def n_kept(self) -> int:
+        """Tensors written as they were (a dequantized weight counts as dequantized, not kept)."""
         return sum(len(job.pieces) for job in self.jobs if job.action is Action.KEEP)
+
+    @property
+    def n_dequantized(self) -> int:
+        return sum(1 for job in self.jobs if job.action.dequantizes)
 
     @property
     def bytes_in(self) -> int:
@@ -120,7 +141,8 @@ class Plan:
 
     @property
     def largest_quantized(self) -> int:
-        return max((j.source.nbytes for j in self.jobs if j.action is Action.QUANTIZE), default=0)
+        """The largest source tensor read into memory to be transformed (the others are copied file to file)."""
+        return max((j.source.nbytes for j in self.jobs if j.action is not Action.KEEP), default=0)
 
     def index(self) -> dict[str, Any]:
         """`model.safetensors.index.json`: every output tensor, scales included."""
@@ -131,50 +153,118 @@ class Plan:
 
 def make_plan(
     checkpoint: Checkpoint,
-    layout: Layout,
+    layout: Layout | None,
     ignore: tuple[str, ...] = (),
     targets: tuple[str, ...] = (),
+    *,
+    source: DetectedLayout | None = None,
+    dtype: str | None = None,
 ) -> Plan:
     """Plan the conversion; pure apart from reading nothing at all.
+
+    Args:
+        layout: the FP8 layout to write, or None to quantize nothing (dequantize).
+        source: for an FP8 checkpoint, its detected layout: its FP8 weights are dequantized to `dtype`, their
+            scales dropped, and the rest planned as for a checkpoint that held those weights in `dtype`
+            (so converting equals dequantizing, then quantizing).
 
     Raises:
         UsageError: a layout that cannot be written.
         CheckpointError / UnsupportedTensorError: from the tensor selection.
     """
-    if layout.format is Format.FP8 and layout.scheme is Scheme.CHANNEL:
-        raise UsageError(
-            "--scheme channel --format fp8: vLLM's fp8 format has no per-channel weights; "
-            "use --format compressed-tensors, or --scheme tensor/block"
-        )
-    if min(layout.block) < 1:
-        raise UsageError(f"--block-size {layout.block[0]}x{layout.block[1]}: both sides must be positive")
-    check_not_quantized(checkpoint.config, str(checkpoint.root / CONFIG_FILE))
-    selection = select(checkpoint.tensors.values(), checkpoint.config, ignore, targets)
+    if layout is not None:
+        _check_layout(layout)
+    config = checkpoint.config
+    tensors = list(checkpoint.tensors.values())
+    fp8: dict[str, QuantizedWeight] = {}
+    if source is None:
+        check_not_quantized(config, str(checkpoint.root / CONFIG_FILE))
+    else:
+        assert dtype is not None
+        fp8 = {qw.weight.name: qw for qw in source.weights}
+        config = plain_config(config, dtype) if config is not None else None
+        tensors = [replace(m, dtype=dtype) if m.name in fp8 else m for m in tensors if m.name not in source.dropped]
+    if layout is None:
+        selection = Selection((), ())
+    else:
+        selection = select(tensors, config, ignore, targets)
     to_quantize = set(selection.quantize)
-    shards = tuple(_plan_shard(shard, layout, to_quantize, checkpoint.config) for shard in checkpoint.shards)
-    ignored = list(selection.ignored)
-    qconfig = layout.quantization_config(ignored)
-    config = None
-    if checkpoint.config is not None:
+    shards = []
+    for shard in checkpoint.shards:
+        planned = _plan_shard(shard, layout, to_quantize, config, fp8, dtype, source)
+        if planned.jobs:  # a shard of nothing but scales has nothing left to write
+            shards.append(planned)
+    qconfig: dict[str, Any] = {}
+    if layout is not None:
+        qconfig = layout.quantization_config(list(selection.ignored))
+    if config is not None and layout is not None:
         # Every other key keeps its place and value; the torch_dtype stays the compute dtype.
-        config = {**checkpoint.config, "quantization_config": qconfig}
+        config = {**config, "quantization_config": qconfig}
     return Plan(
         checkpoint,
         layout,
-        shards,
+        tuple(shards),
         selection.ignored,
         qconfig,
         config,
         architecture=selection.architecture,
         kept=selection.kept,
+        source=source,
+        dtype=dtype,
     )
 
 
-def _plan_shard(shard: Shard, layout: Layout, to_quantize: set[str], config: dict[str, Any] | None) -> ShardPlan:
+def _check_layout(layout: Layout) -> None:
+    if layout.format is Format.FP8 and layout.scheme in (Scheme.CHANNEL, Scheme.MX):
+        what = "per-channel" if layout.scheme is Scheme.CHANNEL else "MX"
+        raise UsageError(
+            f"--scheme {layout.scheme.value} --format fp8: vLLM's fp8 format has no {what} weights; "
+            "use --format compressed-tensors, or --scheme tensor/block"
+        )
+    if layout.scale_format is ScaleFormat.UE8M0 and (layout.scheme, layout.format) != (Scheme.BLOCK, Format.FP8):
+        raise UsageError(
+            "--scale-format ue8m0 is for --scheme block --format fp8 (DeepSeek-V3.1's power-of-two block scales)"
+        )
+    if min(layout.block) < 1:
+        raise UsageError(f"--block-size {layout.block[0]}x{layout.block[1]}: both sides must be positive")
+
+
+def plain_config(config: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """config.json without its quantization section, saying the dtype the weights now have (under the key it
+    already has: `dtype` in transformers 5, `torch_dtype` before); every other key keeps its place and value."""
+    plain = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
+    for key in ("dtype", "torch_dtype"):
+        if key in plain:
+            plain[key] = config_name(dtype)
+    return plain
+
+
+def _plan_shard(
+    shard: Shard,
+    layout: Layout | None,
+    to_quantize: set[str],
+    config: dict[str, Any] | None,
+    fp8: dict[str, QuantizedWeight],
+    dtype: str | None,
+    source: DetectedLayout | None,
+) -> ShardPlan:
     jobs: list[Job] = []
     for meta in shard.tensors:
+        if source is not None and meta.name in source.dropped:
+            continue
         fused_weight = fused_weight_of(meta)
-        if meta.name in to_quantize and is_fused_expert_weight(meta):
+        qw = fp8.get(meta.name)
+        if qw is not None:
+            assert dtype is not None
+            if meta.name in to_quantize:
+                assert layout is not None
+                pieces: tuple[Piece, ...] = (_quantized(meta.name, dtype, meta.shape, layout),)
+                action = Action.REQUANTIZE
+            else:
+                pieces, action = (Piece(OutTensor(meta.name, dtype, meta.shape)),), Action.DEQUANTIZE
+            jobs.append(Job(meta, action, pieces, qw.scale, qw.layout))
+        elif meta.name in to_quantize and is_fused_expert_weight(meta):
+            assert layout is not None
             for piece in split(meta, config):
                 pieces = tuple(
                     _quantized(p.name, meta.dtype, p.shape(piece.source.shape), layout, p) for p in piece.parts
@@ -188,6 +278,7 @@ def _plan_shard(shard: Shard, layout: Layout, to_quantize: set[str], config: dic
                 )
                 jobs.append(Job(piece.source, Action.KEEP, pieces))
         elif meta.name in to_quantize:
+            assert layout is not None
             jobs.append(Job(meta, Action.QUANTIZE, (_quantized(meta.name, meta.dtype, meta.shape, layout),)))
         else:
             jobs.append(Job(meta, Action.KEEP, (Piece(OutTensor(meta.name, meta.dtype, meta.shape)),)))
@@ -206,7 +297,7 @@ def _quantized(name: str, dtype: str, shape: tuple[int, ...], layout: Layout, pa
 
 def _place(job: Job, placed: dict[str, OutTensor]) -> Job:
     pieces = tuple(Piece(placed[p.out.name], placed[p.scale.name] if p.scale else None, p.part) for p in job.pieces)
-    return Job(job.source, job.action, pieces)
+    return replace(job, pieces=pieces)
 
 
 def build_header(tensors: list[OutTensor], metadata: dict[str, str] | None) -> tuple[bytes, dict[str, OutTensor]]:
@@ -237,9 +328,9 @@ def describe(plan: Plan) -> dict[str, Any]:
     """The plan as plain data, for `inspect --json` and the manifest."""
     return {
         "source": str(plan.checkpoint.root),
-        "scheme": plan.layout.scheme.value,
-        "format": plan.layout.format.value,
-        "block_size": list(plan.layout.block),
+        "scheme": plan.layout.scheme.value if plan.layout else None,
+        "format": plan.layout.format.value if plan.layout else None,
+        "block_size": list(plan.layout.block) if plan.layout else None,
         "tensors_quantized": plan.n_quantized,
         "tensors_kept": plan.n_kept,
         "ignored_modules": list(plan.ignored),

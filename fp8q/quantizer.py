@@ -83,6 +83,22 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def dequantize_into(
+    q: torch.Tensor, scale: torch.Tensor, layout: Layout, out: torch.Tensor, pool: ThreadPoolExecutor | None = None
+) -> bool:
+    """Dequantize an FP8 weight into `out` (its dtype) band by band, on `pool`'s threads when given; returns
+    whether every value is finite (a value `out`'s dtype cannot hold is inf)."""
+    rows, cols = q.shape
+
+    def band(r: tuple[int, int, Any]) -> bool:
+        r0, r1, scale_rows = r
+        out[r0:r1] = numerics.dequantize(q[r0:r1], scale[scale_rows], layout, out.dtype)
+        return bool(torch.isfinite(out[r0:r1]).all())
+
+    bands = list(numerics.row_bands(rows, cols, layout))
+    return all(pool.map(band, bands) if pool is not None and len(bands) > 1 else map(band, bands))
+
+
 class CpuQuantizer:
     """Quantizes on the CPU with `workers` threads, each walking its own rows chunk by chunk."""
 

@@ -23,8 +23,9 @@ from collections.abc import Callable
 
 import torch
 
-from fp8q.checkpoint import TensorMeta
+from fp8q.checkpoint import Checkpoint, TensorMeta
 from fp8q.dtypes import TORCH_DTYPE
+from fp8q.errors import read_error
 
 COPY_CHUNK = 64 << 20
 # The kernel reads at most its read-ahead size (often 128 KiB-8 MiB) per hint: hint in steps this big.
@@ -153,3 +154,39 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbyte
                 raise OSError(f"unexpected end of file after {done} of {nbytes} bytes")
             copied = os.pwrite(dst_fd, data, dst_offset + done)
         done += copied
+
+
+class ShardReader:
+    """A checkpoint's shards opened on demand, closed together: reads tensors by their header entries, from
+    whichever shard holds them (a scale may live in another shard than its weight)."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.paths = {s.name: s.path for s in checkpoint.shards}
+        self.fds: dict[str, int] = {}
+
+    def fd(self, shard: str) -> int:
+        if shard not in self.fds:
+            self.fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return self.fds[shard]
+
+    def read(self, meta: TensorMeta, buf: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, into `buf` when given (a pool buffer).
+
+        Raises:
+            CheckpointError: an OSError while reading, naming the file and tensor.
+        """
+        try:
+            return read_tensor(self.fd(meta.shard), meta, buf)
+        except OSError as e:
+            raise read_error(self.paths[meta.shard], meta.name, e) from None
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

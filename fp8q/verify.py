@@ -32,14 +32,14 @@ import torch
 from fp8q import numerics
 from fp8q.architectures import architecture_of, groups
 from fp8q.checkpoint import CONFIG_FILE, Checkpoint, TensorMeta, read_checkpoint
-from fp8q.dequantize import ShardReader, Started, value_problem
 from fp8q.dtypes import FP8
 from fp8q.errors import CheckpointError, Fp8qError
+from fp8q.events import Started, TensorDone
 from fp8q.experts import Part, fused_weight_of, is_fused_expert_weight, split
 from fp8q.formats import Format
-from fp8q.layouts import DetectedLayout, QuantizedWeight, describe, detect_layout, quantization_config
-from fp8q.pipeline import TensorDone
+from fp8q.layouts import DetectedLayout, QuantizedWeight, describe, detect_layout, quantization_config, value_problem
 from fp8q.selection import is_linear_weight, keep_reason, natural_key
+from fp8q.tensor_io import ShardReader
 
 # A dequantized weight this far from its source is broken whatever its neighbours do. FP8 e4m3 keeps 3
 # mantissa bits: about 2-4 % relative error (26-34 dB) for sane weights and any of the layouts.

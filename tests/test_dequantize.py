@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 
 from fp8q import QuantizeOptions, quantize
-from fp8q.dequantize import Started, dequantize
 from fp8q.errors import CheckpointError, OutputError
-from fp8q.pipeline import TensorDone
+from fp8q.events import PlanReady, TensorDone
+from fp8q.pipeline import dequantize
 from fp8q.verify import verify
 from tests.factories import SIDE_FILES, as_bytes, load_all, tiny_llama
 from tests.test_verify import INDEX, copy, deepseek_style, edit
@@ -183,8 +183,8 @@ def test_scale_in_another_shard(converted, tmp_path):
     for name in got:
         assert torch.equal(got[name], want[name]), name
     assert report.tensors_dequantized == 14 and report.layouts == {"compressed-tensors block 128x128": 14}
-    assert isinstance(events[0], Started) and all(isinstance(e, TensorDone) for e in events[1:])
-    assert len(events) - 1 == events[0].tensors == report.tensors_dequantized + report.tensors_kept
+    assert isinstance(events[0], PlanReady) and all(isinstance(e, TensorDone) for e in events[1:])
+    assert len(events) - 1 == len(events[0].plan.jobs) == report.tensors_dequantized + report.tensors_kept
 
 
 def test_quantization_only_tensors_are_dropped(converted, tmp_path):

@@ -1,0 +1,63 @@
+"""What a conversion tells its caller while it runs, and what it reports at the end; no command owns these.
+
+Imports: plan types only. The engine (pipeline.py) sends `PlanReady` once and `TensorDone` per tensor, from a
+worker thread; `verify` sends `Started` instead of a plan, then `TensorDone` per weight it checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fp8q.plan import Plan
+
+
+@dataclass(frozen=True)
+class PlanReady:
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class Started:
+    """Sent once by `verify` before any data is read: how many tensors and bytes it will go through."""
+
+    tensors: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorDone:
+    name: str
+    nbytes: int
+    shard: str = ""  # the output shard it went into
+
+
+Event = PlanReady | Started | TensorDone
+EventCallback = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class Report:
+    """The outcome of a quantize, dequantize or convert run, for the CLI summary and `--json`."""
+
+    out: str
+    device: str
+    tensors_quantized: int
+    tensors_kept: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    ignored_modules: list[str] = field(default_factory=list)
+    resumed_shards: int = 0
+    tensors_dequantized: int = 0  # FP8 weights of the source written in high precision (dequantize, convert)
+    tensors_dropped: int = 0  # the source's scales and other quantization-only tensors left out
+    dtype: str | None = None  # the high-precision dtype of dequantized weights
+    # The source's FP8 layouts in words -> number of weights, e.g. {"fp8 block 128x128": 61}.
+    layouts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+__all__ = ["Event", "EventCallback", "PlanReady", "Report", "Started", "TensorDone"]

@@ -1,0 +1,92 @@
+"""An FP8 checkpoint as the source of a conversion (dequantize, convert): its layout, checked, and what it turns into.
+
+Imports: errors, dtypes, checkpoint, formats, layouts. Pure apart from nothing: everything here is decided from
+config and headers, before any data is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fp8q.checkpoint import CONFIG_FILE, Checkpoint
+from fp8q.errors import CheckpointError, UsageError
+from fp8q.formats import Layout
+from fp8q.layouts import DetectedLayout, describe, detect_layout
+
+# The --dtype choices, by the names configs use, and their safetensors names.
+DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# Calibrated tensors of a static layout, which fp8q's dynamic layouts have no place for.
+STATIC_SUFFIXES = ("input_scale", "activation_scale", "output_scale", "k_scale", "v_scale", "kv_scale")
+
+
+def detect_fp8(checkpoint: Checkpoint) -> DetectedLayout:
+    """The checkpoint's FP8 weights, each with a scale it can be dequantized with.
+
+    A scale an engine would refuse for its name or dtype still dequantizes (rescuing such checkpoints is one use
+    of `dequantize`); a weight without one usable scale cannot.
+
+    Raises:
+        CheckpointError: no FP8 weight, a quantization method fp8q does not read, or a weight without a usable
+            scale, naming it.
+    """
+    try:
+        detected = detect_layout(checkpoint.config, checkpoint.tensors)
+    except CheckpointError as e:
+        raise CheckpointError(f"{checkpoint.root / CONFIG_FILE}: {e}") from None
+    if not detected.weights:
+        raise CheckpointError(f"{checkpoint.root}: no FP8 tensors, nothing to dequantize or convert")
+    for qw in detected.weights:
+        if qw.layout is None:
+            raise CheckpointError(f"{checkpoint.root}: {qw.problem}")
+        if qw.weight.dtype != "F8_E4M3":
+            raise CheckpointError(
+                f"tensor {qw.weight.name} in {qw.weight.shard} is {qw.weight.dtype}; fp8q reads float8_e4m3fn weights"
+            )
+    return detected
+
+
+def output_dtype(dtype: str | None, config: Mapping[str, Any] | None) -> str:
+    """The safetensors dtype FP8 weights are dequantized to: `dtype` (bfloat16, float16 or float32), else the
+    config's own (`dtype`, or `torch_dtype` before transformers 5), else BF16.
+
+    Raises:
+        UsageError: a dtype that is not one of the three.
+    """
+    if dtype is None:
+        found = (config or {}).get("dtype", (config or {}).get("torch_dtype"))
+        dtype = found if isinstance(found, str) and found in DTYPES else "bfloat16"
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_convertible(checkpoint: Checkpoint, source: DetectedLayout, layout: Layout) -> None:
+    """Refuse a conversion that would silently lose what the source holds, or that would change nothing.
+
+    Raises:
+        CheckpointError: the source has static activation or KV-cache scales (fp8q's layouts are dynamic, so
+            they would be dropped: calibrated values lost, and the engine's behaviour changed).
+        UsageError: every weight is already in the target layout.
+    """
+    static = [m for m in source.extras if m.name.rpartition(".")[2] in STATIC_SUFFIXES]
+    if static:
+        first = static[0]
+        raise CheckpointError(
+            f"tensor {first.name} in {first.shard} is a static activation or KV-cache scale ({len(static)} such); "
+            "fp8q's layouts compute activation scales at run time, so converting would drop these calibrated "
+            "values: `fp8q dequantize` then `fp8q quantize` if you mean to"
+        )
+    if all(qw.layout == layout for qw in source.weights):
+        raise UsageError(f"{checkpoint.root}: already {describe(layout)}; nothing to convert")
+
+
+def source_layouts(source: DetectedLayout | None) -> dict[str, int]:
+    """The source's FP8 layouts in words, with how many weights each."""
+    found: dict[str, int] = {}
+    for qw in source.weights if source else ():
+        found[describe(qw.layout)] = found.get(describe(qw.layout), 0) + 1
+    return found
+
+
+__all__ = ["DTYPES", "check_convertible", "detect_fp8", "output_dtype", "source_layouts"]
