@@ -6,8 +6,10 @@ data is read, so `quantize` refuses before writing, and `inspect` / `--dry-run` 
 
 from __future__ import annotations
 
+import re
+
 from fp8q.checkpoint import CONFIG_FILE
-from fp8q.formats import Format, Scheme
+from fp8q.formats import MX_GROUP, Format, Scheme
 from fp8q.plan import Action, Plan
 from fp8q.selection import is_linear_weight, unknown_architecture_note
 from fp8q.tensor_parallel import tensor_parallel_problems
@@ -36,6 +38,16 @@ def plan_problems(plan: Plan, tp: int | None, load_check: bool) -> list[str]:
             "--targets, --ignore and the layers always kept (lm_head, routers, encoders), and a config that "
             "declares FP8 with no FP8 weight misleads engines; check the patterns (`fp8q inspect` lists the layers)"
         )
+    if plan.layout.scheme is Scheme.MX:
+        problems += [
+            f"{piece.out.name.removesuffix('.weight')}: input size {piece.out.shape[1]} is not a multiple of "
+            f"{MX_GROUP}, the MXFP8 group: use another --scheme, or --ignore "
+            f"'^{re.escape(piece.out.name.removesuffix('.weight'))}$'"
+            for job in plan.jobs
+            if job.action.quantizes
+            for piece in job.pieces
+            if piece.out.shape[1] % MX_GROUP
+        ]
     if load_check:
         problems += tensor_parallel_problems(plan.jobs, plan.layout, tp or 1)
     return problems

@@ -29,7 +29,7 @@ from fp8q import numerics
 from fp8q.checkpoint import TensorMeta
 from fp8q.dtypes import FP8
 from fp8q.errors import CheckpointError
-from fp8q.formats import Format, Layout, Scheme
+from fp8q.formats import MX_GROUP, Format, Layout, ScaleFormat, Scheme
 from fp8q.selection import is_linear_weight, keep_reason
 
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
@@ -131,7 +131,9 @@ def describe(layout: Layout | None) -> str:
     if layout is None:
         return "unknown"
     text = f"{layout.format.value} {layout.scheme.value}"
-    return f"{text} {layout.block[0]}x{layout.block[1]}" if layout.scheme is Scheme.BLOCK else text
+    if layout.scheme is Scheme.BLOCK:
+        text += f" {layout.block[0]}x{layout.block[1]}"
+    return text + (" ue8m0" if layout.scale_format is ScaleFormat.UE8M0 else "")
 
 
 def quantization_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -213,6 +215,8 @@ def _ct_rules(qc: Mapping[str, Any]) -> list[_Rule]:
             layout = Layout(Scheme(strategy), Format.COMPRESSED_TENSORS)
         elif strategy == "block" and _pair_of_ints(args.get("block_structure")):
             layout = Layout(Scheme.BLOCK, Format.COMPRESSED_TENSORS, tuple(args["block_structure"]))
+        elif strategy == "group" and args.get("group_size") == MX_GROUP and _is_uint8(args.get("scale_dtype")):
+            layout = Layout(Scheme.MX, Format.COMPRESSED_TENSORS)  # MXFP8: E8M0 exponents, uint8
         elif strategy == "group" and isinstance(args.get("group_size"), int) and args["group_size"] > 0:
             layout = Layout(Scheme.BLOCK, Format.COMPRESSED_TENSORS, (1, args["group_size"]))
         rules.append((tuple(group.get("targets") or ()), layout))
@@ -241,8 +245,14 @@ def _fp8_expected(qc: Mapping[str, Any]) -> Layout | None:
     if block is None:
         return Layout(Scheme.TENSOR, Format.FP8)
     if _pair_of_ints(block):
-        return Layout(Scheme.BLOCK, Format.FP8, tuple(block))
+        # DeepSeek-V3.1's power-of-two scales: `scale_fmt: ue8m0` (transformers' FineGrainedFP8Config too).
+        scale_format = ScaleFormat.UE8M0 if qc.get("scale_fmt") == "ue8m0" else ScaleFormat.FLOAT
+        return Layout(Scheme.BLOCK, Format.FP8, tuple(block), scale_format)
     return None
+
+
+def _is_uint8(dtype: Any) -> bool:
+    return dtype in ("torch.uint8", "uint8")
 
 
 def _pair_of_ints(value: Any) -> bool:
@@ -267,6 +277,9 @@ def _pair(meta: TensorMeta, tensors: Mapping[str, TensorMeta], fmt: Format, expe
     scale = found[0]
     rows, cols = meta.shape
     layout = _from_shape(scale.shape, rows, cols, fmt, expected)
+    if layout is not None and scale.dtype == "U8" and fmt is Format.COMPRESSED_TENSORS:
+        mx = Layout(Scheme.MX, Format.COMPRESSED_TENSORS)
+        layout = mx if scale.shape in _accepted_shapes(mx, rows, cols) else layout  # E8M0 exponents: MXFP8
     if layout is None:
         want = f"; {describe(expected)} needs {list(expected.scale_shape(rows, cols))}" if expected else ""
         problem = (
@@ -313,6 +326,8 @@ def _check_scale(weight: TensorMeta, scale: TensorMeta, layout: Layout) -> str |
     if layout.format is Format.COMPRESSED_TENSORS:
         if suffix != "weight_scale":
             return f"{where}: compressed-tensors names the scale {weight.module}.weight_scale"
+        if layout.scheme is Scheme.MX:
+            return None if scale.dtype == "U8" else f"{where} is {scale.dtype}; MXFP8 scales are U8 E8M0 exponents"
         if scale.dtype not in _CT_DTYPES:
             return f"{where} is {scale.dtype}; compressed-tensors scales are {'/'.join(_CT_DTYPES)}"
         return None

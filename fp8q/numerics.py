@@ -256,8 +256,8 @@ def _check_finite(amax: torch.Tensor) -> None:
         raise NonFiniteWeight("holds NaN or inf values")
 
 
-# Elements dequantized at a time: bounds the float64 temporaries of a band (32 MB) whatever the weight size.
-BAND_ELEMENTS = 1 << 22
+# Elements dequantized at a time: bounds the float64 temporaries of a band (8 MB) whatever the weight size.
+BAND_ELEMENTS = 1 << 20
 
 
 def dequantize(
@@ -327,6 +327,9 @@ def scale_problem(scale: torch.Tensor, layout: Layout) -> str | None:
         (values == 0, "zero"),
         (values < 0, "negative"),
     ]
+    if layout.scale_format is ScaleFormat.UE8M0:
+        mantissa, _ = torch.frexp(values)
+        kinds.append((torch.isfinite(values) & (values > 0) & (mantissa != 0.5), "not-a-power-of-two (ue8m0)"))
     found = [(int(mask.sum()), what) for mask, what in kinds if bool(mask.any())]
     if not found:
         return None

@@ -26,6 +26,7 @@ buffers for quantized weights (one byte per element) on their way to disk.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
@@ -47,7 +48,7 @@ from fp8q import __version__
 from fp8q.checkpoint import CONFIG_FILE, INDEX_FILE, changed_since_read, read_checkpoint, read_config
 from fp8q.checks import plan_notes, plan_problems
 from fp8q.distributed import Cluster, Watcher, assign
-from fp8q.dtypes import TORCH_DTYPE, config_name
+from fp8q.dtypes import ITEMSIZE, NAME_OF, TORCH_DTYPE, config_name
 from fp8q.errors import (
     CheckpointError,
     Fp8qError,
@@ -456,6 +457,7 @@ class _Item:
     job: Job | None  # None marks the end of a shard
     data: Any = None
     buffer: torch.Tensor | None = None  # the pool buffer behind the input `data`, handed back once used
+    pool: BufferPool | None = None  # where `buffer` goes back to (None: the input pool)
     out_buffers: list[torch.Tensor] = field(default_factory=list)  # pool buffers behind quantized outputs
     scale: torch.Tensor | None = None  # an FP8 source weight's scale
 
@@ -477,9 +479,14 @@ def _run_plan(
     largest_weight = max((p.out.nbytes for j in quantized for p in j.pieces), default=0)
     pieces = max((len(j.pieces) for j in quantized), default=1)
     # A device that works on while the host goes on holds its weights' buffers longer.
+    dequantized = max(
+        (math.prod(j.source.shape) * ITEMSIZE[plan.dtype] for j in plan.jobs if j.action.dequantizes and plan.dtype),
+        default=0,
+    )
     pools = _Pools(
         BufferPool(plan.largest_quantized, 3 + quantizer.in_flight, quantizer.pin_memory),
         BufferPool(largest_weight, (2 + quantizer.in_flight) * pieces + 1, quantizer.pin_memory),
+        BufferPool(dequantized, 3 + quantizer.in_flight, quantizer.pin_memory),
     )
     to_quantize: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
     to_write: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
@@ -531,6 +538,7 @@ def _run_plan(
 class _Pools:
     inputs: BufferPool  # source weights, as read
     outputs: BufferPool  # quantized weights, until written
+    dequantized: BufferPool  # FP8 source weights in high precision, until quantized or written
 
 
 def _quantize_loop(
@@ -560,7 +568,7 @@ def _quantize_loop(
                     raise _non_finite(job) from None
             item.data = results
             if item.buffer is not None and all(r.ready for r in results):
-                pools.inputs.give(item.buffer)  # done with the input (a GPU's is given back once written)
+                (item.pool or pools.inputs).give(item.buffer)  # done with the input (a GPU's once written)
                 item.buffer = None
         elif job is not None and job.action is Action.KEEP and not job.is_copy:
             # The biases of split experts: small, cut on the spot.
@@ -571,9 +579,14 @@ def _quantize_loop(
         job = item.job
         if job is not None and job.action.dequantizes:
             assert dtype is not None
-            item.data = _dequantized(job, item.data, item.scale, dtype, quantizer)
-            pools.inputs.give(item.buffer)  # the FP8 bytes are done with; the dequantized weight is new memory
-            item.buffer = item.scale = None
+            into = pools.dequantized.take(stop)
+            try:
+                item.data = _dequantized(
+                    job, item.data, item.scale, typed_view(into, TORCH_DTYPE[dtype], job.source.shape), quantizer
+                )
+            finally:
+                pools.inputs.give(item.buffer)  # the FP8 bytes are done with
+            item.buffer, item.pool, item.scale = into, pools.dequantized, None
             if job.action is Action.DEQUANTIZE:
                 item.data = [item.data]  # written as it is
         if job is not None and job.action.quantizes:
@@ -589,8 +602,9 @@ def _quantize_loop(
     _put(outbox, None, stop)
 
 
-def _dequantized(job: Job, q: torch.Tensor, scale: torch.Tensor, dtype: str, quantizer: Any) -> torch.Tensor:
-    """An FP8 source weight in `dtype`, as its format's client computes it (see numerics.dequantize).
+def _dequantized(job: Job, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, quantizer: Any) -> torch.Tensor:
+    """An FP8 source weight in `out` (of the dtype asked for), as its format's client computes it (see
+    numerics.dequantize).
 
     Raises:
         CheckpointError: a scale no client can use, NaN codes, or values `dtype` cannot hold; naming the tensor.
@@ -601,12 +615,11 @@ def _dequantized(job: Job, q: torch.Tensor, scale: torch.Tensor, dtype: str, qua
     if problem:
         # The client would spread it over a whole row, tile or tensor, silently; refuse instead.
         raise CheckpointError(f"{problem} (`fp8q verify` lists every such problem)")
-    out = torch.empty(q.shape, dtype=TORCH_DTYPE[dtype])
     if not dequantize_into(q, scale, job.source_layout, out, getattr(quantizer, "pool", None)):
         raise CheckpointError(
             f"tensor {job.source.name} in {job.source.shard} times its scale {job.scale.name} (up to "
-            f"{float(scale.float().max()):.4g}) exceeds what {dtype} holds; dequantize it to a wider dtype "
-            "(--dtype bfloat16 or float32), or quantize it again"
+            f"{float(scale.float().max()):.4g}) exceeds what {NAME_OF[out.dtype]} holds; dequantize it to a "
+            "wider dtype (--dtype bfloat16 or float32), or quantize it again"
         )
     return out
 
@@ -700,6 +713,9 @@ def _write(
                 elif not job.action.quantizes:
                     for piece, t in zip(job.pieces, item.data, strict=True):
                         current.write(piece.out, t)
+                    if item.buffer is not None:  # a dequantized weight's
+                        (item.pool or pools.inputs).give(item.buffer)
+                        item.data = item.buffer = None
                 else:
                     _write_quantized(current, job, item, stats, pools)
             except OSError as e:
@@ -734,7 +750,7 @@ def _write_quantized(shard: ShardFile, job: Job, item: _Item, stats: dict[str, A
         stats[piece.out.name] = {"shape": list(piece.out.shape), **done.stats()}
     item.data = None
     if item.buffer is not None:
-        pools.inputs.give(item.buffer)
+        (item.pool or pools.inputs).give(item.buffer)
         item.buffer = None
     for buf in item.out_buffers:
         pools.outputs.give(buf)

@@ -81,8 +81,8 @@ _PEAK = (
 )
 
 
-def _peak_rss_kib(src: Path, out: Path) -> int:
-    cmd = [sys.executable, "-m", "fp8q", "quantize", str(src), str(out), "--device", "cpu", "--quiet"]
+def _peak_rss_kib(src: Path, out: Path, command: str = "quantize") -> int:
+    cmd = [sys.executable, "-m", "fp8q", command, str(src), str(out), "--device", "cpu", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True, env=env, check=True)
     return int(run.stdout.split()[-1])

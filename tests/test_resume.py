@@ -50,16 +50,19 @@ def _hashes(folder: Path) -> dict[str, str]:
     }
 
 
-def run_stopped(src: Path, out: Path, shards: int, signal: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    """`fp8q quantize` in a child process that sends itself `signal` once `shards` shards are finished."""
-    cmd = [sys.executable, "-m", "fp8q", "quantize", str(src), str(out), "--device", "cpu", "--quiet", *extra]
+def run_stopped(
+    src: Path, out: Path, shards: int, signal: str, *extra: str, command: str = "quantize"
+) -> subprocess.CompletedProcess[str]:
+    """`fp8q quantize` (or `command`) in a child process that sends itself `signal` once `shards` shards are
+    finished."""
+    cmd = [sys.executable, "-m", "fp8q", command, str(src), str(out), "--device", "cpu", "--quiet", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FP8Q_TEST_SIGNAL_AFTER": f"{shards}:{signal}"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-def killed_after(src: Path, out: Path, shards: int, *extra: str) -> None:
+def killed_after(src: Path, out: Path, shards: int, *extra: str, command: str = "quantize") -> None:
     """kill -9 once `shards` shards are finished: exactly those are recorded, and OUT does not exist."""
-    run = run_stopped(src, out, shards, "KILL", *extra)
+    run = run_stopped(src, out, shards, "KILL", *extra, command=command)
     assert run.returncode == -9, run.stderr
     assert len(list((out.with_name(out.name + ".partial") / DONE_DIR).glob("*.json"))) == shards
     assert not out.exists()
