@@ -247,3 +247,23 @@ def test_refusals(converted, tmp_path):
     with pytest.raises(OutputError, match="not empty"):
         dequantize(fp8, deq)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b.partial").exists()
+
+
+@pytest.mark.parametrize("layout", ["fp8-tensor", "fp8-block"])
+def test_fp8_float32_output_is_the_clients_float32_product(converted, tmp_path, layout):
+    """In float32 the fp8 clients' product (`q.float() * scale.float()`) shows whole, no bf16 rounding after it."""
+    fp8, _ = converted[layout]
+    dequantize(fp8, tmp_path / "f32", dtype="float32")
+    before, after = load_all(fp8), load_all(tmp_path / "f32")
+    qc = json.loads((fp8 / "config.json").read_text())["quantization_config"]
+    block = qc["weight_block_size"]
+    checked = 0
+    for name, q in before.items():
+        if q.dtype != torch.float8_e4m3fn:
+            continue
+        scale = before[f"{name}_scale_inv" if block else f"{name}_scale"].float()
+        if block:
+            scale = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[: q.shape[0], : q.shape[1]]
+        assert after[name].dtype == torch.float32 and torch.equal(after[name], q.float() * scale), name
+        checked += 1
+    assert checked == 14

@@ -132,13 +132,36 @@ def test_signal_stops_cleanly_and_resume_finishes(tmp_path, source_and_reference
     assert _hashes(out) == expected
 
 
-def test_resume_refuses_changed_options(tmp_path, source_and_reference):
+@pytest.mark.parametrize(
+    "changed",
+    [{"scheme": "tensor"}, {"targets": ("mlp",)}, {"ignore": ("down_proj",)}, {"block_size": (64, 64)}],
+    ids=["scheme", "targets", "ignore", "block_size"],
+)
+def test_resume_refuses_changed_options(tmp_path, source_and_reference, changed):
     src, _ = source_and_reference
     out = tmp_path / "out"
     killed_after(src, out, 1)
     with pytest.raises(OutputError, match="cannot resume: the options changed"):
-        quantize(src, out, QuantizeOptions(device="cpu", resume=True, scheme="tensor"))
+        quantize(src, out, QuantizeOptions(device="cpu", resume=True, **changed))
     assert len(Progress(tmp_path / "out.partial", {}).done()) == 1  # a refusal deletes nothing
+
+
+def test_resume_refuses_a_header_changed_in_place(tmp_path):
+    src = _big_source(tmp_path / "src", shards=2)
+    out = tmp_path / "out"
+    killed_after(src, out, 1)
+    # The same sizes and names' lengths, another header: a tensor renamed in the shard not yet converted.
+    shard = src / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    renamed = data.replace(b"input_layernorm", b"input_layernorX", 1)
+    assert len(renamed) == len(data) and renamed != data
+    shard.write_bytes(renamed)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.input_layernorm.weight"
+    index["weight_map"][name.replace("layernorm", "layernorX")] = index["weight_map"].pop(name)
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(OutputError, match="cannot resume: the source checkpoint changed"):
+        quantize(src, out, QuantizeOptions(device="cpu", resume=True))
 
 
 def test_resume_refuses_a_changed_source(tmp_path):

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from fp8q import QuantizeOptions, quantize
 from fp8q.cli import app
+from fp8q.errors import CheckpointError, OutputError
 from fp8q.verify import verify
 from fp8q.writer import lock_partial
 from tests.factories import add_side_files, load_all, tiny_qwen3_moe, write_shards
@@ -127,6 +128,54 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(tmp_path):
     _refused(_cli("quantize", src, out, "--device", "cpu", "--overwrite"), "holds NaN or inf")
     assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_a_failed_final_rename_keeps_the_old_output(tmp_path, monkeypatch):
+    import fp8q.writer as writer
+
+    src = _source(tmp_path / "src")
+    out = tmp_path / "out"
+    quantize(src, out, QuantizeOptions(device="cpu"))
+    before = _tree(out)
+    real = writer.os.rename
+
+    def rename(a, b):
+        if str(a).endswith("out.partial"):
+            raise OSError(5, "Input/output error")
+        real(a, b)
+
+    monkeypatch.setattr(writer.os, "rename", rename)
+    _refused(_cli("quantize", src, out, "--device", "cpu", "--overwrite", "--scheme", "tensor"), "write error")
+    assert _tree(out) == before  # the old output is whole, moved back
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.replaced-")]
+
+
+def test_overwrite_refused_before_any_data_is_read(tmp_path):
+    src = _source(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    events: list[object] = []
+    with pytest.raises(OutputError, match="not an fp8q output"):
+        quantize(src, out, QuantizeOptions(device="cpu", overwrite=True), on_event=events.append)
+    assert events == []  # refused from the headers, not after a whole conversion
+
+
+def test_source_changed_while_converting_is_refused(tmp_path):
+    src = _source(tmp_path / "src", shards=2)
+    shard = src / "model-00001-of-00002.safetensors"
+    changed = []
+
+    def change_in_place(event):
+        if getattr(event, "shard", None) == shard.name and not changed:
+            with open(shard, "r+b") as f:  # the same file, written over: as a download resumed over it would
+                f.seek(-2, 2)
+                f.write(b"\x00\x3c")
+            changed.append(event)
+
+    with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors: changed while fp8q was converting"):
+        quantize(src, tmp_path / "out", QuantizeOptions(device="cpu", workers=1), on_event=change_in_place)
+    assert changed and not (tmp_path / "out").exists()
 
 
 # ── 2. a sibling named OUT.old is no business of fp8q's ──

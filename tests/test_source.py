@@ -217,7 +217,11 @@ def test_local_paths_are_returned_unchanged(tmp_path: Path, offline: None, monke
 
 
 @pytest.mark.parametrize("src", ["./missing", "a/b/c", "/abs/missing/folder", "../x", "missing.safetensors", ""])
-def test_missing_path_that_is_no_repo_id(src: str, offline: None) -> None:
+def test_missing_path_that_is_no_repo_id(
+    src: str, offline: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # where none of these relative paths exists
     with pytest.raises(CheckpointError) as error:
         resolve_source(src)
     assert _one_line(error) == (
