@@ -33,6 +33,8 @@ CASES = [
     pytest.param("block", "compressed-tensors", 80, id="block-ct-odd-dims", marks=ODD_BLOCK_DIMS),
     pytest.param("tensor", "compressed-tensors", 128, id="tensor-ct"),
     pytest.param("block", "fp8", 128, id="block-fp8"),
+    pytest.param("block", "fp8-ue8m0", 128, id="block-fp8-ue8m0"),
+    pytest.param("mx", "compressed-tensors", 128, id="mx-ct"),
     pytest.param("tensor", "fp8", 128, id="tensor-fp8", marks=FP8_TENSOR_SCALE),
     pytest.param("channel", "compressed-tensors", "moe", id="channel-ct-moe"),
     pytest.param("block", "compressed-tensors", "moe", id="block-ct-moe", marks=BLOCK_MOE),
@@ -62,13 +64,16 @@ def _client_config(fmt):
 
     if fmt == "compressed-tensors":
         return CompressedTensorsConfig(dequantize=True)
+    if fmt == "fp8-ue8m0":
+        return FineGrainedFP8Config(dequantize=True, scale_fmt="ue8m0")
     return FineGrainedFP8Config(dequantize=True)
 
 
 @pytest.mark.parametrize("scheme,fmt,width", CASES)
 def test_layout_runs_in_transformers(sources, tmp_path, scheme, fmt, width):
     out = tmp_path / "out"
-    quantize(sources[width], out, QuantizeOptions(scheme=scheme, format=fmt, device="cpu", load_check=False))
+    fmt_options = {"format": "fp8", "scale_format": "ue8m0"} if fmt == "fp8-ue8m0" else {"format": fmt}
+    quantize(sources[width], out, QuantizeOptions(scheme=scheme, device="cpu", load_check=False, **fmt_options))
     base = _logits(sources[width], dtype=torch.bfloat16)
     got = _logits(out, quantization_config=_client_config(fmt))
     cos = torch.nn.functional.cosine_similarity(got.flatten(), base.flatten(), dim=0).item()
