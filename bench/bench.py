@@ -122,8 +122,8 @@ _TIMER = (
 
 
 class GpuPeak:
-    """Peak GPU memory in use while a contender runs, above what was in use before (NVML, sampled every 20 ms);
-    None where NVML is not there."""
+    """Peak GPU memory in use while a contender runs, above what was in use before (NVML every 20 ms, else
+    nvidia-smi every 100 ms); None where neither is there."""
 
     def __init__(self, enabled: bool) -> None:
         self.peak: int | None = None
@@ -138,19 +138,43 @@ class GpuPeak:
                 self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
                 self._base = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
                 self.peak = 0
-            except Exception:  # noqa: BLE001 - no NVML: no GPU figure, the rest still runs
+            except Exception:  # noqa: BLE001 - no NVML bindings: ask nvidia-smi instead
                 self._nvml = None
+                self._base = self._smi_used()
+                self.peak = None if self._base is None else 0
+
+    @staticmethod
+    def _smi_used() -> int | None:
+        """Memory in use on GPU 0 in bytes, from nvidia-smi (slower than NVML, so sampled less often)."""
+        try:
+            mib = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=10,
+            ).stdout
+            return int(mib.strip()) << 20
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+
+    def _used(self) -> int | None:
+        if self._nvml is not None:
+            return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+        return self._smi_used()
 
     def __enter__(self) -> GpuPeak:
-        if self._nvml is not None:
+        if self.peak is not None:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used - self._base
-            self.peak = max(self.peak or 0, used)
+        period = 0.02 if self._nvml is not None else 0.1
+        while not self._stop.wait(period):
+            used = self._used()
+            if used is not None:
+                self.peak = max(self.peak or 0, used - self._base)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()

@@ -149,9 +149,16 @@ def allowed_link_root(folder: Path) -> Path:
     """Where the symbolic links of a checkpoint folder may lead: into the folder itself, or, for a
     Hub cache snapshot (`models--org--name/snapshots/<commit>/`), into that repo's cache folder."""
     real = folder.resolve()
-    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
-        return real.parent.parent
-    return real
+    return real.parent.parent if hub_snapshot(real) else real
+
+
+def hub_snapshot(folder: Path) -> tuple[str, str] | None:
+    """(repo id, commit) when `folder` is a Hub cache snapshot (`models--org--name/snapshots/<commit>/`)."""
+    real = folder.resolve()
+    repo = real.parent.parent.name
+    if real.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/"), real.name
+    return None
 
 
 def _inside(path: Path, allowed: Path) -> Path:

@@ -37,6 +37,7 @@ from typer.exceptions import TyperException
 from fp8q import __version__
 from fp8q.errors import Fp8qError, UsageError
 from fp8q.formats import Format, Scheme
+from fp8q.units import size_text
 
 if TYPE_CHECKING:
     from fp8q.pipeline import QuantizeOptions, Report
@@ -151,6 +152,14 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", metavar="FILE", help="config.json to use when SRC has none (a lone .safetensors file)."),
 ]
+CardOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-model-card",
+        metavar="",
+        help="Copy SRC's README.md unchanged instead of writing a model card for the output.",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar or summary; errors only.")]
 
 
@@ -202,6 +211,7 @@ def quantize_command(
     workers: WorkersOpt = 0,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    no_model_card: CardOpt = False,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -219,6 +229,7 @@ def quantize_command(
         options = _options(
             scheme, format, block_size, ignore, targets, tp, no_load_check, config, revision,
             scale_format=scale_format, device=device, workers=workers, overwrite=overwrite, resume=resume,
+            model_card=not no_model_card,
         )  # fmt: skip
         _convert(src, out, options, "quantize", dry_run, as_json, quiet)
 
@@ -250,6 +261,7 @@ def convert_command(
     workers: WorkersOpt = 0,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    no_model_card: CardOpt = False,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -268,7 +280,7 @@ def convert_command(
         options = _options(
             scheme, format, block_size, ignore, targets, tp, no_load_check, None, revision,
             scale_format=scale_format, dtype=dtype, device=device, workers=workers, overwrite=overwrite,
-            resume=resume,
+            resume=resume, model_card=not no_model_card,
         )  # fmt: skip
         _convert(src, out, options, "convert", dry_run, as_json, quiet)
 
@@ -368,10 +380,12 @@ def dequantize_command(
         str, typer.Argument(metavar="SRC", help="An FP8 checkpoint (any supported layout), folder or Hub repo id.")
     ],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder for the high-precision checkpoint.")],
+    revision: RevisionOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="bfloat16, float16 or float32.")] = "bfloat16",
     device: DeviceOpt = "cpu",
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    no_model_card: CardOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -385,7 +399,10 @@ def dequantize_command(
 
     def run() -> None:
         engine = _engine()
-        options = engine.QuantizeOptions(dtype=dtype, overwrite=overwrite, resume=resume, device=device)
+        options = engine.QuantizeOptions(
+            dtype=dtype, overwrite=overwrite, resume=resume, device=device, revision=revision,
+            model_card=not no_model_card,
+        )  # fmt: skip
         with _ProgressView(quiet, "dequantizing") as view:
             report = engine.run(src, out, options, view.on_event, engine.Mode.DEQUANTIZE)
         _show_report(report, as_json, quiet)
@@ -484,10 +501,6 @@ def _check_regex(pattern: str, flag: str) -> str:
     return pattern
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
-
-
 def _elapsed() -> float:
     """Seconds since this process started (interpreter start-up and imports included), where Linux says."""
     try:
@@ -521,10 +534,11 @@ def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
         table.add_row("tensors", f"{plan.n_quantized} quantized, {plan.n_kept} kept")
         table.add_row("kept Linear modules", ", ".join(plan.ignored) or "none")
         table.add_row("shards", str(len(plan.shards)))
-        table.add_row("size", f"{_gb(plan.bytes_in)} in, {_gb(plan.bytes_out)} out")
+        table.add_row("size", f"{size_text(plan.bytes_in)} in, {size_text(plan.bytes_out)} out")
         table.add_row(
             "peak memory (est.)",
-            f"host: torch + {_gb(data['estimated_peak_host_bytes'])}, GPU: {_gb(data['estimated_peak_gpu_bytes'])}",
+            f"host: torch + {size_text(data['estimated_peak_host_bytes'])}, "
+            f"GPU: {size_text(data['estimated_peak_gpu_bytes'])}",
         )
         if plan.checkpoint.skipped_files:
             table.add_row("not copied", ", ".join(plan.checkpoint.skipped_files))
@@ -612,7 +626,7 @@ def _show_report(report: Report, as_json: bool, quiet: bool) -> None:
     err.print(
         f"[green]done[/green]: {report.out}\n"
         f"  tensors: {tensors}\n"
-        f"  size:    {_gb(report.bytes_in)} in, {_gb(report.bytes_out)} out{resumed}\n"
+        f"  size:    {size_text(report.bytes_in)} in, {size_text(report.bytes_out)} out{resumed}\n"
         f"  time:    {_elapsed():.1f} s in all ({report.seconds:.1f} s converting, "
         f"{report.gb_per_s:.2f} GB/s on {report.device})",
         soft_wrap=True,

@@ -45,7 +45,14 @@ from typing import Any
 import torch
 
 from fp8q import __version__
-from fp8q.checkpoint import CONFIG_FILE, INDEX_FILE, changed_since_read, read_checkpoint, read_config
+from fp8q.checkpoint import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    changed_since_read,
+    hub_snapshot,
+    read_checkpoint,
+    read_config,
+)
 from fp8q.checks import plan_notes, plan_problems
 from fp8q.distributed import Cluster, Watcher, assign
 from fp8q.dtypes import ITEMSIZE, NAME_OF, TORCH_DTYPE, config_name
@@ -63,6 +70,8 @@ from fp8q.formats import Format, Layout, ScaleFormat, Scheme
 from fp8q.fp8_source import check_convertible, detect_fp8, output_dtype, source_layouts
 from fp8q.layouts import QuantizedWeight, value_problem
 from fp8q.manifest import FileHasher, Progress, fingerprint, reusable_shards, write_manifest
+from fp8q.model_card import CARD_FILE, CardInput
+from fp8q.model_card import render as render_card
 from fp8q.numerics import FP8, NonFiniteWeight
 from fp8q.plan import Action, Job, Plan, make_plan
 from fp8q.quantizer import dequantize_into, make_quantizer, resolve_device
@@ -79,6 +88,7 @@ from fp8q.writer import (
     partial_dir,
     remove_tree,
     write_json,
+    write_text,
 )
 
 # The reader keeps the kernel fetching this far ahead of it, so the disk works while it waits for a
@@ -114,6 +124,7 @@ class QuantizeOptions:
     config: str | None = None  # a config.json to use when SRC has none
     # dequantize and convert: the dtype FP8 weights are dequantized to (None: the config's, else bfloat16)
     dtype: str | None = None
+    model_card: bool = True  # False copies the source's README.md unchanged instead of writing a card
 
     @property
     def layout(self) -> Layout:
@@ -200,6 +211,8 @@ def dequantize(
     overwrite: bool = False,
     resume: bool = False,
     device: str = "cpu",
+    revision: str | None = None,
+    model_card: bool = True,
     on_event: EventCallback | None = None,
 ) -> Report:
     """Write the FP8 checkpoint at SRC (any layout fp8q detects) as a `dtype` checkpoint at OUT that loads with
@@ -211,7 +224,9 @@ def dequantize(
         Fp8qError: no FP8 weight in SRC, an FP8 weight without a usable scale, NaN codes or values `dtype`
             cannot hold, an OUT that cannot be written; one line naming the file or tensor.
     """
-    options = QuantizeOptions(dtype=dtype, overwrite=overwrite, resume=resume, device=device)
+    options = QuantizeOptions(
+        dtype=dtype, overwrite=overwrite, resume=resume, device=device, revision=revision, model_card=model_card
+    )
     return run(src, out, options, on_event, Mode.DEQUANTIZE)
 
 
@@ -310,8 +325,9 @@ def _run(
                     # Which process made each shard (under torchrun), or an earlier run for a reused one.
                     "shards": {name: {"rank": entry["rank"], "reused": name in reused} for name, entry in done.items()},
                 }
+                card = _card_input(plan, src, out, options, mode, done) if options.model_card else None
                 try:
-                    _write_metadata_files(plan, partial)
+                    _write_metadata_files(plan, partial, card)
                     write_manifest(partial, fp, done, timings)
                     progress.clear()
                     finalize(partial, out)
@@ -440,15 +456,61 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
             signal.signal(sig, old)
 
 
-def _write_metadata_files(plan: Plan, partial: Path) -> None:
+def _write_metadata_files(plan: Plan, partial: Path, card: CardInput | None) -> None:
     root = plan.checkpoint.root
     if plan.checkpoint.has_index or len(plan.shards) > 1:
         write_json(partial / INDEX_FILE, plan.index())
     if plan.config is not None:
         write_json(partial / CONFIG_FILE, plan.config)
+    # An FP8 source's fp8q.json describes its own run: this run writes its own. Its card gives way to ours.
+    replaced = {MANIFEST_FILE} | ({CARD_FILE} if card is not None else set())
     for name in plan.checkpoint.side_files:
-        if name != MANIFEST_FILE:  # an FP8 source's fp8q.json describes its own run: this run writes its own
+        if name not in replaced:
             copy_file(root / name, partial / name)
+    if card is not None:
+        write_text(partial / CARD_FILE, render_card(card))
+
+
+def _card_input(
+    plan: Plan, src: str | Path, out: Path, options: QuantizeOptions, mode: Mode, done: dict[str, Any]
+) -> CardInput:
+    """What the output's model card says, from the plan and the finished shards' records (fp8q.json's figures)."""
+    is_repo = not Path(src).exists()
+    revision = options.revision if is_repo else None
+    folder = Path(src) if Path(src).is_dir() else Path(src).parent
+    base = str(src) if is_repo else folder.resolve().name
+    snapshot = hub_snapshot(folder) if not is_repo else None
+    if snapshot is not None:  # a Hub cache snapshot given as a path: the repo it is, at its commit
+        base, revision, is_repo = *snapshot, True
+    card_path = plan.checkpoint.root / CARD_FILE
+    source_card = None
+    if CARD_FILE in plan.checkpoint.side_files:
+        try:
+            source_card = card_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{card_path}: cannot be read ({e}); fix it, or pass --no-model-card") from None
+    return CardInput(
+        command=mode.value,
+        base=base,
+        is_repo=is_repo,
+        revision=revision,
+        out_name=out.name,
+        layout=plan.layout,
+        source_layouts=list(source_layouts(plan.source)),
+        dtype=plan.dtype,
+        ignore=options.ignore,
+        targets=options.targets,
+        ignored_modules=plan.ignored,
+        quantization_config=plan.quantization_config,
+        tensors_quantized=plan.n_quantized,
+        tensors_kept=plan.n_kept,
+        tensors_dequantized=plan.n_dequantized,
+        bytes_in=plan.bytes_in,
+        bytes_out=plan.bytes_out,
+        stats={name: stats for entry in done.values() for name, stats in entry["tensors"].items()},
+        version=__version__,
+        source_card=source_card,
+    )
 
 
 @dataclass

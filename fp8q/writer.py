@@ -72,10 +72,14 @@ class ShardFile:
 
 def write_json(path: Path, data: Any) -> None:
     """JSON the way transformers writes it (indent 2, key order kept), flushed to disk."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """A UTF-8 text file, flushed to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 

@@ -104,7 +104,8 @@ def test_output_files(converted, layout):
     del config["quantization_config"]
     assert list(json.loads((deq / "config.json").read_text()).items()) == list(config.items())
     for name in SIDE_FILES:
-        assert (deq / name).read_bytes() == (fp8 / name).read_bytes(), name
+        if name != "README.md":  # the card of what was made: tests/test_model_card.py
+            assert (deq / name).read_bytes() == (fp8 / name).read_bytes(), name
     manifest = json.loads((deq / "fp8q.json").read_text())
     assert manifest["tool"] == "fp8q" and manifest["options"] == {"command": "dequantize", "dtype": "bfloat16"}
     assert sorted(manifest["files"]) == sorted(p.name for p in deq.iterdir() if p.name != "fp8q.json")

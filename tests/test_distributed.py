@@ -59,14 +59,15 @@ def _manifest_without_timings(folder: Path) -> dict:
 
 def test_two_processes_match_one(tmp_path):
     src = _source(tmp_path / "src")
-    quantize(src, tmp_path / "single", QuantizeOptions(device="cpu"))
-    result = _torchrun(src, tmp_path / "multi")
+    single, multi = tmp_path / "single" / "out", tmp_path / "multi" / "out"  # one name: the card names OUT
+    quantize(src, single, QuantizeOptions(device="cpu"))
+    result = _torchrun(src, multi)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _hashes(tmp_path / "multi") == _hashes(tmp_path / "single")
-    assert _manifest_without_timings(tmp_path / "multi") == _manifest_without_timings(tmp_path / "single")
-    assert not (tmp_path / "multi.partial").exists()
+    assert _hashes(multi, card=True) == _hashes(single, card=True)
+    assert _manifest_without_timings(multi) == _manifest_without_timings(single)
+    assert not multi.with_name("out.partial").exists()
     # Each process made its own share, balanced by bytes: 900+300 rows to one, 700+500 to the other.
-    made = json.loads((tmp_path / "multi" / "fp8q.json").read_text())["timings"]["shards"]
+    made = json.loads((multi / "fp8q.json").read_text())["timings"]["shards"]
     by_rank = [sorted(name for name, shard in made.items() if shard["rank"] == rank) for rank in (0, 1)]
     names = sorted(p.name for p in src.glob("*.safetensors"))
     assert by_rank == [[names[0], names[3]], [names[1], names[2]]]

@@ -28,9 +28,12 @@ def test_output_layout(tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == src_shards
     assert not (tmp_path / "out.partial").exists()
 
-    # Side files are copied byte for byte.
+    # Side files are copied byte for byte; README.md becomes the output's model card (tests/test_model_card.py),
+    # with the source's card below it.
     for name in [*SIDE_FILES, "generation_config.json"]:
-        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+        if name != "README.md":
+            assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert (out / "README.md").read_text().rstrip().endswith((src / "README.md").read_text().rstrip())
 
     # config.json: quantization_config added last, every other key unchanged and in order.
     before = json.loads((src / "config.json").read_text())
@@ -81,7 +84,8 @@ def test_single_file_input(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "x"}')  # beside the file: engines need it
     (tmp_path / "notes.txt").write_text("not part of it")  # other files beside it are not copied
     quantize(src, tmp_path / "out", QuantizeOptions(device="cpu"))
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "fp8q.json", "one.safetensors"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["README.md", "config.json", "fp8q.json", "one.safetensors"]  # README.md: the model card
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "x" and config["quantization_config"]["ignore"] == []
     with safe_open(tmp_path / "out" / "one.safetensors", "pt") as f:

@@ -42,11 +42,14 @@ def _big_source(folder: Path, shards: int = 4) -> Path:
     return src
 
 
-def _hashes(folder: Path) -> dict[str, str]:
+def _hashes(folder: Path, *, card: bool = False) -> dict[str, str]:
+    """Every file's hash but the manifest's (which holds timings) and, unless `card`, the model card's (which names
+    OUT: outputs compared under different names differ there)."""
+    left_out = ("fp8q.json",) if card else ("fp8q.json", "README.md")
     return {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != "fp8q.json"
+        if p.is_file() and p.name not in left_out
     }
 
 
@@ -228,14 +231,15 @@ def test_io_error_in_a_later_shard_keeps_the_finished_ones(tmp_path, source_and_
 
 def test_two_runs_are_identical_and_manifest_is_complete(tmp_path):
     src = _big_source(tmp_path / "src", shards=2)
-    quantize(src, tmp_path / "a", QuantizeOptions(device="cpu", workers=2))
-    quantize(src, tmp_path / "b", QuantizeOptions(device="cpu", workers=1))
-    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+    a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"  # one name: the model card names OUT
+    quantize(src, a, QuantizeOptions(device="cpu", workers=2))
+    quantize(src, b, QuantizeOptions(device="cpu", workers=1))
+    assert _hashes(a, card=True) == _hashes(b, card=True)
 
-    manifest = json.loads((tmp_path / "a" / "fp8q.json").read_text())
+    manifest = json.loads((a / "fp8q.json").read_text())
     assert manifest["version"] and manifest["options"]["scheme"] == "channel"
     assert [s["file"] for s in manifest["source"]["shards"]] == sorted(p.name for p in src.glob("*.safetensors"))
-    assert manifest["files"] == _hashes(tmp_path / "a")
+    assert manifest["files"] == _hashes(a, card=True)
     stats = manifest["tensors"]["model.layers.0.mlp.up_proj.weight"]
     assert stats["shape"] == [768, 1024] and 0 < stats["scale_min"] <= stats["scale_max"]
     assert 0 < stats["rel_error"] < 0.05 and stats["max_abs_error"] > 0

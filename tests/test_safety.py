@@ -212,7 +212,8 @@ def test_side_file_linking_out_is_not_copied_and_said_so(tmp_path):
     assert any("README.md: a symbolic link to" in n and "outside the checkpoint folder: not copied" in n for n in notes)
     assert any("environ.txt: a symbolic link to /proc/" in n for n in notes)
     out = tmp_path / "out"
-    assert not (out / "README.md").exists() and not (out / "environ.txt").exists()
+    assert not (out / "environ.txt").exists()
+    assert "original model card" not in (out / "README.md").read_text()  # the card fp8q writes, alone
     assert (out / "inside.md").read_bytes() == (src / "tokenizer.json").read_bytes()
     assert not any(b"hf_abc" in p.read_bytes() for p in out.rglob("*") if p.is_file())
 
@@ -240,9 +241,12 @@ def test_hub_cache_snapshot_links_into_its_repo_are_followed(tmp_path):
         (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
     quantize(snapshot, tmp_path / "a", QuantizeOptions(device="cpu"))
     quantize(plain, tmp_path / "b", QuantizeOptions(device="cpu"))
-    files = sorted(p.name for p in (tmp_path / "b").iterdir() if p.name != "fp8q.json")
+    files = sorted(p.name for p in (tmp_path / "b").iterdir() if p.name not in ("fp8q.json", "README.md"))
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    # The card names the repo the snapshot belongs to, at its commit, not the snapshot folder's hash.
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "base_model: org/name\n" in card and f"--revision {'a' * 40}" in card
 
 
 # ── 4. --resume never reuses output made from data that has since changed ──

@@ -1,0 +1,256 @@
+"""The output's README.md: a model card for the converted model, in place of the source's.
+
+Imports: formats, plan types, huggingface_hub's repocard (for the YAML front matter both ways). The card
+says what the output is (layout, scales, what was quantized and kept), the exact command that makes it
+again, the quantization error summarised from the same per-tensor figures `fp8q.json` records, and how
+to serve it. The source's card follows below a rule, its own front matter removed: it still describes the
+model (its training, its intended use, its licence terms), and a second README beside the first would not
+be shown by the Hub. License, library and language are carried into the new front matter.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from fp8q.dtypes import config_name
+from fp8q.formats import Format, Layout, ScaleFormat, Scheme
+from fp8q.layouts import describe
+from fp8q.units import size_text
+
+CARD_FILE = "README.md"
+# Carried from the source card's front matter: what still holds for the converted weights.
+CARRIED_KEYS = ("license", "license_name", "license_link", "library_name", "pipeline_tag", "language")
+_MAX_LISTED = 20  # ignored modules named in the card; the rest counted
+# A card's YAML front matter, as huggingface_hub finds it: between two `---` lines at the very top.
+_FRONT_MATTER = re.compile(r"\A\s*---\r?\n.*?\r?\n---[ \t]*(\r?\n|\Z)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class CardInput:
+    """What the card says: gathered by the engine once every shard is written."""
+
+    command: str  # "quantize", "dequantize" or "convert"
+    base: str  # the Hub repo id, or the source folder's name
+    is_repo: bool
+    revision: str | None
+    out_name: str
+    layout: Layout | None  # None for dequantize
+    source_layouts: list[str]  # an FP8 source's layouts in words (dequantize, convert)
+    dtype: str | None  # the dtype dequantized weights were written in
+    ignore: tuple[str, ...]
+    targets: tuple[str, ...]
+    ignored_modules: tuple[str, ...]
+    quantization_config: dict[str, Any] | None
+    tensors_quantized: int
+    tensors_kept: int
+    tensors_dequantized: int
+    bytes_in: int
+    bytes_out: int
+    stats: dict[str, dict[str, Any]]  # per quantized weight, as fp8q.json's "tensors"
+    version: str
+    source_card: str | None  # the source README.md's text
+
+
+def error_summary(stats: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The per-tensor relative errors in four figures (as fp8q.json holds them; None when nothing was quantized)."""
+    rel = {name: float(s["rel_error"]) for name, s in stats.items() if "rel_error" in s}
+    if not rel:
+        return None
+    worst = max(rel, key=lambda name: (rel[name], name))
+    return {
+        "weights": len(rel),
+        "median_rel_error": statistics.median(rel.values()),
+        "mean_rel_error": statistics.fmean(rel.values()),
+        "worst_rel_error": rel[worst],
+        "worst_tensor": worst,
+        "max_abs_error": max(float(s.get("max_abs_error", 0.0)) for s in stats.values()),
+    }
+
+
+def render(card: CardInput) -> str:
+    """The whole README.md: front matter, the new card, then the source's card."""
+    import yaml  # a dependency of huggingface_hub, which parses cards with it
+    from huggingface_hub import ModelCard, ModelCardData
+
+    source_meta: dict[str, Any] = {}
+    source_body = None
+    if card.source_card is not None:
+        source_body = _FRONT_MATTER.sub("", card.source_card, count=1).strip()
+        try:
+            source_meta = ModelCard(card.source_card, ignore_metadata_errors=True).data.to_dict()
+        except (ValueError, yaml.YAMLError):  # front matter that is not YAML: its body is still the model's story
+            source_meta = {}
+    meta = {key: source_meta[key] for key in CARRIED_KEYS if source_meta.get(key) is not None}
+    meta["base_model"] = card.base
+    if card.command != "dequantize":
+        # The Hub's word for a model derived from another by quantization; a dequantized model has no such word.
+        meta["base_model_relation"] = "quantized"
+    meta["tags"] = _tags(card)
+    front = ModelCardData(**meta).to_yaml()
+    parts = [f"---\n{front}\n---\n", _body(card)]
+    if source_body:
+        parts.append(f"---\n\n## The original model card ({card.base})\n\n{source_body}\n")
+    return "\n".join(parts)
+
+
+def _tags(card: CardInput) -> list[str]:
+    if card.layout is None:
+        return ["fp8q", "dequantized", config_name(card.dtype or "BF16")]
+    tags = ["fp8", "float8_e4m3fn", card.layout.format.value, f"fp8-{card.layout.scheme.value}", "fp8q"]
+    if card.layout.scheme is Scheme.MX:
+        tags.insert(2, "mxfp8")
+    if card.layout.scale_format is ScaleFormat.UE8M0:
+        tags.append("ue8m0")
+    return tags
+
+
+def _body(card: CardInput) -> str:
+    link = f"[{card.base}](https://huggingface.co/{card.base})" if card.is_repo else f"`{card.base}`"
+    at = f" at revision `{card.revision}`" if card.revision else ""
+    made = f"made with [fp8q](https://pypi.org/project/fp8q/) {card.version}"
+    if card.command == "dequantize":
+        intro = f"{config_name(card.dtype or 'BF16')} weights of the FP8 model {link}{at}, dequantized: {made}."
+    elif card.command == "convert":
+        intro = f"FP8 (`float8_e4m3fn`) weights of the FP8 model {link}{at} in another layout, {made}."
+    else:
+        intro = f"FP8 (`float8_e4m3fn`) weights of {link}{at}, {made}."
+    lines = [f"# {card.out_name}", "", intro, "", "## What was converted", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in _facts(card)]
+    summary = error_summary(card.stats)
+    if summary is not None:
+        lines += [
+            "",
+            "## Quantization error",
+            "",
+            "Per quantized weight W, the relative error of its dequantized FP8 form W': ‖W − W'‖ / ‖W‖ "
+            "(the same figures as `fp8q.json`, which lists every weight).",
+            "",
+            "| weights | median | mean | worst | worst weight | largest absolute error |",
+            "|---|---|---|---|---|---|",
+            f"| {summary['weights']} | {summary['median_rel_error']:.4e} | {summary['mean_rel_error']:.4e} "
+            f"| {summary['worst_rel_error']:.4e} | `{summary['worst_tensor']}` | {summary['max_abs_error']:.4e} |",
+        ]
+    lines += ["", "## Made with", "", "```sh", command_line(card), "```", "", *_serving(card)]
+    return "\n".join(lines) + "\n"
+
+
+def _facts(card: CardInput) -> list[tuple[str, str]]:
+    size = f"{size_text(card.bytes_in)} in, {size_text(card.bytes_out)} out"
+    if card.layout is None:
+        return [
+            ("source layout", ", ".join(card.source_layouts) or "unknown"),
+            ("weights dequantized", f"{card.tensors_dequantized}, to {config_name(card.dtype or 'BF16')}"),
+            ("tensors kept as they were", str(card.tensors_kept)),
+            ("size", size),
+        ]
+    layout = card.layout
+    facts = [("layout", f"{describe(layout)} (`quantization_config` in config.json)")]
+    if card.source_layouts:
+        facts.append(("source layout", ", ".join(card.source_layouts)))
+    facts += [
+        ("weight scales", _scales(layout)),
+        ("activations", _activations(layout, card.quantization_config)),
+        ("weights quantized", str(card.tensors_quantized)),
+        ("tensors kept as they were", str(card.tensors_kept)),
+        ("modules kept in high precision", _listed(card.ignored_modules)),
+        ("size", size),
+    ]
+    return facts
+
+
+def _scales(layout: Layout) -> str:
+    suffix = f"`{layout.scale_suffix}`"
+    per = {
+        Scheme.CHANNEL: "one per output row",
+        Scheme.TENSOR: "one per weight",
+        Scheme.BLOCK: f"one per {layout.block[0]}x{layout.block[1]} tile",
+        Scheme.MX: "one per 32 inputs of a row, a power-of-two exponent in one byte (E8M0)",
+    }[layout.scheme]
+    if layout.scheme is Scheme.MX:
+        return f"{suffix}, {per}"
+    dtype = "float32" if layout.format is Format.FP8 else "the source weight's dtype"
+    powers = ", powers of two (UE8M0)" if layout.scale_format is ScaleFormat.UE8M0 else ""
+    return f"{suffix}, {per}, in {dtype}{powers}"
+
+
+def _activations(layout: Layout, qc: dict[str, Any] | None) -> str:
+    if qc and layout.format is Format.COMPRESSED_TENSORS:
+        for group in (qc.get("config_groups") or {}).values():
+            act = group.get("input_activations")
+            if act:
+                how = "dynamic" if act.get("dynamic") else "static"
+                return f"FP8, {how} scales per {act.get('strategy')}, computed by the engine at run time"
+        return "not quantized (weights only)"
+    if qc and qc.get("activation_scheme"):
+        return f"FP8, {qc['activation_scheme']} scales, computed by the engine at run time"
+    return "as the engine decides"
+
+
+def _listed(names: tuple[str, ...]) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(f"`{n}`" for n in names[:_MAX_LISTED])
+    more = len(names) - _MAX_LISTED
+    return shown + (f" and {more} more (all in config.json's `ignore`)" if more > 0 else "")
+
+
+def command_line(card: CardInput) -> str:
+    """The command that makes this output again: the options in full, SRC as its repo id or folder name (a local
+    path on the machine that made it means nothing to a reader, and may say more than its owner meant)."""
+    args = ["fp8q", card.command, card.base, card.out_name]
+    if card.revision:
+        args += ["--revision", card.revision]
+    layout = card.layout
+    if layout is not None:
+        args += ["--scheme", layout.scheme.value, "--format", layout.format.value]
+        if layout.scheme is Scheme.BLOCK:
+            args += ["--block-size", f"{layout.block[0]}x{layout.block[1]}"]
+        if layout.scale_format is not ScaleFormat.FLOAT:
+            args += ["--scale-format", layout.scale_format.value]
+        for pattern in card.ignore:
+            args += ["--ignore", pattern]
+        for pattern in card.targets:
+            args += ["--targets", pattern]
+    if card.dtype is not None and card.command != "quantize":
+        args += ["--dtype", config_name(card.dtype)]
+    return shlex.join(args)
+
+
+def _serving(card: CardInput) -> list[str]:
+    name = card.out_name
+    lines = [
+        "## Use it",
+        "",
+        "[vLLM](https://docs.vllm.ai) and [SGLang](https://docs.sglang.ai) read the layout from config.json:",
+        "",
+        "```sh",
+        f"vllm serve {name}",
+        f"python -m sglang.launch_server --model-path {name}",
+        "```",
+        "",
+    ]
+    note = _transformers_note(card.layout)
+    if note is None:
+        return [*lines, "transformers cannot run this layout: it ignores the per-tensor `weight_scale`."]
+    lines += [note, "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    lines += [
+        f'model = AutoModelForCausalLM.from_pretrained("{name}", device_map="auto")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+        "```",
+    ]
+    return lines
+
+
+def _transformers_note(layout: Layout | None) -> str | None:
+    """How transformers loads it, as measured in fp8q's tests; None where it computes garbage (fp8 per-tensor)."""
+    if layout is None:
+        return "[transformers](https://huggingface.co/docs/transformers) loads it with no quantization library:"
+    if layout.format is Format.COMPRESSED_TENSORS:
+        return "transformers loads it with the `compressed-tensors` package installed:"
+    if layout.scheme is Scheme.BLOCK:
+        return "transformers loads it (its built-in FP8 support; weight dims must be multiples of the block):"
+    return None

@@ -1,0 +1,195 @@
+"""The output's README.md is a model card for what was made: front matter huggingface_hub parses, figures equal to
+fp8q.json's, a command that makes the same bytes again, the source's card kept below; for quantize, convert and
+dequantize alike. `--no-model-card` copies the source's card unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+from typer.testing import CliRunner
+
+from fp8q import QuantizeOptions, quantize
+from fp8q.cli import app
+from fp8q.model_card import error_summary
+from fp8q.pipeline import convert, dequantize
+from tests.factories import as_bytes, load_all, tiny_llama
+from tests.test_resume import _big_source, killed_after
+
+SOURCE_CARD = """---
+license: other
+license_name: tiny-license
+license_link: LICENSE
+library_name: transformers
+language:
+- en
+- fr
+pipeline_tag: text-generation
+tags:
+- chat
+---
+# Tiny chat
+
+A tiny model for tests. It says hello.
+"""
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    src = tiny_llama(tmp_path_factory.mktemp("card") / "tiny-chat")
+    (src / "README.md").write_text(SOURCE_CARD)
+    return src
+
+
+def _card(folder: Path) -> ModelCard:
+    return ModelCard.load(folder / "README.md")
+
+
+def _table(text: str, key: str) -> str:
+    """The value of a `| key | value |` row."""
+    match = re.search(rf"^\| {re.escape(key)} \| (.*) \|$", text, re.MULTILINE)
+    assert match, key
+    return match.group(1)
+
+
+def _made_with(text: str) -> list[str]:
+    match = re.search(r"## Made with\n\n```sh\n(.*)\n```", text)
+    assert match
+    return shlex.split(match.group(1))
+
+
+def test_quantize_card(source, tmp_path):
+    out = tmp_path / "tiny-chat-FP8"
+    report = quantize(source, out, QuantizeOptions(device="cpu", ignore=("down_proj",)))
+    card = _card(out)
+    data = card.data.to_dict()
+    assert data["base_model"] == "tiny-chat" and data["base_model_relation"] == "quantized"
+    assert {"fp8", "compressed-tensors", "fp8-channel"} <= set(data["tags"])
+    # What still holds for the weights comes along; the source's own tags describe the source.
+    for key in ("license", "license_name", "license_link", "library_name", "language", "pipeline_tag"):
+        assert data[key] == ModelCard(SOURCE_CARD).data.to_dict()[key], key
+    assert "chat" not in data["tags"]
+
+    manifest = json.loads((out / "fp8q.json").read_text())
+    text = card.text
+    assert int(_table(text, "weights quantized")) == report.tensors_quantized == len(manifest["tensors"])
+    summary = error_summary(manifest["tensors"])
+    rows = re.findall(r"^\| (\d+) \| (\S+) \| (\S+) \| (\S+) \| `(\S+)` \| (\S+) \|$", text, re.MULTILINE)
+    assert rows == [
+        (
+            str(summary["weights"]),
+            f"{summary['median_rel_error']:.4e}",
+            f"{summary['mean_rel_error']:.4e}",
+            f"{summary['worst_rel_error']:.4e}",
+            summary["worst_tensor"],
+            f"{summary['max_abs_error']:.4e}",
+        )
+    ]
+    assert 0 < summary["median_rel_error"] < 0.1
+    assert "`lm_head`" in _table(text, "modules kept in high precision")
+    assert "down_proj" in _table(text, "modules kept in high precision")
+    assert "vllm serve tiny-chat-FP8" in text and "compressed-tensors` package" in text
+
+    # The source's card follows, once, without its front matter; the whole file has one front matter.
+    readme = (out / "README.md").read_text()
+    assert readme.count("license_name") == 1
+    assert readme.rstrip().endswith("# Tiny chat\n\nA tiny model for tests. It says hello.")
+    # fp8q.json hashes the card like every other file.
+    assert manifest["files"]["README.md"] == hashlib.sha256(readme.encode()).hexdigest()
+
+
+def test_command_in_card_makes_the_same_bytes(source, tmp_path):
+    """The card's command, with its SRC and OUT names pointed at real folders, writes the same checkpoint."""
+    out = tmp_path / "first"
+    quantize(source, out, QuantizeOptions(device="cpu", scheme="block", load_check=False, ignore=(r"\.(q|k|v)_proj$",)))
+    args = _made_with(_card(out).text)
+    assert args[:4] == ["fp8q", "quantize", "tiny-chat", "first"]
+    assert "--block-size" in args and "--ignore" in args
+    again = tmp_path / "again"
+    # --no-load-check is not an output option: the first run's choice to write unloadable layers anyway.
+    result = CliRunner().invoke(app, [*args[1:2], str(source), str(again), *args[4:], "--no-load-check", "-q"])
+    assert result.exit_code == 0, result.output
+    first, second = load_all(out), load_all(again)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert as_bytes(first[name]).equal(as_bytes(second[name])), name
+    assert (out / "config.json").read_bytes() == (again / "config.json").read_bytes()
+
+
+def test_convert_and_dequantize_cards(source, tmp_path):
+    fp8 = tmp_path / "tiny-chat-block"
+    quantize(source, fp8, QuantizeOptions(device="cpu", scheme="block", format="fp8", load_check=False))
+    converted = tmp_path / "tiny-chat-channel"
+    convert(fp8, converted, QuantizeOptions(device="cpu", scheme="channel"))
+    card = _card(converted)
+    data = card.data.to_dict()
+    assert data["base_model"] == "tiny-chat-block" and data["base_model_relation"] == "quantized"
+    assert "fp8-channel" in data["tags"]
+    assert _table(card.text, "source layout") == "fp8 block 128x128"
+    manifest = json.loads((converted / "fp8q.json").read_text())
+    assert int(_table(card.text, "weights quantized")) == len(manifest["tensors"])
+    assert _made_with(card.text)[:4] == ["fp8q", "convert", "tiny-chat-block", "tiny-chat-channel"]
+    # The FP8 source's card is the one kept below: it names the model it came from.
+    assert "## The original model card (tiny-chat-block)" in card.text and "A tiny model for tests" in card.text
+
+    plain = tmp_path / "tiny-chat-bf16"
+    dequantize(fp8, plain, dtype="float32")
+    card = _card(plain)
+    data = card.data.to_dict()
+    # The Hub has no word for "dequantized from": no relation rather than a wrong one.
+    assert data["base_model"] == "tiny-chat-block" and "base_model_relation" not in data
+    assert "dequantized" in data["tags"] and "fp8" not in data["tags"]
+    assert data["license"] == "other"
+    quantized = len(json.loads((fp8 / "fp8q.json").read_text())["tensors"])
+    assert _table(card.text, "weights dequantized") == f"{quantized}, to float32"
+    assert _made_with(card.text) == ["fp8q", "dequantize", "tiny-chat-block", "tiny-chat-bf16", "--dtype", "float32"]
+    own = card.text.partition("## The original model card")[0]  # the FP8 source's card follows, with its figures
+    assert "Quantization error" not in own and "no quantization library" in own
+
+
+def test_no_model_card_copies_the_source_card(source, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["quantize", str(source), str(out), "--device", "cpu", "--no-model-card", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (out / "README.md").read_bytes() == (source / "README.md").read_bytes()
+
+
+def test_card_without_a_source_card(tmp_path):
+    src = tiny_llama(tmp_path / "bare")
+    (src / "README.md").unlink()
+    out = tmp_path / "bare-fp8"
+    quantize(src, out, QuantizeOptions(device="cpu", scheme="tensor", format="fp8"))
+    data = _card(out).data.to_dict()
+    assert data["base_model"] == "bare" and "license" not in data
+    text = _card(out).text
+    assert "original model card" not in text
+    # transformers computes garbage with this layout: the card says so instead of showing how to load it.
+    assert "transformers cannot run this layout" in text and "from_pretrained" not in text
+
+
+def test_source_card_with_broken_front_matter(tmp_path):
+    """A card whose YAML does not parse is still kept below; nothing is carried from it."""
+    src = tiny_llama(tmp_path / "odd")
+    (src / "README.md").write_text("---\nlicense: [unclosed\n---\n# Odd\n\nbody text\n")
+    out = tmp_path / "odd-fp8"
+    quantize(src, out, QuantizeOptions(device="cpu"))
+    data = _card(out).data.to_dict()
+    assert data["base_model"] == "odd" and "license" not in data
+    assert "body text" in (out / "README.md").read_text()
+
+
+def test_card_is_the_same_after_resume(tmp_path):
+    """A resumed run's card has the figures of the shards it kept (recorded by the killed run) and is the same."""
+    src = _big_source(tmp_path / "src", shards=3)
+    fresh, resumed = tmp_path / "fresh" / "out", tmp_path / "resumed" / "out"
+    quantize(src, fresh, QuantizeOptions(device="cpu"))
+    killed_after(src, resumed, 2)
+    result = CliRunner().invoke(app, ["quantize", str(src), str(resumed), "--device", "cpu", "--resume", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (resumed / "README.md").read_bytes() == (fresh / "README.md").read_bytes()
+    assert "| weights quantized | 0 |" not in (fresh / "README.md").read_text()
