@@ -15,7 +15,8 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -63,8 +64,13 @@ class Shard:
     # stays the same. The status-change time cannot be set back by any tool, unlike the modification time.
     mtime_ns: int = 0
     ctime_ns: int = 0
+    # The Hub's sha256 of the file, for a shard in a Hub cache snapshot or still on the Hub: what identifies it.
+    etag: str = ""
 
     def stat_record(self) -> dict[str, int | str]:
+        """What --resume compares to know a source shard is the very one a finished output shard was made from."""
+        if self.etag:
+            return {"file": self.name, "size": self.size, "sha256": self.etag}
         return {"file": self.name, "size": self.size, "mtime_ns": self.mtime_ns, "ctime_ns": self.ctime_ns}
 
 
@@ -87,8 +93,9 @@ class Checkpoint:
         return sum(shard.size for shard in self.shards)
 
 
-def read_checkpoint(src: Path) -> Checkpoint:
-    """Validate a checkpoint folder (or one `.safetensors` file) from its headers alone.
+def read_checkpoint(src: Path, remote: Mapping[str, Shard] | None = None) -> Checkpoint:
+    """Validate a checkpoint folder (or one `.safetensors` file) from its headers alone. `remote`: shards of a
+    Hub snapshot folder that are still on the Hub, their headers read by range requests (fp8q.streaming).
 
     Raises:
         CheckpointError: naming the file or tensor at fault and what to do about it.
@@ -121,7 +128,8 @@ def read_checkpoint(src: Path) -> Checkpoint:
 
     for name in shard_names:
         _inside(src / name, allowed)
-    shards = [read_shard(src, name) for name in sorted(shard_names)]
+    remote = remote or {}
+    shards = [remote[name] if name in remote else read_shard(src, name) for name in sorted(shard_names)]
     tensors = _tensor_map(shards)
     if index_path.is_file():
         _check_index_matches(shards, shard_names)
@@ -183,22 +191,33 @@ def read_shard(root: Path, name: str) -> Shard:
         raise CheckpointError(f"{path}: shard is missing; download it again or fix {INDEX_FILE}")
     with open(path, "rb") as f:
         stat = os.fstat(f.fileno())
-        size = stat.st_size
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path}: file is truncated ({size} bytes); download it again")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_HEADER_BYTES:
-            raise CheckpointError(
-                f"{path}: header length {header_len} exceeds the {MAX_HEADER_BYTES} byte limit; "
-                "the file is corrupt or not safetensors"
-            )
-        if 8 + header_len > size:
-            raise CheckpointError(
-                f"{path}: header length {header_len} runs past the end of the file ({size} bytes); "
-                "the file is truncated or corrupt, download it again"
-            )
+        header_len = header_length(path, f.read(8), stat.st_size)
         raw = f.read(header_len)
+    shard = parse_shard(path, name, stat.st_size, raw, etag=hub_blob(path))
+    return replace(shard, mtime_ns=stat.st_mtime_ns, ctime_ns=stat.st_ctime_ns)
+
+
+def header_length(path: Path, prefix: bytes, size: int) -> int:
+    """The header length a shard's first 8 bytes give, checked against the file size and a sane bound."""
+    if len(prefix) < 8:
+        raise CheckpointError(f"{path}: file is truncated ({size} bytes); download it again")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER_BYTES:
+        raise CheckpointError(
+            f"{path}: header length {header_len} exceeds the {MAX_HEADER_BYTES} byte limit; "
+            "the file is corrupt or not safetensors"
+        )
+    if 8 + header_len > size:
+        raise CheckpointError(
+            f"{path}: header length {header_len} runs past the end of the file ({size} bytes); "
+            "the file is truncated or corrupt, download it again"
+        )
+    return header_len
+
+
+def parse_shard(path: Path, name: str, size: int, raw: bytes, etag: str = "") -> Shard:
+    """A shard from its raw JSON header and its file size, wherever they were read from (a file, or ranged
+    requests to the Hub): the header must be a JSON object whose offsets tile the file exactly."""
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -209,7 +228,7 @@ def read_shard(root: Path, name: str) -> Shard:
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
-    data_start = 8 + header_len
+    data_start = 8 + len(raw)
     tensors = sorted(
         (_tensor_meta(path, name, name_entry, data_start) for name, name_entry in header.items()),
         key=lambda t: (t.start, t.name),
@@ -229,11 +248,24 @@ def read_shard(root: Path, name: str) -> Shard:
             "download it again"
         )
     digest = hashlib.sha256(raw).hexdigest()
-    return Shard(name, path, size, metadata, tuple(tensors), digest, stat.st_mtime_ns, stat.st_ctime_ns)
+    return Shard(name, path, size, metadata, tuple(tensors), digest, etag=etag)
+
+
+def hub_blob(path: Path) -> str:
+    """The Hub's content hash (sha256) of a file in a Hub cache snapshot, which links it to `blobs/<hash>`;
+    "" for any other file."""
+    real = path.resolve()
+    if real.parent.name == "blobs" and real.parent.parent.name.startswith("models--") and len(real.name) == 64:
+        return real.name
+    return ""
 
 
 def changed_since_read(shard: Shard, stat: os.stat_result) -> bool:
-    """Whether the file `stat` describes differs from the one the shard's header was read from."""
+    """Whether the file `stat` describes differs from the one the shard's header was read from. A Hub blob is
+    named by its content's hash and written once: only its size is compared (a shard streamed from the Hub is
+    downloaded after its header was read, so its times are new by nature)."""
+    if shard.etag:
+        return stat.st_size != shard.size
     return (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) != (shard.size, shard.mtime_ns, shard.ctime_ns)
 
 

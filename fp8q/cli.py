@@ -160,6 +160,14 @@ CardOpt = Annotated[
         help="Copy SRC's README.md unchanged instead of writing a model card for the output.",
     ),
 ]
+KeepOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-download",
+        metavar="",
+        help="A Hub repo not in the cache is streamed, each shard deleted once converted: keep them cached.",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar or summary; errors only.")]
 
 
@@ -211,6 +219,7 @@ def quantize_command(
     workers: WorkersOpt = 0,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    keep_download: KeepOpt = False,
     no_model_card: CardOpt = False,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
@@ -229,7 +238,7 @@ def quantize_command(
         options = _options(
             scheme, format, block_size, ignore, targets, tp, no_load_check, config, revision,
             scale_format=scale_format, device=device, workers=workers, overwrite=overwrite, resume=resume,
-            model_card=not no_model_card,
+            model_card=not no_model_card, keep_download=keep_download,
         )  # fmt: skip
         _convert(src, out, options, "quantize", dry_run, as_json, quiet)
 
@@ -261,6 +270,7 @@ def convert_command(
     workers: WorkersOpt = 0,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    keep_download: KeepOpt = False,
     no_model_card: CardOpt = False,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
@@ -280,7 +290,7 @@ def convert_command(
         options = _options(
             scheme, format, block_size, ignore, targets, tp, no_load_check, None, revision,
             scale_format=scale_format, dtype=dtype, device=device, workers=workers, overwrite=overwrite,
-            resume=resume, model_card=not no_model_card,
+            resume=resume, model_card=not no_model_card, keep_download=keep_download,
         )  # fmt: skip
         _convert(src, out, options, "convert", dry_run, as_json, quiet)
 
@@ -297,9 +307,9 @@ def _convert(
 
         from fp8q.writer import check_output, output_path
 
-        local = engine.local_source(src, options.revision)
-        plan = engine.plan_conversion(local, replace(options, revision=None), engine.Mode(mode))
-        check_output(local, output_path(out), options.overwrite)
+        source = engine.open_source(src, options.revision)  # a Hub repo not in the cache: its headers alone
+        plan = engine.plan_conversion(source, replace(options, revision=None), engine.Mode(mode))
+        check_output(engine.source_folder(source), output_path(out), options.overwrite)
         _show_plan(plan, as_json, quiet)
         return
     verb = {"quantize": "quantizing", "convert": "converting"}[mode]
@@ -385,6 +395,7 @@ def dequantize_command(
     device: DeviceOpt = "cpu",
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    keep_download: KeepOpt = False,
     no_model_card: CardOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -401,7 +412,7 @@ def dequantize_command(
         engine = _engine()
         options = engine.QuantizeOptions(
             dtype=dtype, overwrite=overwrite, resume=resume, device=device, revision=revision,
-            model_card=not no_model_card,
+            model_card=not no_model_card, keep_download=keep_download,
         )  # fmt: skip
         with _ProgressView(quiet, "dequantizing") as view:
             report = engine.run(src, out, options, view.on_event, engine.Mode.DEQUANTIZE)
@@ -457,6 +468,10 @@ def _options(
 def _guarded(fn: Callable[[], T]) -> T:
     """The error boundary: known errors become one line and an exit code."""
     debug = os.environ.get("FP8Q_DEBUG", "") not in ("", "0")
+    if not debug:
+        # huggingface_hub logs its retries as warnings: a failure is fp8q's one line, a retry that works is
+        # nothing. It reads this once, on import (which comes later: only a Hub repo id imports it).
+        os.environ.setdefault("HF_HUB_VERBOSITY", "critical")
     try:
         return fn()
     except typer.Exit:
@@ -667,6 +682,7 @@ class _ProgressView:
             )
         )
         self.task: Any = None
+        self.download: Any = None  # a streamed Hub repo's downloads, on a line of their own
         self.shard = ""
 
     def __enter__(self) -> _ProgressView:
@@ -687,6 +703,10 @@ class _ProgressView:
             self.progress.start()
             total = sum(j.source.nbytes for j in event.plan.jobs) if kind == "PlanReady" else event.nbytes
             self.task = self.progress.add_task(self.verb, total=total)
+        elif kind == "DownloadStarted":
+            self.download = self.progress.add_task("downloading", total=event.nbytes)
+        elif kind == "Downloaded" and self.download is not None:
+            self.progress.update(self.download, description=f"downloading {event.shard}", advance=event.nbytes)
         elif kind == "TensorDone" and self.task is not None:
             shard = getattr(event, "shard", "")
             if shard and shard != self.shard:

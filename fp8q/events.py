@@ -18,6 +18,22 @@ class PlanReady:
 
 
 @dataclass(frozen=True)
+class DownloadStarted:
+    """A streamed Hub repo: `nbytes` in `shards` shards will be downloaded as the run goes (after PlanReady)."""
+
+    nbytes: int
+    shards: int
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """`nbytes` more of shard `shard` downloaded (from the download's thread)."""
+
+    shard: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class Started:
     """Sent once by `verify` before any data is read: how many tensors and bytes it will go through."""
 
@@ -32,7 +48,7 @@ class TensorDone:
     shard: str = ""  # the output shard it went into
 
 
-Event = PlanReady | Started | TensorDone
+Event = PlanReady | Started | TensorDone | DownloadStarted | Downloaded
 EventCallback = Callable[[Event], None]
 
 
@@ -60,4 +76,4 @@ class Report:
         return self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
-__all__ = ["Event", "EventCallback", "PlanReady", "Report", "Started", "TensorDone"]
+__all__ = ["Downloaded", "DownloadStarted", "Event", "EventCallback", "PlanReady", "Report", "Started", "TensorDone"]

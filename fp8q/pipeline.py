@@ -4,7 +4,8 @@ threads with bounded queues; the three differ only in their plan, whose jobs say
 
 Imports: everything below it; never prints. Lifecycle of `run(src, out, options, mode)`:
 
-    resolve_source(src)                  a local path, or a Hub repo id from the cache / download
+    open_source(src)                     a local path; a Hub repo id from the cache, or streamed: side files
+                                         and shard headers now, each shard downloaded as the reader nears it
     read_checkpoint(src)                 headers + index, validated; no tensor data
     make_plan(checkpoint, layout, ...)   every output name, dtype, shape, offset, header, config
     check_output / check_free_space      nothing written yet; under torchrun, rank 0 only
@@ -12,7 +13,8 @@ Imports: everything below it; never prints. Lifecycle of `run(src, out, options,
         reader thread    shard by shard, tensor by tensor: read a tensor into a pooled (pinned) buffer,
                          and an FP8 weight's scale from whichever shard holds it
         main thread      dequantize it (CPU), quantize it (CPU chunks on worker threads, or CUDA streams)
-        writer thread    pwrite weight + scale at planned offsets; copy kept tensors file to file
+        writer thread    pwrite weight + scale at planned offsets; copy kept tensors file to file;
+                         once a shard is written, delete its source if it was streamed
         shard threads    flush each finished shard, hash it, record it for --resume
     all processes agree the run succeeded (torchrun), then rank 0 writes
         index, config.json, side files, fp8q.json
@@ -40,7 +42,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -65,7 +67,7 @@ from fp8q.errors import (
     read_error,
     write_error,
 )
-from fp8q.events import Event, EventCallback, PlanReady, Report, TensorDone
+from fp8q.events import Downloaded, DownloadStarted, Event, EventCallback, PlanReady, Report, TensorDone
 from fp8q.formats import Format, Layout, ScaleFormat, Scheme
 from fp8q.fp8_source import check_convertible, detect_fp8, output_dtype, source_layouts
 from fp8q.layouts import QuantizedWeight, value_problem
@@ -90,6 +92,9 @@ from fp8q.writer import (
     write_json,
     write_text,
 )
+
+if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
+    from fp8q.streaming import HubStream, ShardDownloads
 
 # The reader keeps the kernel fetching this far ahead of it, so the disk works while it waits for a
 # free buffer (measured on a cold cache: 256 MiB as fast as more).
@@ -125,6 +130,7 @@ class QuantizeOptions:
     # dequantize and convert: the dtype FP8 weights are dequantized to (None: the config's, else bfloat16)
     dtype: str | None = None
     model_card: bool = True  # False copies the source's README.md unchanged instead of writing a card
+    keep_download: bool = False  # a streamed Hub repo: keep the shards downloaded in the cache
 
     @property
     def layout(self) -> Layout:
@@ -152,31 +158,60 @@ class QuantizeOptions:
 def local_source(src: str | Path, revision: str | None = None) -> Path:
     """SRC as a local path. A Hub repo id is resolved by fp8q.source, imported only then: it brings
     huggingface_hub, a fifth of a second of start-up that a local conversion need not pay."""
+    source = open_source(src, revision, stream=False)
+    assert isinstance(source, Path)
+    return source
+
+
+def open_source(src: str | Path | HubStream, revision: str | None = None, *, stream: bool = True) -> Path | HubStream:
+    """SRC as a local path or, for a Hub repo whose weights are not all in the cache (and `stream`), a HubStream:
+    the side files downloaded, the missing shards known from their headers alone (fp8q.streaming)."""
+    if not isinstance(src, (str, Path)):
+        return src
     if revision is None and Path(src).exists():
         return Path(src)
     from fp8q.source import resolve_source
 
-    return resolve_source(str(src), revision)
+    return resolve_source(str(src), revision, stream=stream)
 
 
-def plan_conversion(src: str | Path, options: QuantizeOptions, mode: Mode = Mode.QUANTIZE) -> Plan:
-    """Read and validate SRC and plan the conversion, reading no tensor data. `plan.problems` lists
-    why the output could not be served (a run refuses them), `plan.notes` what else to know."""
-    local = local_source(src, options.revision)
-    checkpoint = read_checkpoint(local)
+def source_folder(source: Path | HubStream) -> Path:
+    return source if isinstance(source, Path) else source.folder
+
+
+def plan_conversion(src: str | Path | HubStream, options: QuantizeOptions, mode: Mode = Mode.QUANTIZE) -> Plan:
+    """Read and validate SRC and plan the conversion, reading no tensor data (of a Hub repo not in the local
+    cache, only the side files and the shards' headers are fetched). `plan.problems` lists why the output could
+    not be served (a run refuses them), `plan.notes` what else to know."""
+    source = open_source(src, options.revision)
+    remote = None if isinstance(source, Path) else source.remote
+    checkpoint = read_checkpoint(source_folder(source), remote)
     if options.config is not None:
         checkpoint = replace(checkpoint, config=read_config(Path(options.config)))
     if mode is Mode.QUANTIZE:
         plan = make_plan(checkpoint, options.layout, options.ignore, options.targets)
     else:
-        source = detect_fp8(checkpoint)
+        fp8 = detect_fp8(checkpoint)
         dtype = output_dtype(options.dtype, checkpoint.config)
         layout = options.layout if mode is Mode.CONVERT else None
         if mode is Mode.CONVERT:
-            check_convertible(checkpoint, source, options.layout)
-        plan = make_plan(checkpoint, layout, options.ignore, options.targets, source=source, dtype=dtype)
+            check_convertible(checkpoint, fp8, options.layout)
+        plan = make_plan(checkpoint, layout, options.ignore, options.targets, source=fp8, dtype=dtype)
+    if remote:
+        _check_streamable(plan, remote)
     problems = plan_problems(plan, options.tp, options.load_check)
     return replace(plan, problems=tuple(problems), notes=tuple(plan_notes(plan)))
+
+
+def _check_streamable(plan: Plan, remote: dict[str, Any]) -> None:
+    """A streamed run reads one shard at a time: an FP8 weight whose scale lives in another shard cannot be."""
+    for job in plan.jobs:
+        if job.scale is not None and job.scale.shard != job.source.shard and job.scale.shard in remote:
+            raise CheckpointError(
+                f"tensor {job.source.name} in {job.source.shard} has its scale {job.scale.name} in "
+                f"{job.scale.shard}, and a Hub repo is streamed one shard at a time: download it first "
+                "(`hf download REPO`), then convert it"
+            )
 
 
 def quantize(
@@ -213,6 +248,7 @@ def dequantize(
     device: str = "cpu",
     revision: str | None = None,
     model_card: bool = True,
+    keep_download: bool = False,
     on_event: EventCallback | None = None,
 ) -> Report:
     """Write the FP8 checkpoint at SRC (any layout fp8q detects) as a `dtype` checkpoint at OUT that loads with
@@ -225,7 +261,13 @@ def dequantize(
             cannot hold, an OUT that cannot be written; one line naming the file or tensor.
     """
     options = QuantizeOptions(
-        dtype=dtype, overwrite=overwrite, resume=resume, device=device, revision=revision, model_card=model_card
+        dtype=dtype,
+        overwrite=overwrite,
+        resume=resume,
+        device=device,
+        revision=revision,
+        model_card=model_card,
+        keep_download=keep_download,
     )
     return run(src, out, options, on_event, Mode.DEQUANTIZE)
 
@@ -281,13 +323,13 @@ def _run(
     try:
         out = output_path(out)
         partial = partial_dir(out)
-        local_src = local_source(src, options.revision)
-        plan = plan_conversion(local_src, replace(options, revision=None), mode)
+        source = open_source(src, options.revision)
+        plan = plan_conversion(source, replace(options, revision=None), mode)
         if plan.problems:
             raise Fp8qError(refusal(plan.problems))
         fp = fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__)
         if lead:
-            reused, lock = _prepare_partial(plan, local_src, out, partial, fp, options)
+            reused, lock = _prepare_partial(plan, source, out, partial, fp, options)
             cleanup.callback(os.close, lock)  # releases OUT.partial/ (renamed to OUT by then if all went well)
     except Exception as e:  # noqa: BLE001 - handed to every process, then raised
         error = e
@@ -303,13 +345,15 @@ def _run(
             emit(TensorDone(job.source.name, job.source.nbytes, shard.name))
     progress = Progress(partial, fp, cluster.rank)
     stop = threading.Event()
+    files = _shard_files(source, [s.name for s in plan.shards if s.name not in skip], options, emit)
+    cleanup.callback(files.close)  # stops downloading and deletes downloads no shard was made from
     workers = options.workers or max(1, (os.cpu_count() or 1) // cluster.local_world)
     with _stop_on_signals(stop) as caught:
         failure: BaseException | None = None
         try:
             run_emit = emit if cluster.is_single else _count_bytes(cluster)
             with Watcher(cluster, stop, (lambda n: emit(TensorDone("", n))) if lead else None):
-                _run_plan(plan, partial, device, workers, run_emit, stop, progress, skip)
+                _run_plan(plan, partial, device, workers, run_emit, stop, progress, skip, files)
         except BaseException as e:
             failure = e
             cluster.mark_failed()
@@ -360,11 +404,11 @@ def refusal(problems: tuple[str, ...]) -> str:
 
 
 def _prepare_partial(
-    plan: Plan, src: Path, out: Path, partial: Path, fp: dict[str, Any], options: QuantizeOptions
+    plan: Plan, source: Path | HubStream, out: Path, partial: Path, fp: dict[str, Any], options: QuantizeOptions
 ) -> tuple[dict[str, Any], int]:
     """Check OUT and the disk, and set up and lock OUT.partial/; returns the shards a resumed run keeps
     and the descriptor that holds the lock (closed when the run ends)."""
-    check_output(src, out, options.overwrite)
+    check_output(source_folder(source), out, options.overwrite)
     source_stat = [shard.source.stat_record() for shard in plan.shards]
     try:
         partial.mkdir(parents=True)
@@ -381,7 +425,7 @@ def _prepare_partial(
                 )
             reused = reusable_shards(partial, fp, source_stat)
         reused_bytes = sum(s.size for s in plan.shards if s.name in reused)
-        check_free_space(out, plan.bytes_out - reused_bytes + _metadata_bytes(plan))
+        check_free_space(out, plan.bytes_out - reused_bytes + _metadata_bytes(plan), _download_space(source, reused))
         Progress(partial, fp).start(source_stat)
     except BaseException:
         os.close(lock)
@@ -389,6 +433,42 @@ def _prepare_partial(
             remove_tree(partial)
         raise
     return reused, lock
+
+
+def _download_space(source: Path | HubStream, reused: dict[str, Any]) -> tuple[Path, int] | None:
+    """Where a streamed run downloads, and the most it holds there at once: its two largest shards."""
+    if isinstance(source, Path):
+        return None
+    return source.folder, source.most_on_disk(set(reused))
+
+
+class _LocalShards:
+    """The shard files of a checkpoint on disk: always there, never deleted."""
+
+    def ready(self, name: str, stop: threading.Event) -> None:
+        pass
+
+    def done(self, name: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _shard_files(
+    source: Path | HubStream, order: list[str], options: QuantizeOptions, emit: EventCallback
+) -> _LocalShards | ShardDownloads:
+    """What the reader waits on before it opens a shard, and the writer tells once a shard is written: the
+    downloads of a streamed Hub repo, or nothing at all."""
+    if isinstance(source, Path):
+        return _LocalShards()
+    from fp8q.source import explain
+    from fp8q.streaming import ShardDownloads
+
+    files = ShardDownloads(source, order, options.keep_download, lambda name, n: emit(Downloaded(name, n)), explain)
+    if files.total_bytes:
+        emit(DownloadStarted(files.total_bytes, len(files.order)))
+    return files
 
 
 def _metadata_bytes(plan: Plan) -> int:
@@ -533,6 +613,7 @@ def _run_plan(
     stop: threading.Event,
     progress: Progress,
     skip: set[str],
+    files: _LocalShards | ShardDownloads,
 ) -> None:
     # dequantize quantizes nothing: any layout will do for its quantizer, which only dequantizes.
     quantizer = make_quantizer(plan.layout or Layout(Scheme.CHANNEL, Format.COMPRESSED_TENSORS), device, workers)
@@ -567,10 +648,10 @@ def _run_plan(
         return run
 
     reader = threading.Thread(
-        target=guarded(lambda: _read(plan, to_quantize, stop, pools.inputs, skip)), name="fp8q-reader"
+        target=guarded(lambda: _read(plan, to_quantize, stop, pools.inputs, skip, files)), name="fp8q-reader"
     )
     writer = threading.Thread(
-        target=guarded(lambda: _write(plan, partial, to_write, stop, emit, pools, progress)),
+        target=guarded(lambda: _write(plan, partial, to_write, stop, emit, pools, progress, files)),
         name="fp8q-writer",
     )
     threads_before = torch.get_num_threads()
@@ -695,12 +776,18 @@ def _non_finite(job: Job) -> UnsupportedTensorError:
 
 
 def _read(
-    plan: Plan, outbox: queue.Queue[_Item | None], stop: threading.Event, pool: BufferPool, skip: set[str]
+    plan: Plan,
+    outbox: queue.Queue[_Item | None],
+    stop: threading.Event,
+    pool: BufferPool,
+    skip: set[str],
+    files: _LocalShards | ShardDownloads,
 ) -> None:
     with ShardReader(plan.checkpoint) as scales:  # FP8 weights' scales, from whichever shard holds them
         for index, shard in enumerate(plan.shards):
             if shard.name in skip:
                 continue
+            files.ready(shard.name, stop)  # a streamed shard: downloaded
             path = shard.source.path
             fd = os.open(path, os.O_RDONLY)
             hinted = 0  # the file is hinted for read-ahead up to here
@@ -734,6 +821,7 @@ def _write(
     emit: EventCallback,
     pools: _Pools,
     progress: Progress,
+    files: _LocalShards | ShardDownloads,
 ) -> None:
     current: ShardFile | None = None
     hasher: FileHasher | None = None
@@ -768,6 +856,7 @@ def _write(
                     current, hasher, stats = None, None, {}
                     os.close(src_fd)
                     src_fd = -1
+                    files.done(shard.name)  # a streamed shard's download is deleted: everything is read from it
                     continue
                 job = item.job
                 if job.is_copy:

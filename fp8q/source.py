@@ -1,11 +1,13 @@
-"""Turn the `src` argument into a local path: a checkpoint on disk as it is, or a Hub repo id as a snapshot folder.
+"""Turn the `src` argument into a local path: a checkpoint on disk as it is, or a Hub repo id as a snapshot folder
+(or, for a repo not in the cache, a HubStream that fetches its shards as the run goes: fp8q.streaming).
 
-Imports: errors, checkpoint, huggingface_hub (the only fp8q module that does). A repo id is looked up in the local
-Hugging Face cache first, so a cached model converts with no network at all (and under HF_HUB_OFFLINE=1); only a
-cache miss downloads. Only what a conversion reads or copies is fetched: safetensors weights and small side files,
-never pickles (`*.bin`, `*.pt`, ... can run code when unpickled) nor other weight formats. When the repo has an index,
-only the shards it lists are fetched: some repos (Mistral's) also ship a `consolidated.safetensors` that would double
-the download. Every failure is one `CheckpointError` line naming the repo, with no traceback.
+Imports: errors, checkpoint, streaming, huggingface_hub (which only this module and streaming talk to). A repo id
+is looked up in the local Hugging Face cache first, so a cached model converts with no network at all (and under
+HF_HUB_OFFLINE=1); only a cache miss downloads. Only what a conversion reads or copies is fetched: safetensors
+weights and small side files, never pickles (`*.bin`, `*.pt`, ... can run code when unpickled) nor other weight
+formats. When the repo has an index, only the shards it lists are fetched: some repos (Mistral's) also ship a
+`consolidated.safetensors` that would double the download. Every failure is one `CheckpointError` line naming
+the repo, with no traceback.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.errors as hf_errors
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.utils import (
+    EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
@@ -26,14 +30,11 @@ from huggingface_hub.utils import (
     RevisionNotFoundError,
     validate_repo_id,
 )
+from huggingface_hub.utils import tqdm as hf_tqdm
 
 from fp8q.checkpoint import INDEX_FILE, WEIGHT_SUFFIXES
 from fp8q.errors import CheckpointError, UsageError
-
-try:
-    from httpx import HTTPError as _NetworkError
-except ImportError:  # huggingface_hub < 1.0 talks through requests, whose errors are OSErrors
-    _NetworkError = OSError
+from fp8q.streaming import HUB_ERRORS, NETWORK_ERRORS, HubStream, open_stream
 
 # Side files a conversion copies: config, tokenizer, chat template, sentencepiece/tiktoken vocab, custom code, card.
 SIDE_PATTERNS = (INDEX_FILE, "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py", "*.md")
@@ -50,8 +51,12 @@ class _PartialSnapshot(LocalEntryNotFoundError):
 _PARTIAL = (_PartialSnapshot, getattr(hf_errors, "IncompleteSnapshotError", _PartialSnapshot))
 
 
-def resolve_source(src: str, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """A local path as it is; otherwise `org/name` is a Hub repo id, resolved to a local snapshot folder.
+def resolve_source(
+    src: str, revision: str | None = None, cache_dir: str | Path | None = None, *, stream: bool = False
+) -> Path | HubStream:
+    """A local path as it is; otherwise `org/name` is a Hub repo id, resolved to a local snapshot folder, or with
+    `stream`, when its weights are not all in the cache and it has an index, to a HubStream: side files
+    downloaded, the missing shards' headers read by range requests, their weights left for the run to fetch.
 
     `revision` (branch, tag or commit hash; default: the repo's main branch) applies to repo ids only.
     `cache_dir` defaults to huggingface_hub's own (HF_HUB_CACHE), so a model cached by transformers or vLLM is reused.
@@ -78,9 +83,14 @@ def resolve_source(src: str, revision: str | None = None, cache_dir: str | Path 
                 raise CheckpointError(
                     f"{label} {what} in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; {_OFFLINE_FIX}"
                 ) from None
+        if stream:
+            side = _side_files(src, revision, cache_dir, local_only=False)
+            streamed = open_stream(src, side, cache_dir, explain)
+            if streamed is not None:
+                return streamed if streamed.remote else side
         return _snapshot(src, revision, cache_dir, local_only=False)
-    except (OSError, _NetworkError, ValueError) as error:  # Hub, HTTP and cache errors are all of these
-        raise CheckpointError(f"{label}: {_explain(error)}") from None
+    except HUB_ERRORS as error:
+        raise CheckpointError(f"{label}: {explain(error)}") from None
 
 
 def _is_repo_id(src: str) -> bool:
@@ -107,7 +117,7 @@ def _snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None, 
     resolved (the snapshot folder's name), so a branch that moves in between cannot mix two commits.
     """
     common = {"cache_dir": cache_dir, "local_files_only": local_only, "ignore_patterns": list(IGNORE_PATTERNS)}
-    side = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(SIDE_PATTERNS), **common))
+    side = _side_files(repo_id, revision, cache_dir, local_only=local_only)
     weights = _shard_names(side)
     patterns = ["*.safetensors"] if weights is None else [_literal(name) for name in weights]
     folder = Path(snapshot_download(repo_id, revision=side.name, allow_patterns=patterns, **common))
@@ -120,6 +130,26 @@ def _snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None, 
             "and never downloads pickled .bin/.pt weights"
         )
     return folder
+
+
+def _side_files(repo_id: str, revision: str | None, cache_dir: str | Path | None, *, local_only: bool) -> Path:
+    """The snapshot folder with the repo's side files (config, index, tokenizer, card, ...), no weights."""
+    folder = snapshot_download(
+        repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_only,
+        allow_patterns=list(SIDE_PATTERNS),
+        ignore_patterns=list(IGNORE_PATTERNS),
+        tqdm_class=_Silent,  # a few small files: no bar of their own above fp8q's
+    )
+    return Path(folder)
+
+
+class _Silent(hf_tqdm):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
 
 
 def _shard_names(folder: Path) -> list[str] | None:
@@ -142,12 +172,14 @@ def _has_weights(folder: Path, shards: list[str] | None) -> bool:
     return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
-def _explain(error: Exception) -> str:
+def explain(error: Exception) -> str:
     """What went wrong and what to do, in one line, for an exception out of snapshot_download."""
     if isinstance(error, GatedRepoError):
         return "the repo is gated; accept its terms on huggingface.co, then log in (`hf auth login` or HF_TOKEN)"
     if isinstance(error, RepositoryNotFoundError):
         return "no such repo on the Hub, or it is private; check the id, or log in (`hf auth login` or HF_TOKEN)"
+    if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
+        return "no such file in the repo at that revision (its index lists it): the repo is incomplete; try again later"
     if isinstance(error, RevisionNotFoundError):
         return "the repo has no such revision; give an existing branch, tag or commit hash"
     if isinstance(error, HfHubHTTPError):
@@ -157,7 +189,7 @@ def _explain(error: Exception) -> str:
         return f"the Hub answered HTTP {status}: {_first_line(error)}; try again later"
     if isinstance(error, OfflineModeIsEnabled):
         return f"not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; {_OFFLINE_FIX}"
-    if isinstance(error, (LocalEntryNotFoundError, _NetworkError, OSError)):
+    if isinstance(error, (LocalEntryNotFoundError, *NETWORK_ERRORS)):
         cause = error.__cause__ if isinstance(error, LocalEntryNotFoundError) and error.__cause__ else error
         return (
             f"cannot download it ({type(cause).__name__}: {_first_line(cause)}) and it is not in the local "

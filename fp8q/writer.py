@@ -230,17 +230,35 @@ def _holder(partial: Path) -> str:
         return ""
 
 
-def check_free_space(out: Path, needed: int) -> None:
-    """Refuse to start a run that cannot fit on the output disk."""
-    probe = out.parent if not out.exists() else out
-    while not probe.exists():
-        probe = probe.parent
+def check_free_space(out: Path, needed: int, download: tuple[Path, int] | None = None) -> None:
+    """Refuse to start a run that cannot fit on the output disk; `download`: the Hugging Face cache folder a
+    streamed run downloads into, and the most it holds at once (two shards), on the same disk or another."""
+    probe = _existing(out)
+    if download is not None:
+        cache, size = download
+        cache_probe = _existing(cache)
+        if os.stat(cache_probe).st_dev == os.stat(probe).st_dev:
+            needed += size
+        elif shutil.disk_usage(cache_probe).free < size:
+            raise OutputError(
+                f"{cache}: the Hugging Face cache needs {size / 1e9:.2f} GB for the two shards being streamed but "
+                f"only {shutil.disk_usage(cache_probe).free / 1e9:.2f} GB are free there; free some space or set "
+                "HF_HUB_CACHE to a larger disk"
+            )
     free = shutil.disk_usage(probe).free
     if free < needed:
         raise OutputError(
             f"{out}: needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free on that disk; "
             "free some space or write elsewhere"
         )
+
+
+def _existing(path: Path) -> Path:
+    """The nearest folder at or above `path` that exists."""
+    probe = path.parent if not path.exists() else path
+    while not probe.exists():
+        probe = probe.parent
+    return probe
 
 
 def _fsync_dir(path: Path) -> None:

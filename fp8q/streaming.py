@@ -1,0 +1,279 @@
+"""A Hub repo converted as it downloads: plan from the shards' headers, then fetch a shard, convert it, drop it.
+
+Imports: errors, checkpoint, huggingface_hub. Used when SRC is a repo id whose weights are not all in the local
+cache and the repo has an index (a one-shard repo is simply downloaded). Planning reads each missing shard's
+header with two small range requests, so every check runs before any weight is downloaded. The run then
+downloads shard k+1 while shard k converts, into the Hugging Face cache as huggingface_hub itself would (same
+client, same HF_ENDPOINT, HF_TOKEN, revision), and deletes each shard it downloaded once the shard is written,
+unless `--keep-download`: the disk holds the output, at most two source shards and the side files. Shards that
+were in the cache before the run are read where they are and never deleted. Nothing here ever deletes a file it
+did not create in this run.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+from huggingface_hub.utils import HfHubHTTPError, build_hf_headers, get_session, hf_raise_for_status
+
+from fp8q.checkpoint import INDEX_FILE, Shard, header_length, parse_shard, read_shard
+from fp8q.errors import CheckpointError
+
+try:
+    from httpx import HTTPError as _HttpxError
+except ImportError:  # huggingface_hub < 1.0 talks through requests, whose errors are OSErrors
+    _HttpxError = OSError
+# What talking to the Hub raises: HTTP and connection errors (httpx's are not OSErrors), Hub errors, cache errors.
+NETWORK_ERRORS: tuple[type[Exception], ...] = (_HttpxError, OSError)
+HUB_ERRORS: tuple[type[Exception], ...] = (*NETWORK_ERRORS, ValueError)
+
+# The first request asks for this much: the length prefix and, for nearly every shard, the whole header.
+HEADER_PROBE = 1 << 17
+# Downloaded shards on disk at once: the one being converted and the next one.
+WINDOW = 2
+# Header requests in flight at once while planning (a DeepSeek-V3-sized repo has 163 shards).
+HEADER_THREADS = 8
+
+
+@dataclass(frozen=True)
+class HubStream:
+    """A repo at one commit: its side files (and any shards cached before the run) in `folder`, a snapshot
+    folder of the Hugging Face cache, and the headers of the shards still on the Hub."""
+
+    repo_id: str
+    commit: str
+    folder: Path
+    remote: dict[str, Shard]
+    cache_dir: str | Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"Hub repo {self.repo_id}"
+
+    def most_on_disk(self, skip: set[str]) -> int:
+        """The most a run that skips the shards `skip` holds in the cache at once: its `WINDOW` largest downloads."""
+        sizes = sorted((s.size for name, s in self.remote.items() if name not in skip), reverse=True)
+        return sum(sizes[:WINDOW])
+
+
+def open_stream(
+    repo_id: str, folder: Path, cache_dir: str | Path | None, explain: Callable[[Exception], str]
+) -> HubStream | None:
+    """Read the headers of the shards `folder`'s index lists that are not in it; None without an index.
+
+    Raises:
+        CheckpointError: a header that cannot be fetched or is not a safetensors header, naming the shard.
+    """
+    try:
+        weight_map = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
+        names = sorted({str(name) for name in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # read_checkpoint names what is wrong with the index, once the repo is downloaded
+    missing = [name for name in names if not (folder / name).is_file()]
+    commit = folder.name
+
+    def header(name: str) -> Shard:
+        try:
+            return remote_shard(repo_id, commit, folder, name)
+        except CheckpointError:
+            raise
+        except HUB_ERRORS as e:
+            raise CheckpointError(f"Hub repo {repo_id}: {name}: {explain(e)}") from None
+
+    with ThreadPoolExecutor(HEADER_THREADS, thread_name_prefix="fp8q-header") as pool:
+        shards = list(pool.map(header, missing))
+    return HubStream(repo_id, commit, folder, {s.name: s for s in shards}, cache_dir)
+
+
+def remote_shard(repo_id: str, commit: str, folder: Path, name: str) -> Shard:
+    """One shard's header, read with range requests and validated as `read_shard` validates a file's."""
+    url = hf_hub_url(repo_id, name, revision=commit)
+    meta = get_hf_file_metadata(url)  # size and sha256 (ETag) as hf_hub_download will see them
+    path = folder / name  # where it will be once downloaded: the name errors give
+    size = meta.size or 0
+    head = _get_range(url, 0, min(HEADER_PROBE, size))
+    header_len = header_length(path, head[:8], size)
+    raw = head[8 : 8 + header_len]
+    if len(raw) < header_len:
+        raw += _get_range(url, 8 + len(raw), 8 + header_len)
+    return parse_shard(path, name, size, raw, etag=meta.etag or "")
+
+
+def _get_range(url: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file on the Hub. Streamed and cut off at `end`: a server that ignores the
+    range must not send a whole shard. Redirects to the Hub's storage are followed (without the token, which
+    httpx drops on a redirect to another host)."""
+    if end <= start:
+        return b""
+    headers = {**build_hf_headers(), "Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+    with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response:
+        if response.status_code >= 400:
+            response.read()  # the error's body, which hf_raise_for_status reads
+        hf_raise_for_status(response)
+        skip = start if response.status_code == 200 else 0  # the range was ignored: the body starts at byte 0
+        data = bytearray()
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) >= skip + end - start:
+                break
+    return bytes(data[skip : skip + end - start])
+
+
+class _Cancelled(Exception):
+    """Raised from the download's progress hook to stop a download the run no longer needs."""
+
+
+class ShardDownloads:
+    """Downloads the shards a run reads, in its order, at most `WINDOW` of them on disk at a time.
+
+    The reader calls `ready(name)` before it opens a shard (waiting for its download), the writer `done(name)`
+    once the shard is written (deleting the download), and the run `close()` at its end, which stops any
+    download in progress and deletes the downloads no shard was written from. Shards cached before the run
+    pass through untouched.
+    """
+
+    def __init__(
+        self,
+        stream: HubStream,
+        order: list[str],
+        keep: bool,
+        on_bytes: Callable[[str, int], None],
+        explain: Callable[[Exception], str],
+    ) -> None:
+        self.stream = stream
+        self.order = [name for name in order if name in stream.remote]
+        self.keep = keep
+        self._on_bytes = on_bytes
+        self._explain = explain
+        self._slots = threading.Semaphore(WINDOW)
+        self._stop = threading.Event()
+        self._arrived = {name: threading.Event() for name in self.order}
+        self._failed: dict[str, CheckpointError] = {}
+        self._made: dict[str, list[Path]] = {}  # name -> the files this run created for it
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._download_all, name="fp8q-download", daemon=True)
+        self._thread.start()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.stream.remote[name].size for name in self.order)
+
+    def ready(self, name: str, stop: threading.Event) -> None:
+        """Return once shard `name` is on disk.
+
+        Raises:
+            CheckpointError: its download failed, naming the shard.
+            Stopped: the run was stopped while waiting.
+        """
+        from fp8q.tensor_io import Stopped
+
+        arrived = self._arrived.get(name)
+        if arrived is None:
+            return  # in the cache before the run
+        while not arrived.wait(0.1):
+            if stop.is_set():
+                raise Stopped
+        if name in self._failed:
+            raise self._failed[name]
+
+    def done(self, name: str) -> None:
+        """Shard `name` is written: delete its download (unless kept) and let the next one start."""
+        if name not in self._arrived:
+            return
+        with self._lock:
+            made = self._made.pop(name, [])
+        if not self.keep:
+            _delete(made)
+        self._slots.release()
+
+    def close(self) -> None:
+        """Stop downloading and delete what was downloaded but not converted (unless kept)."""
+        self._stop.set()
+        self._slots.release()  # wake the downloader if it waits for a slot
+        self._thread.join()
+        with self._lock:
+            left = [path for paths in self._made.values() for path in paths]
+            self._made.clear()
+        if not self.keep:
+            _delete(left)
+
+    def _download_all(self) -> None:
+        for name in self.order:
+            self._slots.acquire()
+            if self._stop.is_set():
+                return
+            try:
+                self._download(name)
+            except _Cancelled:
+                return
+            except Exception as e:  # noqa: BLE001 - whatever stops a download is the reader's to raise, in one line
+                self._failed[name] = e if isinstance(e, CheckpointError) else self._failure(name, e)
+                self._arrived[name].set()
+                return
+            self._arrived[name].set()
+
+    def _failure(self, name: str, error: Exception) -> CheckpointError:
+        if isinstance(error, NETWORK_ERRORS) and not isinstance(error, HfHubHTTPError):
+            first = (str(error).strip().splitlines() or ["no details"])[0]
+            why = f"the download broke off ({type(error).__name__}: {first}); check the network, or HF_ENDPOINT"
+        else:
+            why = self._explain(error)
+        return CheckpointError(f"{self.stream.label}: downloading {name}: {why}")
+
+    def _download(self, name: str) -> None:
+        expected = self.stream.remote[name]
+        link = self.stream.folder / name
+        blob = self.stream.folder.parent.parent / "blobs" / expected.etag
+        created = [link] + ([] if blob.exists() else [blob])  # a blob another revision shares is not ours
+        with self._lock:
+            self._made[name] = created
+        hf_hub_download(
+            self.stream.repo_id,
+            name,
+            revision=self.stream.commit,
+            cache_dir=self.stream.cache_dir,
+            tqdm_class=self._progress(name),  # type: ignore[arg-type]
+        )
+        local = read_shard(self.stream.folder, name)
+        if (local.size, local.header_sha256) != (expected.size, expected.header_sha256):
+            raise CheckpointError(
+                f"{link}: downloaded, but its header differs from the one read before the run; "
+                "the repo changed on the Hub at the same commit (or a proxy altered it): run again"
+            )
+
+    def _progress(self, name: str) -> Callable[..., Any]:
+        """A stand-in for huggingface_hub's tqdm bar: counts the bytes, and stops the download when the run stops."""
+        on_bytes, stop = self._on_bytes, self._stop
+
+        class Bytes:
+            def __init__(self, **kwargs: Any) -> None:
+                if kwargs.get("initial"):
+                    on_bytes(name, kwargs["initial"])
+
+            def __enter__(self) -> Bytes:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                pass
+
+            def update(self, n: int | float = 1) -> None:
+                if stop.is_set():
+                    raise _Cancelled
+                on_bytes(name, int(n))
+
+            def close(self) -> None:
+                pass
+
+        return Bytes
+
+
+def _delete(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,197 @@
+"""A Hub repo not in the cache is converted as it downloads: planned from the shards' headers (range requests),
+each shard downloaded while the one before converts and deleted once written. Against tests/hub_server.py, a
+local stand-in for the Hub on 127.0.0.1, with `fp8q` run as a user runs it (a child process with HF_ENDPOINT and
+HF_HOME set, as huggingface_hub reads them at import)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from fp8q import QuantizeOptions, quantize
+from fp8q.manifest import Progress
+from tests.hub_server import HubServer
+from tests.test_resume import _big_source, _hashes
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO = "org/model"
+SHARDS = [f"model-{i:05d}-of-00008.safetensors" for i in range(1, 9)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    """The 8-shard repo's folder (served by every test's hub) and its conversion from that local folder."""
+    root = tmp_path_factory.mktemp("hub")
+    _big_source(root / "repos" / REPO, shards=8)
+    (root / "repos" / REPO / "README.md").write_text("---\nlicense: mit\n---\n# A model\n")
+    quantize(root / "repos" / REPO, root / "local" / "out", QuantizeOptions(device="cpu"))
+    return root / "repos", root / "local" / "out"
+
+
+@pytest.fixture
+def hub(reference):
+    server = HubServer(reference[0])
+    yield server
+    server.close()
+
+
+def _fp8q(tmp_path: Path, hub: HubServer, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    clean |= {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT), **env}
+    cmd = [sys.executable, "-m", "fp8q", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=clean, timeout=300)
+
+
+def _disk(*folders: Path) -> int:
+    """Bytes of the regular files under these folders (links count nothing: they point at blobs)."""
+    total = 0
+    for folder in folders:
+        for path in folder.rglob("*") if folder.exists() else ():
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+    return total
+
+
+def _downloads(hub: HubServer) -> list[str]:
+    return sorted(r.file for r in hub.requests if r.downloads and r.file.endswith(".safetensors"))
+
+
+def _cached_shards(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "hf" / "hub").rglob("*.safetensors"))
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_streamed_equals_local_and_holds_at_most_two_shards(reference, hub, tmp_path):
+    repos, local = reference
+    out = tmp_path / "streamed" / "out"
+    cache = tmp_path / "hf"
+    peak = [0, 0]  # the cache and OUT together, and the cache alone
+
+    def measure(*_: object) -> None:
+        # The cache's files (blobs, downloads in progress); its own bookkeeping (refs, tree listings) is a few kB.
+        in_cache = _disk(*cache.glob("hub/*/blobs"))
+        peak[0] = max(peak[0], in_cache + _disk(out.parent))
+        peak[1] = max(peak[1], in_cache)
+
+    hub.on_download = measure  # at the start and the end of every shard's download
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.005):
+            measure()
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "--quiet")
+    finally:
+        stop.set()
+        sampler.join()
+    assert result.returncode == 0, result.stderr
+    assert _hashes(out) == _hashes(local)
+    assert ModelCard.load(out / "README.md").data.base_model == REPO
+
+    # Each shard downloaded once, and none left behind.
+    assert _downloads(hub) == SHARDS
+    assert _cached_shards(tmp_path) == []
+    sizes = sorted(((repos / REPO / name).stat().st_size for name in SHARDS), reverse=True)
+    side = _disk(repos / REPO) - sum(sizes)
+    bound = _disk(out) + sizes[0] + sizes[1] + side
+    assert _disk(out) < peak[0] <= bound, (peak[0], bound)
+    # The cache itself never held more than two shards (and saw at least one: the sampling is not blind).
+    assert sizes[-1] < peak[1] <= sizes[0] + sizes[1] + side, (peak[1], sizes[:2], side)
+
+
+def test_plan_reads_headers_only(reference, hub, tmp_path):
+    """inspect and --dry-run of a repo not in the cache fetch the side files and each shard's header: no weights."""
+    result = _fp8q(tmp_path, hub, "inspect", REPO, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tensors_quantized"] == 16
+    assert _downloads(hub) == [] and _cached_shards(tmp_path) == []
+    ranged = {r.file for r in hub.requests if r.method == "GET" and r.range and not r.range.endswith("-")}
+    assert ranged == set(SHARDS)
+
+
+def test_keep_download_then_the_cached_repo_needs_no_network(reference, hub, tmp_path):
+    out = tmp_path / "a" / "out"
+    result = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q", "--keep-download")
+    assert result.returncode == 0, result.stderr
+    assert _cached_shards(tmp_path) == SHARDS
+    hub.requests.clear()
+    again = tmp_path / "b" / "out"
+    result = _fp8q(tmp_path, hub, "quantize", REPO, str(again), "--device", "cpu", "-q")
+    assert result.returncode == 0, result.stderr
+    assert hub.requests == [] and _cached_shards(tmp_path) == SHARDS  # as before streaming: the cache, untouched
+    assert _hashes(again, card=True) == _hashes(out, card=True)
+
+
+def test_connection_dropped_mid_shard_then_resume(reference, hub, tmp_path):
+    _, local = reference
+    out = tmp_path / "run" / "out"
+    hub.faults.drop.add(SHARDS[4])
+    result = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q")
+    line = _one_line(result)
+    assert SHARDS[4] in line and "--resume" in line
+    partial = out.with_name("out.partial")
+    assert not out.exists() and partial.is_dir()
+    done = set(Progress(partial, {}).done())
+    assert done and done <= set(SHARDS[:4])
+    assert _cached_shards(tmp_path) == [] and not list((tmp_path / "hf").rglob("*.incomplete"))
+
+    hub.faults.drop.clear()
+    hub.requests.clear()
+    result = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert _hashes(out) == _hashes(local)
+    assert _downloads(hub) == sorted(set(SHARDS) - done)  # only the shards still needed
+
+
+def test_shard_gone_from_the_hub_then_resume(reference, hub, tmp_path):
+    """The index lists a shard the Hub no longer serves: found while planning (nothing written) or while
+    downloading (the finished shards kept)."""
+    _, local = reference
+    out = tmp_path / "run" / "out"
+    hub.faults.gone_after_heads[SHARDS[2]] = 0
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q"))
+    assert SHARDS[2] in line and "org/model" in line
+    assert not out.exists() and not out.with_name("out.partial").exists()
+
+    hub.faults.heads.clear()
+    hub.faults.gone_after_heads[SHARDS[2]] = 1  # planning's request answered, the download's not
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q"))
+    assert SHARDS[2] in line and "--resume" in line
+    assert not out.exists() and set(Progress(out.with_name("out.partial"), {}).done()) <= set(SHARDS[:2])
+
+    hub.faults.gone_after_heads.clear()
+    result = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert _hashes(out) == _hashes(local)
+
+
+def test_gated_repo_without_a_token(reference, tmp_path):
+    server = HubServer(reference[0], gated={REPO: "hf_letmein"})
+    try:
+        out = tmp_path / "run" / "out"
+        line = _one_line(_fp8q(tmp_path, server, "quantize", REPO, str(out), "--device", "cpu", "-q"))
+        assert "gated" in line and "HF_TOKEN" in line
+        assert not out.exists() and not out.with_name("out.partial").exists()
+        args = ("quantize", REPO, str(out), "--device", "cpu", "-q", "--resume")
+        run = _fp8q(tmp_path, server, *args, HF_TOKEN="hf_letmein")
+        assert run.returncode == 0, run.stderr
+        assert _hashes(out) == _hashes(reference[1])
+        assert all(r.auth for r in server.requests if r.repo == REPO and r.status < 400)
+    finally:
+        server.close()
