@@ -27,6 +27,7 @@ class Request:
     range: str | None
     auth: bool
     status: int
+    revision: str = ""
 
     @property
     def downloads(self) -> bool:
@@ -108,7 +109,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 
         def _route(self) -> None:
             path = unquote(urlsplit(self.path).path)
-            self._repo_id, self._file = "", ""
+            self._repo_id, self._file, self._revision = "", "", ""
             try:
                 if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
                     self._info(m.group(1), m.group(2) or "main")
@@ -117,13 +118,16 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 elif m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
                     self._resolve(*m.groups())
                 else:
+                    print(f"hub_server: no route for {self.command} {self.path}")  # noqa: T201 - shown on failure
                     self._error(404, "NotFound", f"no route {path}")
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
         def _log(self, status: int) -> None:
             auth = bool(self.headers.get("Authorization"))
-            request = Request(self.command, self._repo_id, self._file, self.headers.get("Range"), auth, status)
+            request = Request(
+                self.command, self._repo_id, self._file, self.headers.get("Range"), auth, status, self._revision
+            )
             hub.requests.append(request)
 
         def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
@@ -142,7 +146,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 
         def _open(self, repo_id: str, revision: str) -> tuple[str, dict[str, _File]] | None:
             """The repo, after the checks the Hub makes: it exists, the caller may read it, the revision exists."""
-            self._repo_id = repo_id
+            self._repo_id, self._revision = repo_id, revision
             found = hub.repo(repo_id)
             if found is None:
                 self._error(404, "RepoNotFound", "Repository not found")

@@ -195,3 +195,32 @@ def test_gated_repo_without_a_token(reference, tmp_path):
         assert all(r.auth for r in server.requests if r.repo == REPO and r.status < 400)
     finally:
         server.close()
+
+
+def test_download_events_and_revision(reference, hub, tmp_path):
+    """The library reports the download beside the conversion (the CLI's progress bar draws both): DownloadStarted
+    with every byte to fetch, then Downloaded events adding up to it; a revision (here the commit) is honoured."""
+    commit = hub.repo(REPO)[0]
+    script = f"""
+import json, sys
+from fp8q import QuantizeOptions, quantize
+events = []
+quantize({REPO!r}, sys.argv[1], QuantizeOptions(device="cpu", revision={commit!r}), on_event=events.append)
+started = [e for e in events if type(e).__name__ == "DownloadStarted"]
+got = {{}}
+for e in events:
+    if type(e).__name__ == "Downloaded":
+        got[e.shard] = got.get(e.shard, 0) + e.nbytes
+print(json.dumps({{"started": [[e.nbytes, e.shards] for e in started], "downloaded": got}}))
+"""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env = clean | {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "run" / "out"
+    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    sizes = {name: (reference[0] / REPO / name).stat().st_size for name in SHARDS}
+    assert report["started"] == [[sum(sizes.values()), 8]]
+    assert report["downloaded"] == sizes
+    assert {r.revision for r in hub.requests if r.repo} == {commit}
+    assert _hashes(out) == _hashes(reference[1])
