@@ -809,6 +809,7 @@ def _read(
                     _put(outbox, item, stop)
             finally:
                 os.close(fd)
+                scales.close_shard(shard.name)
             _put(outbox, _Item(index, None), stop)
     _put(outbox, None, stop)
 

@@ -180,6 +180,12 @@ class ShardReader:
         except OSError as e:
             raise read_error(self.paths[meta.shard], meta.name, e) from None
 
+    def close_shard(self, shard: str) -> None:
+        """Done with this shard for now (a streamed shard's download is deleted next: an open file keeps its space)."""
+        fd = self.fds.pop(shard, None)
+        if fd is not None:
+            os.close(fd)
+
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)

@@ -224,3 +224,21 @@ print(json.dumps({{"started": [[e.nbytes, e.shards] for e in started], "download
     assert report["downloaded"] == sizes
     assert {r.revision for r in hub.requests if r.repo} == {commit}
     assert _hashes(out) == _hashes(reference[1])
+
+
+def test_fp8_repo_streamed_through_dequantize(reference, tmp_path):
+    """dequantize (and so convert, the same engine) streams an FP8 repo too: the same bytes as from the folder."""
+    repos = tmp_path / "repos"
+    quantize(reference[0] / REPO, repos / "org" / "model-fp8", QuantizeOptions(device="cpu", scheme="block"))
+    from fp8q.pipeline import dequantize
+
+    dequantize(repos / "org" / "model-fp8", tmp_path / "local" / "out")
+    server = HubServer(repos)
+    try:
+        out = tmp_path / "streamed" / "out"
+        result = _fp8q(tmp_path, server, "dequantize", "org/model-fp8", str(out), "--device", "cpu", "-q")
+        assert result.returncode == 0, result.stderr
+        assert _hashes(out) == _hashes(tmp_path / "local" / "out")
+        assert _downloads(server) == SHARDS and _cached_shards(tmp_path) == []
+    finally:
+        server.close()
