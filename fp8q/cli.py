@@ -638,10 +638,14 @@ def _show_report(report: Report, as_json: bool, quiet: bool) -> None:
             f"; {report.tensors_dequantized} FP8 weights ({layouts}) dequantized to {report.dtype}, "
             f"{report.tensors_dropped} scales dropped"
         )
+    downloaded = ""
+    if report.bytes_downloaded:
+        what = "kept in the Hugging Face cache" if report.downloads_kept else "each deleted once converted"
+        downloaded = f"\n  hub:     {size_text(report.bytes_downloaded)} streamed from the Hub, {what}"
     err.print(
         f"[green]done[/green]: {report.out}\n"
         f"  tensors: {tensors}\n"
-        f"  size:    {size_text(report.bytes_in)} in, {size_text(report.bytes_out)} out{resumed}\n"
+        f"  size:    {size_text(report.bytes_in)} in, {size_text(report.bytes_out)} out{resumed}{downloaded}\n"
         f"  time:    {_elapsed():.1f} s in all ({report.seconds:.1f} s converting, "
         f"{report.gb_per_s:.2f} GB/s on {report.device})",
         soft_wrap=True,

@@ -70,6 +70,9 @@ class Report:
     dtype: str | None = None  # the high-precision dtype of dequantized weights
     # The source's FP8 layouts in words -> number of weights, e.g. {"fp8 block 128x128": 61}.
     layouts: dict[str, int] = field(default_factory=dict)
+    # A streamed Hub repo: bytes downloaded by this run, and whether they were kept in the cache (else deleted).
+    bytes_downloaded: int = 0
+    downloads_kept: bool = False
 
     @property
     def gb_per_s(self) -> float:

@@ -393,6 +393,8 @@ def _run(
         tensors_dropped=len(plan.source.dropped) if plan.source else 0,
         dtype=config_name(plan.dtype) if plan.dtype else None,
         layouts=source_layouts(plan.source),
+        bytes_downloaded=getattr(files, "total_bytes", 0),
+        downloads_kept=options.keep_download,
     )
 
 

@@ -127,14 +127,18 @@ def test_plan_reads_headers_only(reference, hub, tmp_path):
 
 def test_keep_download_then_the_cached_repo_needs_no_network(reference, hub, tmp_path):
     out = tmp_path / "a" / "out"
-    result = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q", "--keep-download")
+    result = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q", "--json", "--keep-download")
     assert result.returncode == 0, result.stderr
     assert _cached_shards(tmp_path) == SHARDS
+    report = json.loads(result.stdout)
+    assert report["bytes_downloaded"] == sum((reference[0] / REPO / name).stat().st_size for name in SHARDS)
+    assert report["downloads_kept"] is True
     hub.requests.clear()
     again = tmp_path / "b" / "out"
-    result = _fp8q(tmp_path, hub, "quantize", REPO, str(again), "--device", "cpu", "-q")
+    result = _fp8q(tmp_path, hub, "quantize", REPO, str(again), "--device", "cpu", "-q", "--json")
     assert result.returncode == 0, result.stderr
     assert hub.requests == [] and _cached_shards(tmp_path) == SHARDS  # as before streaming: the cache, untouched
+    assert json.loads(result.stdout)["bytes_downloaded"] == 0
     assert _hashes(again, card=True) == _hashes(out, card=True)
 
 
