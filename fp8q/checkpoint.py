@@ -120,7 +120,7 @@ def read_checkpoint(src: Path, remote: Mapping[str, Shard] | None = None) -> Che
     files, outside = _list_files(src, allowed)
     index_path = src / INDEX_FILE
     if index_path.is_file():
-        shard_names = _read_index(_inside(index_path, allowed))
+        shard_names = read_index(_inside(index_path, allowed))
     elif (src / SINGLE_FILE).is_file():
         shard_names = {SINGLE_FILE: set()}
     else:
@@ -317,7 +317,7 @@ def _list_files(root: Path, allowed: Path) -> tuple[list[str], list[tuple[str, P
     return found, outside
 
 
-def _read_index(index_path: Path) -> dict[str, set[str]]:
+def read_index(index_path: Path) -> dict[str, set[str]]:
     """Shard file name -> tensor names, from the index, with hostile shard names refused."""
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))

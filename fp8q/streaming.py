@@ -12,7 +12,6 @@ did not create in this run.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from typing import Any
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.utils import HfHubHTTPError, build_hf_headers, get_session, hf_raise_for_status
 
-from fp8q.checkpoint import INDEX_FILE, Shard, header_length, parse_shard, read_shard
+from fp8q.checkpoint import INDEX_FILE, Shard, header_length, parse_shard, read_index, read_shard
 from fp8q.errors import CheckpointError
 
 try:
@@ -69,13 +68,12 @@ def open_stream(
     """Read the headers of the shards `folder`'s index lists that are not in it; None without an index.
 
     Raises:
-        CheckpointError: a header that cannot be fetched or is not a safetensors header, naming the shard.
+        CheckpointError: an index that is not one (or names shards outside the repo), a header that cannot be
+            fetched or is not a safetensors header; naming the file.
     """
-    try:
-        weight_map = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
-        names = sorted({str(name) for name in weight_map.values()})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # read_checkpoint names what is wrong with the index, once the repo is downloaded
+    if not (folder / INDEX_FILE).is_file():
+        return None
+    names = sorted(read_index(folder / INDEX_FILE))
     missing = [name for name in names if not (folder / name).is_file()]
     commit = folder.name
 

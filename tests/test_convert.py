@@ -56,6 +56,7 @@ def _files(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
     """A bf16 dense model and a MoE (dims multiples of 32, for MXFP8), each in every layout fp8q writes."""
+    torch.manual_seed(0)  # module fixtures come before the per-test seed: the same weights in any test order
     root = tmp_path_factory.mktemp("convert")
     models = {
         "dense": tiny_llama(root / "dense", hidden=128, intermediate=224),

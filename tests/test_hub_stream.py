@@ -246,3 +246,20 @@ def test_fp8_repo_streamed_through_dequantize(reference, tmp_path):
         assert _downloads(server) == SHARDS and _cached_shards(tmp_path) == []
     finally:
         server.close()
+
+
+def test_hostile_index_refused_before_any_shard_request(reference, tmp_path):
+    repos = tmp_path / "repos"
+    src = _big_source(repos / "org" / "evil", shards=2)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../../../outside.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    server = HubServer(repos)
+    try:
+        line = _one_line(_fp8q(tmp_path, server, "quantize", "org/evil", str(tmp_path / "out"), "--device", "cpu"))
+        assert "../../../outside.safetensors" in line and "inside the checkpoint folder" in line
+        assert not [r for r in server.requests if r.file.endswith(".safetensors")]
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    finally:
+        server.close()

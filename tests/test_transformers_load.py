@@ -24,6 +24,7 @@ def _logits(path, **kwargs) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
+    torch.manual_seed(0)  # module fixtures come before the per-test seed: the same weights in any test order
     root = tmp_path_factory.mktemp("load")
     src = tiny_llama(root / "src")
     quantize(src, root / "fp8q", QuantizeOptions(device="cpu"))
