@@ -410,12 +410,11 @@ def dequantize_command(
 
     def run() -> None:
         engine = _engine()
-        options = engine.QuantizeOptions(
-            dtype=dtype, overwrite=overwrite, resume=resume, device=device, revision=revision,
-            model_card=not no_model_card, keep_download=keep_download,
-        )  # fmt: skip
         with _ProgressView(quiet, "dequantizing") as view:
-            report = engine.run(src, out, options, view.on_event, engine.Mode.DEQUANTIZE)
+            report = engine.dequantize(
+                src, out, dtype=dtype, overwrite=overwrite, resume=resume, device=device, revision=revision,
+                model_card=not no_model_card, keep_download=keep_download, on_event=view.on_event,
+            )  # fmt: skip
         _show_report(report, as_json, quiet)
 
     _guarded(run)

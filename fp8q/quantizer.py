@@ -99,7 +99,22 @@ def dequantize_into(
     return all(pool.map(band, bands) if pool is not None and len(bands) > 1 else map(band, bands))
 
 
-class CpuQuantizer:
+class _Quantizer:
+    """What every quantizer has: `start` a weight (returning a promise), and `result`, which waits for it."""
+
+    def start(self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
+        raise NotImplementedError
+
+    def result(
+        self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`start`, then wait: the quantized weight and its scale."""
+        done = self.start(handle, q, part)
+        done.wait()
+        return done.q, done.s
+
+
+class CpuQuantizer(_Quantizer):
     """Quantizes on the CPU with `workers` threads, each walking its own rows chunk by chunk."""
 
     lookahead = 0
@@ -135,14 +150,6 @@ class CpuQuantizer:
             tensor_scale = numerics.amax_to_tensor_scale(torch.stack(amaxes).amax(), w.dtype, layout)
         self._map(lambda r: _chunked_quantize(w, q, s, r, self._chunk_rows(w), layout, tensor_scale), ranges)
         return Quantized(q, s, numerics.error_sums(w, q, s, layout))
-
-    def result(
-        self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`start`, then wait: the quantized weight and its scale."""
-        done = self.start(handle, q, part)
-        done.wait()
-        return done.q, done.s
 
     def close(self) -> None:
         if self.pool:
@@ -187,7 +194,7 @@ def _chunked_quantize(
         numerics.quantize_rows(w, q, s, a, min(a + chunk, r[1]), layout, tensor_scale)
 
 
-class CudaQuantizer:
+class CudaQuantizer(_Quantizer):
     """Quantizes on one CUDA device with three streams: uploads (from pinned host memory), quantization
     and statistics, and downloads (into pinned host buffers), each waiting on the last one's event, so
     that several weights are in flight and the host never waits for the GPU: the pipeline's writer waits
@@ -235,34 +242,18 @@ class CudaQuantizer:
         # The device tensors stay referenced until the download has run; the sums are read after it.
         return Quantized(q_host, s_host, sums, downloaded.synchronize, keep=(q_dev, s_dev))
 
-    def result(
-        self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        done = self.start(handle, q, part)
-        done.wait()
-        return done.q, done.s
-
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
 
 
-class CeilingQuantizer:
+class CeilingQuantizer(CpuQuantizer):
     """For `make bench` only (FP8Q_BENCH_CEILING=1): a stand-in that costs nothing, writing zeros and unit
     scales of the right dtypes and shapes, so that a run measures what everything but the quantization
-    costs (reading, writing, hashing, statistics): the most any device's kernel can reach."""
-
-    lookahead = 0
-    pin_memory = False
-    in_flight = 0
+    costs (reading, writing, hashing, statistics): the most any device's kernel can reach. The CPU quantizer
+    with its work taken out."""
 
     def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-
-    def submit(self, w: torch.Tensor) -> Any:
-        return w
-
-    def weight_of(self, handle: Any) -> torch.Tensor:
-        return handle
+        super().__init__(layout, workers=1)
 
     def start(self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
         w: torch.Tensor = handle if part is None else part.take(handle)
@@ -271,13 +262,8 @@ class CeilingQuantizer:
         s.fill_(1)
         return Quantized(q, s, numerics.error_sums(w, q, s, self.layout))
 
-    def close(self) -> None:
-        pass
 
-
-def make_quantizer(
-    layout: Layout, device: torch.device, workers: int
-) -> CpuQuantizer | CudaQuantizer | CeilingQuantizer:
+def make_quantizer(layout: Layout, device: torch.device, workers: int) -> CpuQuantizer | CudaQuantizer:
     if os.environ.get("FP8Q_BENCH_CEILING") == "1":
         return CeilingQuantizer(layout)
     if device.type == "cuda":
