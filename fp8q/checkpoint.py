@@ -317,6 +317,15 @@ def _list_files(root: Path, allowed: Path) -> tuple[list[str], list[tuple[str, P
     return found, outside
 
 
+def index_shards(folder: Path) -> list[str] | None:
+    """The shard names `folder`'s index lists (checked as `read_index` checks them), or None without an index.
+
+    Raises:
+        CheckpointError: an index that is not one, or names shards outside the folder.
+    """
+    return sorted(read_index(folder / INDEX_FILE)) if (folder / INDEX_FILE).is_file() else None
+
+
 def read_index(index_path: Path) -> dict[str, set[str]]:
     """Shard file name -> tensor names, from the index, with hostile shard names refused."""
     try:

@@ -12,7 +12,6 @@ the repo, with no traceback.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from huggingface_hub.utils import (
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from fp8q.checkpoint import INDEX_FILE, WEIGHT_SUFFIXES
+from fp8q.checkpoint import INDEX_FILE, WEIGHT_SUFFIXES, index_shards
 from fp8q.errors import CheckpointError, UsageError
 from fp8q.streaming import HUB_ERRORS, NETWORK_ERRORS, HubStream, open_stream
 
@@ -118,7 +117,7 @@ def _snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None, 
     """
     common = {"cache_dir": cache_dir, "local_files_only": local_only, "ignore_patterns": list(IGNORE_PATTERNS)}
     side = _side_files(repo_id, revision, cache_dir, local_only=local_only)
-    weights = _shard_names(side)
+    weights = index_shards(side)
     patterns = ["*.safetensors"] if weights is None else [_literal(name) for name in weights]
     folder = Path(snapshot_download(repo_id, revision=side.name, allow_patterns=patterns, **common))
     if not _has_weights(folder, weights):
@@ -150,15 +149,6 @@ class _Silent(hf_tqdm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["disable"] = True
         super().__init__(*args, **kwargs)
-
-
-def _shard_names(folder: Path) -> list[str] | None:
-    """The shard names the index lists, or None without a readable index (read_checkpoint reports a bad one)."""
-    try:
-        weight_map = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
-        return sorted({str(name) for name in weight_map.values()})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 def _literal(name: str) -> str:

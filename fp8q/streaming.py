@@ -22,7 +22,7 @@ from typing import Any
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.utils import HfHubHTTPError, build_hf_headers, get_session, hf_raise_for_status
 
-from fp8q.checkpoint import INDEX_FILE, Shard, header_length, parse_shard, read_index, read_shard
+from fp8q.checkpoint import Shard, header_length, index_shards, parse_shard, read_shard
 from fp8q.errors import CheckpointError
 
 try:
@@ -71,9 +71,9 @@ def open_stream(
         CheckpointError: an index that is not one (or names shards outside the repo), a header that cannot be
             fetched or is not a safetensors header; naming the file.
     """
-    if not (folder / INDEX_FILE).is_file():
+    names = index_shards(folder)
+    if names is None:
         return None
-    names = sorted(read_index(folder / INDEX_FILE))
     missing = [name for name in names if not (folder / name).is_file()]
     commit = folder.name
 
