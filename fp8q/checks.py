@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from fp8q.checkpoint import CONFIG_FILE
-from fp8q.formats import MX_GROUP, Format, Scheme
+from fp8q.formats import MX_GROUP, Scheme
 from fp8q.plan import Action, Plan
 from fp8q.selection import is_linear_weight, unknown_architecture_note
 from fp8q.tensor_parallel import tensor_parallel_problems
@@ -62,7 +62,7 @@ def plan_notes(plan: Plan) -> list[str]:
     unknown = unknown_architecture_note(plan.config, plan.architecture)
     if unknown:
         notes.append(unknown)
-    if layout.format is Format.FP8 and layout.scheme is Scheme.TENSOR:
+    if not layout.transformers_runs:
         notes.append(
             "--scheme tensor --format fp8 is vLLM's and SGLang's layout: transformers ignores its per-tensor "
             "weight_scale without an error and computes garbage (use --format compressed-tensors for transformers)"

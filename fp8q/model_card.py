@@ -249,8 +249,8 @@ def _transformers_note(layout: Layout | None) -> str | None:
     """How transformers loads it, as measured in fp8q's tests; None where it computes garbage (fp8 per-tensor)."""
     if layout is None:
         return "[transformers](https://huggingface.co/docs/transformers) loads it with no quantization library:"
+    if not layout.transformers_runs:
+        return None
     if layout.format is Format.COMPRESSED_TENSORS:
         return "transformers loads it with the `compressed-tensors` package installed:"
-    if layout.scheme is Scheme.BLOCK:
-        return "transformers loads it (its built-in FP8 support; weight dims must be multiples of the block):"
-    return None
+    return "transformers loads it (its built-in FP8 support; weight dims must be multiples of the block):"
