@@ -139,7 +139,14 @@ def test_convert_memory_does_not_grow_with_the_model(tmp_path):
     for layers in (4, 16):
         src = _layers(tmp_path / f"src{layers}", layers, width=1024)
         quantize(src, tmp_path / f"fp8-{layers}", QuantizeOptions(device="cpu", scheme="block", format="fp8"))
-        rss[layers] = _peak_rss_kib(tmp_path / f"fp8-{layers}", tmp_path / f"out{layers}", command="convert") / 1024
+        # The small model's peak is the highest of two runs: a short run under load may end before its buffer
+        # pools have all filled (seen once in CI: 417 MiB against 485-501 in every other run), which would
+        # make the bounded pools look like growth.
+        runs = 2 if layers == 4 else 1
+        rss[layers] = max(
+            _peak_rss_kib(tmp_path / f"fp8-{layers}", tmp_path / f"out{layers}-{run}", command="convert") / 1024
+            for run in range(runs)
+        )
     # 12 more layers are 96 MiB more once dequantized; a run that held them would grow by that much. (Peak RSS
     # moves by a few tens of MiB from run to run with how malloc's per-thread arenas meet the temporaries.)
     assert rss[16] - rss[4] < 64, rss
