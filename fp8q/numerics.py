@@ -106,7 +106,7 @@ def tensor_amax(w: torch.Tensor, r0: int, r1: int, layout: Layout) -> torch.Tens
     x = w[r0:r1]
     if x.numel() == 0:
         return torch.zeros((), dtype=w.dtype, device=w.device)
-    amax = x.abs().amax()
+    amax = abs_max(x)
     _check_finite(amax)
     return amax
 
@@ -144,7 +144,7 @@ def quantize_rows(
             s.copy_(tensor_scale.reshape(s.shape))
         return
     if layout.scheme is Scheme.CHANNEL:
-        amax = x.abs().amax(dim=1, keepdim=True)
+        amax = abs_max(x, dim=1)
         _check_finite(amax)
         scale = _ct_scale(amax)
         q[r0:r1].copy_(x / scale)
@@ -165,7 +165,7 @@ def quantize_rows(
 
 def _quantize_mx_rows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
     groups = x.unflatten(-1, (-1, MX_GROUP))
-    amax = groups.abs().amax(dim=-1)
+    amax = abs_max(groups, dim=-1, keepdim=False)
     _check_finite(amax)
     scale = _pow2(mx_exponent(amax) - 127).to(x.dtype)
     # compressed-tensors' zero guard for uint8 scales is 1: only a float16 scale that underflowed meets it.
@@ -222,12 +222,12 @@ def _quantize_block_band(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layo
     padded = torch.nn.functional.pad(x, (0, nbc * bw - cols, 0, nbr * bh - rows))
     tiles = padded.view(nbr, bh, nbc, bw)
     if layout.format is Format.COMPRESSED_TENSORS:
-        amax = tiles.abs().amax(dim=(1, 3), keepdim=True)
+        amax = abs_max(tiles, dim=(1, 3))
         _check_finite(amax)
         scale = _ct_scale(amax)
         qt = tiles / scale
     else:
-        amax = tiles.abs().float().amax(dim=(1, 3), keepdim=True)
+        amax = abs_max(tiles, dim=(1, 3)).float()  # exact: the max of the float32 values is the same number
         _check_finite(amax)
         scale = _over_fp8_max(amax.clamp(min=DEEPGEMM_AMAX_FLOOR))
         if layout.scale_format is ScaleFormat.UE8M0:
@@ -235,6 +235,24 @@ def _quantize_block_band(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layo
         qt = tiles.float() * torch.reciprocal(scale)
     q.copy_(qt.view(nbr * bh, nbc * bw)[:rows, :cols])
     s.copy_(scale.view(nbr, nbc))
+
+
+# 16-bit floats as integers with the sign bit cleared (see `abs_max`).
+_MAGNITUDE_BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF)}
+
+
+def abs_max(x: torch.Tensor, dim: int | tuple[int, ...] | None = None, keepdim: bool = True) -> torch.Tensor:
+    """max |x| over `dim` (over everything when None), in x's dtype: the same number as `x.abs().amax(dim)`.
+
+    16-bit floats take it from their bits, twice as fast on the CPU (torch reduces 16-bit floats through
+    float32; float32 gains nothing): with the sign bit cleared, non-negative floats order as their bits
+    do as integers, so the largest integer is the bits of the largest magnitude. NaN's bits lie above
+    inf's, so a NaN still comes out NaN, and an inf inf.
+    """
+    as_int = _MAGNITUDE_BITS.get(x.dtype)
+    mags = x.abs() if as_int is None else x.view(as_int[0]) & as_int[1]
+    amax = mags.amax() if dim is None else mags.amax(dim=dim, keepdim=keepdim)
+    return amax if as_int is None else amax.view(x.dtype)
 
 
 def _ct_scale(amax: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fp8q import numerics
 from fp8q import quantizer as quantizer_module
 from fp8q.formats import Format, Layout, Scheme
 from fp8q.numerics import NonFiniteWeight, dequantize, quantize
@@ -121,3 +122,29 @@ def test_no_division_by_a_python_number(layout, dtype):
         cpu.close()
         dequantize(q, s, layout, torch.bfloat16)
     assert mode.found == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_abs_max_is_the_largest_magnitude_for_every_value(dtype):
+    """abs_max reads 16-bit floats' magnitudes from their bits: every bit pattern (NaN, inf, -0 and
+    subnormals included) must give what `abs().amax()` gives, over rows, tiles and the whole tensor."""
+    if dtype == torch.float32:
+        gen = torch.Generator().manual_seed(0)
+        bits = torch.randint(-(2**31), 2**31, (1 << 16,), dtype=torch.int64, generator=gen).to(torch.int32)
+        specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, -3.4e38], dtype=dtype)
+        x = torch.cat([bits.view(dtype), specials])
+    else:
+        x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)  # all 65536
+    x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(1))]
+    x = x[: x.numel() // 64 * 64].reshape(-1, 64)
+    finite = x.clone()
+    finite[~torch.isfinite(finite)] = 0
+    for t in (x, finite, finite[:3], torch.zeros(4, 64, dtype=dtype)):
+        for dim in (None, 1, (0, 1)):
+            want = t.abs().amax() if dim is None else t.abs().amax(dim=dim, keepdim=True)
+            got = numerics.abs_max(t, dim)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert torch.equal(torch.isnan(got), torch.isnan(want))
+            assert torch.equal(got[~torch.isnan(got)], want[~torch.isnan(want)])
+    tiles = finite[:4].reshape(2, 2, 4, 16)
+    assert torch.equal(numerics.abs_max(tiles, (1, 3)), tiles.abs().amax(dim=(1, 3), keepdim=True))
