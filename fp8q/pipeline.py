@@ -13,8 +13,9 @@ Imports: everything below it; never prints. Lifecycle of `run(src, out, options,
         reader thread    shard by shard, tensor by tensor: read a tensor into a pooled (pinned) buffer,
                          and an FP8 weight's scale from whichever shard holds it
         main thread      dequantize it (CPU), quantize it (CPU chunks on worker threads, or CUDA streams)
-        writer thread    pwrite weight + scale at planned offsets; copy kept tensors file to file;
-                         once a shard is written, delete its source if it was streamed
+        writer thread    pwrite weight + scale at planned offsets; once a shard is written, delete
+                         its source if it was streamed
+        copy thread      as each shard opens, copy its tensors kept whole file to file
         shard threads    flush each finished shard, hash it, record it for --resume
     all processes agree the run succeeded (torchrun), then rank 0 writes
         index, config.json, side files, fp8q.json
@@ -836,6 +837,11 @@ def _write(
     syncer: ThreadPoolExecutor | None = None
     syncers: list[ThreadPoolExecutor] = []
     flushed: list[Future[None]] = []
+    # Tensors kept whole (an embedding, lm_head: 1 GB each in an 8B model) are copied file to file by
+    # a thread of their own, started as their shard opens, so the weights written meanwhile never
+    # queue behind them; the shard is finished once they are in.
+    copier = ThreadPoolExecutor(1, thread_name_prefix="fp8q-copy")
+    copying: list[Future[None]] = []
 
     try:
         while (item := _get(inbox, stop)) is not None:
@@ -848,7 +854,15 @@ def _write(
                     hasher = FileHasher(path)
                     current = ShardFile(path, shard, _hash_in_background(syncer, hasher))
                     src_fd = os.open(shard.source.path, os.O_RDONLY)
+                    copying = [
+                        copier.submit(current.copy, src_fd, j.source.start, j.pieces[0].out)
+                        for j in shard.jobs
+                        if j.is_copy
+                    ]
                 if item.job is None:
+                    for copy in copying:
+                        copy.result()  # an OSError of the copy's is raised here, and named below
+                    copying = []
                     if changed_since_read(shard.source, os.fstat(src_fd)):
                         raise CheckpointError(
                             f"{shard.source.path}: changed while fp8q was converting it; run again once nothing "
@@ -863,7 +877,7 @@ def _write(
                     continue
                 job = item.job
                 if job.is_copy:
-                    current.copy(src_fd, job.source.start, job.pieces[0].out)
+                    pass  # on the copier since the shard opened
                 elif not job.action.quantizes:
                     for piece, t in zip(job.pieces, item.data, strict=True):
                         current.write(piece.out, t)
@@ -881,6 +895,7 @@ def _write(
             except OSError as e:
                 raise write_error(partial, e) from None
     finally:
+        copier.shutdown(wait=True, cancel_futures=True)  # before the files it copies between close
         for executor in syncers:
             executor.shutdown(wait=True)
         if current is not None:

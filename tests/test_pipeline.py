@@ -4,6 +4,7 @@ conversion: whole-tensor quantization and `safetensors.save_file` per shard."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import sys
@@ -17,6 +18,7 @@ from fp8q import manifest as manifest_module
 from fp8q import numerics as numerics_module
 from fp8q import pipeline as pipeline_module
 from fp8q import quantizer as quantizer_module
+from fp8q import writer as writer_module
 from fp8q.errors import UnsupportedTensorError
 from fp8q.formats import Format, Layout, Scheme
 from fp8q.numerics import quantize as quantize_tensor
@@ -164,6 +166,28 @@ def test_every_byte_of_every_shard_is_hashed_as_it_lands(tmp_path, monkeypatch):
     quantize(src, tmp_path / "out", QuantizeOptions(device="cpu"))
     assert sorted(left_for_finish) == sorted(p.name for p in src.glob("*.safetensors"))
     assert set(left_for_finish.values()) == {0}  # header, kept, copied, quantized and scales all reported
+
+
+def test_a_slow_kept_copy_is_in_its_shard_before_the_shard_is_finished(tmp_path, monkeypatch):
+    """Kept tensors are copied on a thread of their own: a shard must wait for them before it is hashed,
+    flushed and recorded. Here every copy is slow, so the weights written beside it finish first."""
+    import time
+
+    src = _source(tmp_path)
+    quantize(src, tmp_path / "now", QuantizeOptions(device="cpu"))
+    real_copy = writer_module.ShardFile.copy
+
+    def slow_copy(self, src_fd, src_offset, out):
+        time.sleep(0.2)
+        real_copy(self, src_fd, src_offset, out)
+
+    monkeypatch.setattr(writer_module.ShardFile, "copy", slow_copy)
+    quantize(src, tmp_path / "slow", QuantizeOptions(device="cpu"))
+    recorded = json.loads((tmp_path / "slow" / "fp8q.json").read_text())["files"]
+    for shard in src.glob("*.safetensors"):
+        data = (tmp_path / "slow" / shard.name).read_bytes()
+        assert data == (tmp_path / "now" / shard.name).read_bytes()
+        assert recorded[shard.name] == hashlib.sha256(data).hexdigest()
 
 
 class _Deferred(quantizer_module.CpuQuantizer):

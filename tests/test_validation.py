@@ -325,3 +325,28 @@ def test_disk_full_during_the_run(tmp_path, monkeypatch):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "disk full" in lines[0] and "model-00001-of-00002.safetensors" in lines[0], lines
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_disk_full_copying_a_kept_tensor(tmp_path, monkeypatch):
+    """Kept tensors are copied on a thread of their own; its failure is the same one line."""
+    import errno
+
+    from fp8q import writer
+
+    src = _good(tmp_path / "src")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "copy_range", full)
+    result = run_cli(src, tmp_path / "out")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "disk full" in lines[0] and "model-00002-of-00002.safetensors" in lines[0], lines
+    # The first shard (nothing copied) was finished and is kept: --resume redoes only the second.
+    assert "--resume" in lines[0] and not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    assert run_cli(src, tmp_path / "out", "--resume").exit_code == 0
+    assert run_cli(src, tmp_path / "clean").exit_code == 0
+    for shard in src.glob("*.safetensors"):
+        assert (tmp_path / "out" / shard.name).read_bytes() == (tmp_path / "clean" / shard.name).read_bytes()
