@@ -10,37 +10,22 @@ Imports: everything below it; never prints. Lifecycle of `run(src, out, options,
     make_plan(checkpoint, layout, ...)   every output name, dtype, shape, offset, header, config
     check_output / check_free_space      nothing written yet; under torchrun, rank 0 only
     OUT.partial/, locked  (+ --resume: keep the recorded shards that still hash the same)
-        reader thread    shard by shard, tensor by tensor: read a tensor into a pooled (pinned) buffer,
-                         and an FP8 weight's scale from whichever shard holds it
-        main thread      dequantize it (CPU), quantize it (CPU chunks on worker threads, or CUDA streams)
-        writer thread    pwrite weight + scale at planned offsets; once a shard is written, delete
-                         its source if it was streamed
-        copy thread      as each shard opens, copy its tensors kept whole file to file
-        shard threads    flush each finished shard, hash it, record it for --resume
+    stages.run_plan                      reader, quantization and writer threads (see stages.py)
     all processes agree the run succeeded (torchrun), then rank 0 writes
         index, config.json, side files, fp8q.json
     rename OUT.partial -> OUT
-
-Memory: the buffer pools bound what is alive whatever the model size: three input buffers the
-size of the largest weight (one being read, one queued, one being quantized) and a few output
-buffers for quantized weights (one byte per element) on their way to disk.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import queue
-import re
 import signal
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,37 +36,32 @@ from fp8q import __version__
 from fp8q.checkpoint import (
     CONFIG_FILE,
     INDEX_FILE,
-    changed_since_read,
     hub_snapshot,
     read_checkpoint,
     read_config,
 )
 from fp8q.checks import plan_notes, plan_problems
 from fp8q.distributed import Cluster, Watcher, assign
-from fp8q.dtypes import ITEMSIZE, NAME_OF, TORCH_DTYPE, config_name
+from fp8q.dtypes import config_name
 from fp8q.errors import (
     CheckpointError,
     Fp8qError,
     Interrupted,
     OutputError,
-    UnsupportedTensorError,
-    read_error,
     write_error,
 )
 from fp8q.events import Downloaded, DownloadStarted, Event, EventCallback, PlanReady, Report, TensorDone
 from fp8q.formats import Format, Layout, ScaleFormat, Scheme
 from fp8q.fp8_source import check_convertible, detect_fp8, output_dtype, source_layouts
-from fp8q.layouts import QuantizedWeight, value_problem
-from fp8q.manifest import FileHasher, Progress, fingerprint, reusable_shards, write_manifest
+from fp8q.manifest import Progress, fingerprint, reusable_shards, write_manifest
 from fp8q.model_card import CARD_FILE, CardInput
 from fp8q.model_card import render as render_card
-from fp8q.numerics import FP8, NonFiniteWeight
-from fp8q.plan import Action, Job, Plan, make_plan
-from fp8q.quantizer import dequantize_into, make_quantizer, resolve_device
-from fp8q.tensor_io import BufferPool, ShardReader, Stopped, read_ahead, read_tensor, typed_view
+from fp8q.plan import Plan, make_plan
+from fp8q.quantizer import resolve_device
+from fp8q.stages import LocalShards, ShardFiles, run_plan
+from fp8q.tensor_io import Stopped
 from fp8q.writer import (
     MANIFEST_FILE,
-    ShardFile,
     check_free_space,
     check_output,
     copy_file,
@@ -95,11 +75,7 @@ from fp8q.writer import (
 )
 
 if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
-    from fp8q.streaming import HubStream, ShardDownloads
-
-# The reader keeps the kernel fetching this far ahead of it, so the disk works while it waits for a
-# free buffer (measured on a cold cache: 256 MiB as fast as more).
-READ_AHEAD = 256 << 20
+    from fp8q.streaming import HubStream
 
 
 class Mode(str, Enum):
@@ -354,7 +330,7 @@ def _run(
         try:
             run_emit = emit if cluster.is_single else _count_bytes(cluster)
             with Watcher(cluster, stop, (lambda n: emit(TensorDone("", n))) if lead else None):
-                _run_plan(plan, partial, device, workers, run_emit, stop, progress, skip, files)
+                run_plan(plan, partial, device, workers, run_emit, stop, progress, skip, files)
         except BaseException as e:
             failure = e
             cluster.mark_failed()
@@ -445,26 +421,13 @@ def _download_space(source: Path | HubStream, reused: dict[str, Any]) -> tuple[P
     return source.folder, source.most_on_disk(set(reused))
 
 
-class _LocalShards:
-    """The shard files of a checkpoint on disk: always there, never deleted."""
-
-    def ready(self, name: str, stop: threading.Event) -> None:
-        pass
-
-    def done(self, name: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _shard_files(
     source: Path | HubStream, order: list[str], options: QuantizeOptions, emit: EventCallback
-) -> _LocalShards | ShardDownloads:
+) -> ShardFiles:
     """What the reader waits on before it opens a shard, and the writer tells once a shard is written: the
     downloads of a streamed Hub repo, or nothing at all."""
     if isinstance(source, Path):
-        return _LocalShards()
+        return LocalShards()
     from fp8q.source import explain
     from fp8q.streaming import ShardDownloads
 
@@ -594,387 +557,6 @@ def _card_input(
         version=__version__,
         source_card=source_card,
     )
-
-
-@dataclass
-class _Item:
-    shard: int
-    job: Job | None  # None marks the end of a shard
-    data: Any = None
-    buffer: torch.Tensor | None = None  # the pool buffer behind the input `data`, handed back once used
-    pool: BufferPool | None = None  # where `buffer` goes back to (None: the input pool)
-    out_buffers: list[torch.Tensor] = field(default_factory=list)  # pool buffers behind quantized outputs
-    scale: torch.Tensor | None = None  # an FP8 source weight's scale
-
-
-def _run_plan(
-    plan: Plan,
-    partial: Path,
-    device: torch.device,
-    workers: int,
-    emit: EventCallback,
-    stop: threading.Event,
-    progress: Progress,
-    skip: set[str],
-    files: _LocalShards | ShardDownloads,
-) -> None:
-    # dequantize quantizes nothing: any layout will do for its quantizer, which only dequantizes.
-    quantizer = make_quantizer(plan.layout or Layout(Scheme.CHANNEL, Format.COMPRESSED_TENSORS), device, workers)
-    # Three buffers each way: one being filled, one queued, one being used; memory stays bounded.
-    quantized = [j for j in plan.jobs if j.action.quantizes]
-    largest_weight = max((p.out.nbytes for j in quantized for p in j.pieces), default=0)
-    pieces = max((len(j.pieces) for j in quantized), default=1)
-    # A device that works on while the host goes on holds its weights' buffers longer.
-    dequantized = max(
-        (math.prod(j.source.shape) * ITEMSIZE[plan.dtype] for j in plan.jobs if j.action.dequantizes and plan.dtype),
-        default=0,
-    )
-    pools = _Pools(
-        BufferPool(plan.largest_quantized, 3 + quantizer.in_flight, quantizer.pin_memory),
-        BufferPool(largest_weight, (2 + quantizer.in_flight) * pieces + 1, quantizer.pin_memory),
-        BufferPool(dequantized, 3 + quantizer.in_flight, quantizer.pin_memory),
-    )
-    to_quantize: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
-    to_write: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
-    failures: list[BaseException] = []
-
-    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                fn()
-            except Stopped:
-                pass
-            except BaseException as e:  # handed to the main thread, which raises it
-                failures.append(e)
-                stop.set()
-
-        return run
-
-    reader = threading.Thread(
-        target=guarded(lambda: _read(plan, to_quantize, stop, pools.inputs, skip, files)), name="fp8q-reader"
-    )
-    writer = threading.Thread(
-        target=guarded(lambda: _write(plan, partial, to_write, stop, emit, pools, progress, files)),
-        name="fp8q-writer",
-    )
-    threads_before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # one torch thread per worker: our own threads use the cores
-    reader.start()
-    writer.start()
-    try:
-        _quantize_loop(quantizer, pools, to_quantize, to_write, stop, plan.dtype)
-    except Stopped:
-        pass
-    except BaseException as e:
-        failures.append(e)
-        stop.set()
-    finally:
-        reader.join()
-        writer.join()
-        quantizer.close()
-        torch.set_num_threads(threads_before)
-    if failures:
-        raise failures[0]
-    if stop.is_set():
-        raise Stopped
-
-
-@dataclass(frozen=True)
-class _Pools:
-    inputs: BufferPool  # source weights, as read
-    outputs: BufferPool  # quantized weights, until written
-    dequantized: BufferPool  # FP8 source weights in high precision, until quantized or written
-
-
-def _quantize_loop(
-    quantizer: Any,
-    pools: _Pools,
-    inbox: queue.Queue[_Item | None],
-    outbox: queue.Queue[_Item | None],
-    stop: threading.Event,
-    dtype: str | None,
-) -> None:
-    pending: deque[_Item] = deque()
-    in_flight = 0
-
-    def finish_head() -> None:
-        nonlocal in_flight
-        item = pending.popleft()
-        job = item.job
-        if job is not None and job.action.quantizes:
-            in_flight -= 1
-            results = []
-            for piece in job.pieces:
-                out = pools.outputs.take(stop)
-                item.out_buffers.append(out)
-                try:
-                    results.append(quantizer.start(item.data, typed_view(out, FP8, piece.out.shape), piece.part))
-                except NonFiniteWeight:
-                    raise _non_finite(job) from None
-            item.data = results
-            if item.buffer is not None and all(r.ready for r in results):
-                (item.pool or pools.inputs).give(item.buffer)  # done with the input (a GPU's once written)
-                item.buffer = None
-        elif job is not None and job.action is Action.KEEP and not job.is_copy:
-            # The biases of split experts: small, cut on the spot.
-            item.data = [p.part.take(item.data) if p.part else item.data for p in job.pieces]
-        _put(outbox, item, stop)
-
-    while (item := _get(inbox, stop)) is not None:
-        job = item.job
-        if job is not None and job.action.dequantizes:
-            assert dtype is not None
-            into = pools.dequantized.take(stop)
-            try:
-                item.data = _dequantized(
-                    job, item.data, item.scale, typed_view(into, TORCH_DTYPE[dtype], job.source.shape), quantizer
-                )
-            finally:
-                pools.inputs.give(item.buffer)  # the FP8 bytes are done with
-            item.buffer, item.pool, item.scale = into, pools.dequantized, None
-            if job.action is Action.DEQUANTIZE:
-                item.data = [item.data]  # written as it is
-        if job is not None and job.action.quantizes:
-            item.data = quantizer.submit(item.data)
-            in_flight += 1
-        pending.append(item)
-        while pending and (
-            in_flight > quantizer.lookahead or pending[0].job is None or not pending[0].job.action.quantizes
-        ):
-            finish_head()
-    while pending:
-        finish_head()
-    _put(outbox, None, stop)
-
-
-def _dequantized(job: Job, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, quantizer: Any) -> torch.Tensor:
-    """An FP8 source weight in `out` (of the dtype asked for), as its format's client computes it (see
-    numerics.dequantize).
-
-    Raises:
-        CheckpointError: a scale no client can use, NaN codes, or values `dtype` cannot hold; naming the tensor.
-    """
-    assert job.scale is not None and job.source_layout is not None
-    weight = QuantizedWeight(job.source, job.scale, job.source_layout)
-    problem = value_problem(weight, q, scale)
-    if problem:
-        # The client would spread it over a whole row, tile or tensor, silently; refuse instead.
-        raise CheckpointError(f"{problem} (`fp8q verify` lists every such problem)")
-    if not dequantize_into(q, scale, job.source_layout, out, getattr(quantizer, "pool", None)):
-        raise CheckpointError(
-            f"tensor {job.source.name} in {job.source.shard} times its scale {job.scale.name} (up to "
-            f"{float(scale.float().max()):.4g}) exceeds what {NAME_OF[out.dtype]} holds; dequantize it to a "
-            "wider dtype (--dtype bfloat16 or float32), or quantize it again"
-        )
-    return out
-
-
-def _non_finite(job: Job) -> UnsupportedTensorError:
-    src = job.source
-    return UnsupportedTensorError(
-        f"tensor {src.name} in {src.shard} holds NaN or inf values; fix the source checkpoint, "
-        f"or keep it unquantized with --ignore '^{re.escape(src.module)}$'"
-    )
-
-
-def _read(
-    plan: Plan,
-    outbox: queue.Queue[_Item | None],
-    stop: threading.Event,
-    pool: BufferPool,
-    skip: set[str],
-    files: _LocalShards | ShardDownloads,
-) -> None:
-    with ShardReader(plan.checkpoint) as scales:  # FP8 weights' scales, from whichever shard holds them
-        for index, shard in enumerate(plan.shards):
-            if shard.name in skip:
-                continue
-            files.ready(shard.name, stop)  # a streamed shard: downloaded
-            path = shard.source.path
-            fd = os.open(path, os.O_RDONLY)
-            hinted = 0  # the file is hinted for read-ahead up to here
-            try:
-                for job in shard.jobs:
-                    if job.source.start + READ_AHEAD > hinted:
-                        begin = max(hinted, job.source.start)
-                        hinted = job.source.start + READ_AHEAD
-                        read_ahead(fd, begin, hinted - begin)
-                    item = _Item(index, job)
-                    if not job.is_copy:
-                        item.buffer = pool.take(stop) if job.action is not Action.KEEP else None
-                        try:
-                            item.data = read_tensor(fd, job.source, item.buffer)
-                        except OSError as e:
-                            raise read_error(path, job.source.name, e) from None
-                    if job.scale is not None:
-                        item.scale = scales.read(job.scale)
-                    _put(outbox, item, stop)
-            finally:
-                os.close(fd)
-                scales.close_shard(shard.name)
-            _put(outbox, _Item(index, None), stop)
-    _put(outbox, None, stop)
-
-
-def _write(
-    plan: Plan,
-    partial: Path,
-    inbox: queue.Queue[_Item | None],
-    stop: threading.Event,
-    emit: EventCallback,
-    pools: _Pools,
-    progress: Progress,
-    files: _LocalShards | ShardDownloads,
-) -> None:
-    current: ShardFile | None = None
-    hasher: FileHasher | None = None
-    stats: dict[str, Any] = {}
-    src_fd = -1
-    # Each shard has a helper thread of its own that hashes it as its bytes land and flushes it once
-    # finished: the writer never waits on the disk or the hash, and the hashing of a finished shard's
-    # last bytes goes on beside that of the next (sha256 runs on one core per stream).
-    syncer: ThreadPoolExecutor | None = None
-    syncers: list[ThreadPoolExecutor] = []
-    flushed: list[Future[None]] = []
-    # Tensors kept whole (an embedding, lm_head: 1 GB each in an 8B model) are copied file to file by
-    # a thread of their own, started as their shard opens, so the weights written meanwhile never
-    # queue behind them; the shard is finished once they are in.
-    copier = ThreadPoolExecutor(1, thread_name_prefix="fp8q-copy")
-    copying: list[Future[None]] = []
-
-    try:
-        while (item := _get(inbox, stop)) is not None:
-            shard = plan.shards[item.shard]
-            path = partial / shard.name
-            try:
-                if current is None:
-                    syncer = ThreadPoolExecutor(1, thread_name_prefix="fp8q-fsync")
-                    syncers.append(syncer)
-                    hasher = FileHasher(path)
-                    current = ShardFile(path, shard, _hash_in_background(syncer, hasher))
-                    src_fd = os.open(shard.source.path, os.O_RDONLY)
-                    copying = [
-                        copier.submit(current.copy, src_fd, j.source.start, j.pieces[0].out)
-                        for j in shard.jobs
-                        if j.is_copy
-                    ]
-                if item.job is None:
-                    for copy in copying:
-                        copy.result()  # an OSError of the copy's is raised here, and named below
-                    copying = []
-                    if changed_since_read(shard.source, os.fstat(src_fd)):
-                        raise CheckpointError(
-                            f"{shard.source.path}: changed while fp8q was converting it; run again once nothing "
-                            "writes to the source"
-                        )
-                    assert syncer is not None
-                    flushed.append(syncer.submit(_finish_shard, current, hasher, shard.name, stats, progress))
-                    current, hasher, stats = None, None, {}
-                    os.close(src_fd)
-                    src_fd = -1
-                    files.done(shard.name)  # a streamed shard's download is deleted: everything is read from it
-                    continue
-                job = item.job
-                if job.is_copy:
-                    pass  # on the copier since the shard opened
-                elif not job.action.quantizes:
-                    for piece, t in zip(job.pieces, item.data, strict=True):
-                        current.write(piece.out, t)
-                    if item.buffer is not None:  # a dequantized weight's
-                        (item.pool or pools.inputs).give(item.buffer)
-                        item.data = item.buffer = None
-                else:
-                    _write_quantized(current, job, item, stats, pools)
-            except OSError as e:
-                raise write_error(path, e) from None
-            emit(TensorDone(job.source.name, job.source.nbytes, shard.name))
-        for future in flushed:
-            try:
-                future.result()
-            except OSError as e:
-                raise write_error(partial, e) from None
-    finally:
-        copier.shutdown(wait=True, cancel_futures=True)  # before the files it copies between close
-        for executor in syncers:
-            executor.shutdown(wait=True)
-        if current is not None:
-            current.abort()
-        if hasher is not None:
-            hasher.close()
-        if src_fd >= 0:
-            os.close(src_fd)
-
-
-def _write_quantized(shard: ShardFile, job: Job, item: _Item, stats: dict[str, Any], pools: _Pools) -> None:
-    """Write a quantized weight and its scale once the device has them ready, and hand its buffers back."""
-    for piece, done in zip(job.pieces, item.data, strict=True):
-        assert piece.scale is not None
-        try:
-            done.wait()
-        except NonFiniteWeight:
-            raise _non_finite(job) from None
-        shard.write(piece.out, done.q)
-        shard.write(piece.scale, done.s)
-        stats[piece.out.name] = {"shape": list(piece.out.shape), **done.stats()}
-    item.data = None
-    if item.buffer is not None:
-        (item.pool or pools.inputs).give(item.buffer)
-        item.buffer = None
-    for buf in item.out_buffers:
-        pools.outputs.give(buf)
-
-
-def _hash_in_background(syncer: ThreadPoolExecutor, hasher: FileHasher) -> Callable[[int, int], None]:
-    """What a shard file calls as each byte range lands: hash it on the fsync thread, in order."""
-
-    def submit(start: int, end: int) -> None:
-        syncer.submit(hasher.add, start, end)
-
-    return submit
-
-
-def _finish_shard(shard: ShardFile, hasher: FileHasher, name: str, stats: dict[str, Any], progress: Progress) -> None:
-    """On the fsync thread: make the shard durable and finish its hash (at once: the disk flushes
-    while the CPU hashes from the page cache), then record it for --resume."""
-    failed: list[BaseException] = []
-
-    def flush() -> None:
-        try:
-            shard.close()
-        except BaseException as e:  # an fsync error (ENOSPC from delayed allocation, EIO) is raised below
-            failed.append(e)
-
-    flushing = threading.Thread(target=flush, name="fp8q-flush")
-    flushing.start()
-    try:
-        digest = hasher.finish()
-    finally:
-        flushing.join()
-    if failed:
-        raise failed[0]
-    progress.record(name, digest, stats)
-
-
-def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
-    while True:
-        if stop.is_set():
-            raise Stopped
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue
-
-
-def _get(q: queue.Queue[Any], stop: threading.Event) -> Any:
-    while True:
-        if stop.is_set():
-            raise Stopped
-        try:
-            return q.get(timeout=0.1)
-        except queue.Empty:
-            continue
 
 
 __all__ = ["Fp8qError", "PlanReady", "QuantizeOptions", "Report", "TensorDone", "plan_conversion", "quantize"]

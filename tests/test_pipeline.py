@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from fp8q import QuantizeOptions, quantize, tensor_io
 from fp8q import manifest as manifest_module
 from fp8q import numerics as numerics_module
-from fp8q import pipeline as pipeline_module
 from fp8q import quantizer as quantizer_module
+from fp8q import stages as stages_module
 from fp8q import writer as writer_module
 from fp8q.errors import UnsupportedTensorError
 from fp8q.formats import Format, Layout, Scheme
@@ -63,7 +63,7 @@ def _source(tmp_path):
 @pytest.mark.parametrize("scheme,fmt", LAYOUTS)
 def test_pipeline_equals_unpipelined(tmp_path, monkeypatch, scheme, fmt):
     monkeypatch.setattr(quantizer_module, "CHUNK_BYTES", 512)
-    monkeypatch.setattr(pipeline_module, "READ_AHEAD", 1000)  # read-ahead hints on every tensor
+    monkeypatch.setattr(stages_module, "READ_AHEAD", 1000)  # read-ahead hints on every tensor
     src = _source(tmp_path)
     quantize(
         src, tmp_path / "out", QuantizeOptions(scheme=scheme, format=fmt, device="cpu", workers=2, load_check=False)
@@ -215,7 +215,7 @@ def test_deferred_quantizer_writes_the_same_files(tmp_path, monkeypatch, scheme,
     src = _source(tmp_path)
     options = {"scheme": scheme, "format": fmt, "device": "cpu", "load_check": False}
     quantize(src, tmp_path / "now", QuantizeOptions(**options))
-    monkeypatch.setattr(pipeline_module, "make_quantizer", lambda layout, device, workers: _Deferred(layout, 1))
+    monkeypatch.setattr(stages_module, "make_quantizer", lambda layout, device, workers: _Deferred(layout, 1))
     quantize(src, tmp_path / "later", QuantizeOptions(**options))
     for shard in src.glob("*.safetensors"):
         assert (tmp_path / "later" / shard.name).read_bytes() == (tmp_path / "now" / shard.name).read_bytes()
@@ -227,7 +227,7 @@ def test_deferred_quantizer_names_a_nan_weight(tmp_path, monkeypatch):
     tensors = load_file(shard)
     tensors["model.layers.0.mlp.down_proj.weight"][3, 3] = float("nan")
     save_file(tensors, shard, metadata={"format": "pt"})
-    monkeypatch.setattr(pipeline_module, "make_quantizer", lambda layout, device, workers: _Deferred(layout, 1))
+    monkeypatch.setattr(stages_module, "make_quantizer", lambda layout, device, workers: _Deferred(layout, 1))
     with pytest.raises(UnsupportedTensorError, match="model.layers.0.mlp.down_proj.weight in .* holds NaN or inf"):
         quantize(src, tmp_path / "out", QuantizeOptions(device="cpu"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

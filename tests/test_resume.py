@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import fp8q.pipeline as pipeline
+import fp8q.stages as stages
 from fp8q import QuantizeOptions, quantize
 from fp8q.errors import OutputError
 from fp8q.manifest import DONE_DIR, Progress
@@ -82,13 +82,13 @@ def source_and_reference(tmp_path_factory):
 def _reads(monkeypatch) -> list[str]:
     """Record the shard of every tensor the run reads from the source."""
     seen: list[str] = []
-    real = pipeline.read_tensor
+    real = stages.read_tensor
 
     def recording(fd, meta, buf=None):
         seen.append(meta.shard)
         return real(fd, meta, buf)
 
-    monkeypatch.setattr(pipeline, "read_tensor", recording)
+    monkeypatch.setattr(stages, "read_tensor", recording)
     return seen
 
 
