@@ -359,17 +359,22 @@ def nan_codes(q: torch.Tensor) -> int:
     return int(((q.view(torch.uint8) & 0x7F) == 0x7F).sum())
 
 
+# Rows per band that error_sums samples.
+BAND_ROWS = 16
+
+
 def error_sums(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout, bands: int = 2) -> torch.Tensor:
     """What the manifest's statistics are made of, as one float64 vector on the weight's device (so that a GPU
     computes them without stopping): squared error and squared weight summed over a few bands of rows spread
     over the tensor, the largest error there, and the smallest and largest scale. `error_stats` reads them."""
     rows = w.shape[0]
-    step = row_step(layout) if layout.scheme is Scheme.BLOCK else 16
+    # Bands of 16 rows, starting on a tile row for block scales (whose 128-row tiles would cost 8x as much).
+    step = row_step(layout) if layout.scheme is Scheme.BLOCK else BAND_ROWS
     starts = sorted({(rows * i // bands) // step * step for i in range(bands)})
     zero = torch.zeros((), dtype=torch.float64, device=w.device)
     diff_sq, ref_sq, max_abs = zero, zero, zero
     for a in starts:
-        b = min(rows, a + step)
+        b = min(rows, a + BAND_ROWS)
         band_scale = s if layout.scheme is Scheme.TENSOR else s[_scale_rows(layout, a, b)]
         # In float64: the squares of float32 weights near their maximum would overflow in float32.
         diff = dequantize(q[a:b], band_scale, layout, torch.float64) - w[a:b].double()
@@ -377,7 +382,9 @@ def error_sums(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout
         ref_sq = ref_sq + w[a:b].double().square().sum()
         if diff.numel():
             max_abs = torch.maximum(max_abs, diff.abs().max())
-    scale = (mx_scale_values(s) if layout.scheme is Scheme.MX else s).double().reshape(-1)
+    # MX exponents map to scales monotonically: decode only the smallest and the largest.
+    scale = (torch.stack([s.min(), s.max()]) if s.numel() else s).reshape(-1)
+    scale = (mx_scale_values(scale) if layout.scheme is Scheme.MX else scale).double()
     if not scale.numel():
         scale = zero.reshape(1)
     return torch.stack([diff_sq, ref_sq, max_abs, scale.min(), scale.max()])

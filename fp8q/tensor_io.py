@@ -109,7 +109,7 @@ class BufferPool:
 
 def typed_view(buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """The first bytes of a pool buffer seen as a tensor of this dtype and shape."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
