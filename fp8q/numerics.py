@@ -244,10 +244,10 @@ _MAGNITUDE_BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.
 def abs_max(x: torch.Tensor, dim: int | tuple[int, ...] | None = None, keepdim: bool = True) -> torch.Tensor:
     """max |x| over `dim` (over everything when None), in x's dtype: the same number as `x.abs().amax(dim)`.
 
-    16-bit floats take it from their bits, twice as fast on the CPU (torch reduces 16-bit floats through
-    float32; float32 gains nothing): with the sign bit cleared, non-negative floats order as their bits
-    do as integers, so the largest integer is the bits of the largest magnitude. NaN's bits lie above
-    inf's, so a NaN still comes out NaN, and an inf inf.
+    16-bit floats take it from their bits, about twice as fast on the CPU (measured on bf16 and fp16 rows,
+    tiles and MX groups; float32 gains nothing, so it keeps abs().amax()): with the sign bit cleared,
+    non-negative floats order as their bits do as integers, so the largest integer is the bits of the
+    largest magnitude. NaN's bits lie above inf's, so a NaN still comes out NaN, and an inf inf.
     """
     as_int = _MAGNITUDE_BITS.get(x.dtype)
     mags = x.abs() if as_int is None else x.view(as_int[0]) & as_int[1]
