@@ -193,3 +193,36 @@ def test_card_is_the_same_after_resume(tmp_path):
     assert result.exit_code == 0, result.output
     assert (resumed / "README.md").read_bytes() == (fresh / "README.md").read_bytes()
     assert "| weights quantized | 0 |" not in (fresh / "README.md").read_text()
+
+
+FRONT_MATTERS = [
+    SOURCE_CARD,
+    "---\nlicense: apache-2.0\nlanguage: zh\nlicense_link: https://x.example/a:b\n---\nbody",  # a colon
+    "---\nlicense_name: 许可证 ✓\nlibrary_name: null\npipeline_tag: text-generation\n---\n",  # unicode, null
+    "---\r\nlicense: mit\r\n---\r\nwindows line ends",
+    "---\n- a\n- list\n---\nnot a mapping",
+    "---\nlicense: [unclosed\n---\nnot YAML",
+    "# no front matter at all\n",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", FRONT_MATTERS)
+def test_front_matter_read_and_written_as_huggingface_hub_does(text):
+    """fp8q reads and writes card front matter with PyYAML itself (huggingface_hub's card classes cost 0.3 s of
+    import at every run's end): what it carries must be what ModelCard reads, and what it writes byte for byte
+    what ModelCardData writes, for every kind of front matter."""
+    import yaml
+    from huggingface_hub import ModelCardData
+
+    from fp8q import model_card
+
+    try:
+        theirs = ModelCard(text, ignore_metadata_errors=True).data.to_dict()
+    except (ValueError, yaml.YAMLError):  # not a mapping, or not YAML: fp8q carries nothing from it
+        theirs = {}
+    ours = model_card.front_matter(text)
+    assert {k: ours.get(k) for k in model_card.CARRIED_KEYS} == {k: theirs.get(k) for k in model_card.CARRIED_KEYS}
+    meta = {key: ours[key] for key in model_card.CARRIED_KEYS if ours.get(key) is not None}
+    meta |= {"base_model": "org/Model-7B", "base_model_relation": "quantized", "tags": ["fp8", "fp8", "mxfp8"]}
+    assert model_card._to_yaml(meta) == ModelCardData(**meta).to_yaml()
