@@ -9,7 +9,7 @@ Imports: torch, checkpoint, plan, quantizer, tensor_io, writer, manifest. `run_p
     caller's thread  dequantize it (CPU), quantize it (CPU chunks on worker threads, or CUDA streams)
     writer thread    pwrite weight + scale at planned offsets; once a shard is written, delete
                      its source if it was streamed
-    copy thread      as each shard opens, copy its tensors kept whole file to file
+    copy thread      from the start, shard after shard: copy the tensors kept whole file to file
     shard threads    flush each finished shard, hash it, record it for --resume
 
 Memory: the buffer pools bound what is alive whatever the model size: three input buffers the
@@ -138,7 +138,7 @@ def run_plan(
         target=guarded(lambda: _read(plan, to_quantize, stop, pools.inputs, skip, files)), name="fp8q-reader"
     )
     writer = threading.Thread(
-        target=guarded(lambda: _write(plan, partial, to_write, stop, emit, pools, progress, files)),
+        target=guarded(lambda: _write(plan, partial, to_write, stop, emit, pools, progress, files, skip)),
         name="fp8q-writer",
     )
     threads_before = torch.get_num_threads()
@@ -301,6 +301,69 @@ def _read(
     _put(outbox, None, stop)
 
 
+@dataclass
+class _OutShard:
+    """An output shard being written: its file, the hash that follows its bytes, and the thread of its own
+    that hashes it as its bytes land and flushes it once finished (sha256 runs on one core per stream, so
+    the hashing of a finished shard's last bytes goes on beside that of the next)."""
+
+    file: ShardFile
+    hasher: FileHasher
+    syncer: ThreadPoolExecutor
+
+
+class _OutShards:
+    """The output shards open now, each opened by whichever thread needs it first: the writer, or the copier
+    running ahead of it."""
+
+    def __init__(self, plan: Plan, partial: Path) -> None:
+        self.plan = plan
+        self.partial = partial
+        self._open: dict[int, _OutShard] = {}
+        self._lock = threading.Lock()
+        self.syncers: list[ThreadPoolExecutor] = []
+
+    def get(self, index: int) -> _OutShard:
+        with self._lock:
+            if index not in self._open:
+                path = self.partial / self.plan.shards[index].name
+                syncer = ThreadPoolExecutor(1, thread_name_prefix="fp8q-fsync")
+                self.syncers.append(syncer)
+                hasher = FileHasher(path)
+                file = ShardFile(path, self.plan.shards[index], _hash_in_background(syncer, hasher))
+                self._open[index] = _OutShard(file, hasher, syncer)
+            return self._open[index]
+
+    def pop(self, index: int) -> _OutShard:
+        with self._lock:
+            return self._open.pop(index)
+
+    def close(self) -> None:
+        """After a failure: wait for the hashing threads, then close what is still open (kept for --resume
+        only once recorded, which these never were)."""
+        for syncer in self.syncers:
+            syncer.shutdown(wait=True)
+        with self._lock:
+            for shard in self._open.values():
+                shard.file.abort()
+                shard.hasher.close()
+            self._open.clear()
+
+
+def _copy_kept(plan: Plan, index: int, shards: _OutShards, files: ShardFiles, stop: threading.Event) -> None:
+    """Copy the tensors shard `index` keeps whole, file to file (once a streamed shard is downloaded)."""
+    shard = plan.shards[index]
+    files.ready(shard.name, stop)
+    out = shards.get(index).file
+    src_fd = os.open(shard.source.path, os.O_RDONLY)
+    try:
+        for job in shard.jobs:
+            if job.is_copy:
+                out.copy(src_fd, job.source.start, job.pieces[0].out)
+    finally:
+        os.close(src_fd)
+
+
 def _write(
     plan: Plan,
     partial: Path,
@@ -310,58 +373,49 @@ def _write(
     pools: _Pools,
     progress: Progress,
     files: ShardFiles,
+    skip: set[str],
 ) -> None:
-    current: ShardFile | None = None
-    hasher: FileHasher | None = None
+    shards = _OutShards(plan, partial)
     stats: dict[str, Any] = {}
     src_fd = -1
-    # Each shard has a helper thread of its own that hashes it as its bytes land and flushes it once
-    # finished: the writer never waits on the disk or the hash, and the hashing of a finished shard's
-    # last bytes goes on beside that of the next (sha256 runs on one core per stream).
-    syncer: ThreadPoolExecutor | None = None
-    syncers: list[ThreadPoolExecutor] = []
     flushed: list[Future[None]] = []
-    # Tensors kept whole (an embedding, lm_head: 1 GB each in an 8B model) are copied file to file by
-    # a thread of their own, started as their shard opens, so the weights written meanwhile never
-    # queue behind them; the shard is finished once they are in.
+    # Tensors kept whole (an embedding, lm_head: 1 GB each in an 8B model) are copied file to file by a
+    # thread of their own, shard after shard from the start, so the weights never queue behind them and a
+    # last shard that holds only lm_head is not left to the end; a shard is finished once its copies are in.
     copier = ThreadPoolExecutor(1, thread_name_prefix="fp8q-copy")
-    copying: list[Future[None]] = []
-
+    copies = {
+        index: copier.submit(_copy_kept, plan, index, shards, files, stop)
+        for index, shard in enumerate(plan.shards)
+        if shard.name not in skip and any(job.is_copy for job in shard.jobs)
+    }
     try:
         while (item := _get(inbox, stop)) is not None:
             shard = plan.shards[item.shard]
             path = partial / shard.name
             try:
-                if current is None:
-                    syncer = ThreadPoolExecutor(1, thread_name_prefix="fp8q-fsync")
-                    syncers.append(syncer)
-                    hasher = FileHasher(path)
-                    current = ShardFile(path, shard, _hash_in_background(syncer, hasher))
+                current = shards.get(item.shard).file
+                if src_fd < 0:
                     src_fd = os.open(shard.source.path, os.O_RDONLY)
-                    copying = [
-                        copier.submit(current.copy, src_fd, j.source.start, j.pieces[0].out)
-                        for j in shard.jobs
-                        if j.is_copy
-                    ]
                 if item.job is None:
-                    for copy in copying:
-                        copy.result()  # an OSError of the copy's is raised here, and named below
-                    copying = []
+                    if item.shard in copies:
+                        copies.pop(item.shard).result()  # an OSError of the copy's is raised here, and named below
                     if changed_since_read(shard.source, os.fstat(src_fd)):
                         raise CheckpointError(
                             f"{shard.source.path}: changed while fp8q was converting it; run again once nothing "
                             "writes to the source"
                         )
-                    assert syncer is not None
-                    flushed.append(syncer.submit(_finish_shard, current, hasher, shard.name, stats, progress))
-                    current, hasher, stats = None, None, {}
+                    done = shards.pop(item.shard)
+                    flushed.append(
+                        done.syncer.submit(_finish_shard, done.file, done.hasher, shard.name, stats, progress)
+                    )
+                    stats = {}
                     os.close(src_fd)
                     src_fd = -1
                     files.done(shard.name)  # a streamed shard's download is deleted: everything is read from it
                     continue
                 job = item.job
                 if job.is_copy:
-                    pass  # on the copier since the shard opened
+                    pass  # the copier's
                 elif not job.action.quantizes:
                     for piece, t in zip(job.pieces, item.data, strict=True):
                         current.write(piece.out, t)
@@ -378,14 +432,12 @@ def _write(
                 future.result()
             except OSError as e:
                 raise write_error(partial, e) from None
+    except BaseException:
+        stop.set()  # a copier waiting for a download gives up, instead of being waited for below
+        raise
     finally:
         copier.shutdown(wait=True, cancel_futures=True)  # before the files it copies between close
-        for executor in syncers:
-            executor.shutdown(wait=True)
-        if current is not None:
-            current.abort()
-        if hasher is not None:
-            hasher.close()
+        shards.close()
         if src_fd >= 0:
             os.close(src_fd)
 

@@ -190,6 +190,37 @@ def test_a_slow_kept_copy_is_in_its_shard_before_the_shard_is_finished(tmp_path,
         assert recorded[shard.name] == hashlib.sha256(data).hexdigest()
 
 
+def test_kept_tensors_of_later_shards_are_copied_while_earlier_ones_are_written(tmp_path, monkeypatch):
+    """The copier runs ahead of the writer from the start: a last shard that holds only lm_head is not left
+    for the end. Here every weight write is slow, and lm_head (shard 3) must be in before shard 1's weights."""
+    import threading
+    import time
+
+    src = _source(tmp_path)
+    quantize(src, tmp_path / "now", QuantizeOptions(device="cpu"))
+    events, lock = [], threading.Lock()
+    real_write, real_copy = writer_module.ShardFile.write, writer_module.ShardFile.copy
+
+    def slow_write(self, out, t):
+        time.sleep(0.05)
+        real_write(self, out, t)
+        with lock:
+            events.append(("write", out.name))
+
+    def copy(self, src_fd, src_offset, out):
+        real_copy(self, src_fd, src_offset, out)
+        with lock:
+            events.append(("copy", out.name))
+
+    monkeypatch.setattr(writer_module.ShardFile, "write", slow_write)
+    monkeypatch.setattr(writer_module.ShardFile, "copy", copy)
+    quantize(src, tmp_path / "later", QuantizeOptions(device="cpu"))
+    last_of_shard_1 = max(i for i, e in enumerate(events) if e == ("write", "model.layers.0.mlp.up_proj.weight_scale"))
+    assert events.index(("copy", "lm_head.weight")) < last_of_shard_1, events
+    for shard in src.glob("*.safetensors"):
+        assert (tmp_path / "later" / shard.name).read_bytes() == (tmp_path / "now" / shard.name).read_bytes()
+
+
 class _Deferred(quantizer_module.CpuQuantizer):
     """The GPU's way, on the CPU: `start` only promises, and the work happens in `wait()`, on the writer's
     thread, after later weights have been read. A pipeline that handed an input buffer back before the
