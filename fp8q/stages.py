@@ -350,8 +350,39 @@ class _OutShards:
             self._open.clear()
 
 
-def _copy_kept(plan: Plan, index: int, shards: _OutShards, files: ShardFiles, stop: threading.Event) -> None:
-    """Copy the tensors shard `index` keeps whole, file to file (once a streamed shard is downloaded)."""
+# The copier stays at most this many shards ahead of the writer: the output shards open at once (a file, a
+# hash and a thread each) stay few however many shards the model has.
+COPY_AHEAD = 2
+
+
+class _Cursor:
+    """The shard the writer is on, for the copier to keep within COPY_AHEAD of it."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self._moved = threading.Condition()
+
+    def move_to(self, index: int) -> None:
+        with self._moved:
+            if index != self.at:
+                self.at = index
+                self._moved.notify_all()
+
+    def wait_for(self, index: int, stop: threading.Event) -> None:
+        """Return once the writer is on shard `index` or beyond. Raises Stopped once the run is stopped."""
+        with self._moved:
+            while self.at < index:
+                if stop.is_set():
+                    raise Stopped
+                self._moved.wait(0.1)
+
+
+def _copy_kept(
+    plan: Plan, index: int, shards: _OutShards, files: ShardFiles, stop: threading.Event, writer_at: _Cursor
+) -> None:
+    """Copy the tensors shard `index` keeps whole, file to file, once the writer is near it (and a streamed
+    shard is downloaded)."""
+    writer_at.wait_for(index - COPY_AHEAD, stop)
     shard = plan.shards[index]
     files.ready(shard.name, stop)
     out = shards.get(index).file
@@ -380,18 +411,22 @@ def _write(
     src_fd = -1
     flushed: list[Future[None]] = []
     # Tensors kept whole (an embedding, lm_head: 1 GB each in an 8B model) are copied file to file by a
-    # thread of their own, shard after shard from the start, so the weights never queue behind them and a
-    # last shard that holds only lm_head is not left to the end; a shard is finished once its copies are in.
+    # thread of their own, shard after shard, up to COPY_AHEAD shards ahead of the writer, so the weights
+    # never queue behind them and a last shard that holds only lm_head is not left to the end; a shard is
+    # finished once its copies are in.
+    todo = [index for index, shard in enumerate(plan.shards) if shard.name not in skip]
+    writer_at = _Cursor(todo[0] if todo else 0)
     copier = ThreadPoolExecutor(1, thread_name_prefix="fp8q-copy")
     copies = {
-        index: copier.submit(_copy_kept, plan, index, shards, files, stop)
-        for index, shard in enumerate(plan.shards)
-        if shard.name not in skip and any(job.is_copy for job in shard.jobs)
+        index: copier.submit(_copy_kept, plan, index, shards, files, stop, writer_at)
+        for index in todo
+        if any(job.is_copy for job in plan.shards[index].jobs)
     }
     try:
         while (item := _get(inbox, stop)) is not None:
             shard = plan.shards[item.shard]
             path = partial / shard.name
+            writer_at.move_to(item.shard)
             try:
                 current = shards.get(item.shard).file
                 if src_fd < 0:

@@ -221,6 +221,49 @@ def test_kept_tensors_of_later_shards_are_copied_while_earlier_ones_are_written(
         assert (tmp_path / "later" / shard.name).read_bytes() == (tmp_path / "now" / shard.name).read_bytes()
 
 
+def test_the_copier_stays_a_few_shards_ahead_of_the_writer(tmp_path, monkeypatch):
+    """Every shard keeps a norm whole: a copier running free would open every output shard (a file, a hash
+    and a thread each) at the start; it must stay within COPY_AHEAD shards of the writer."""
+    import threading
+    import time
+
+    from fp8q import stages
+
+    shards = {
+        f"model-{n + 1:05d}-of-00008.safetensors": {
+            f"model.layers.{n}.mlp.up_proj.weight": torch.randn(64, 32, dtype=torch.bfloat16),
+            f"model.layers.{n}.input_layernorm.weight": torch.ones(32, dtype=torch.bfloat16),
+        }
+        for n in range(8)
+    }
+    src = write_shards(tmp_path / "src", shards, config={"architectures": ["X"], "tie_word_embeddings": False})
+    open_now, most, lock = set(), [0], threading.Lock()
+    real_init, real_close = writer_module.ShardFile.__init__, writer_module.ShardFile.close
+    real_write = writer_module.ShardFile.write
+
+    def init(self, path, plan, on_written=None):
+        real_init(self, path, plan, on_written)
+        with lock:
+            open_now.add(path.name)
+            most[0] = max(most[0], len(open_now))
+
+    def close(self):
+        with lock:
+            open_now.discard(self.path.name)
+        real_close(self)
+
+    def slow_write(self, out, t):
+        time.sleep(0.02)
+        real_write(self, out, t)
+
+    monkeypatch.setattr(writer_module.ShardFile, "__init__", init)
+    monkeypatch.setattr(writer_module.ShardFile, "close", close)
+    monkeypatch.setattr(writer_module.ShardFile, "write", slow_write)
+    monkeypatch.setattr(stages, "COPY_AHEAD", 1)
+    quantize(src, tmp_path / "out", QuantizeOptions(device="cpu"))
+    assert 1 < most[0] <= 3, most  # the writer's, the one ahead, one being flushed
+
+
 class _Deferred(quantizer_module.CpuQuantizer):
     """The GPU's way, on the CPU: `start` only promises, and the work happens in `wait()`, on the writer's
     thread, after later weights have been read. A pipeline that handed an input buffer back before the
