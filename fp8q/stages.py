@@ -9,7 +9,8 @@ Imports: torch, checkpoint, plan, quantizer, tensor_io, writer, manifest. `run_p
     caller's thread  dequantize it (CPU), quantize it (CPU chunks on worker threads, or CUDA streams)
     writer thread    pwrite weight + scale at planned offsets; once a shard is written, delete
                      its source if it was streamed
-    copy thread      from the start, shard after shard: copy the tensors kept whole file to file
+    copy thread      shard after shard, up to COPY_AHEAD shards ahead of the writer: copy the tensors kept
+                     whole, file to file
     shard threads    flush each finished shard, hash it, record it for --resume
 
 Memory: the buffer pools bound what is alive whatever the model size: three input buffers the
@@ -339,8 +340,8 @@ class _OutShards:
             return self._open.pop(index)
 
     def close(self) -> None:
-        """After a failure: wait for the hashing threads, then close what is still open (kept for --resume
-        only once recorded, which these never were)."""
+        """At the run's end: wait for the hashing threads, then close whatever is still open: only after a
+        failure is anything (a shard never recorded, so never kept for --resume)."""
         for syncer in self.syncers:
             syncer.shutdown(wait=True)
         with self._lock:
