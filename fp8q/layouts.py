@@ -45,6 +45,8 @@ AUX_SUFFIXES = (
     "v_scale",
     "kv_scale",
 )
+# Every tensor that only serves quantization, by the last part of its name.
+QUANTIZATION_ONLY = (*SCALE_SUFFIXES, *AUX_SUFFIXES)
 # transformers defaults a missing `weight_block_size` to this; DeepSeek-V3 writes it.
 DEFAULT_BLOCK = (128, 128)
 _CT_DTYPES = ("F32", "BF16", "F16")
@@ -161,9 +163,8 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
     expected_fp8 = _fp8_expected(qc) if fmt is Format.FP8 else None
     weights: list[QuantizedWeight] = []
     used: set[str] = set()
-    quant_only = (*SCALE_SUFFIXES, *AUX_SUFFIXES)
     for meta in tensors.values():
-        if meta.dtype not in FP8 or meta.name.rpartition(".")[2] in quant_only:
+        if meta.dtype not in FP8 or meta.name.rpartition(".")[2] in QUANTIZATION_ONLY:
             continue  # FP8 zero points or KV scales are not weights
         if fmt is Format.COMPRESSED_TENSORS:
             expected = _ct_expected(meta, rules)
@@ -173,7 +174,7 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
         if qw.scale is not None:
             used.add(qw.scale.name)
         weights.append(qw)
-    extras = tuple(m for m in tensors.values() if m.name not in used and m.name.rpartition(".")[2] in quant_only)
+    extras = tuple(m for m in tensors.values() if m.name not in used and m.name.rpartition(".")[2] in QUANTIZATION_ONLY)
     ignore = qc.get("ignore") if fmt is Format.COMPRESSED_TENSORS else qc.get("ignored_layers")
     if fmt is Format.FP8 and not ignore:
         ignore = qc.get("modules_to_not_convert")

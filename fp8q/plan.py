@@ -17,10 +17,10 @@ from typing import Any
 from fp8q.architectures import GENERIC, Architecture, groups
 from fp8q.checkpoint import CONFIG_FILE, Checkpoint, Shard, TensorMeta
 from fp8q.dtypes import ITEMSIZE, ORDER, config_name
-from fp8q.errors import UsageError
+from fp8q.errors import CheckpointError, UsageError
 from fp8q.experts import Part, fused_weight_of, is_fused_expert_weight, split
 from fp8q.formats import Format, Layout, ScaleFormat, Scheme
-from fp8q.layouts import DetectedLayout, QuantizedWeight
+from fp8q.layouts import QUANTIZATION_ONLY, DetectedLayout, QuantizedWeight
 from fp8q.selection import Selection, check_not_quantized, natural_key, select
 
 SHARD_METADATA = {"format": "pt"}
@@ -189,11 +189,10 @@ def make_plan(
     else:
         selection = select(tensors, config, ignore, targets)
     to_quantize = set(selection.quantize)
-    shards = []
-    for shard in checkpoint.shards:
-        planned = _plan_shard(shard, layout, to_quantize, config, fp8, dtype, source)
-        if planned.jobs:  # a shard of nothing but scales has nothing left to write
-            shards.append(planned)
+    jobs = [(shard, _plan_jobs(shard, layout, to_quantize, config, fp8, dtype, source)) for shard in checkpoint.shards]
+    check_output_names([job for _, shard_jobs in jobs for job in shard_jobs])
+    # A shard of nothing but scales has nothing left to write.
+    shards = [_place_shard(shard, shard_jobs) for shard, shard_jobs in jobs if shard_jobs]
     qconfig: dict[str, Any] = {}
     if layout is not None:
         qconfig = layout.quantization_config(list(selection.ignored))
@@ -239,7 +238,7 @@ def plain_config(config: dict[str, Any], dtype: str) -> dict[str, Any]:
     return plain
 
 
-def _plan_shard(
+def _plan_jobs(
     shard: Shard,
     layout: Layout | None,
     to_quantize: set[str],
@@ -247,7 +246,8 @@ def _plan_shard(
     fp8: dict[str, QuantizedWeight],
     dtype: str | None,
     source: DetectedLayout | None,
-) -> ShardPlan:
+) -> list[Job]:
+    """What becomes of each tensor of one source shard, in file order; no offsets yet."""
     jobs: list[Job] = []
     for meta in shard.tensors:
         if source is not None and meta.name in source.dropped:
@@ -282,10 +282,72 @@ def _plan_shard(
             jobs.append(Job(meta, Action.QUANTIZE, (_quantized(meta.name, meta.dtype, meta.shape, layout),)))
         else:
             jobs.append(Job(meta, Action.KEEP, (Piece(OutTensor(meta.name, meta.dtype, meta.shape)),)))
+    return jobs
+
+
+def _place_shard(shard: Shard, jobs: list[Job]) -> ShardPlan:
+    """The output shard of a source shard's jobs: its header, and every output tensor at its offset."""
     header, placed = build_header([t for job in jobs for t in job.outputs], SHARD_METADATA)
-    jobs = [_place(job, placed) for job in jobs]
+    placed_jobs = tuple(_place(job, placed) for job in jobs)
     size = len(header) + sum(t.nbytes for t in placed.values())
-    return ShardPlan(shard, shard.name, header, size, tuple(jobs))
+    return ShardPlan(shard, shard.name, header, size, placed_jobs)
+
+
+def check_output_names(jobs: list[Job]) -> None:
+    """Every output tensor has a name of its own, and a weight fp8q quantizes has no scale but the one fp8q makes.
+
+    A source holding both `X.weight` (to quantize) and `X.weight_scale`, or a fused expert tensor beside
+    per-expert tensors of the names it splits into, would give a shard whose header holds one of the two (a hole
+    in the file), or a weight with two scales: engines fail on either, or load the wrong one.
+
+    Raises:
+        CheckpointError: naming both sources of the clash.
+    """
+    made: dict[str, Job] = {}
+    for job in jobs:
+        for t in job.outputs:
+            if t.name in made:
+                first = made[t.name]
+                raise CheckpointError(
+                    f"output tensor {t.name} would be written twice: {_origin(first, t.name)} and "
+                    f"{_origin(job, t.name)}; a checkpoint holds one tensor per name: remove one of them from the "
+                    f"source{_keep_hint(first, job)}"
+                )
+            made[t.name] = job
+    quantized = {p.out.name.removesuffix(".weight") for job in jobs if job.action.quantizes for p in job.pieces}
+    for job in jobs:
+        for t in job.outputs:
+            module, _, suffix = t.name.rpartition(".")
+            if not job.action.quantizes and module in quantized and suffix in QUANTIZATION_ONLY:
+                raise CheckpointError(
+                    f"tensor {t.name} in {job.source.shard} of the source is a quantization tensor of "
+                    f"{module}.weight, which fp8q quantizes with a scale of its own: the output would hold two "
+                    f"scales for one weight; remove the stray tensor from the source, or keep {module} as it is "
+                    f"with --ignore '^{re.escape(module)}$'"
+                )
+
+
+def _keep_hint(*jobs: Job) -> str:
+    """How to keep the quantized one of two clashing jobs as it is, where one quantizes."""
+    for job in jobs:
+        if job.action.quantizes:
+            # A fused expert tensor is ignored by its own name, a Linear weight by its module's.
+            fused = job.source.name.partition(" (expert ")[0]
+            module = fused if fused != job.source.name else job.source.module
+            return f", or keep {module} as it is with --ignore '^{re.escape(module)}$'"
+    return ""
+
+
+def _origin(job: Job, name: str) -> str:
+    """Where an output tensor comes from, in words."""
+    source = job.source
+    where = f"in {source.shard} of the source"
+    if " (expert " in source.name:
+        fused, _, expert = source.name.partition(" (expert ")
+        return f"split from expert {expert.rstrip(')')} of {fused} {where}"
+    if job.action.quantizes and name != source.name:
+        return f"the scale fp8q makes for {source.name} {where}"
+    return f"tensor {source.name} {where}"
 
 
 def _quantized(name: str, dtype: str, shape: tuple[int, ...], layout: Layout, part: Part | None = None) -> Piece:
