@@ -5,16 +5,13 @@ SRC, OUT, OUT.partial and their neighbours hold afterwards.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fp8q import QuantizeOptions, quantize
-from fp8q.manifest import Progress
 from tests.factories import write_shards
-from tests.test_safety import CONFIG, _cli, _refused, _source, _tree
+from tests.test_safety import _cli, _refused, _source, _tree
 
 # ── 1. two output tensors with one name, or two scales for one weight, are refused ──
 
