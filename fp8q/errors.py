@@ -49,6 +49,14 @@ def read_error(path: Path, tensor: str, error: OSError) -> CheckpointError:
     )
 
 
+def open_error(path: Path, error: OSError) -> CheckpointError:
+    """A source file that cannot be opened once the run has started: it was there when planned."""
+    return CheckpointError(
+        f"{path}: cannot be opened ({error.strerror or error}); it was moved, deleted or made unreadable while "
+        "fp8q was running: restore it"
+    )
+
+
 def write_error(path: Path, error: OSError) -> OutputError:
     """An OSError while writing output, as the one line a user sees (a full disk said plainly)."""
     if error.errno == errno.ENOSPC:

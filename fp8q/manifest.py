@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -156,9 +157,21 @@ class Progress:
                 continue  # a record cut short by a kill: that shard is simply redone
         return records
 
-    def clear(self) -> None:
-        shutil.rmtree(self.partial / DONE_DIR, ignore_errors=True)
-        (self.partial / RUN_FILE).unlink(missing_ok=True)
+    def set_aside(self) -> Path:
+        """Move the run's records out of `partial`, which is about to become OUT, into a folder made for them
+        beside it; returns that folder (for `put_back` if OUT cannot be made after all)."""
+        aside = Path(tempfile.mkdtemp(prefix=f".{self.partial.name}.records-", dir=self.partial.parent))
+        for name in (RUN_FILE, DONE_DIR):
+            if (self.partial / name).exists():
+                os.rename(self.partial / name, aside / name)
+        return aside
+
+    def put_back(self, aside: Path) -> None:
+        """Return the records `set_aside` moved, so that `--resume` finds the finished shards."""
+        for name in (RUN_FILE, DONE_DIR):
+            if (aside / name).exists() and self.partial.is_dir():
+                os.rename(aside / name, self.partial / name)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 _RECORDING = threading.Lock()

@@ -350,8 +350,14 @@ def _run(
                 try:
                     _write_metadata_files(plan, partial, card)
                     write_manifest(partial, fp, done, timings)
-                    progress.clear()
-                    finalize(partial, out)
+                    # The run's records leave OUT.partial/ just before it becomes OUT, and come back if that fails.
+                    aside = progress.set_aside()
+                    try:
+                        finalize(partial, out, options.overwrite)
+                    except BaseException:
+                        progress.put_back(aside)
+                        raise
+                    remove_tree(aside)
                 except OSError as e:
                     raise write_error(partial, e) from None
         except BaseException as e:
@@ -463,8 +469,9 @@ def _interrupted(caught: list[int]) -> Interrupted:
 
 
 def _failed(e: BaseException, caught: list[int], partial: Path, progress: Progress) -> BaseException:
-    """Clean up after a failed run. Finished shards are kept for `--resume` when the run was
-    interrupted or hit an I/O error, the cases where running again can succeed."""
+    """Clean up after a failed run: once a shard is recorded, every failure keeps OUT.partial/ for `--resume`
+    (an interruption, a read or write error, a source changed or gone, bad data in a later shard, a refused final
+    rename); a run that recorded nothing removes it."""
     done = progress.done() if partial.exists() else {}
     interrupted = caught or isinstance(e, Interrupted)
     if interrupted:
@@ -476,10 +483,14 @@ def _failed(e: BaseException, caught: list[int], partial: Path, progress: Progre
             )
         remove_tree(partial)
         return Interrupted(f"{what}: nothing was written", what.exit_code)
-    if isinstance(e, (CheckpointError, OutputError)) and done:
-        return type(e)(f"{e}; {len(done)} finished shard(s) kept in {partial}: rerun with --resume")
-    remove_tree(partial)
-    return e
+    if not done:
+        remove_tree(partial)
+        return e
+    if isinstance(e, Fp8qError):
+        kept = type(e)(f"{e}; {len(done)} finished shard(s) kept in {partial}: rerun with --resume")
+        kept.exit_code = e.exit_code
+        return kept
+    return e  # a bug: its traceback is worth more than the line, and the finished shards are kept all the same
 
 
 @contextmanager

@@ -44,7 +44,7 @@ from fp8q.manifest import FileHasher, Progress
 from fp8q.numerics import FP8, NonFiniteWeight
 from fp8q.plan import Action, Job, Plan
 from fp8q.quantizer import dequantize_into, make_quantizer
-from fp8q.tensor_io import BufferPool, ShardReader, Stopped, read_ahead, read_tensor, typed_view
+from fp8q.tensor_io import BufferPool, ShardReader, Stopped, open_for_reading, read_ahead, read_tensor, typed_view
 from fp8q.writer import ShardFile
 
 # The reader keeps the kernel fetching this far ahead of it, so the disk works while it waits for a
@@ -277,7 +277,7 @@ def _read(
                 continue
             files.ready(shard.name, stop)  # a streamed shard: downloaded
             path = shard.source.path
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_for_reading(path)
             hinted = 0  # the file is hinted for read-ahead up to here
             try:
                 for job in shard.jobs:
@@ -387,7 +387,7 @@ def _copy_kept(
     shard = plan.shards[index]
     files.ready(shard.name, stop)
     out = shards.get(index).file
-    src_fd = os.open(shard.source.path, os.O_RDONLY)
+    src_fd = open_for_reading(shard.source.path)
     try:
         for job in shard.jobs:
             if job.is_copy:
@@ -431,7 +431,7 @@ def _write(
             try:
                 current = shards.get(item.shard).file
                 if src_fd < 0:
-                    src_fd = os.open(shard.source.path, os.O_RDONLY)
+                    src_fd = open_for_reading(shard.source.path)
                 if item.job is None:
                     if item.shard in copies:
                         copies.pop(item.shard).result()  # an OSError of the copy's is raised here, and named below

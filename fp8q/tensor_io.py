@@ -20,12 +20,13 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from fp8q.checkpoint import Checkpoint, TensorMeta
 from fp8q.dtypes import TORCH_DTYPE
-from fp8q.errors import read_error
+from fp8q.errors import open_error, read_error
 
 COPY_CHUNK = 64 << 20
 # The kernel reads at most its read-ahead size (often 128 KiB-8 MiB) per hint: hint in steps this big.
@@ -47,6 +48,18 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range = _load_sync_file_range()
+
+
+def open_for_reading(path: Path) -> int:
+    """A source file's descriptor, opened read-only.
+
+    Raises:
+        CheckpointError: it cannot be opened (removed or made unreadable since the plan was made).
+    """
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise open_error(path, e) from None
 
 
 def read_ahead(fd: int, offset: int, nbytes: int) -> None:
@@ -166,7 +179,7 @@ class ShardReader:
 
     def fd(self, shard: str) -> int:
         if shard not in self.fds:
-            self.fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            self.fds[shard] = open_for_reading(self.paths[shard])
         return self.fds[shard]
 
     def read(self, meta: TensorMeta, buf: torch.Tensor | None = None) -> torch.Tensor:

@@ -109,17 +109,34 @@ def output_path(out: Path) -> Path:
     return target
 
 
-def finalize(partial: Path, out: Path) -> None:
+def finalize(partial: Path, out: Path, overwrite: bool) -> None:
     """Move a finished `OUT.partial/` to OUT. An old OUT (empty, or an fp8q output `check_output` let
     `--overwrite` replace, checked again now) is moved into a folder this run creates, and deleted only
-    once the new one is in place: no other path is ever touched."""
+    once the new one is in place: no other path is ever touched.
+
+    Raises:
+        OutputError: OUT was filled while the run went (by another program, or another run) and may not be replaced.
+        OSError: the rename failed (OUT is a mount point, say); an old OUT is back in its place.
+    """
     _fsync_dir(partial)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: appeared while fp8q was running and is not a folder; move it away")
     if out.exists() and any(out.iterdir()):
-        check_replaceable(out)  # again: files may have been added to it while the run was going
+        # Again: it may have been created or filled while the run was going.
+        if not overwrite:
+            raise OutputError(
+                f"{out}: was filled by something else while fp8q was running; move it away (or pass --overwrite "
+                "if it is an fp8q output)"
+            )
+        check_replaceable(out)
     trash = None
     if out.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
-        os.rename(out, trash / out.name)
+        try:
+            os.rename(out, trash / out.name)
+        except OSError:  # a mount point (EBUSY), say: nothing moved, nothing to leave behind
+            trash.rmdir()
+            raise
     try:
         os.rename(partial, out)
     except OSError:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fp8q import QuantizeOptions, quantize
+from fp8q.manifest import Progress
 from tests.factories import add_side_files, write_shards
 from tests.test_resume import _hashes, killed_after
 
@@ -80,7 +81,12 @@ def test_failing_process_fails_the_run(tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and bad in errors[0] and "NaN" in errors[0], result.stderr[-3000:]
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert not (tmp_path / "out").exists()
+    # The shards the other process finished are kept for --resume, and the line says so; with none, nothing is left.
+    partial = tmp_path / "out.partial"
+    done = set(Progress(partial, {}).done()) if partial.exists() else set()
+    assert partial.exists() == bool(done) and bad not in done
+    assert ("finished shard(s) kept in" in errors[0]) == bool(done), errors[0]
 
 
 def test_resume_with_another_process_count(tmp_path):

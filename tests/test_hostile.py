@@ -4,12 +4,19 @@ SRC, OUT, OUT.partial and their neighbours hold afterwards.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fp8q import QuantizeOptions, quantize
+from fp8q.errors import CheckpointError, OutputError
+from fp8q.manifest import Progress
 from tests.factories import write_shards
 from tests.test_safety import _cli, _refused, _source, _tree
 
@@ -74,3 +81,86 @@ def test_fused_experts_split_into_a_name_the_source_has_is_refused(tmp_path):
         "model.layers.0.mlp.experts.1.up_proj.weight in model-00002-of-00002.safetensors of the source",
     )
     assert _tree(tmp_path) == before
+
+
+# ── 2. finished work survives every failure after it is recorded ──
+
+
+def _fresh(tmp_path: Path, src: Path) -> dict[str, str]:
+    """The files an uninterrupted run makes (the manifest aside: it records timings)."""
+    quantize(src, tmp_path / "fresh" / "out", QuantizeOptions(device="cpu"))
+    return _without_manifest(_tree(tmp_path / "fresh" / "out"))
+
+
+def _without_manifest(tree: dict[str, str]) -> dict[str, str]:
+    return {name: digest for name, digest in tree.items() if name != "fp8q.json"}
+
+
+@pytest.mark.parametrize("which", ["old OUT, a mount point (EBUSY)", "OUT.partial -> OUT (EIO)"])
+def test_a_failed_final_rename_keeps_every_finished_shard(tmp_path, monkeypatch, which):
+    import fp8q.writer as writer
+
+    src = _source(tmp_path / "src", shards=3)
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder, as a mount point is: used as it is
+    real = writer.os.rename
+
+    def rename(a, b):
+        if "EBUSY" in which and Path(a) == out:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        if "EIO" in which and Path(a).name == "out.partial":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(a, b)
+
+    monkeypatch.setattr(writer.os, "rename", rename)
+    _refused(
+        _cli("quantize", src, out, "--device", "cpu"),
+        f"out.partial: write error ({os.strerror(errno.EBUSY if 'EBUSY' in which else errno.EIO)}); check the disk "
+        "and run again; 3 finished shard(s) kept in",
+    )
+    assert out.is_dir() and not any(out.iterdir())
+    assert len(Progress(tmp_path / "out.partial", {}).done()) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial", "src"]  # no records left aside
+    monkeypatch.setattr(writer.os, "rename", real)
+    assert quantize(src, out, QuantizeOptions(device="cpu", resume=True)).resumed_shards == 3
+    assert _without_manifest(_tree(out)) == _fresh(tmp_path, src)
+
+
+def test_out_filled_by_someone_else_during_the_run_keeps_the_work(tmp_path):
+    src = _source(tmp_path / "src", shards=2)
+    out = tmp_path / "out"
+
+    def meanwhile(event):
+        if type(event).__name__ == "TensorDone" and not out.exists():
+            out.mkdir()
+            (out / "theirs.txt").write_text("another program's")
+
+    with pytest.raises(OutputError, match=r"out: was filled by something else while fp8q was running.*2 finished"):
+        quantize(src, out, QuantizeOptions(device="cpu"), on_event=meanwhile)
+    assert _tree(out) == {"theirs.txt": hashlib.sha256(b"another program's").hexdigest()}
+    assert len(Progress(tmp_path / "out.partial", {}).done()) == 2
+    (out / "theirs.txt").rename(tmp_path / "theirs.txt")
+    assert quantize(src, out, QuantizeOptions(device="cpu", resume=True)).resumed_shards == 2
+    assert _without_manifest(_tree(out)) == _fresh(tmp_path, src)
+
+
+def test_a_source_shard_removed_mid_run_keeps_the_finished_ones(tmp_path):
+    src = _source(tmp_path / "src", shards=3)
+    last = src / "model-00003-of-00003.safetensors"
+    moved = tmp_path / "moved.safetensors"
+
+    def remove_the_last(event):
+        if getattr(event, "shard", "") == "model-00001-of-00003.safetensors" and last.exists():
+            last.rename(moved)
+
+    with pytest.raises(CheckpointError) as failed:
+        quantize(src, tmp_path / "out", QuantizeOptions(device="cpu", workers=1), on_event=remove_the_last)
+    line = str(failed.value)
+    assert f"{last}: cannot be opened (No such file or directory); it was moved, deleted" in line
+    done = Progress(tmp_path / "out.partial", {}).done()
+    assert done and f"{len(done)} finished shard(s) kept in" in line and "--resume" in line
+    assert not (tmp_path / "out").exists()
+    moved.rename(last)
+    report = quantize(src, tmp_path / "out", QuantizeOptions(device="cpu", resume=True))
+    assert report.resumed_shards == len(done)
+    assert _without_manifest(_tree(tmp_path / "out")) == _fresh(tmp_path, src)

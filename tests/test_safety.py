@@ -123,10 +123,22 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(tmp_path):
     before = _tree(out)
     shard = src / "model-00003-of-00003.safetensors"
     tensors = load_file(shard)
+    good = tensors["model.layers.2.mlp.up_proj.weight"].clone()
     tensors["model.layers.2.mlp.up_proj.weight"][1, 1] = float("nan")  # the last shard fails
     save_file(tensors, shard, metadata={"format": "pt"})
     _refused(_cli("quantize", src, out, "--device", "cpu", "--overwrite"), "holds NaN or inf")
     assert _tree(out) == before
+    # The two shards finished before the failure are kept for --resume, beside the old output it has not replaced.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial", "src"]
+    tensors["model.layers.2.mlp.up_proj.weight"] = good
+    save_file(tensors, shard, metadata={"format": "pt"})
+    report = quantize(src, out, QuantizeOptions(device="cpu", overwrite=True, resume=True))
+    assert report.resumed_shards == 2
+    assert {k: v for k, v in _tree(out).items() if k != "fp8q.json"} == {
+        k: v
+        for k, v in before.items()
+        if k != "fp8q.json"  # which shards were reused is recorded in it
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
