@@ -229,9 +229,11 @@ def parse_shard(path: Path, name: str, size: int, raw: bytes, etag: str = "") ->
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
     data_start = 8 + len(raw)
+    # In offset order, as safetensors validates them: a zero-size tensor sits at the offset of the next one (and
+    # sorts before it: its end comes first).
     tensors = sorted(
         (_tensor_meta(path, name, name_entry, data_start) for name, name_entry in header.items()),
-        key=lambda t: (t.start, t.name),
+        key=lambda t: (t.start, t.nbytes, t.name),
     )
     expected = data_start
     for meta in tensors:
