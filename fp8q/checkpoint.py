@@ -28,6 +28,8 @@ SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 # safetensors' own reader refuses headers above 100 MB; nothing legitimate comes close.
 MAX_HEADER_BYTES = 100_000_000
+# The longest file name most filesystems take, in bytes.
+MAX_NAME_BYTES = 255
 # Weight files that are never copied and never opened (pickles may run code when unpickled).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *PICKLE_SUFFIXES)
@@ -345,6 +347,13 @@ def read_index(index_path: Path) -> dict[str, set[str]]:
             raise CheckpointError(
                 f"{index_path}: shard name {shard!r} for tensor {tensor} must be a .safetensors file "
                 "inside the checkpoint folder (no '..', no absolute path); the index is corrupt or hostile"
+            )
+        if "/" in shard or len(shard.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            what = "is longer than a file name can be" if "/" not in shard else "is a path, not a file name"
+            raise CheckpointError(
+                f"{index_path}: shard name {shard!r} for tensor {tensor} {what}; fp8q reads shards named plainly "
+                "in the checkpoint folder itself, where transformers and vLLM look for them: move the file there and "
+                "fix the index"
             )
         shards.setdefault(shard, set()).add(tensor)
     if not shards:

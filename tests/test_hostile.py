@@ -199,3 +199,59 @@ def test_zero_size_tensors_go_through_quantize_verify_dequantize_and_convert(tmp
     assert back["model.layers.0.self_attn.k_proj.weight"].shape == (64, 0)
     target = ["--scheme", "channel"] if scheme != "channel" else ["--scheme", "tensor"]
     assert _cli("convert", out, tmp_path / "conv", "--device", "cpu", "-q", *target, "--no-load-check")[0] == 0
+
+
+# ── 4. shard names in the index: plain file names of the folder, or refused; verify checks what the index says ──
+
+
+@pytest.mark.parametrize(
+    "rename,expect",
+    [
+        ({"model-00002-of-00002.safetensors": "sub/model-00002-of-00002.safetensors"}, "is a path, not a file name"),
+        ({"model-00001-of-00002.safetensors": "./model-00001-of-00002.safetensors"}, "is a path, not a file name"),
+        (
+            {
+                "model-00001-of-00002.safetensors": "a/x.safetensors",
+                "model-00002-of-00002.safetensors": "b/x.safetensors",
+            },
+            "is a path, not a file name",
+        ),
+        ({"model-00001-of-00002.safetensors": "m" * 300 + ".safetensors"}, "is longer than a file name can be"),
+    ],
+    ids=["subfolder", "dot slash", "one basename in two folders", "300 characters"],
+)
+def test_shard_names_that_are_paths_are_refused(tmp_path, rename, expect):
+    src = _source(tmp_path / "src")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    for old, new in rename.items():
+        if "/" in new and len(new) < 255:
+            (src / new).parent.mkdir(exist_ok=True)
+            (src / old).rename(src / new)
+        index["weight_map"] = {t: new if shard == old else shard for t, shard in index["weight_map"].items()}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    before = _tree(tmp_path)
+    for command in (["quantize", src, tmp_path / "out", "--device", "cpu"], ["inspect", src]):
+        _refused(_cli(*command), f"model.safetensors.index.json: shard name '{next(iter(rename.values()))}'")
+        _refused(_cli(*command), expect)
+    assert _tree(tmp_path) == before
+    # verify of such a folder reports it as a problem (no internal error), exit 1.
+    code, lines = _cli("verify", src, "-q")
+    assert code == 1 and len(lines) == 1 and expect in lines[0], lines
+
+
+@pytest.mark.parametrize("damage", ["index names a missing file", "index names a tensor the file lacks"])
+def test_verify_fails_a_checkpoint_whose_index_promises_what_is_not_there(tmp_path, damage):
+    src = _source(tmp_path / "src")
+    quantize(src, tmp_path / "fp8", QuantizeOptions(device="cpu"))
+    fp8 = tmp_path / "fp8"
+    index = json.loads((fp8 / "model.safetensors.index.json").read_text())
+    if damage == "index names a missing file":
+        index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00009-of-00009.safetensors"
+        expect = "model-00009-of-00009.safetensors: shard is missing"
+    else:
+        index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00001-of-00002.safetensors"
+        expect = "tensor model.layers.9.mlp.up_proj.weight is listed in model.safetensors.index.json but not in this"
+    (fp8 / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, lines = _cli("verify", fp8)
+    assert code == 1 and any(line.startswith("problem: ") and expect in line for line in lines), lines
+    assert lines[-1].startswith("error: ") and "1 problem(s)" in lines[-1]
