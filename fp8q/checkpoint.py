@@ -10,10 +10,12 @@ whose files link into their own repo's `blobs/`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -30,6 +32,9 @@ CONFIG_FILE = "config.json"
 MAX_HEADER_BYTES = 100_000_000
 # The longest file name most filesystems take, in bytes.
 MAX_NAME_BYTES = 255
+# Files fp8q reads whole (config.json, the index, a model card, fp8q.json and the run's records) are kilobytes to a
+# few tens of MB (DeepSeek-V3's index: 9 MB); one larger than this is none of them, and is not read into memory.
+MAX_SIDE_FILE_BYTES = 100_000_000
 # Weight files that are never copied and never opened (pickles may run code when unpickled).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *PICKLE_SUFFIXES)
@@ -333,11 +338,13 @@ def index_shards(folder: Path) -> list[str] | None:
 def read_index(index_path: Path) -> dict[str, set[str]]:
     """Shard file name -> tensor names, from the index, with hostile shard names refused."""
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = json.loads(read_bounded(index_path).decode("utf-8"))
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
+    except OSError as e:
+        raise CheckpointError(f"{index_path}: cannot be read ({e.strerror or e}); download it again") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
         raise CheckpointError(
             f"{index_path}: not a valid index (JSON with a weight_map object); download it again"
         ) from None
@@ -419,6 +426,28 @@ def _check_index_matches(shards: list[Shard], listed: dict[str, set[str]]) -> No
             )
 
 
+def read_bounded(path: Path, limit: int = MAX_SIDE_FILE_BYTES) -> bytes:
+    """The bytes of a small file fp8q reads whole, never more than `limit` of them.
+
+    Raises:
+        OSError: it cannot be read, is not a regular file (a device such as /dev/zero, a pipe), or holds more than
+            `limit` bytes; `strerror` says which.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a pipe must not block the open
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise OSError(errno.EFBIG, f"more than {limit // 1_000_000} MB, which no such file holds")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """A config.json as a dict.
 
@@ -426,7 +455,7 @@ def read_config(path: Path) -> dict[str, Any]:
         CheckpointError: unreadable, not JSON (or nested too deep to parse), or not an object.
     """
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(read_bounded(path).decode("utf-8"))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); fix or restore the file") from None
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -48,8 +48,32 @@ def plan_problems(plan: Plan, tp: int | None, load_check: bool) -> list[str]:
             for piece in job.pieces
             if piece.out.shape[1] % MX_GROUP
         ]
+    if plan.layout.scheme is Scheme.BLOCK:
+        problems += _block_problems(plan)
     if load_check:
         problems += tensor_parallel_problems(plan.jobs, plan.layout, tp or 1)
+    return problems
+
+
+# The default block side; tiny models whose weights are all smaller still get it, as every reference tool does.
+_DEFAULT_BLOCK_SIDE = 128
+
+
+def _block_problems(plan: Plan) -> list[str]:
+    """A block side larger than every weight it tiles (and than the default 128): clients expand each scale to a
+    whole tile when they load it (a 99999999-row block would be gigabytes per weight)."""
+    assert plan.layout is not None
+    shapes = [piece.out.shape for job in plan.jobs if job.action.quantizes for piece in job.pieces]
+    if not shapes:
+        return []
+    problems = []
+    bh, bw = plan.layout.block
+    for side, largest, what in ((bh, max(r for r, _ in shapes), "rows"), (bw, max(c for _, c in shapes), "columns")):
+        if side > max(largest, _DEFAULT_BLOCK_SIDE):
+            problems.append(
+                f"--block-size {bh}x{bw}: {side} {what}, more than any weight has (the largest: {largest}); clients "
+                f"expand every scale to a whole tile when they load it: use a block of at most {largest} {what}"
+            )
     return problems
 
 

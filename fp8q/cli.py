@@ -134,7 +134,8 @@ DeviceOpt = Annotated[
     str, typer.Option("--device", metavar="DEVICE", help="auto (CUDA if available), cpu, cuda or cuda:N.")
 ]
 WorkersOpt = Annotated[
-    int, typer.Option("--workers", metavar="N", help="CPU quantization threads; 0 = one per core.", min=0)
+    int,
+    typer.Option("--workers", metavar="N", help="CPU quantization threads; 0 = one per core (never more).", min=0),
 ]
 OverwriteOpt = Annotated[
     bool,
@@ -535,10 +536,10 @@ def _notes(notes: tuple[str, ...] | list[str]) -> None:
 
 def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
     from fp8q.plan import describe
+    from fp8q.stages import memory_estimate
 
     data = describe(plan)
-    data["estimated_peak_host_bytes"] = 4 * plan.largest_quantized
-    data["estimated_peak_gpu_bytes"] = 4 * plan.largest_quantized
+    data["estimated_peak_host_bytes"], data["estimated_peak_gpu_bytes"] = memory_estimate(plan, os.cpu_count() or 1)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     if not quiet:

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fp8q.checkpoint import Checkpoint
+from fp8q.checkpoint import Checkpoint, read_bounded
 from fp8q.errors import OutputError
 from fp8q.writer import MANIFEST_FILE, RUN_FILE
 
@@ -150,7 +150,7 @@ class Progress:
         records = {}
         for path in sorted((self.partial / DONE_DIR).glob("*.json")):
             try:
-                record = json.loads(path.read_text())
+                record = json.loads(read_bounded(path))
                 entry = {"sha256": record["sha256"], "tensors": record["tensors"], "rank": record.get("rank", 0)}
                 records[record["shard"]] = entry
             except (OSError, ValueError, KeyError, TypeError):
@@ -201,7 +201,7 @@ def reusable_shards(partial: Path, expected: dict[str, Any], source_stat: list[d
         OutputError: no usable run record, or the source, options or tool version changed.
     """
     try:
-        run = json.loads((partial / RUN_FILE).read_text())
+        run = json.loads(read_bounded(partial / RUN_FILE))
         recorded = run["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         raise OutputError(

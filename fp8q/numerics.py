@@ -214,9 +214,25 @@ def _scale_rows(layout: Layout, r0: int, r1: int) -> slice:
     return slice(r0, r1)
 
 
+def tile(layout: Layout, rows: int, cols: int) -> tuple[int, int]:
+    """The block tile as it covers a band of `rows` x `cols` (starting on a tile row): a side longer than the band
+    covers all of it, the very same scales without padding it out to the block (a 99999999x1 block would be
+    gigabytes of zeros)."""
+    return max(1, min(layout.block[0], rows)), max(1, min(layout.block[1], cols))
+
+
+def kernel_bytes(layout: Layout, rows: int, cols: int, itemsize: int) -> int:
+    """The most the kernel's temporaries take to quantize a band of rows x cols at once: its tiles padded out (block),
+    a float32 copy and the product."""
+    if layout.scheme is Scheme.BLOCK:
+        bh, bw = tile(layout, rows, cols)
+        rows, cols = math.ceil(rows / bh) * bh, math.ceil(cols / bw) * bw
+    return rows * cols * (itemsize + 8)
+
+
 def _quantize_block_band(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout) -> None:
-    bh, bw = layout.block
     rows, cols = x.shape
+    bh, bw = tile(layout, rows, cols)
     nbr, nbc = math.ceil(rows / bh), math.ceil(cols / bw)
     # Zero padding leaves every edge tile's amax to its real elements, as both references do.
     padded = torch.nn.functional.pad(x, (0, nbc * bw - cols, 0, nbr * bh - rows))
@@ -313,7 +329,7 @@ def _broadcast(scale: torch.Tensor, layout: Layout, shape: torch.Size | tuple[in
         return scale.reshape(-1, 1)
     if layout.scheme is Scheme.MX:
         return scale.repeat_interleave(MX_GROUP, 1)
-    bh, bw = layout.block
+    bh, bw = tile(layout, rows, cols)
     return scale.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
 
 

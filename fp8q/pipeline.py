@@ -37,6 +37,7 @@ from fp8q.checkpoint import (
     CONFIG_FILE,
     INDEX_FILE,
     hub_snapshot,
+    read_bounded,
     read_checkpoint,
     read_config,
 )
@@ -296,6 +297,7 @@ def _run(
     emit = (on_event if lead else None) or (lambda event: None)
     partial = partial_dir(out)
     reused: dict[str, Any] = {}
+    source_card: str | None = None
     error: BaseException | None = None
     try:
         out = output_path(out)
@@ -304,6 +306,7 @@ def _run(
         plan = plan_conversion(source, replace(options, revision=None), mode)
         if plan.problems:
             raise Fp8qError(refusal(plan.problems))
+        source_card = _source_card(plan) if options.model_card and lead else None
         fp = fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__)
         if lead:
             reused, lock = _prepare_partial(plan, source, out, partial, fp, options)
@@ -324,7 +327,7 @@ def _run(
     stop = threading.Event()
     files = _shard_files(source, [s.name for s in plan.shards if s.name not in skip], options, emit)
     cleanup.callback(files.close)  # stops downloading and deletes downloads no shard was made from
-    workers = options.workers or max(1, (os.cpu_count() or 1) // cluster.local_world)
+    workers = worker_count(options.workers, cluster.local_world)
     with _stop_on_signals(stop) as caught:
         failure: BaseException | None = None
         try:
@@ -346,7 +349,7 @@ def _run(
                     # Which process made each shard (under torchrun), or an earlier run for a reused one.
                     "shards": {name: {"rank": entry["rank"], "reused": name in reused} for name, entry in done.items()},
                 }
-                card = _card_input(plan, src, out, options, mode, done) if options.model_card else None
+                card = _card_input(plan, src, out, options, mode, done, source_card) if options.model_card else None
                 try:
                     _write_metadata_files(plan, partial, card)
                     write_manifest(partial, fp, done, timings)
@@ -379,6 +382,13 @@ def _run(
         bytes_downloaded=getattr(files, "total_bytes", 0),
         downloads_kept=options.keep_download,
     )
+
+
+def worker_count(asked: int, processes: int = 1) -> int:
+    """CPU quantization threads: as asked (0: the cores shared among this node's processes), never more than the
+    cores this process may run on: more threads than cores only wait on each other (10000 ran 9x slower)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(asked or cores // processes, cores))
 
 
 def refusal(problems: tuple[str, ...]) -> str:
@@ -528,8 +538,31 @@ def _write_metadata_files(plan: Plan, partial: Path, card: CardInput | None) -> 
         write_text(partial / CARD_FILE, render_card(card))
 
 
+def _source_card(plan: Plan) -> str | None:
+    """The source's README.md, for the output's model card to carry; read before any weight is.
+
+    Raises:
+        CheckpointError: it cannot be read as UTF-8 text (or is far too large to be a card).
+    """
+    if CARD_FILE not in plan.checkpoint.side_files:
+        return None
+    path = plan.checkpoint.root / CARD_FILE
+    try:
+        return read_bounded(path).decode("utf-8")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); fix it, or pass --no-model-card") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text; fix it, or pass --no-model-card") from None
+
+
 def _card_input(
-    plan: Plan, src: str | Path, out: Path, options: QuantizeOptions, mode: Mode, done: dict[str, Any]
+    plan: Plan,
+    src: str | Path,
+    out: Path,
+    options: QuantizeOptions,
+    mode: Mode,
+    done: dict[str, Any],
+    source_card: str | None,
 ) -> CardInput:
     """What the output's model card says, from the plan and the finished shards' records (fp8q.json's figures)."""
     is_repo = not Path(src).exists()
@@ -539,13 +572,6 @@ def _card_input(
     snapshot = hub_snapshot(folder) if not is_repo else None
     if snapshot is not None:  # a Hub cache snapshot given as a path: the repo it is, at its commit
         base, revision, is_repo = *snapshot, True
-    card_path = plan.checkpoint.root / CARD_FILE
-    source_card = None
-    if CARD_FILE in plan.checkpoint.side_files:
-        try:
-            source_card = card_path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{card_path}: cannot be read ({e}); fix it, or pass --no-model-card") from None
     return CardInput(
         command=mode.value,
         base=base,

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fp8q import numerics
 from fp8q.checkpoint import changed_since_read
 from fp8q.dtypes import ITEMSIZE, NAME_OF, TORCH_DTYPE
 from fp8q.errors import CheckpointError, UnsupportedTensorError, read_error, write_error
@@ -43,7 +44,7 @@ from fp8q.layouts import QuantizedWeight, value_problem
 from fp8q.manifest import FileHasher, Progress
 from fp8q.numerics import FP8, NonFiniteWeight
 from fp8q.plan import Action, Job, Plan
-from fp8q.quantizer import dequantize_into, make_quantizer
+from fp8q.quantizer import CHUNK_BYTES, CpuQuantizer, CudaQuantizer, dequantize_into, make_quantizer
 from fp8q.tensor_io import BufferPool, ShardReader, Stopped, open_for_reading, read_ahead, read_tensor, typed_view
 from fp8q.writer import ShardFile
 
@@ -105,20 +106,8 @@ def run_plan(
     """
     # dequantize quantizes nothing: any layout will do for its quantizer, which only dequantizes.
     quantizer = make_quantizer(plan.layout or Layout(Scheme.CHANNEL, Format.COMPRESSED_TENSORS), device, workers)
-    # Three buffers each way: one being filled, one queued, one being used; memory stays bounded.
-    quantized = [j for j in plan.jobs if j.action.quantizes]
-    largest_weight = max((p.out.nbytes for j in quantized for p in j.pieces), default=0)
-    pieces = max((len(j.pieces) for j in quantized), default=1)
-    # A device that works on while the host goes on holds its weights' buffers longer.
-    dequantized = max(
-        (math.prod(j.source.shape) * ITEMSIZE[plan.dtype] for j in plan.jobs if j.action.dequantizes and plan.dtype),
-        default=0,
-    )
-    pools = _Pools(
-        BufferPool(plan.largest_quantized, 3 + quantizer.in_flight, quantizer.pin_memory),
-        BufferPool(largest_weight, (2 + quantizer.in_flight) * pieces + 1, quantizer.pin_memory),
-        BufferPool(dequantized, 3 + quantizer.in_flight, quantizer.pin_memory),
-    )
+    sizes = _pool_sizes(plan, quantizer.in_flight)
+    pools = _Pools(*(BufferPool(capacity, count, quantizer.pin_memory) for capacity, count in sizes))
     to_quantize: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
     to_write: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
     failures: list[BaseException] = []
@@ -163,6 +152,48 @@ def run_plan(
         raise failures[0]
     if stop.is_set():
         raise Stopped
+
+
+def _pool_sizes(plan: Plan, in_flight: int) -> list[tuple[int, int]]:
+    """(bytes a buffer, buffers) of the three pools: source weights as read, quantized weights until written, FP8
+    source weights in high precision. Three buffers each way: one being filled, one queued, one being used; a
+    device that works on while the host goes on (`in_flight`) holds its weights' buffers longer."""
+    quantized = [j for j in plan.jobs if j.action.quantizes]
+    largest_weight = max((p.out.nbytes for j in quantized for p in j.pieces), default=0)
+    pieces = max((len(j.pieces) for j in quantized), default=1)
+    dequantized = max(
+        (math.prod(j.source.shape) * ITEMSIZE[plan.dtype] for j in plan.jobs if j.action.dequantizes and plan.dtype),
+        default=0,
+    )
+    return [
+        (plan.largest_quantized, 3 + in_flight),
+        (largest_weight, (2 + in_flight) * pieces + 1),
+        (dequantized, 3 + in_flight),
+    ]
+
+
+def memory_estimate(plan: Plan, workers: int) -> tuple[int, int]:
+    """What a run of the plan holds at its peak beyond torch itself, in bytes: on the host (the CPU path with
+    `workers` threads, or the CUDA path's pinned buffers, whichever is more) and on a GPU. The buffer pools, and
+    the kernel's temporaries: a chunk of rows per CPU thread, a whole weight on a GPU, its tiles padded out."""
+    host_pools = sum(capacity * count for capacity, count in _pool_sizes(plan, CpuQuantizer.in_flight))
+    pinned = sum(capacity * count for capacity, count in _pool_sizes(plan, CudaQuantizer.in_flight))
+    layout, chunk, whole = plan.layout, 0, 0
+    if layout is not None:
+        for job in plan.jobs:
+            if not job.action.quantizes:
+                continue
+            itemsize = ITEMSIZE[plan.dtype if job.action.dequantizes and plan.dtype else job.source.dtype]
+            for piece in job.pieces:
+                rows, cols = piece.out.shape
+                step = numerics.row_step(layout)
+                chunk_rows = max(step, CHUNK_BYTES // max(1, cols * itemsize) // step * step)
+                chunk = max(chunk, numerics.kernel_bytes(layout, min(rows, chunk_rows), cols, itemsize))
+                whole = max(whole, numerics.kernel_bytes(layout, rows, cols, itemsize))
+    # On the device: each weight in flight, as uploaded and quantized.
+    largest_in, largest_out = _pool_sizes(plan, 0)[0][0], _pool_sizes(plan, 0)[1][0]
+    device_weights = CudaQuantizer.in_flight * (largest_in + largest_out)
+    return max(host_pools + max(1, workers) * chunk, pinned), device_weights + whole
 
 
 @dataclass(frozen=True)

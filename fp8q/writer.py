@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fp8q.checkpoint import allowed_link_root
+from fp8q.checkpoint import allowed_link_root, read_bounded
 from fp8q.errors import OutputError
 from fp8q.plan import OutTensor, ShardPlan
 from fp8q.tensor_io import copy_range, start_writeback, write_at
@@ -199,7 +199,7 @@ def check_replaceable(out: Path) -> None:
         OutputError: anything else, naming what makes it so.
     """
     try:
-        manifest = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
+        manifest = json.loads(read_bounded(out / MANIFEST_FILE).decode("utf-8"))
         listed = manifest["files"] if manifest.get("tool") == "fp8q" else None
         if not isinstance(listed, dict):
             raise TypeError
@@ -241,7 +241,7 @@ def lock_partial(partial: Path) -> int:
 def _holder(partial: Path) -> str:
     """` (pid N on HOST)` from the run record of the run that holds the lock, where it says."""
     try:
-        record = json.loads((partial / RUN_FILE).read_text(encoding="utf-8"))
+        record = json.loads(read_bounded(partial / RUN_FILE).decode("utf-8"))
         return f" (pid {int(record['pid'])} on {record['host']})"
     except (OSError, ValueError, KeyError, TypeError):
         return ""

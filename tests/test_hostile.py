@@ -255,3 +255,93 @@ def test_verify_fails_a_checkpoint_whose_index_promises_what_is_not_there(tmp_pa
     code, lines = _cli("verify", fp8)
     assert code == 1 and any(line.startswith("problem: ") and expect in line for line in lines), lines
     assert lines[-1].startswith("error: ") and "1 problem(s)" in lines[-1]
+
+
+# ── 3. side files read with a bound, block sizes checked against the weights, workers capped ──
+
+
+def _sparse(path: Path, nbytes: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(nbytes)  # a hole: no disk, but a file that many bytes long
+    return path
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "a pipe", "a 150 MB file"])
+def test_config_option_is_read_with_a_bound(tmp_path, kind):
+    src = _source(tmp_path / "src")
+    if kind == "/dev/zero":
+        config, why = Path("/dev/zero"), "not a regular file"
+    elif kind == "a pipe":
+        config, why = tmp_path / "fifo", "not a regular file"
+        os.mkfifo(config)
+    else:
+        config, why = _sparse(tmp_path / "big.json", 150_000_000), "more than 100 MB, which no such file holds"
+    before = _tree(tmp_path)
+    _refused(
+        _cli("quantize", src, tmp_path / "out", "--device", "cpu", "--config", config),
+        f"{config}: cannot be read ({why})",
+    )
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["model.safetensors.index.json", "config.json", "README.md"])
+def test_huge_side_files_are_not_read_whole(tmp_path, name):
+    src = _source(tmp_path / "src")
+    (src / name).unlink()
+    _sparse(src / name, 150_000_000)
+    before = _tree(tmp_path)
+    _refused(
+        _cli("quantize", src, tmp_path / "out", "--device", "cpu"), f"{src / name}: cannot be read (more than 100 MB"
+    )
+    assert _tree(tmp_path) == before  # refused before anything is written, the card's source too
+
+
+def test_a_block_larger_than_every_weight_is_a_problem_and_the_kernel_never_pads_past_the_weight(tmp_path):
+    import subprocess
+    import sys
+
+    src = _source(tmp_path / "src")
+    for block in ("99999999x1", "1x99999999"):
+        code, lines = _cli("inspect", src, "--scheme", "block", "--block-size", block, "--no-load-check")
+        assert code == 1 and any(
+            line.startswith("problem: --block-size") and "more than any weight has (the largest: 128)" in line
+            for line in lines
+        ), lines
+        args = ("--scheme", "block", "--block-size", block, "--no-load-check", "--device", "cpu")
+        _refused(_cli("quantize", src, tmp_path / "out", *args), f"--block-size {block}: 9999")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    # The kernel itself, with 2 GB of address space (torch takes under 1 GB): a tile as tall as the block would be
+    # 2 GB of zeros; the weight's own rows make the same scales and bytes.
+    script = """
+import resource, torch
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from fp8q import numerics
+from fp8q.formats import Format, Layout, Scheme
+w = (torch.randn(64, 128) * 0.05).to(torch.bfloat16)
+for fmt in Format:
+    q, s = numerics.quantize(w, Layout(Scheme.BLOCK, fmt, (1 << 23, 1)))
+    q2, s2 = numerics.quantize(w, Layout(Scheme.BLOCK, fmt, (64, 1)))
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2)
+    back = numerics.dequantize(q, s, Layout(Scheme.BLOCK, fmt, (1 << 23, 1)))
+    assert torch.equal(back, numerics.dequantize(q2, s2, Layout(Scheme.BLOCK, fmt, (64, 1))))
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_workers_are_capped_at_the_cores(tmp_path, monkeypatch):
+    import fp8q.stages as stages
+
+    cores = len(os.sched_getaffinity(0))
+    asked = []
+    real = stages.make_quantizer
+
+    def spy(layout, device, workers):
+        asked.append(workers)
+        return real(layout, device, workers)
+
+    monkeypatch.setattr(stages, "make_quantizer", spy)
+    src = _source(tmp_path / "src")
+    assert _cli("quantize", src, tmp_path / "out", "--device", "cpu", "--workers", "10000", "-q")[0] == 0
+    assert asked == [cores]
