@@ -74,8 +74,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-# Piped output is not wrapped at 80 columns: a tensor name stays on one line for grep and logs.
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 1000)
+# Piped output is not wrapped at 80 columns: a tensor name stays on one line for grep and logs. No markup: names
+# and paths come from the input, and `[bold]` in a tensor name is text (styles are given as `Text` spans).
+err = Console(stderr=True, highlight=False, markup=False, width=None if sys.stderr.isatty() else 1000)
 T = TypeVar("T")
 _RANK = int(os.environ.get("RANK", "0"))  # set by torchrun
 
@@ -179,10 +180,10 @@ def main() -> None:
     except TyperException as e:
         message = e.format_message().replace("Value error, ", "")
         command = " ".join(a for a in sys.argv[1:2] if not a.startswith("-"))
-        err.print(f"[red]error:[/red] {_one_line(message)} (see `fp8q {command} --help`)".replace("  ", " "))
+        _say("error:", "red", f"{_one_line(message)} (see `fp8q {command} --help`)".replace("  ", " "))
         code = e.exit_code
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: nothing was written")
+        _say("interrupted:", "red", "nothing was written")
         code = 130
     sys.exit(code or 0)
 
@@ -481,20 +482,25 @@ def _guarded(fn: Callable[[], T]) -> T:
             raise
         if _RANK > 0:  # rank 0 reports every process's failure
             raise typer.Exit(e.exit_code) from None
-        err.print(f"[red]error:[/red] {_one_line(str(e))}", soft_wrap=True)
+        _say("error:", "red", _one_line(str(e)))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: nothing was written to the output folder", soft_wrap=True)
+        _say("interrupted:", "red", "nothing was written to the output folder")
         raise typer.Exit(130) from None
     except Exception as e:
         if debug:
             raise
-        err.print(
-            f"[red]internal error:[/red] {type(e).__name__}: {_one_line(str(e))} "
-            "(set FP8Q_DEBUG=1 for the traceback, and please report it)",
-            soft_wrap=True,
+        _say(
+            "internal error:",
+            "red",
+            f"{type(e).__name__}: {_one_line(str(e))} (set FP8Q_DEBUG=1 for the traceback, and please report it)",
         )
         raise typer.Exit(1) from None
+
+
+def _say(label: str, style: str, text: str) -> None:
+    """One line on stderr: a styled label, then text shown as it is (no markup: it names files and tensors)."""
+    err.print(Text.assemble((label, style), " ", text), soft_wrap=True)
 
 
 def _one_line(text: str) -> str:
@@ -531,7 +537,7 @@ _IMPORTED = time.perf_counter()
 
 def _notes(notes: tuple[str, ...] | list[str]) -> None:
     for note in notes:
-        err.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+        _say("note:", "yellow", note)
 
 
 def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
@@ -562,10 +568,10 @@ def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
         err.print(table)
         _notes(plan.notes)
         for problem in plan.problems:
-            err.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
+            _say("problem:", "red", problem)
     if plan.problems:
         # Exit 1 so that CI can gate on `inspect` and `--dry-run`; the problems are listed above.
-        err.print(f"[red]error:[/red] {len(plan.problems)} problem(s): quantize would refuse this plan")
+        _say("error:", "red", f"{len(plan.problems)} problem(s): quantize would refuse this plan")
         raise typer.Exit(1)
 
 
@@ -616,9 +622,9 @@ def _show_verify(report: VerifyReport, top: int) -> None:
             table.add_row(row.name, *cells, row.flagged or "")
         err.print(table)
     for problem in report.problems:
-        err.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
+        _say("problem:", "red", problem)
     if report.ok:
-        err.print(f"[green]ok[/green]: no problems ({report.seconds:.1f} s)")
+        _say("ok:", "green", f"no problems ({report.seconds:.1f} s)")
 
 
 def _show_report(report: Report, as_json: bool, quiet: bool) -> None:
@@ -642,13 +648,14 @@ def _show_report(report: Report, as_json: bool, quiet: bool) -> None:
     if report.bytes_downloaded:
         what = "kept in the Hugging Face cache" if report.downloads_kept else "each deleted once converted"
         downloaded = f"\n  hub:     {size_text(report.bytes_downloaded)} streamed from the Hub, {what}"
-    err.print(
-        f"[green]done[/green]: {report.out}\n"
+    _say(
+        "done:",
+        "green",
+        f"{report.out}\n"
         f"  tensors: {tensors}\n"
         f"  size:    {size_text(report.bytes_in)} in, {size_text(report.bytes_out)} out{resumed}{downloaded}\n"
         f"  time:    {_elapsed():.1f} s in all ({report.seconds:.1f} s converting, "
         f"{report.gb_per_s:.2f} GB/s on {report.device})",
-        soft_wrap=True,
     )
 
 
@@ -676,7 +683,7 @@ class _ProgressView:
             None
             if quiet
             else Progress(
-                TextColumn("[bold]{task.description}"),
+                TextColumn("{task.description}", style="bold", markup=False),
                 BarColumn(),
                 DownloadColumn(),
                 _Settled(TransferSpeedColumn()),

@@ -345,3 +345,35 @@ def test_workers_are_capped_at_the_cores(tmp_path, monkeypatch):
     src = _source(tmp_path / "src")
     assert _cli("quantize", src, tmp_path / "out", "--device", "cpu", "--workers", "10000", "-q")[0] == 0
     assert asked == [cores]
+
+
+# ── 7. names and paths from the input are printed as they are, never as markup ──
+
+
+def test_names_with_brackets_are_printed_verbatim(tmp_path):
+    weird = "model.layers.0.[bold]x[/bold].weight"
+    closing = "model.layers.0.[/x].weight"
+    src = _source(tmp_path / "m[red]y", shards=1)
+    shard = src / "model-00001-of-00001.safetensors"
+    extra = {weird: torch.randn(8, 8, dtype=torch.bfloat16), closing: torch.randn(8, 8, dtype=torch.bfloat16)}
+    save_file({**load_file(shard), **extra}, shard, metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"] |= dict.fromkeys(extra, shard.name)
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({"stray.weight": torch.ones(4)}, src / "extra[bold].safetensors")  # a note names it
+    out = tmp_path / "o[u]t"
+    code, lines = _cli("inspect", src, "--ignore", r"\[bold\]")
+    assert code == 0, lines
+    text = "\n".join(lines)
+    assert "fp8q plan for" in text and "m[red]y" in text and weird.removesuffix(".weight") in text
+    assert any(line.startswith("note: ") and "extra[bold].safetensors: not listed" in line for line in lines), lines
+    code, lines = _cli("quantize", src, out, "--device", "cpu")
+    assert code == 0 and any(line == f"done: {out}" for line in lines), lines
+    code, lines = _cli("verify", out, "--source", src)
+    assert code == 0 and any(closing in line for line in lines) and any(weird in line for line in lines), lines
+    # An error naming them, after OUT.partial exists, then --resume: the same, one line each.
+    (out / "fp8q.json").unlink()
+    code, lines = _cli("quantize", src, out, "--device", "cpu", "--overwrite")
+    assert code == 1 and lines == [f"error: {out}: exists, is not empty and is not an fp8q output (no fp8q.json "
+                                   "of fp8q's): fp8q deletes nothing it did not write; empty it yourself or choose "
+                                   "another folder"], lines  # fmt: skip
