@@ -35,6 +35,8 @@ MAX_NAME_BYTES = 255
 # Files fp8q reads whole (config.json, the index, a model card, fp8q.json and the run's records) are kilobytes to a
 # few tens of MB (DeepSeek-V3's index: 9 MB); one larger than this is none of them, and is not read into memory.
 MAX_SIDE_FILE_BYTES = 100_000_000
+# fp8q's own records in OUT.partial/ are named with this prefix: a file of the source named so is never copied.
+RECORD_PREFIX = ".fp8q"
 # Weight files that are never copied and never opened (pickles may run code when unpickled).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *PICKLE_SUFFIXES)
@@ -144,13 +146,15 @@ def read_checkpoint(src: Path, remote: Mapping[str, Shard] | None = None) -> Che
     config_path = src / CONFIG_FILE
     config = read_config(_inside(config_path, allowed)) if config_path.is_file() else None
     used = set(shard_names) | {INDEX_FILE, CONFIG_FILE}
-    side = tuple(f for f in files if f not in used and not f.endswith(WEIGHT_SUFFIXES))
-    skipped = tuple(f for f in files if f not in used and f.endswith(WEIGHT_SUFFIXES))
+    own = [f for f in files if f.startswith(RECORD_PREFIX)]  # would land on fp8q's records: never copied
+    side = tuple(f for f in files if f not in used and f not in own and not f.endswith(WEIGHT_SUFFIXES))
+    skipped = tuple(f for f in files if f not in used and (f in own or f.endswith(WEIGHT_SUFFIXES)))
     notes = [
         f"{src / f}: a symbolic link to {target}, outside the checkpoint folder: not copied"
         for f, target in outside
         if f not in used
     ]
+    notes += [f"{src / f}: named like fp8q's own records ({RECORD_PREFIX}*): not copied" for f in own]
     if index_path.is_file():
         notes += [
             f"{src / f}: not listed in {INDEX_FILE}: neither converted nor copied"
@@ -232,6 +236,12 @@ def parse_shard(path: Path, name: str, size: int, raw: bytes, etag: str = "") ->
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt, download it again")
 
+    lone = next((name for name in header if not is_unicode(name)), None)
+    if lone is not None:
+        raise CheckpointError(
+            f"{path}: tensor name {lone!r} holds half a character (a lone surrogate), which no engine can look up; "
+            "the file is corrupt"
+        )
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
@@ -355,7 +365,12 @@ def read_index(index_path: Path) -> dict[str, set[str]]:
                 f"{index_path}: shard name {shard!r} for tensor {tensor} must be a .safetensors file "
                 "inside the checkpoint folder (no '..', no absolute path); the index is corrupt or hostile"
             )
-        if "/" in shard or len(shard.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        if not is_unicode(shard):
+            raise CheckpointError(
+                f"{index_path}: shard name {shard!r} for tensor {tensor} holds half a character (a lone surrogate), "
+                "which no file name can: the index is corrupt"
+            )
+        if "/" in shard or len(shard.encode("utf-8")) > MAX_NAME_BYTES:
             what = "is longer than a file name can be" if "/" not in shard else "is a path, not a file name"
             raise CheckpointError(
                 f"{index_path}: shard name {shard!r} for tensor {tensor} {what}; fp8q reads shards named plainly "
@@ -464,4 +479,18 @@ def read_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: JSON nested too deep to be a model config; fix or restore the file") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")
+    if not is_unicode(json.dumps(config, ensure_ascii=False)):
+        raise CheckpointError(
+            f"{path}: holds a \\ud800-style escape of half a character (a lone surrogate), which no UTF-8 file can "
+            "hold: fix the file"
+        )
     return config
+
+
+def is_unicode(text: str) -> bool:
+    """Whether text can be written as UTF-8: JSON may escape half a character (a lone surrogate), no file holds one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -20,13 +20,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fp8q.checkpoint import Checkpoint, read_bounded
+from fp8q.checkpoint import RECORD_PREFIX, Checkpoint, read_bounded
 from fp8q.errors import OutputError
 from fp8q.writer import MANIFEST_FILE, RUN_FILE
 
 # In OUT.partial/: the run's fingerprint, and one record per finished shard. One file per shard,
 # so that any number of processes (torchrun) record their shards without touching each other's.
-DONE_DIR = ".fp8q-done"
+DONE_DIR = f"{RECORD_PREFIX}-done"
 # Map a window's pages in one call instead of faulting them one by one (Linux).
 _POPULATE = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
@@ -245,10 +245,13 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 def write_manifest(partial: Path, fp: dict[str, Any], shards: dict[str, Any], timings: dict[str, float]) -> None:
     """`fp8q.json`: version, options, source fingerprint, sha256 of every file, per-tensor stats, timings."""
+    # Every file of the output by its path in it, but the manifest itself and the run's records (at the top only: a
+    # side file `sub/fp8q.json` is the model's, and listed).
+    names = {p.relative_to(partial).as_posix(): p for p in sorted(partial.rglob("*")) if p.is_file()}
     files = {
-        p.relative_to(partial).as_posix(): shards[p.name]["sha256"] if p.name in shards else sha256_file(p)
-        for p in sorted(partial.rglob("*"))
-        if p.is_file() and p.name not in (RUN_FILE, MANIFEST_FILE) and DONE_DIR not in p.parts
+        name: shards[name]["sha256"] if name in shards else sha256_file(path)
+        for name, path in names.items()
+        if name != MANIFEST_FILE and not name.startswith(RECORD_PREFIX)
     }
     tensors = {name: stats for entry in shards.values() for name, stats in sorted(entry["tensors"].items())}
     manifest = {

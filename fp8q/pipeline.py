@@ -295,7 +295,7 @@ def _run(
 ) -> Report:
     lead = cluster.rank == 0
     emit = (on_event if lead else None) or (lambda event: None)
-    partial = partial_dir(out)
+    partial = out  # OUT.partial/ once OUT is checked: an error before then is raised by cluster.agree
     reused: dict[str, Any] = {}
     source_card: str | None = None
     error: BaseException | None = None
@@ -410,6 +410,8 @@ def _prepare_partial(
         fresh = True
     except FileExistsError:
         fresh = False
+    except OSError as e:  # a read-only disk or folder, a name too long with ".partial" added, ...
+        raise OutputError(f"{partial}: cannot be created ({e.strerror or e}); write the output elsewhere") from None
     lock = lock_partial(partial)
     try:
         reused: dict[str, Any] = {}
@@ -419,8 +421,8 @@ def _prepare_partial(
                     f"{partial}: left by an interrupted run; pass --resume to continue it, or delete it to start over"
                 )
             reused = reusable_shards(partial, fp, source_stat)
-        reused_bytes = sum(s.size for s in plan.shards if s.name in reused)
-        check_free_space(out, plan.bytes_out - reused_bytes + _metadata_bytes(plan), _download_space(source, reused))
+        shards = [s.size for s in plan.shards if s.name not in reused]
+        check_free_space(out, shards + _metadata_sizes(plan), _download_space(source, reused))
         Progress(partial, fp).start(source_stat)
     except BaseException:
         os.close(lock)
@@ -430,7 +432,7 @@ def _prepare_partial(
     return reused, lock
 
 
-def _download_space(source: Path | HubStream, reused: dict[str, Any]) -> tuple[Path, int] | None:
+def _download_space(source: Path | HubStream, reused: dict[str, Any]) -> tuple[Path, list[int]] | None:
     """Where a streamed run downloads, and the most it holds there at once: its two largest shards."""
     if isinstance(source, Path):
         return None
@@ -453,14 +455,14 @@ def _shard_files(
     return files
 
 
-def _metadata_bytes(plan: Plan) -> int:
-    """What the run writes beside the shards: side files, index, config and manifest (an upper bound)."""
-    side = sum((plan.checkpoint.root / f).stat().st_size for f in plan.checkpoint.side_files)
+def _metadata_sizes(plan: Plan) -> list[int]:
+    """The files the run writes beside the shards: side files, index, config and manifest (upper bounds)."""
+    side = [(plan.checkpoint.root / f).stat().st_size for f in plan.checkpoint.side_files]
     index = len(json.dumps(plan.index(), indent=2).encode()) + 1
     config = len(json.dumps(plan.config, indent=2, ensure_ascii=False).encode()) + 1 if plan.config else 0
     # fp8q.json: a line of statistics per quantized weight, a hash per file, the fingerprint.
     manifest = 4096 + 400 * plan.n_quantized + 200 * (len(plan.shards) + len(plan.checkpoint.side_files))
-    return side + index + config + manifest
+    return [*side, index, config, manifest]
 
 
 def _count_bytes(cluster: Cluster) -> EventCallback:

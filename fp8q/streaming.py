@@ -56,10 +56,10 @@ class HubStream:
     def label(self) -> str:
         return f"Hub repo {self.repo_id}"
 
-    def most_on_disk(self, skip: set[str]) -> int:
-        """The most a run that skips the shards `skip` holds in the cache at once: its `WINDOW` largest downloads."""
+    def most_on_disk(self, skip: set[str]) -> list[int]:
+        """The sizes of the most a run that skips the shards `skip` holds downloaded at once: its `WINDOW` largest."""
         sizes = sorted((s.size for name, s in self.remote.items() if name not in skip), reverse=True)
-        return sum(sizes[:WINDOW])
+        return sizes[:WINDOW]
 
 
 def open_stream(

@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from fp8q.checkpoint import allowed_link_root, read_bounded
-from fp8q.errors import OutputError
+from fp8q.checkpoint import RECORD_PREFIX, allowed_link_root, read_bounded
+from fp8q.errors import OutputError, UsageError
 from fp8q.plan import OutTensor, ShardPlan
 from fp8q.tensor_io import copy_range, start_writeback, write_at
 
 # In OUT: fp8q's manifest; in OUT.partial/: the record of the run that writes it (see manifest.py).
 MANIFEST_FILE = "fp8q.json"
-RUN_FILE = ".fp8q-run.json"
+RUN_FILE = f"{RECORD_PREFIX}-run.json"
 
 
 class ShardFile:
@@ -99,8 +99,16 @@ def output_path(out: Path) -> Path:
     replaces the folder and the link keeps pointing at it.
 
     Raises:
+        UsageError: OUT is `.`, `..`, `/` or holds the current folder: a checkpoint needs a folder of its own.
         OutputError: a link to nothing.
     """
+    if out.name in ("", ".", "..") or out.resolve() == Path(out.resolve().anchor) or Path.cwd().is_relative_to(
+        out.resolve()
+    ):
+        raise UsageError(
+            f"{out}: the output must be a new folder of its own, not '.', '..', '/' or a folder holding the current "
+            "one: give it a name, e.g. ./model-fp8"
+        )
     if not out.is_symlink():
         return out
     target = out.resolve()
@@ -247,13 +255,16 @@ def _holder(partial: Path) -> str:
         return ""
 
 
-def check_free_space(out: Path, needed: int, download: tuple[Path, int] | None = None) -> None:
-    """Refuse to start a run that cannot fit on the output disk; `download`: the Hugging Face cache folder a
-    streamed run downloads into, and the most it holds at once (two shards), on the same disk or another."""
+def check_free_space(out: Path, files: list[int], download: tuple[Path, list[int]] | None = None) -> None:
+    """Refuse to start a run that cannot fit on the output disk: `files` are the sizes of the files it writes
+    there, each taking whole filesystem blocks; `download`: the folder a streamed run downloads into, and the
+    sizes of the files it holds there at once (two shards), on the same disk or another."""
     probe = _existing(out)
+    needed = on_disk(probe, files)
     if download is not None:
-        cache, size = download
+        cache, sizes = download
         cache_probe = _existing(cache)
+        size = on_disk(cache_probe, sizes)
         if os.stat(cache_probe).st_dev == os.stat(probe).st_dev:
             needed += size
         elif shutil.disk_usage(cache_probe).free < size:
@@ -268,6 +279,16 @@ def check_free_space(out: Path, needed: int, download: tuple[Path, int] | None =
             f"{out}: needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free on that disk; "
             "free some space or write elsewhere"
         )
+
+
+def on_disk(folder: Path, sizes: list[int]) -> int:
+    """The space files of these sizes take on the filesystem of `folder`: each a whole number of its blocks (a
+    1-byte file takes 4 KiB on most), plus a block for each file's entry."""
+    try:
+        block = os.statvfs(folder).f_frsize or 4096
+    except OSError:
+        block = 4096
+    return sum(-(-size // block) * block + block for size in sizes)
 
 
 def _existing(path: Path) -> Path:

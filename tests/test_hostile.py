@@ -377,3 +377,89 @@ def test_names_with_brackets_are_printed_verbatim(tmp_path):
     assert code == 1 and lines == [f"error: {out}: exists, is not empty and is not an fp8q output (no fp8q.json "
                                    "of fp8q's): fp8q deletes nothing it did not write; empty it yourself or choose "
                                    "another folder"], lines  # fmt: skip
+
+
+# ── 8. one line, not an internal error ──
+
+
+@pytest.mark.parametrize("out", [".", "./", "/", "..", "../empty"])
+def test_out_that_is_no_folder_of_its_own_is_a_usage_error(tmp_path, out):
+    import subprocess
+    import sys
+
+    src = _source(tmp_path / "src")
+    cwd = tmp_path / "empty"
+    cwd.mkdir()
+    before = _tree(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "fp8q", "quantize", str(src), out, "--device", "cpu"],
+        capture_output=True, text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and "the output must be a new folder of its own" in run.stderr, run.stderr
+    assert _tree(tmp_path) == before
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
+    src = _source(tmp_path / "src")
+    real = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name.endswith(".partial"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    _refused(_cli("quantize", src, tmp_path / "out", "--device", "cpu"), "out.partial: cannot be created (Read-only")
+    monkeypatch.setattr(Path, "mkdir", real)
+    long = tmp_path / ("x" * 250)  # fits, but not with ".partial" added
+    _refused(_cli("quantize", src, long, "--device", "cpu"), ".partial: cannot be created (File name too long)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_lone_surrogates_are_named(tmp_path):
+    src = _source(tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "name": "\ud800"}))
+    _refused(_cli("quantize", src, tmp_path / "out", "--device", "cpu"), "config.json: holds a \\ud800-style escape")
+    (src / "config.json").write_text(json.dumps(config))
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.mlp.up_proj.weight"] = "\udc00.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    _refused(_cli("quantize", src, tmp_path / "out", "--device", "cpu"), "holds half a character (a lone surrogate)")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_side_files_named_like_fp8qs_records(tmp_path):
+    src = _source(tmp_path / "src")
+    (src / "sub").mkdir()
+    (src / "sub" / "fp8q.json").write_text('{"the model": "its own"}')
+    (src / ".fp8q-done").write_text("a file where fp8q keeps a folder")
+    (src / ".fp8q-run.json").write_text("{}")
+    out = tmp_path / "out"
+    code, lines = _cli("quantize", src, out, "--device", "cpu")
+    assert code == 0, lines
+    notes = [line for line in lines if line.startswith("note: ") and "named like fp8q's own records" in line]
+    assert len(notes) == 2, lines
+    assert (out / "sub" / "fp8q.json").read_text() == '{"the model": "its own"}'
+    assert not (out / ".fp8q-done").exists() and not (out / ".fp8q-run.json").exists()
+    assert "sub/fp8q.json" in json.loads((out / "fp8q.json").read_text())["files"]
+    assert _cli("quantize", src, out, "--device", "cpu", "--overwrite", "-q")[0] == 0  # fp8q's own output, replaced
+
+
+def test_free_space_is_counted_in_filesystem_blocks(tmp_path, monkeypatch):
+    import shutil
+
+    from fp8q import plan_conversion
+
+    src = _source(tmp_path / "src")
+    for i in range(1000):
+        (src / f"vocab-{i}.txt").write_text("x")  # 1 byte each, a 4 KiB block each on disk
+    plan = plan_conversion(src, QuantizeOptions())
+    side = sum((src / f).stat().st_size for f in plan.checkpoint.side_files)
+    # Room for every byte, the index, config and manifest, but not for a thousand files' blocks.
+    free = plan.bytes_out + side + 1_000_000
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 0, free))
+    _refused(_cli("quantize", src, tmp_path / "out", "--device", "cpu"), "are free on that disk")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
