@@ -7,6 +7,7 @@ data is read, so `quantize` refuses before writing, and `inspect` / `--dry-run` 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from fp8q.checkpoint import CONFIG_FILE
 from fp8q.formats import MX_GROUP, Scheme
@@ -107,3 +108,33 @@ def plan_notes(plan: Plan) -> list[str]:
                 f"(first: {name} {list(shape)}): transformers cannot run them, vLLM and SGLang can"
             )
     return notes
+
+
+# A dequantized weight this far from its source is broken whatever its neighbours do (`verify` flags it too). FP8
+# e4m3 keeps 3 mantissa bits: about 2-4 % relative error for sane weights in any layout.
+MAX_REL_ERROR = 0.1
+
+
+def run_findings(stats: dict[str, dict[str, Any]]) -> list[str]:
+    """What the quantized values tell that the plan could not, from the statistics fp8q.json records: weights far
+    from their source (values too small for FP8 at their scales, say: all of them zero), and weights whose client
+    overflows to inf (written only with --no-load-check)."""
+    found = []
+    far = sorted(
+        ((float(s["rel_error"]), name) for name, s in stats.items() if float(s.get("rel_error", 0)) > MAX_REL_ERROR),
+        reverse=True,
+    )
+    if far:
+        error, name = far[0]
+        found.append(
+            f"{len(far)} quantized weight(s) far from their source (relative error above {MAX_REL_ERROR} in the rows "
+            f"fp8q.json samples), worst: {name} ({error:.4f}); `fp8q verify OUT --source SRC` checks every row: keep "
+            f"such weights in high precision with --ignore"
+        )
+    overflow = sorted(name for name, s in stats.items() if s.get("client_overflow"))
+    if overflow:
+        found.append(
+            f"{len(overflow)} quantized weight(s) overflow to inf in the dtype their client computes in, written "
+            f"anyway (--no-load-check), first: {overflow[0]}: engines compute garbage there"
+        )
+    return found

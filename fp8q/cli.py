@@ -634,6 +634,7 @@ def _show_report(report: Report, as_json: bool, quiet: bool) -> None:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     if quiet:
         return
+    _notes(report.findings)
     resumed = ""
     if report.resumed_shards:
         resumed = f", {report.resumed_shards} finished shard(s) reused from the interrupted run"

@@ -73,6 +73,8 @@ class Report:
     # A streamed Hub repo: bytes downloaded by this run, and whether they were kept in the cache (else deleted).
     bytes_downloaded: int = 0
     downloads_kept: bool = False
+    notes: list[str] = field(default_factory=list)  # what the plan said to know (printed as the run starts)
+    findings: list[str] = field(default_factory=list)  # what the quantized values said (fp8q.json's statistics)
 
     @property
     def gb_per_s(self) -> float:

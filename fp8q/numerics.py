@@ -310,14 +310,39 @@ def dequantize(
     weights near 65504, say) the client gets inf; `strict` keeps that inf (what verify checks), otherwise
     the exact product is rounded to `dtype` instead, so no overflow of the client's makes a weight inf.
     """
+    client_type = client_dtype(layout, scale.dtype)
     if layout.scheme is Scheme.MX:
         scale = mx_scale_values(scale)  # compressed-tensors decodes E8M0 to bfloat16, and multiplies in it
     exact = q.double() * _broadcast(scale.double(), layout, q.shape)
-    client = exact.to(scale.dtype if layout.format is Format.COMPRESSED_TENSORS else torch.float32)
+    client = exact.to(client_type)
     if strict:
         return client.to(dtype)
     overflowed = torch.isinf(client) & torch.isfinite(exact)  # no test of it on the host: a GPU never waits
     return torch.where(overflowed, exact, client.double()).to(dtype)
+
+
+def client_dtype(layout: Layout, scale_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layout's client multiplies q by its scale in: the scale's own for compressed-tensors (bfloat16
+    for MX's decoded exponents), float32 for fp8."""
+    if layout.format is Format.FP8:
+        return torch.float32
+    return torch.bfloat16 if layout.scheme is Scheme.MX else scale_dtype
+
+
+def client_overflows(q: torch.Tensor, scale: torch.Tensor, layout: Layout) -> bool:
+    """Whether the client's q * scale overflows to inf anywhere (a float16 weight near 65504, say). A bound from the
+    scales alone clears nearly every weight without reading q: |q| <= 448, and a product below the dtype's largest
+    value rounds to at most that value."""
+    if not scale.numel() or not q.numel():
+        return False
+    values = mx_scale_values(scale) if layout.scheme is Scheme.MX else scale
+    if float(values.double().abs().max()) * FP8_MAX < torch.finfo(client_dtype(layout, scale.dtype)).max:
+        return False
+    rows, cols = q.shape
+    return not all(
+        bool(torch.isfinite(dequantize(q[r0:r1], scale[scale_rows], layout, torch.float64, strict=True)).all())
+        for r0, r1, scale_rows in row_bands(rows, cols, layout)
+    )
 
 
 def _broadcast(scale: torch.Tensor, layout: Layout, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:

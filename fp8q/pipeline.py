@@ -41,7 +41,7 @@ from fp8q.checkpoint import (
     read_checkpoint,
     read_config,
 )
-from fp8q.checks import plan_notes, plan_problems
+from fp8q.checks import plan_notes, plan_problems, run_findings
 from fp8q.distributed import Cluster, Watcher, assign
 from fp8q.dtypes import config_name
 from fp8q.errors import (
@@ -298,6 +298,7 @@ def _run(
     partial = out  # OUT.partial/ once OUT is checked: an error before then is raised by cluster.agree
     reused: dict[str, Any] = {}
     source_card: str | None = None
+    findings: list[str] = []  # rank 0's, from every shard's statistics
     error: BaseException | None = None
     try:
         out = output_path(out)
@@ -333,7 +334,7 @@ def _run(
         try:
             run_emit = emit if cluster.is_single else _count_bytes(cluster)
             with Watcher(cluster, stop, (lambda n: emit(TensorDone("", n))) if lead else None):
-                run_plan(plan, partial, device, workers, run_emit, stop, progress, skip, files)
+                run_plan(plan, partial, device, workers, run_emit, stop, progress, skip, files, options.load_check)
         except BaseException as e:
             failure = e
             cluster.mark_failed()
@@ -349,7 +350,9 @@ def _run(
                     # Which process made each shard (under torchrun), or an earlier run for a reused one.
                     "shards": {name: {"rank": entry["rank"], "reused": name in reused} for name, entry in done.items()},
                 }
-                card = _card_input(plan, src, out, options, mode, done, source_card) if options.model_card else None
+                stats = {name: st for entry in done.values() for name, st in entry["tensors"].items()}
+                findings = run_findings(stats)
+                card = _card_input(plan, src, out, options, mode, stats, source_card) if options.model_card else None
                 try:
                     _write_metadata_files(plan, partial, card)
                     write_manifest(partial, fp, done, timings)
@@ -381,6 +384,8 @@ def _run(
         layouts=source_layouts(plan.source),
         bytes_downloaded=getattr(files, "total_bytes", 0),
         downloads_kept=options.keep_download,
+        notes=list(plan.notes),
+        findings=findings,
     )
 
 
@@ -563,10 +568,10 @@ def _card_input(
     out: Path,
     options: QuantizeOptions,
     mode: Mode,
-    done: dict[str, Any],
+    stats: dict[str, Any],
     source_card: str | None,
 ) -> CardInput:
-    """What the output's model card says, from the plan and the finished shards' records (fp8q.json's figures)."""
+    """What the output's model card says, from the plan and the finished shards' statistics (fp8q.json's figures)."""
     is_repo = not Path(src).exists()
     revision = options.revision if is_repo else None
     folder = Path(src) if Path(src).is_dir() else Path(src).parent
@@ -592,7 +597,7 @@ def _card_input(
         tensors_dequantized=plan.n_dequantized,
         bytes_in=plan.bytes_in,
         bytes_out=plan.bytes_out,
-        stats={name: stats for entry in done.values() for name, stats in entry["tensors"].items()},
+        stats=stats,
         version=__version__,
         source_card=source_card,
     )

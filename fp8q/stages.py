@@ -100,9 +100,11 @@ def run_plan(
     progress: Progress,
     skip: set[str],
     files: ShardFiles,
+    serve_check: bool = True,
 ) -> None:
     """Convert the plan's shards (but those in `skip`, finished by an earlier run) into `partial`, recording
-    each once it is on disk. Raises the first failure of any thread, or Stopped once `stop` is set.
+    each once it is on disk. Raises the first failure of any thread, or Stopped once `stop` is set. `serve_check`:
+    refuse a weight whose FP8 form its client would compute as inf (else it is recorded in its statistics).
     """
     # dequantize quantizes nothing: any layout will do for its quantizer, which only dequantizes.
     quantizer = make_quantizer(plan.layout or Layout(Scheme.CHANNEL, Format.COMPRESSED_TENSORS), device, workers)
@@ -128,7 +130,7 @@ def run_plan(
         target=guarded(lambda: _read(plan, to_quantize, stop, pools.inputs, skip, files)), name="fp8q-reader"
     )
     writer = threading.Thread(
-        target=guarded(lambda: _write(plan, partial, to_write, stop, emit, pools, progress, files, skip)),
+        target=guarded(lambda: _write(plan, partial, to_write, stop, emit, pools, progress, files, skip, serve_check)),
         name="fp8q-writer",
     )
     threads_before = torch.get_num_threads()
@@ -294,6 +296,19 @@ def _non_finite(job: Job) -> UnsupportedTensorError:
     )
 
 
+def _overflowing(name: str, job: Job, client: torch.dtype) -> UnsupportedTensorError:
+    dtype = str(client).removeprefix("torch.")
+    module = name.removesuffix(".weight")
+    src = job.source
+    where = f"tensor {name} in {src.shard}" if name == src.name else f"tensor {name} (from {src.name} in {src.shard})"
+    return UnsupportedTensorError(
+        f"{where}: its FP8 form overflows to inf in the {dtype} "
+        f"its client multiplies it by its scale in (values near the largest {dtype}), so no engine could serve it: "
+        f"keep it in high precision with --ignore '^{re.escape(module)}$', or use --format fp8, whose clients "
+        "compute in float32 (--no-load-check writes it anyway)"
+    )
+
+
 def _read(
     plan: Plan,
     outbox: queue.Queue[_Item | None],
@@ -437,6 +452,7 @@ def _write(
     progress: Progress,
     files: ShardFiles,
     skip: set[str],
+    serve_check: bool,
 ) -> None:
     shards = _OutShards(plan, partial)
     stats: dict[str, Any] = {}
@@ -490,7 +506,8 @@ def _write(
                         (item.pool or pools.inputs).give(item.buffer)
                         item.data = item.buffer = None
                 else:
-                    _write_quantized(current, job, item, stats, pools)
+                    assert plan.layout is not None
+                    _write_quantized(current, job, item, stats, pools, plan.layout, serve_check)
             except OSError as e:
                 raise write_error(path, e) from None
             emit(TensorDone(job.source.name, job.source.nbytes, shard.name))
@@ -509,17 +526,29 @@ def _write(
             os.close(src_fd)
 
 
-def _write_quantized(shard: ShardFile, job: Job, item: _Item, stats: dict[str, Any], pools: _Pools) -> None:
-    """Write a quantized weight and its scale once the device has them ready, and hand its buffers back."""
+def _write_quantized(
+    shard: ShardFile, job: Job, item: _Item, stats: dict[str, Any], pools: _Pools, layout: Layout, serve_check: bool
+) -> None:
+    """Write a quantized weight and its scale once the device has them ready, and hand its buffers back.
+
+    Raises:
+        UnsupportedTensorError: NaN or inf in the weight; or (`serve_check`) its FP8 form overflows to inf in the
+            dtype its client computes in, so no engine could serve it (without the check it is recorded instead).
+    """
     for piece, done in zip(job.pieces, item.data, strict=True):
         assert piece.scale is not None
         try:
             done.wait()
         except NonFiniteWeight:
             raise _non_finite(job) from None
+        overflows = numerics.client_overflows(done.q, done.s, layout)
+        if overflows and serve_check:
+            raise _overflowing(piece.out.name, job, numerics.client_dtype(layout, done.s.dtype))
         shard.write(piece.out, done.q)
         shard.write(piece.scale, done.s)
         stats[piece.out.name] = {"shape": list(piece.out.shape), **done.stats()}
+        if overflows:
+            stats[piece.out.name]["client_overflow"] = True
     item.data = None
     if item.buffer is not None:
         (item.pool or pools.inputs).give(item.buffer)

@@ -32,6 +32,7 @@ import torch
 from fp8q import numerics
 from fp8q.architectures import architecture_of, groups
 from fp8q.checkpoint import CONFIG_FILE, Checkpoint, TensorMeta, read_checkpoint
+from fp8q.checks import MAX_REL_ERROR
 from fp8q.dtypes import FP8
 from fp8q.errors import CheckpointError, Fp8qError
 from fp8q.events import Started, TensorDone
@@ -41,9 +42,7 @@ from fp8q.layouts import DetectedLayout, QuantizedWeight, describe, detect_layou
 from fp8q.selection import is_linear_weight, keep_reason, natural_key
 from fp8q.tensor_io import ShardReader
 
-# A dequantized weight this far from its source is broken whatever its neighbours do. FP8 e4m3 keeps 3
-# mantissa bits: about 2-4 % relative error (26-34 dB) for sane weights and any of the layouts.
-MAX_REL_ERROR = 0.1
+# (MAX_REL_ERROR, from checks) ... or one below this signal-to-noise ratio is broken whatever its neighbours do.
 MIN_SNR_DB = 15.0
 # ...and one this many times the median error of the checkpoint (and above the floor) is an outlier.
 OUTLIER_FACTOR = 3.0
@@ -382,7 +381,7 @@ def _check_weight(
     for r0, r1, scale_rows in numerics.row_bands(rows, cols, qw.layout):
         deq = numerics.dequantize(q[r0:r1], scale[scale_rows], qw.layout, torch.float64, strict=True)
         if not bool(torch.isfinite(deq).all()):
-            client = scale.dtype if qw.layout.format is Format.COMPRESSED_TENSORS else torch.float32
+            client = numerics.client_dtype(qw.layout, scale.dtype)
             return row, (
                 f"tensor {qw.scale.name} in {qw.scale.shard} makes {qw.weight.name} overflow to inf in the "
                 f"{str(client).removeprefix('torch.')} its client computes in; quantize it again"

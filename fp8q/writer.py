@@ -102,8 +102,10 @@ def output_path(out: Path) -> Path:
         UsageError: OUT is `.`, `..`, `/` or holds the current folder: a checkpoint needs a folder of its own.
         OutputError: a link to nothing.
     """
-    if out.name in ("", ".", "..") or out.resolve() == Path(out.resolve().anchor) or Path.cwd().is_relative_to(
-        out.resolve()
+    if (
+        out.name in ("", ".", "..")
+        or out.resolve() == Path(out.resolve().anchor)
+        or Path.cwd().is_relative_to(out.resolve())
     ):
         raise UsageError(
             f"{out}: the output must be a new folder of its own, not '.', '..', '/' or a folder holding the current "

@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
 from fp8q import QuantizeOptions, quantize
+from fp8q.cli import app
 from fp8q.errors import CheckpointError, OutputError
 from fp8q.manifest import Progress
+from fp8q.verify import verify
 from tests.factories import write_shards
-from tests.test_safety import _cli, _refused, _source, _tree
+from tests.test_safety import CONFIG, _cli, _refused, _source, _tree
 
 # ── 1. two output tensors with one name, or two scales for one weight, are refused ──
 
@@ -463,3 +466,42 @@ def test_free_space_is_counted_in_filesystem_blocks(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 0, free))
     _refused(_cli("quantize", src, tmp_path / "out", "--device", "cpu"), "are free on that disk")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+# ── 9. what fp8q's own verify would flag is said by quantize: a note, or a problem where no engine could serve it ──
+
+
+def test_weights_that_all_quantize_to_zero_get_a_note(tmp_path):
+    tensors = {
+        "model.layers.0.mlp.up_proj.weight": torch.full((64, 128), 1e-44, dtype=torch.float32),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(128, 64) * 0.05,
+    }
+    src = write_shards(tmp_path / "src", {"model.safetensors": tensors}, index=False, config=CONFIG)
+    result = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "1 quantized weight(s) far from their source" in notes[0], notes
+    assert "worst: model.layers.0.mlp.up_proj.weight (1.0000)" in notes[0]
+    assert json.loads(result.stdout)["findings"] == [notes[0].removeprefix("note: ")]
+    flagged = [p for p in verify(tmp_path / "out", source=src).problems if "far from the source" in p]
+    assert len(flagged) == 1 and "model.layers.0.mlp.up_proj.weight" in flagged[0]
+
+
+def test_a_weight_whose_client_overflows_is_refused_or_noted(tmp_path):
+    w = torch.full((64, 128), 65500.0, dtype=torch.float16)  # scale 65500/448 rounds up: 448 x scale > 65504
+    tensors = {"model.layers.0.mlp.up_proj.weight": w, "model.layers.0.mlp.down_proj.weight": w.t().contiguous()}
+    src = write_shards(tmp_path / "src", {"model.safetensors": tensors}, index=False, config=CONFIG)
+    _refused(
+        _cli("quantize", src, tmp_path / "out", "--device", "cpu"),
+        "tensor model.layers.0.mlp.down_proj.weight in model.safetensors: its FP8 form overflows to inf in the float16",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    # --format fp8: its clients compute in float32, no overflow.
+    assert (
+        _cli("quantize", src, tmp_path / "fp8", "--device", "cpu", "--scheme", "tensor", "--format", "fp8", "-q")[0]
+        == 0
+    )
+    code, lines = _cli("quantize", src, tmp_path / "out", "--device", "cpu", "--no-load-check")
+    assert code == 0, lines
+    assert any(line.startswith("note: 2 quantized weight(s) overflow to inf") for line in lines), lines
+    assert sum("overflow to inf" in p for p in verify(tmp_path / "out").problems) == 2
