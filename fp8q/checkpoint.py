@@ -18,7 +18,7 @@ import os
 import stat
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -40,6 +40,10 @@ RECORD_PREFIX = ".fp8q"
 # Weight files that are never copied and never opened (pickles may run code when unpickled).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *PICKLE_SUFFIXES)
+
+
+# A file as the filesystem knows it: (device, inode).
+FileId = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +79,8 @@ class Shard:
     ctime_ns: int = 0
     # The Hub's sha256 of the file, for a shard in a Hub cache snapshot or still on the Hub: what identifies it.
     etag: str = ""
+    # The file its header was read from (None: still on the Hub); the run reads that very file, or stops.
+    file_id: FileId | None = None
 
     def stat_record(self) -> dict[str, int | str]:
         """What --resume compares to know a source shard is the very one a finished output shard was made from."""
@@ -96,6 +102,9 @@ class Checkpoint:
     skipped_files: tuple[str, ...]
     # One line each about what was left out and why (links out of the folder, shards the index does not list).
     notes: tuple[str, ...] = ()
+    # Each side file's identity when planned (device, inode, of the file its name leads to): what is copied later
+    # must be that very file, not one swapped in since (a link to a secret, say).
+    side_ids: Mapping[str, FileId] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -161,7 +170,25 @@ def read_checkpoint(src: Path, remote: Mapping[str, Shard] | None = None) -> Che
             for f in skipped
             if f.endswith(".safetensors") and "/" not in f
         ]
-    return Checkpoint(src, tuple(shards), tensors, config, index_path.is_file(), side, skipped, tuple(notes))
+    ids = {f: file_id(os.stat(src / f)) for f in side}
+    return Checkpoint(src, tuple(shards), tensors, config, index_path.is_file(), side, skipped, tuple(notes), ids)
+
+
+def file_id(stat_result: os.stat_result) -> FileId:
+    return stat_result.st_dev, stat_result.st_ino
+
+
+def check_planned(path: Path, fd: int, planned: FileId | None) -> None:
+    """The file open at `fd` must be the one planned (None: no plan to hold it to).
+
+    Raises:
+        CheckpointError: it is another file now (replaced, or a link to somewhere else since the run was planned).
+    """
+    if planned is not None and file_id(os.fstat(fd)) != planned:
+        raise CheckpointError(
+            f"{path}: is no longer the file fp8q planned to read (replaced since, by a link elsewhere say): not "
+            "read; put it back, then run again with --resume"
+        )
 
 
 def allowed_link_root(folder: Path) -> Path:
@@ -205,7 +232,7 @@ def read_shard(root: Path, name: str) -> Shard:
         header_len = header_length(path, f.read(8), stat.st_size)
         raw = f.read(header_len)
     shard = parse_shard(path, name, stat.st_size, raw, etag=hub_blob(path))
-    return replace(shard, mtime_ns=stat.st_mtime_ns, ctime_ns=stat.st_ctime_ns)
+    return replace(shard, mtime_ns=stat.st_mtime_ns, ctime_ns=stat.st_ctime_ns, file_id=file_id(stat))
 
 
 def header_length(path: Path, prefix: bytes, size: int) -> int:
@@ -441,15 +468,18 @@ def _check_index_matches(shards: list[Shard], listed: dict[str, set[str]]) -> No
             )
 
 
-def read_bounded(path: Path, limit: int = MAX_SIDE_FILE_BYTES) -> bytes:
-    """The bytes of a small file fp8q reads whole, never more than `limit` of them.
+def read_bounded(path: Path, limit: int = MAX_SIDE_FILE_BYTES, planned: FileId | None = None) -> bytes:
+    """The bytes of a small file fp8q reads whole, never more than `limit` of them; with `planned`, only from the
+    very file planned.
 
     Raises:
         OSError: it cannot be read, is not a regular file (a device such as /dev/zero, a pipe), or holds more than
             `limit` bytes; `strerror` says which.
+        CheckpointError: it is not the file planned.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a pipe must not block the open
     try:
+        check_planned(path, fd, planned)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
         chunks, size = [], 0

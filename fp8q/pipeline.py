@@ -63,6 +63,7 @@ from fp8q.stages import LocalShards, ShardFiles, run_plan
 from fp8q.tensor_io import Stopped
 from fp8q.writer import (
     MANIFEST_FILE,
+    STAGING_DIR,
     check_free_space,
     check_output,
     copy_file,
@@ -326,8 +327,9 @@ def _run(
             emit(TensorDone(job.source.name, job.source.nbytes, shard.name))
     progress = Progress(partial, fp, cluster.rank)
     stop = threading.Event()
-    files = _shard_files(source, [s.name for s in plan.shards if s.name not in skip], options, emit)
-    cleanup.callback(files.close)  # stops downloading and deletes downloads no shard was made from
+    staging = partial / f"{STAGING_DIR}-{cluster.rank}"  # where this process downloads a streamed repo's shards
+    files = _shard_files(source, [s.name for s in plan.shards if s.name not in skip], options, emit, staging)
+    cleanup.callback(files.close)  # stops downloading and deletes what was downloaded, if not done below
     workers = worker_count(options.workers, cluster.local_world)
     with _stop_on_signals(stop) as caught:
         failure: BaseException | None = None
@@ -338,6 +340,8 @@ def _run(
         except BaseException as e:
             failure = e
             cluster.mark_failed()
+        finally:
+            files.close()  # before OUT.partial/ can become OUT: the staging folder in it goes
         if caught and failure is None:
             failure = Stopped()
         try:
@@ -426,8 +430,11 @@ def _prepare_partial(
                     f"{partial}: left by an interrupted run; pass --resume to continue it, or delete it to start over"
                 )
             reused = reusable_shards(partial, fp, source_stat)
+            for staging in partial.glob(f"{STAGING_DIR}-*"):  # downloads a killed run left (the lock is ours)
+                remove_tree(staging)
         shards = [s.size for s in plan.shards if s.name not in reused]
-        check_free_space(out, shards + _metadata_sizes(plan), _download_space(source, reused))
+        download = _download_space(source, reused, partial, options.keep_download)
+        check_free_space(out, shards + _metadata_sizes(plan), download)
         Progress(partial, fp).start(source_stat)
     except BaseException:
         os.close(lock)
@@ -437,24 +444,28 @@ def _prepare_partial(
     return reused, lock
 
 
-def _download_space(source: Path | HubStream, reused: dict[str, Any]) -> tuple[Path, list[int]] | None:
-    """Where a streamed run downloads, and the most it holds there at once: its two largest shards."""
+def _download_space(
+    source: Path | HubStream, reused: dict[str, Any], partial: Path, keep: bool
+) -> tuple[Path, list[int]] | None:
+    """Where a streamed run downloads (its staging folders in OUT.partial/, or the Hugging Face cache where the
+    downloads are kept), and the most it holds there at once: its two largest shards."""
     if isinstance(source, Path):
         return None
-    return source.folder, source.most_on_disk(set(reused))
+    return (source.folder if keep else partial), source.most_on_disk(set(reused))
 
 
 def _shard_files(
-    source: Path | HubStream, order: list[str], options: QuantizeOptions, emit: EventCallback
+    source: Path | HubStream, order: list[str], options: QuantizeOptions, emit: EventCallback, staging: Path
 ) -> ShardFiles:
-    """What the reader waits on before it opens a shard, and the writer tells once a shard is written: the
-    downloads of a streamed Hub repo, or nothing at all."""
+    """Where the reader finds each shard: the downloads of a streamed Hub repo (into `staging`, a folder of this
+    run's own, unless kept in the Hugging Face cache), or the folder's own files."""
     if isinstance(source, Path):
         return LocalShards()
     from fp8q.source import explain
     from fp8q.streaming import ShardDownloads
 
-    files = ShardDownloads(source, order, options.keep_download, lambda name, n: emit(Downloaded(name, n)), explain)
+    on_bytes = lambda name, n: emit(Downloaded(name, n))  # noqa: E731
+    files = ShardDownloads(source, order, options.keep_download, on_bytes, explain, staging)
     if files.total_bytes:
         emit(DownloadStarted(files.total_bytes, len(files.order)))
     return files
@@ -540,7 +551,7 @@ def _write_metadata_files(plan: Plan, partial: Path, card: CardInput | None) -> 
     replaced = {MANIFEST_FILE} | ({CARD_FILE} if card is not None else set())
     for name in plan.checkpoint.side_files:
         if name not in replaced:
-            copy_file(root / name, partial / name)
+            copy_file(root / name, partial / name, plan.checkpoint.side_ids.get(name))
     if card is not None:
         write_text(partial / CARD_FILE, render_card(card))
 
@@ -555,7 +566,7 @@ def _source_card(plan: Plan) -> str | None:
         return None
     path = plan.checkpoint.root / CARD_FILE
     try:
-        return read_bounded(path).decode("utf-8")
+        return read_bounded(path, planned=plan.checkpoint.side_ids.get(CARD_FILE)).decode("utf-8")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); fix it, or pass --no-model-card") from None
     except UnicodeDecodeError:

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 
 from fp8q import numerics
-from fp8q.checkpoint import changed_since_read
+from fp8q.checkpoint import Shard, changed_since_read
 from fp8q.dtypes import ITEMSIZE, NAME_OF, TORCH_DTYPE
 from fp8q.errors import CheckpointError, UnsupportedTensorError, read_error, write_error
 from fp8q.events import EventCallback, TensorDone
@@ -54,10 +54,11 @@ READ_AHEAD = 256 << 20
 
 
 class ShardFiles(Protocol):
-    """What the reader waits on before it opens a shard, and the writer tells once a shard is written: a
-    streamed Hub repo's downloads (streaming.ShardDownloads), or a folder's files (LocalShards)."""
+    """Where the source shards are to read: the reader waits on `ready` before it opens a shard, and the writer
+    tells `done` once a shard is written. A streamed Hub repo's downloads (streaming.ShardDownloads), or a
+    folder's files (LocalShards)."""
 
-    def ready(self, name: str, stop: threading.Event) -> None: ...
+    def ready(self, shard: Shard, stop: threading.Event) -> Path: ...
 
     def done(self, name: str) -> None: ...
 
@@ -67,8 +68,8 @@ class ShardFiles(Protocol):
 class LocalShards:
     """The shard files of a checkpoint on disk: always there, never deleted."""
 
-    def ready(self, name: str, stop: threading.Event) -> None:
-        pass
+    def ready(self, shard: Shard, stop: threading.Event) -> Path:
+        return shard.path
 
     def done(self, name: str) -> None:
         pass
@@ -321,9 +322,8 @@ def _read(
         for index, shard in enumerate(plan.shards):
             if shard.name in skip:
                 continue
-            files.ready(shard.name, stop)  # a streamed shard: downloaded
-            path = shard.source.path
-            fd = open_for_reading(path)
+            path, fd = _open_source(files, shard.source, stop)  # a streamed shard: once downloaded
+            scales.locate(shard.name, path)
             hinted = 0  # the file is hinted for read-ahead up to here
             try:
                 for job in shard.jobs:
@@ -424,6 +424,12 @@ class _Cursor:
                 self._moved.wait(0.1)
 
 
+def _open_source(files: ShardFiles, shard: Shard, stop: threading.Event) -> tuple[Path, int]:
+    """Where a source shard is (once downloaded, for a streamed one), open for reading."""
+    path = files.ready(shard, stop)
+    return path, open_for_reading(path, shard.file_id)
+
+
 def _copy_kept(
     plan: Plan, index: int, shards: _OutShards, files: ShardFiles, stop: threading.Event, writer_at: _Cursor
 ) -> None:
@@ -431,9 +437,8 @@ def _copy_kept(
     shard is downloaded)."""
     writer_at.wait_for(index - COPY_AHEAD, stop)
     shard = plan.shards[index]
-    files.ready(shard.name, stop)
+    _, src_fd = _open_source(files, shard.source, stop)
     out = shards.get(index).file
-    src_fd = open_for_reading(shard.source.path)
     try:
         for job in shard.jobs:
             if job.is_copy:
@@ -478,7 +483,7 @@ def _write(
             try:
                 current = shards.get(item.shard).file
                 if src_fd < 0:
-                    src_fd = open_for_reading(shard.source.path)
+                    _, src_fd = _open_source(files, shard.source, stop)
                 if item.job is None:
                     if item.shard in copies:
                         copies.pop(item.shard).result()  # an OSError of the copy's is raised here, and named below

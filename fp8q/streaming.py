@@ -3,15 +3,18 @@
 Imports: errors, checkpoint, huggingface_hub. Used when SRC is a repo id whose weights are not all in the local
 cache and the repo has an index (a one-shard repo is simply downloaded). Planning reads each missing shard's
 header with two small range requests, so every check runs before any weight is downloaded. The run then
-downloads shard k+1 while shard k converts, into the Hugging Face cache as huggingface_hub itself would (same
-client, same HF_ENDPOINT, HF_TOKEN, revision), and deletes each shard it downloaded once the shard is written,
-unless `--keep-download`: the disk holds the output, at most two source shards and the side files. Shards that
-were in the cache before the run are read where they are and never deleted. Nothing here ever deletes a file it
-did not create in this run.
+downloads shard k+1 while shard k converts, with huggingface_hub's own client (same HF_ENDPOINT, HF_TOKEN,
+revision), into a staging folder of the run's own inside `OUT.partial/`, and deletes each shard once it is
+written: the disk holds the output, at most two source shards and the side files. The shared Hugging Face cache
+is left alone: another process (a second fp8q, `snapshot_download`) may be reading or writing the very same
+files there, so fp8q never deletes anything in it. With `--keep-download` the shards are downloaded into the cache
+instead, as huggingface_hub itself would, and kept. Shards that were in the cache before the run are read where
+they are.
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -131,10 +134,14 @@ class _Cancelled(Exception):
 class ShardDownloads:
     """Downloads the shards a run reads, in its order, at most `WINDOW` of them on disk at a time.
 
-    The reader calls `ready(name)` before it opens a shard (waiting for its download), the writer `done(name)`
-    once the shard is written (deleting the download), and the run `close()` at its end, which stops any
-    download in progress and deletes the downloads no shard was written from. Shards cached before the run
-    pass through untouched.
+    The reader calls `ready(shard)` before it opens a shard (waiting for its download; it returns where the shard
+    is), the writer `done(name)` once the shard is written (deleting the download), and the run `close()` at its
+    end, which stops any download in progress and deletes the staging folder with whatever it still holds.
+    Shards cached before the run pass through untouched.
+
+    Args:
+        staging: a folder this run alone writes (in its locked OUT.partial/), created here, where shards are
+            downloaded unless `keep`; `keep` downloads into the Hugging Face cache and deletes nothing.
     """
 
     def __init__(
@@ -144,17 +151,19 @@ class ShardDownloads:
         keep: bool,
         on_bytes: Callable[[str, int], None],
         explain: Callable[[Exception], str],
+        staging: Path,
     ) -> None:
         self.stream = stream
         self.order = [name for name in order if name in stream.remote]
         self.keep = keep
+        self.staging = staging
         self._on_bytes = on_bytes
         self._explain = explain
         self._slots = threading.Semaphore(WINDOW)
         self._stop = threading.Event()
         self._arrived = {name: threading.Event() for name in self.order}
         self._failed: dict[str, CheckpointError] = {}
-        self._made: dict[str, list[Path]] = {}  # name -> the files this run created for it
+        self._paths: dict[str, Path] = {}  # name -> where its download is
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._download_all, name="fp8q-download", daemon=True)
         self._thread.start()
@@ -163,8 +172,8 @@ class ShardDownloads:
     def total_bytes(self) -> int:
         return sum(self.stream.remote[name].size for name in self.order)
 
-    def ready(self, name: str, stop: threading.Event) -> None:
-        """Return once shard `name` is on disk.
+    def ready(self, shard: Shard, stop: threading.Event) -> Path:
+        """Where `shard` is, once it is on disk.
 
         Raises:
             CheckpointError: its download failed, naming the shard.
@@ -172,35 +181,33 @@ class ShardDownloads:
         """
         from fp8q.tensor_io import Stopped
 
-        arrived = self._arrived.get(name)
+        arrived = self._arrived.get(shard.name)
         if arrived is None:
-            return  # in the cache before the run
+            return shard.path  # in the cache before the run
         while not arrived.wait(0.1):
             if stop.is_set():
                 raise Stopped
-        if name in self._failed:
-            raise self._failed[name]
+        if shard.name in self._failed:
+            raise self._failed[shard.name]
+        return self._paths[shard.name]
 
     def done(self, name: str) -> None:
         """Shard `name` is written: delete its download (unless kept) and let the next one start."""
         if name not in self._arrived:
             return
         with self._lock:
-            made = self._made.pop(name, [])
-        if not self.keep:
-            _delete(made)
+            path = self._paths.get(name)
+        if not self.keep and path is not None:
+            path.unlink(missing_ok=True)
         self._slots.release()
 
     def close(self) -> None:
-        """Stop downloading and delete what was downloaded but not converted (unless kept)."""
+        """Stop downloading and delete the staging folder, with whatever it still holds (unless kept)."""
         self._stop.set()
         self._slots.release()  # wake the downloader if it waits for a slot
         self._thread.join()
-        with self._lock:
-            left = [path for paths in self._made.values() for path in paths]
-            self._made.clear()
         if not self.keep:
-            _delete(left)
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def _download_all(self) -> None:
         for name in self.order:
@@ -227,22 +234,22 @@ class ShardDownloads:
 
     def _download(self, name: str) -> None:
         expected = self.stream.remote[name]
-        link = self.stream.folder / name
-        blob = self.stream.folder.parent.parent / "blobs" / expected.etag
-        created = [link] + ([] if blob.exists() else [blob])  # a blob another revision shares is not ours
-        with self._lock:
-            self._made[name] = created
-        hf_hub_download(
-            self.stream.repo_id,
-            name,
-            revision=self.stream.commit,
-            cache_dir=self.stream.cache_dir,
-            tqdm_class=self._progress(name),  # type: ignore[arg-type]
+        where: dict[str, Any] = {"cache_dir": self.stream.cache_dir} if self.keep else {"local_dir": self.staging}
+        path = Path(
+            hf_hub_download(
+                self.stream.repo_id,
+                name,
+                revision=self.stream.commit,
+                tqdm_class=self._progress(name),  # type: ignore[arg-type]
+                **where,
+            )
         )
-        local = read_shard(self.stream.folder, name)
+        with self._lock:
+            self._paths[name] = path
+        local = read_shard(path.parent, name)
         if (local.size, local.header_sha256) != (expected.size, expected.header_sha256):
             raise CheckpointError(
-                f"{link}: downloaded, but its header differs from the one read before the run; "
+                f"{path}: downloaded, but its header differs from the one read before the run; "
                 "the repo changed on the Hub at the same commit (or a proxy altered it): run again"
             )
 
@@ -270,8 +277,3 @@ class ShardDownloads:
                 pass
 
         return Bytes
-
-
-def _delete(paths: list[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fp8q.checkpoint import Checkpoint, TensorMeta
+from fp8q.checkpoint import Checkpoint, FileId, TensorMeta, check_planned
 from fp8q.dtypes import TORCH_DTYPE
 from fp8q.errors import open_error, read_error
 
@@ -50,16 +50,23 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _sync_file_range = _load_sync_file_range()
 
 
-def open_for_reading(path: Path) -> int:
-    """A source file's descriptor, opened read-only.
+def open_for_reading(path: Path, planned: FileId | None = None) -> int:
+    """A source file's descriptor, opened read-only; with `planned`, the very file its header was read from.
 
     Raises:
-        CheckpointError: it cannot be opened (removed or made unreadable since the plan was made).
+        CheckpointError: it cannot be opened (removed or made unreadable since the plan was made), or is another
+            file now (swapped for a link elsewhere, say).
     """
     try:
-        return os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise open_error(path, e) from None
+    try:
+        check_planned(path, fd, planned)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_ahead(fd: int, offset: int, nbytes: int) -> None:
@@ -175,11 +182,12 @@ class ShardReader:
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.paths = {s.name: s.path for s in checkpoint.shards}
+        self.ids = {s.name: s.file_id for s in checkpoint.shards}
         self.fds: dict[str, int] = {}
 
     def fd(self, shard: str) -> int:
         if shard not in self.fds:
-            self.fds[shard] = open_for_reading(self.paths[shard])
+            self.fds[shard] = open_for_reading(self.paths[shard], self.ids[shard])
         return self.fds[shard]
 
     def read(self, meta: TensorMeta, buf: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,6 +200,10 @@ class ShardReader:
             return read_tensor(self.fd(meta.shard), meta, buf)
         except OSError as e:
             raise read_error(self.paths[meta.shard], meta.name, e) from None
+
+    def locate(self, shard: str, path: Path) -> None:
+        """Read `shard` from `path` (a streamed shard's download) rather than where its header was read."""
+        self.paths[shard] = path
 
     def close_shard(self, shard: str) -> None:
         """Done with this shard for now (a streamed shard's download is deleted next: an open file keeps its space)."""

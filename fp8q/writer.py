@@ -20,14 +20,16 @@ from typing import Any
 
 import torch
 
-from fp8q.checkpoint import RECORD_PREFIX, allowed_link_root, read_bounded
-from fp8q.errors import OutputError, UsageError
+from fp8q.checkpoint import RECORD_PREFIX, FileId, allowed_link_root, check_planned, read_bounded
+from fp8q.errors import OutputError, UsageError, open_error
 from fp8q.plan import OutTensor, ShardPlan
 from fp8q.tensor_io import copy_range, start_writeback, write_at
 
 # In OUT: fp8q's manifest; in OUT.partial/: the record of the run that writes it (see manifest.py).
 MANIFEST_FILE = "fp8q.json"
 RUN_FILE = f"{RECORD_PREFIX}-run.json"
+# In OUT.partial/: where each process of a run downloads a streamed Hub repo's shards (`-RANK` added), its own.
+STAGING_DIR = f"{RECORD_PREFIX}-downloads"
 
 
 class ShardFile:
@@ -84,10 +86,23 @@ def write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def copy_file(src: Path, dst: Path) -> None:
-    """Copy one side file (following hub-cache symlinks) with its bytes unchanged."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+def copy_file(src: Path, dst: Path, planned: FileId | None = None) -> None:
+    """Copy one side file with its bytes unchanged: the very file planned (`planned`), whatever its name leads to
+    now (a Hub cache snapshot's link into its blob is followed, a file swapped since for a link elsewhere is not).
+
+    Raises:
+        CheckpointError: the source cannot be opened, or is another file than planned.
+        OSError: writing the copy failed.
+    """
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise open_error(src, e) from None
+    with open(fd, "rb") as source:
+        check_planned(src, fd, planned)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst, "wb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
 
 
 def partial_dir(out: Path) -> Path:

@@ -505,3 +505,26 @@ def test_a_weight_whose_client_overflows_is_refused_or_noted(tmp_path):
     assert code == 0, lines
     assert any(line.startswith("note: 2 quantized weight(s) overflow to inf") for line in lines), lines
     assert sum("overflow to inf" in p for p in verify(tmp_path / "out").problems) == 2
+
+
+# ── 5. a file swapped for a link after planning is not followed ──
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "model-00002-of-00002.safetensors"])
+def test_a_file_swapped_for_a_link_after_planning_is_not_read(tmp_path, name):
+    src = _source(tmp_path / "src")
+    secret = tmp_path / "secret"
+    original = (src / name).read_bytes()
+    secret.write_bytes(b"HF_TOKEN=hf_secret".ljust(len(original), b"!"))  # the same size as what it replaces
+
+    def swap(event):
+        if type(event).__name__ == "PlanReady":
+            (src / name).unlink()
+            (src / name).symlink_to(secret)
+
+    with pytest.raises(CheckpointError, match=f"{name}: is no longer the file fp8q planned to read"):
+        quantize(src, tmp_path / "out", QuantizeOptions(device="cpu", workers=1), on_event=swap)
+    assert not (tmp_path / "out").exists()
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p != secret]
+    leaked = [p for p in files if b"hf_secret" in p.read_bytes()]
+    assert leaked == []

@@ -5,6 +5,7 @@ HF_HOME set, as huggingface_hub reads them at import)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -50,12 +51,20 @@ def _fp8q(tmp_path: Path, hub: HubServer, *args: str, **env: str) -> subprocess.
 
 
 def _disk(*folders: Path) -> int:
-    """Bytes of the regular files under these folders (links count nothing: they point at blobs)."""
+    """Bytes of the regular files under these folders (links count nothing: they point at blobs). The run goes on
+    while this looks: a file or folder that vanishes meanwhile counts nothing."""
     total = 0
     for folder in folders:
-        for path in folder.rglob("*") if folder.exists() else ():
-            if path.is_file() and not path.is_symlink():
-                total += path.stat().st_size
+        try:
+            paths = list(folder.rglob("*"))
+        except OSError:
+            continue
+        for path in paths:
+            try:
+                if not path.is_symlink():
+                    total += path.stat().st_size if path.is_file() else 0
+            except OSError:
+                continue
     return total
 
 
@@ -78,13 +87,14 @@ def test_streamed_equals_local_and_holds_at_most_two_shards(reference, hub, tmp_
     repos, local = reference
     out = tmp_path / "streamed" / "out"
     cache = tmp_path / "hf"
-    peak = [0, 0]  # the cache and OUT together, and the cache alone
+    peak = [0, 0, 0]  # the cache and OUT's folder together, the downloads alone, the cache alone
 
     def measure(*_: object) -> None:
         # The cache's files (blobs, downloads in progress); its own bookkeeping (refs, tree listings) is a few kB.
         in_cache = _disk(*cache.glob("hub/*/blobs"))
         peak[0] = max(peak[0], in_cache + _disk(out.parent))
-        peak[1] = max(peak[1], in_cache)
+        peak[1] = max(peak[1], _disk(*out.parent.glob("out.partial/.fp8q-downloads-*")))
+        peak[2] = max(peak[2], in_cache)
 
     hub.on_download = measure  # at the start and the end of every shard's download
     stop = threading.Event()
@@ -111,8 +121,11 @@ def test_streamed_equals_local_and_holds_at_most_two_shards(reference, hub, tmp_
     side = _disk(repos / REPO) - sum(sizes)
     bound = _disk(out) + sizes[0] + sizes[1] + side
     assert _disk(out) < peak[0] <= bound, (peak[0], bound)
-    # The cache itself never held more than two shards (and saw at least one: the sampling is not blind).
-    assert sizes[-1] < peak[1] <= sizes[0] + sizes[1] + side, (peak[1], sizes[:2], side)
+    # The run's own staging folder never held more than two shards (and held one: the sampling is not blind); the
+    # shared cache, which other processes read, got the side files alone.
+    metadata = 8 * 1024  # huggingface_hub's record of each download beside it: a few hundred bytes
+    assert sizes[-1] < peak[1] <= sizes[0] + sizes[1] + metadata, (peak[1], sizes[:2])
+    assert peak[2] <= side, (peak[2], side)
 
 
 def test_plan_reads_headers_only(reference, hub, tmp_path):
@@ -263,3 +276,49 @@ def test_hostile_index_refused_before_any_shard_request(reference, tmp_path):
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     finally:
         server.close()
+
+
+# ── the shared cache is never fp8q's to delete from (second hostile probe, class 5) ──
+
+
+def test_a_shard_another_process_puts_in_the_cache_meanwhile_is_left_alone(reference, hub, tmp_path):
+    """Another process (snapshot_download, a second fp8q) fills the shared cache while this run streams: fp8q
+    downloads into a folder of its own and deletes nothing in the cache, that process's files included."""
+    repos, local = reference
+    commit = hub.repo(REPO)[0]
+    repo_cache = tmp_path / "hf" / "hub" / "models--org--model"
+    theirs = SHARDS[5]
+
+    def another_process(file: str, phase: str) -> None:
+        if file == SHARDS[0] and phase == "end" and not (repo_cache / "snapshots" / commit / theirs).exists():
+            data = (repos / REPO / theirs).read_bytes()
+            blob = repo_cache / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            (repo_cache / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+            (repo_cache / "snapshots" / commit / theirs).symlink_to(
+                os.path.relpath(blob, repo_cache / "snapshots" / commit)
+            )
+
+    hub.on_download = another_process
+    out = tmp_path / "run" / "out"
+    result = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q")
+    assert result.returncode == 0, result.stderr
+    assert _hashes(out) == _hashes(local)
+    assert _cached_shards(tmp_path) == [theirs]  # theirs, whole; none of fp8q's
+    link = repo_cache / "snapshots" / commit / theirs
+    assert link.is_symlink() and link.read_bytes() == (repos / REPO / theirs).read_bytes()
+    assert not list(out.parent.glob("out.partial*")) and not list(out.rglob(".fp8q*"))
+
+
+def test_downloads_a_killed_run_left_are_cleaned_by_resume(reference, hub, tmp_path):
+    _, local = reference
+    out = tmp_path / "run" / "out"
+    killed = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q", FP8Q_TEST_SIGNAL_AFTER="2:KILL")
+    assert killed.returncode == -9, killed.stderr
+    assert _cached_shards(tmp_path) == []  # whatever it had downloaded is in its own folder in out.partial/
+    result = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert _hashes(out) == _hashes(local)
+    assert _cached_shards(tmp_path) == [] and not list((tmp_path / "hf").rglob("*.incomplete"))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"] and not list(out.rglob(".fp8q*"))
