@@ -86,7 +86,10 @@ SrcArg = Annotated[
 ]
 SchemeOpt = Annotated[
     Scheme,
-    typer.Option("--scheme", help="Scale granularity: one per output channel, per 128x128 block, or per tensor."),
+    typer.Option(
+        "--scheme",
+        help="Scale granularity: one per output channel, per 128x128 block, per tensor, or MXFP8 (mx: per 32 inputs).",
+    ),
 ]
 FormatOpt = Annotated[
     Format, typer.Option("--format", help="compressed-tensors (llm-compressor layout) or fp8 (vLLM/DeepSeek layout).")
@@ -179,13 +182,17 @@ def main() -> None:
         code = app(standalone_mode=False)
     except TyperException as e:
         message = e.format_message().replace("Value error, ", "")
-        command = " ".join(a for a in sys.argv[1:2] if not a.startswith("-"))
+        # The help of the command given, where there is such a command (a misspelled one has none).
+        command = next((a for a in sys.argv[1:2] if a in _COMMANDS), "")
         _say("error:", "red", f"{_one_line(message)} (see `fp8q {command} --help`)".replace("  ", " "))
         code = e.exit_code
     except KeyboardInterrupt:
         _say("interrupted:", "red", "nothing was written")
         code = 130
     sys.exit(code or 0)
+
+
+_COMMANDS = ("quantize", "convert", "inspect", "verify", "dequantize")
 
 
 def _version(value: bool) -> None:
@@ -244,7 +251,7 @@ def quantize_command(
         )  # fmt: skip
         _convert(src, out, options, "quantize", dry_run, as_json, quiet)
 
-    _guarded(run)
+    _guarded(run, out)
 
 
 @app.command("convert", cls=_Command)
@@ -296,7 +303,7 @@ def convert_command(
         )  # fmt: skip
         _convert(src, out, options, "convert", dry_run, as_json, quiet)
 
-    _guarded(run)
+    _guarded(run, out)
 
 
 def _convert(
@@ -381,7 +388,9 @@ def verify_command(
         if not quiet:
             _show_verify(report, top)
         if not report.ok:
-            raise Fp8qError(f"{report.path}: {len(report.problems)} problem(s), first: {report.problems[0]}")
+            # Listed above unless quiet: then the line carries the first.
+            listed = "listed above" if not quiet else f"first: {report.problems[0]}"
+            raise Fp8qError(f"{report.path}: {len(report.problems)} problem(s), {listed}")
 
     _guarded(run)
 
@@ -419,7 +428,7 @@ def dequantize_command(
             )  # fmt: skip
         _show_report(report, as_json, quiet)
 
-    _guarded(run)
+    _guarded(run, out)
 
 
 def _engine() -> Any:
@@ -466,8 +475,9 @@ def _options(
     )
 
 
-def _guarded(fn: Callable[[], T]) -> T:
-    """The error boundary: known errors become one line and an exit code."""
+def _guarded(fn: Callable[[], T], out: Path | None = None) -> T:
+    """The error boundary: known errors become one line and an exit code. `out`: the command's output folder,
+    whose OUT.partial/ (an earlier run's) a Ctrl-C before the run takes it over leaves as it was."""
     debug = os.environ.get("FP8Q_DEBUG", "") not in ("", "0")
     if not debug:
         # huggingface_hub logs its retries as warnings: a failure is fp8q's one line, a retry that works is
@@ -485,7 +495,13 @@ def _guarded(fn: Callable[[], T]) -> T:
         _say("error:", "red", _one_line(str(e)))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        _say("interrupted:", "red", "nothing was written to the output folder")
+        partial = out.with_name(out.name + ".partial") if out is not None and out.name else None
+        kept = (
+            f"; {partial} (an earlier run's) is left as it was: --resume continues it"
+            if partial and partial.is_dir()
+            else ""
+        )
+        _say("interrupted:", "red", f"nothing was written to the output folder{kept}")
         raise typer.Exit(130) from None
     except Exception as e:
         if debug:
@@ -553,7 +569,11 @@ def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
         layout = f"{plan.layout.scheme.value} / {plan.layout.format.value}" if plan.layout else "none (dequantize)"
         table.add_row("layout", layout)
         table.add_row("tensors", f"{plan.n_quantized} quantized, {plan.n_kept} kept")
-        table.add_row("kept Linear modules", ", ".join(plan.ignored) or "none")
+        # Modules a rule kept get a row of their own below, with why; the others (--ignore, --targets) are here.
+        by_rule = {module for module, _ in plan.kept}
+        others = [m for m in plan.ignored if m not in by_rule]
+        if others or not by_rule:
+            table.add_row("kept Linear modules", ", ".join(others) or "none")
         table.add_row("shards", str(len(plan.shards)))
         table.add_row("size", f"{size_text(plan.bytes_in)} in, {size_text(plan.bytes_out)} out")
         table.add_row(

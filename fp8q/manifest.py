@@ -215,8 +215,9 @@ def reusable_shards(partial: Path, expected: dict[str, Any], source_stat: list[d
     ):
         if recorded.get(key) != expected.get(key):
             raise OutputError(
-                f"{partial}: cannot resume: the {what} changed since the interrupted run; "
-                f"delete {partial.name} and run again without --resume"
+                f"{partial}: cannot resume: the {what} changed since the interrupted run"
+                f"{_changes(recorded.get(key), expected.get(key))}; delete {partial.name} and run again without "
+                "--resume (or run with what the interrupted run had)"
             )
     # A finished shard is kept only if its source file is the very one it was made from (output shards mirror
     # source shards one to one); one changed in place under an unchanged header is simply made again.
@@ -231,6 +232,27 @@ def reusable_shards(partial: Path, expected: dict[str, Any], source_stat: list[d
         and (partial / name).is_file()
         and sha256_file(partial / name) == entry["sha256"]
     }
+
+
+def _changes(then: Any, now: Any) -> str:
+    """What changed between two records, in words, where they are options (` (--scheme channel -> block)`)."""
+    if not (isinstance(then, dict) and isinstance(now, dict)):
+        return ""
+    changed = [
+        f"--{key.replace('_', '-')} {_option_text(then.get(key))} -> {_option_text(now.get(key))}"
+        for key in sorted(set(then) | set(now))
+        if then.get(key) != now.get(key)
+    ]
+    return f" ({', '.join(changed)})" if changed else ""
+
+
+def _option_text(value: Any) -> str:
+    """An option's recorded value as it is written on the command line (a block size 128x128, patterns a, b)."""
+    if value is None or value == []:
+        return "(none)"
+    if isinstance(value, list):
+        return ("x" if all(isinstance(v, int) for v in value) else ", ").join(map(str, value))
+    return str(value)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

@@ -21,6 +21,11 @@ from fp8q.errors import CheckpointError, UnsupportedTensorError, UsageError
 from fp8q.experts import is_fused_expert_weight
 
 FLOAT_DTYPES = (*QUANTIZABLE, "F64", *FP8)
+# What to do with an FP8 checkpoint given to quantize.
+ALREADY_QUANTIZED = (
+    "`fp8q verify` checks it, `fp8q convert` writes it in another FP8 layout, `fp8q dequantize` makes it bf16; "
+    "or give the bf16/fp16/fp32 checkpoint"
+)
 # Embedding tables are nn.Embedding, not Linear: kept and not listed in `ignore`.
 _EMBEDDING = re.compile(r"(^|\.)([^.]*embed[^.]*|wte|wpe|shared|relative_attention_bias)$")
 _LM_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)$|^output$")
@@ -94,8 +99,8 @@ def select(
     for meta in metas:
         if meta.dtype in FP8:
             raise CheckpointError(
-                f"tensor {meta.name} in {meta.shard} is already {meta.dtype}: the input is already "
-                "quantized; give the bf16/fp16/fp32 checkpoint (or `fp8q dequantize` this one first)"
+                f"tensor {meta.name} in {meta.shard} is already {meta.dtype}: the input is already quantized; "
+                f"{ALREADY_QUANTIZED}"
             )
         fused = is_fused_expert_weight(meta) and meta.dtype in FLOAT_DTYPES
         if not (fused or is_linear_weight(meta)):
@@ -179,6 +184,5 @@ def check_not_quantized(config: Mapping[str, object] | None, config_name: str) -
         method = config["quantization_config"]
         method = method.get("quant_method", "?") if isinstance(method, Mapping) else "?"
         raise CheckpointError(
-            f"{config_name}: has a quantization_config ({method}): the input is already quantized; "
-            "give the bf16/fp16/fp32 checkpoint"
+            f"{config_name}: has a quantization_config ({method}): the input is already quantized; {ALREADY_QUANTIZED}"
         )

@@ -72,7 +72,8 @@ def resolve_source(
         raise CheckpointError(
             f"{src}: no such file or folder; give a checkpoint folder, a .safetensors file or a Hub repo id"
         )
-    label = f"Hub repo {src}" + (f" at revision {revision}" if revision else "")
+    # Said first: a typo of a local folder (`lama`) also reads as a repo id.
+    label = f"{src}: no such file or folder here, and Hub repo {src}" + (f" at revision {revision}" if revision else "")
     try:
         try:
             return _snapshot(src, revision, cache_dir, local_only=True)

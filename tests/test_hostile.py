@@ -528,3 +528,94 @@ def test_a_file_swapped_for_a_link_after_planning_is_not_read(tmp_path, name):
     files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p != secret]
     leaked = [p for p in files if b"hf_secret" in p.read_bytes()]
     assert leaked == []
+
+
+# ── 11. a new user's rough edges ──
+
+
+def test_a_typo_of_a_local_folder_says_so_before_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _refused(_cli("quantize", "lama", "out"), "lama: no such file or folder here, and Hub repo lama")
+    _refused(_cli("verify", "lama"), "lama: no such file or folder here, and Hub repo lama")
+
+
+def test_a_misspelled_command_points_at_the_commands():
+    from tests.test_safety import _fp8q_run
+
+    run = _fp8q_run("quantise", "a", "b")
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "Did you mean 'quantize'" in run.stderr and "(see `fp8q --help`)" in run.stderr, run.stderr
+
+
+def test_an_fp8_input_points_at_verify_convert_and_dequantize(tmp_path):
+    src = _source(tmp_path / "src")
+    quantize(src, tmp_path / "fp8", QuantizeOptions(device="cpu"))
+    for command in (["inspect", tmp_path / "fp8"], ["quantize", tmp_path / "fp8", tmp_path / "out"]):
+        _refused(_cli(*command), "the input is already quantized; `fp8q verify` checks it, `fp8q convert` writes it")
+
+
+def test_verify_of_a_plain_folder_says_its_problem_once(tmp_path):
+    src = _source(tmp_path / "src")
+    code, lines = _cli("verify", src)
+    assert code == 1 and sum("no FP8 weights" in line for line in lines) == 1, lines
+    assert lines[-1] == f"error: {src}: 1 problem(s), listed above"
+    code, lines = _cli("verify", src, "-q")
+    assert code == 1 and lines == [
+        f"error: {src}: 1 problem(s), first: {src}: no FP8 weights; this is not an FP8 checkpoint"
+    ]
+
+
+def test_resume_with_changed_options_says_which(tmp_path):
+    from tests.test_resume import killed_after
+
+    src = _source(tmp_path / "src", shards=3)
+    killed_after(src, tmp_path / "out", 1)
+    args = ("--device", "cpu", "--resume", "--scheme", "block", "--block-size", "64x64", "--no-load-check")
+    _refused(
+        _cli("quantize", src, tmp_path / "out", *args),
+        "cannot resume: the options changed since the interrupted run (--block-size 128x128 -> 64x64, --scheme "
+        "channel -> block)",
+    )
+
+
+def test_the_plan_names_lm_head_once(tmp_path):
+    from tests.factories import tiny_llama
+
+    src = tiny_llama(tmp_path / "src")
+    code, lines = _cli("inspect", src)
+    assert code == 0 and sum("lm_head" in line for line in lines if line.startswith("│")) == 1, lines
+
+
+def test_ctrl_c_before_the_run_says_an_earlier_out_partial_is_kept(tmp_path, monkeypatch):
+    import fp8q.pipeline as pipeline
+    from tests.test_resume import killed_after
+
+    src = _source(tmp_path / "src", shards=3)
+    killed_after(src, tmp_path / "out", 1)
+    before = _tree(tmp_path / "out.partial")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "open_source", interrupted)
+    code, lines = _cli("quantize", src, tmp_path / "out", "--device", "cpu", "--resume")
+    assert code == 130 and lines == [
+        f"interrupted: nothing was written to the output folder; {tmp_path / 'out.partial'} (an earlier run's) is "
+        "left as it was: --resume continues it"
+    ], lines
+    assert _tree(tmp_path / "out.partial") == before
+
+
+def test_every_option_is_in_the_readme_and_scheme_help_names_mx():
+    import re
+
+    from typer.main import get_command
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = get_command(app).commands["quantize"]  # type: ignore[attr-defined]
+    flags = {flag for param in command.params for flag in param.opts if flag.startswith("--") and flag != "--help"}
+    missing = sorted(flag for flag in flags if not re.search(rf"`{re.escape(flag)}[` ]", readme))
+    assert missing == [], missing
+    assert "`--scheme channel|block|tensor|mx`" in readme.replace("\\|", "|")
+    help_text = CliRunner().invoke(app, ["quantize", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "or MXFP8 (mx: per 32 inputs)" in " ".join(help_text.replace("│", " ").split())
