@@ -121,6 +121,9 @@ def _snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None, 
     weights = index_shards(side)
     patterns = ["*.safetensors"] if weights is None else [_literal(name) for name in weights]
     folder = Path(snapshot_download(repo_id, revision=side.name, allow_patterns=patterns, **common))
+    if local_only and weights is None and len(list(folder.glob("*.safetensors"))) > 1:
+        # Several shards and no index in the cache: some shards fetched alone (hf_hub_download), not the snapshot.
+        raise _PartialSnapshot(f"{folder}: cached shards without their index")
     if not _has_weights(folder, weights):
         if local_only:
             # Caches written before huggingface_hub 1.x tree listings (or by hand) pass its own completeness check.

@@ -189,3 +189,104 @@ def test_debug_prints_the_traceback(tmp_path):
     assert quiet.returncode == 1 and "Traceback" not in quiet.stderr and quiet.stderr.count("\n") == 1
     assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr
     assert "CheckpointError: " in loud.stderr and "no such file or folder" in loud.stderr
+
+
+# ── README promises a mutation run left without a test (second hostile probe, class 12) ──
+
+
+def test_a_shard_changed_during_the_run_with_its_mtime_set_back_is_still_caught(tmp_path):
+    """The status-change time catches a write that sets the modification time back (`touch -d`, `cp -p`)."""
+    from fp8q.errors import CheckpointError
+    from tests.test_safety import _source
+
+    src = _source(tmp_path / "src", shards=2)
+    shard = src / "model-00001-of-00002.safetensors"
+    before = shard.stat()
+    changed = []
+
+    def change_in_place(event):
+        if getattr(event, "shard", None) == shard.name and not changed:
+            with open(shard, "r+b") as f:
+                f.seek(-2, 2)
+                f.write(b"\x00\x3c")
+            os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))  # as it was: only ctime tells
+            changed.append(event)
+
+    with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors: changed while fp8q was converting"):
+        quantize(src, tmp_path / "out", QuantizeOptions(device="cpu", workers=1), on_event=change_in_place)
+    assert changed and shard.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_resume_refuses_another_fp8q_version(tmp_path):
+    from fp8q.errors import OutputError
+    from tests.test_safety import _source
+
+    src = _source(tmp_path / "src", shards=3)
+    killed_after(src, tmp_path / "out", 1)
+    record = tmp_path / "out.partial" / ".fp8q-run.json"
+    run = json.loads(record.read_text())
+    run["fingerprint"]["version"] = "0.0.1"
+    record.write_text(json.dumps(run))
+    with pytest.raises(OutputError, match="cannot resume: the fp8q version changed since the interrupted run"):
+        quantize(src, tmp_path / "out", QuantizeOptions(device="cpu", resume=True))
+    assert (tmp_path / "out.partial").is_dir() and not (tmp_path / "out").exists()
+
+
+def test_a_chmod_of_a_source_shard_makes_it_be_redone(tmp_path):
+    from tests.test_safety import _source
+
+    src = _source(tmp_path / "src", shards=3)
+    killed_after(src, tmp_path / "out", 2)
+    (src / "model-00001-of-00003.safetensors").chmod(0o600)  # data unchanged, status-change time new
+    report = quantize(src, tmp_path / "out", QuantizeOptions(device="cpu", resume=True))
+    assert report.resumed_shards == 1
+    quantize(src, tmp_path / "fresh", QuantizeOptions(device="cpu"))
+    for shard in src.glob("*.safetensors"):
+        assert (tmp_path / "out" / shard.name).read_bytes() == (tmp_path / "fresh" / shard.name).read_bytes()
+
+
+def test_quiet_prints_nothing_on_success(tmp_path):
+    from tests.test_safety import _source
+
+    src = _source(tmp_path / "src")
+    result = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0 and result.stderr == "" and result.stdout == ""
+
+
+def test_other_weight_files_are_neither_copied_nor_opened(tmp_path):
+    import pickle
+
+    from tests.test_safety import _source
+
+    src = _source(tmp_path / "src")
+    marker = tmp_path / "unpickled"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))  # unpickling it would create the marker
+
+    (src / "pytorch_model.bin").write_bytes(pickle.dumps(Boom()))
+    (src / "consolidated.safetensors").write_bytes((src / "model-00001-of-00002.safetensors").read_bytes())
+    code = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--device", "cpu", "-q"]).exit_code
+    assert code == 0 and not marker.exists()
+    assert not (tmp_path / "out" / "pytorch_model.bin").exists()
+    assert not (tmp_path / "out" / "consolidated.safetensors").exists()
+
+
+def test_an_unknown_architecture_gets_a_note(tmp_path):
+    from fp8q import plan_conversion
+    from tests.test_safety import _source
+
+    src = _source(tmp_path / "src")
+    (src / "config.json").write_text(json.dumps({**CONFIG, "model_type": "brand_new"}))
+    notes = plan_conversion(src, QuantizeOptions()).notes
+    assert any("model_type 'brand_new' is not in fp8q's architecture table: generic rules apply" in n for n in notes)
+
+
+def test_block_moe_experts_that_are_not_whole_tiles_are_refused_at_tp_1(tmp_path):
+    from fp8q import plan_conversion
+    from tests.factories import tiny_qwen3_moe
+
+    src = tiny_qwen3_moe(tmp_path / "src", intermediate=96)
+    problems = plan_conversion(src, QuantizeOptions(scheme="block")).problems
+    assert any("mlp.experts" in p and "at --tp 1" in p for p in problems), problems

@@ -322,3 +322,21 @@ def test_downloads_a_killed_run_left_are_cleaned_by_resume(reference, hub, tmp_p
     assert _hashes(out) == _hashes(local)
     assert _cached_shards(tmp_path) == [] and not list((tmp_path / "hf").rglob("*.incomplete"))
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"] and not list(out.rglob(".fp8q*"))
+
+
+def test_shards_cached_before_the_run_are_read_in_place_and_kept(reference, hub, tmp_path):
+    _, local = reference
+    cached = SHARDS[1:4]
+    script = "import sys\nfrom huggingface_hub import hf_hub_download\nfor name in sys.argv[1:]:\n"
+    script += f"    hf_hub_download({REPO!r}, name)\n"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env = clean | {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+    subprocess.run([sys.executable, "-c", script, *cached], check=True, env=env, capture_output=True)
+    assert _cached_shards(tmp_path) == cached
+    hub.requests.clear()
+    out = tmp_path / "run" / "out"
+    result = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q")
+    assert result.returncode == 0, result.stderr
+    assert _hashes(out) == _hashes(local)
+    assert _downloads(hub) == sorted(set(SHARDS) - set(cached))  # the cached ones read where they are
+    assert _cached_shards(tmp_path) == cached  # and left there
