@@ -72,8 +72,9 @@ def resolve_source(
         raise CheckpointError(
             f"{src}: no such file or folder; give a checkpoint folder, a .safetensors file or a Hub repo id"
         )
-    # Said first: a typo of a local folder (`lama`) also reads as a repo id.
-    label = f"{src}: no such file or folder here, and Hub repo {src}" + (f" at revision {revision}" if revision else "")
+    label = f"Hub repo {src}" + (f" at revision {revision}" if revision else "")
+    # Said too: a typo of a local folder (`lama`) reads as a repo id.
+    local = f" (and no file or folder {src!r} here)"
     try:
         try:
             return _snapshot(src, revision, cache_dir, local_only=True)
@@ -81,7 +82,7 @@ def resolve_source(
             if _offline():
                 what = "is only partly" if isinstance(error, _PARTIAL) else "is not"
                 raise CheckpointError(
-                    f"{label} {what} in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; {_OFFLINE_FIX}"
+                    f"{label} {what} in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; {_OFFLINE_FIX}{local}"
                 ) from None
         if stream:
             side = _side_files(src, revision, cache_dir, local_only=False)
@@ -90,7 +91,7 @@ def resolve_source(
                 return streamed if streamed.remote else side
         return _snapshot(src, revision, cache_dir, local_only=False)
     except HUB_ERRORS as error:
-        raise CheckpointError(f"{label}: {explain(error)}") from None
+        raise CheckpointError(f"{label}: {explain(error)}{local}") from None
 
 
 def _is_repo_id(src: str) -> bool:
