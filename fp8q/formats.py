@@ -50,12 +50,6 @@ class Layout:
             return "weight_scale_inv"
         return "weight_scale"
 
-    @property
-    def transformers_runs(self) -> bool:
-        """Whether transformers computes with this layout (tests/test_layouts_load.py): all but vLLM's fp8
-        per-tensor layout, whose per-tensor weight_scale it ignores without an error."""
-        return not (self.format is Format.FP8 and self.scheme is Scheme.TENSOR)
-
     def scale_dtype(self, weight_dtype: str) -> str:
         """compressed-tensors keeps the weight's dtype for scales (MX: the E8M0 exponent, one byte); vLLM's fp8
         format wants float32."""

@@ -16,6 +16,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from fp8q import clients
 from fp8q.dtypes import config_name
 from fp8q.formats import Format, Layout, ScaleFormat, Scheme
 from fp8q.layouts import describe
@@ -64,6 +65,9 @@ class CardInput:
     stats: dict[str, dict[str, Any]]  # per quantized weight, as fp8q.json's "tensors"
     version: str
     source_card: str | None  # the source README.md's text
+    moe: bool = False  # whether it holds MoE experts: engines treat those apart (fp8q/clients.py)
+    unservable: str | None = None  # why no engine loads it, when it was written anyway (--no-load-check)
+    tokenizer: bool = True  # whether it ships a tokenizer (the snippet loads one only then)
 
 
 def error_summary(stats: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -253,36 +257,41 @@ def command_line(card: CardInput) -> str:
 
 
 def _serving(card: CardInput) -> list[str]:
+    """How to serve it, from what each engine is known to do with this layout and model (fp8q/clients.py)."""
     name = card.out_name
-    lines = [
-        "## Use it",
-        "",
-        "[vLLM](https://docs.vllm.ai) and [SGLang](https://docs.sglang.ai) read the layout from config.json:",
-        "",
-        "```sh",
-        f"vllm serve {name}",
-        f"python -m sglang.launch_server --model-path {name}",
-        "```",
-        "",
-    ]
-    note = _transformers_note(card.layout)
-    if note is None:
-        return [*lines, "transformers cannot run this layout: it ignores the per-tensor `weight_scale`."]
-    lines += [note, "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
-    lines += [
-        f'model = AutoModelForCausalLM.from_pretrained("{name}", device_map="auto")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
-        "```",
-    ]
-    return lines
+    lines = ["## Use it", ""]
+    if card.unservable:
+        return [*lines, f"No engine loads this output: {card.unservable}. It was written with `--no-load-check`."]
+    layout = card.layout
+    vllm = clients.vllm(layout, card.moe) if layout is not None else None
+    if vllm is not None and vllm.outcome is clients.Outcome.REFUSES:
+        lines += [f"vLLM and SGLang refuse this layout for this model: {vllm.why}.", ""]
+    else:
+        lead = "[vLLM](https://docs.vllm.ai) and [SGLang](https://docs.sglang.ai) read the layout from config.json"
+        if vllm is not None and vllm.outcome is clients.Outcome.NOT_CHECKED:
+            lead += f" (not checked with this layout: {vllm.why})"
+        lines += [f"{lead}:", "", "```sh", f"vllm serve {name}", f"python -m sglang.launch_server --model-path {name}"]
+        lines += ["```", ""]
+    cell = clients.transformers(layout, card.moe) if layout is not None else None
+    if cell is not None and cell.outcome is not clients.Outcome.RUNS:
+        done = "computes garbage without an error" if cell.outcome is clients.Outcome.GARBAGE else "fails"
+        kind = "MoE" if card.moe else "dense"
+        return [*lines, f"transformers cannot run this layout for a {kind} model: it {cell.why} ({done})."]
+    lines += [_transformers_lead(layout), "", "```python"]
+    if card.tokenizer:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+        lines += [f'model = AutoModelForCausalLM.from_pretrained("{name}", device_map="auto")']
+        lines += [f'tokenizer = AutoTokenizer.from_pretrained("{name}")']
+    else:
+        lines += ["from transformers import AutoModelForCausalLM", ""]
+        lines += [f'model = AutoModelForCausalLM.from_pretrained("{name}", device_map="auto")']
+    return [*lines, "```"]
 
 
-def _transformers_note(layout: Layout | None) -> str | None:
-    """How transformers loads it, as measured in fp8q's tests; None where it computes garbage (fp8 per-tensor)."""
+def _transformers_lead(layout: Layout | None) -> str:
+    """How transformers loads a layout it runs (fp8q/clients.py, measured by tests/test_layouts_load.py)."""
     if layout is None:
         return "[transformers](https://huggingface.co/docs/transformers) loads it with no quantization library:"
-    if not layout.transformers_runs:
-        return None
     if layout.format is Format.COMPRESSED_TENSORS:
         return "transformers loads it with the `compressed-tensors` package installed:"
     return "transformers loads it (its built-in FP8 support; weight dims must be multiples of the block):"

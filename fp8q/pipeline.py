@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -41,7 +42,7 @@ from fp8q.checkpoint import (
     read_checkpoint,
     read_config,
 )
-from fp8q.checks import plan_notes, plan_problems, run_findings
+from fp8q.checks import is_moe_plan, plan_notes, plan_problems, run_findings, unservable_reason
 from fp8q.distributed import Cluster, Watcher, assign
 from fp8q.dtypes import config_name
 from fp8q.errors import (
@@ -78,6 +79,10 @@ from fp8q.writer import (
 
 if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
     from fp8q.streaming import HubStream
+
+
+# What a tokenizer ships as (transformers' AutoTokenizer finds one of these).
+TOKENIZER_FILE = re.compile(r"tokenizer(_config)?\.json|tokenizer\.model|vocab\.json|.*\.tiktoken")
 
 
 class Mode(str, Enum):
@@ -179,7 +184,7 @@ def plan_conversion(src: str | Path | HubStream, options: QuantizeOptions, mode:
     if remote:
         _check_streamable(plan, remote)
     problems = plan_problems(plan, options.tp, options.load_check)
-    return replace(plan, problems=tuple(problems), notes=tuple(plan_notes(plan)))
+    return replace(plan, problems=tuple(problems), notes=tuple(plan_notes(plan, options.load_check)))
 
 
 def _check_streamable(plan: Plan, remote: dict[str, Any]) -> None:
@@ -611,6 +616,9 @@ def _card_input(
         stats=stats,
         version=__version__,
         source_card=source_card,
+        moe=is_moe_plan(plan),
+        unservable=unservable_reason(plan),
+        tokenizer=any(TOKENIZER_FILE.fullmatch(name) for name in plan.checkpoint.side_files),
     )
 
 

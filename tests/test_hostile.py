@@ -256,8 +256,7 @@ def test_verify_fails_a_checkpoint_whose_index_promises_what_is_not_there(tmp_pa
         expect = "tensor model.layers.9.mlp.up_proj.weight is listed in model.safetensors.index.json but not in this"
     (fp8 / "model.safetensors.index.json").write_text(json.dumps(index))
     code, lines = _cli("verify", fp8)
-    assert code == 1 and any(line.startswith("problem: ") and expect in line for line in lines), lines
-    assert lines[-1].startswith("error: ") and "1 problem(s)" in lines[-1]
+    assert code == 1 and lines[-1].startswith(f"error: {fp8}: 1 problem(s), first: ") and expect in lines[-1], lines
 
 
 # ── 3. side files read with a bound, block sizes checked against the weights, workers capped ──
@@ -559,7 +558,18 @@ def test_verify_of_a_plain_folder_says_its_problem_once(tmp_path):
     src = _source(tmp_path / "src")
     code, lines = _cli("verify", src)
     assert code == 1 and sum("no FP8 weights" in line for line in lines) == 1, lines
-    assert lines[-1] == f"error: {src}: 1 problem(s), listed above"
+    assert lines[-1] == f"error: {src}: 1 problem(s), first: {src}: no FP8 weights; this is not an FP8 checkpoint"
+    fp8 = tmp_path / "fp8"  # two problems: each listed once, the last line counts them
+    quantize(src, fp8, QuantizeOptions(device="cpu"))
+    (fp8 / "config.json").unlink()
+    shard = fp8 / "model-00001-of-00002.safetensors"
+    tensors = load_file(shard)
+    tensors["model.layers.0.mlp.up_proj.weight_scale"] = -tensors["model.layers.0.mlp.up_proj.weight_scale"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    code, lines = _cli("verify", fp8)
+    problems = [line for line in lines if line.startswith("problem: ")]
+    assert code == 1 and len(problems) == 2 and lines[-1] == f"error: {fp8}: 2 problem(s), listed above", lines
+    assert not any(problems[0].removeprefix("problem: ") in line for line in lines if line not in problems)
     code, lines = _cli("verify", src, "-q")
     assert code == 1 and lines == [
         f"error: {src}: 1 problem(s), first: {src}: no FP8 weights; this is not an FP8 checkpoint"
@@ -620,3 +630,100 @@ def test_every_option_is_in_the_readme_and_scheme_help_names_mx():
     assert "`--scheme channel|block|tensor|mx`" in readme.replace("\\|", "|")
     help_text = CliRunner().invoke(app, ["quantize", "--help"], env={"COLUMNS": "200"}).stdout
     assert "or MXFP8 (mx: per 32 inputs)" in " ".join(help_text.replace("│", " ").split())
+
+
+# ── 10. what fp8q says a client loads is what the tests measured (fp8q/clients.py), dense and MoE ──
+
+
+def _moe(tmp_path: Path) -> Path:
+    from tests.factories import tiny_qwen3_moe
+
+    return tiny_qwen3_moe(tmp_path / "moe", hidden=128, intermediate=128)
+
+
+def test_per_tensor_compressed_tensors_on_a_moe_model_is_refused(tmp_path):
+    src = _moe(tmp_path)
+    args = ("--device", "cpu", "--scheme", "tensor")
+    _refused(
+        _cli("quantize", src, tmp_path / "out", *args),
+        "--scheme tensor --format compressed-tensors on a MoE model: vLLM refuses it (its FP8 MoE method takes "
+        "per-tensor weights only with static input scales",
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    code, lines = _cli("quantize", src, tmp_path / "out", *args, "--no-load-check")
+    assert code == 0 and any(
+        line.startswith("note: written anyway (--no-load-check): --scheme tensor") for line in lines
+    )
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "vLLM and SGLang refuse this layout for this model" in card and "vllm serve" not in card
+    # --format fp8 per-tensor is vLLM's own MoE layout: no problem.
+    assert _cli("inspect", src, "--scheme", "tensor", "--format", "fp8")[0] == 0
+
+
+def test_gpt_oss_is_refused_before_writing_and_its_card_says_why(tmp_path):
+    E, H, I = 2, 64, 64  # noqa: E741 - square, as gpt-oss-20b's experts are
+    tensors = {
+        "model.layers.0.mlp.experts.gate_up_proj": (torch.randn(E, H, 2 * I) * 0.05).to(torch.bfloat16),
+        "model.layers.0.mlp.experts.down_proj": (torch.randn(E, I, H) * 0.05).to(torch.bfloat16),
+        "model.layers.0.mlp.router.weight": torch.randn(E, H).to(torch.bfloat16),
+    }
+    config = {"model_type": "gpt_oss", "hidden_size": H}
+    src = write_shards(tmp_path / "src", {"model.safetensors": tensors}, index=False, config=config)
+    for scheme, fmt in (("channel", "compressed-tensors"), ("block", "fp8")):
+        _refused(
+            _cli("quantize", src, tmp_path / "out", "--device", "cpu", "--scheme", scheme, "--format", fmt),
+            "gpt_oss: no engine loads gpt-oss with FP8 experts as fp8q writes them",
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    code, lines = _cli("quantize", src, tmp_path / "out", "--device", "cpu", "--no-load-check")
+    assert code == 0 and any("written anyway (--no-load-check): gpt_oss: no engine" in line for line in lines)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "No engine loads this output: gpt_oss: no engine loads gpt-oss" in card and "vllm serve" not in card
+
+
+@pytest.mark.parametrize("scheme,fmt", [("block", "compressed-tensors"), ("mx", "compressed-tensors")])
+def test_a_moe_layout_transformers_cannot_load_is_said_in_the_note_and_the_card(tmp_path, scheme, fmt):
+    src = _moe(tmp_path)
+    args = ("--device", "cpu", "--scheme", scheme, "--format", fmt, "--no-load-check")  # tiny heads: no whole tiles
+    code, lines = _cli("quantize", src, tmp_path / "out", *args)
+    assert code == 0, lines
+    notes = [line for line in lines if line.startswith("note: ")]
+    assert any(f"--scheme {scheme} --format {fmt} on a MoE model: transformers 5.17 cannot load it" in n for n in notes)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "transformers cannot run this layout for a MoE model" in card and "from_pretrained" not in card
+
+
+def test_a_dense_model_without_a_tokenizer_gets_no_tokenizer_snippet(tmp_path):
+    src = _source(tmp_path / "src")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).unlink()
+    assert _cli("quantize", src, tmp_path / "out", "--device", "cpu", "-q")[0] == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "AutoModelForCausalLM.from_pretrained" in card and "AutoTokenizer" not in card
+
+
+def test_the_readme_table_is_the_clients_table():
+    from fp8q import clients
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert render_client_table() in readme, render_client_table()
+    assert all(cell.evidence is not clients.Evidence.NONE or cell.outcome is clients.Outcome.NOT_CHECKED
+               for cell in clients.VLLM.values())  # fmt: skip
+
+
+def render_client_table() -> str:
+    """The README's layout x engine table, from fp8q/clients.py (print it to update the README)."""
+    from fp8q import clients
+
+    marks = {clients.Evidence.TEST: "[t]", clients.Evidence.ENGINES: "[e]", clients.Evidence.SOURCE: "[s]"}
+
+    def cell(c: clients.Cell) -> str:
+        why = f": {c.why}" if c.why else ""
+        return f"{c.outcome.value}{why} {marks.get(c.evidence, '')}".strip()
+
+    rows = ["| layout | vLLM, dense | vLLM, MoE | transformers, dense | transformers, MoE |", "|---|---|---|---|---|"]
+    for layout in clients.LAYOUTS:
+        cells = [clients.vllm(layout, False), clients.vllm(layout, True)]
+        cells += [clients.transformers(layout, False), clients.transformers(layout, True)]
+        rows.append(f"| {clients.key(layout)} | " + " | ".join(cell(c) for c in cells) + " |")
+    return "\n".join(rows)
