@@ -90,10 +90,18 @@ def _in_child(path: Path) -> dict[str, object]:
     for line in run.stdout.splitlines():
         if line.startswith("RESULT "):
             return {"tokens": json.loads(line.removeprefix("RESULT ")), "seconds": seconds}
-    # The root cause: the first exception a worker names, not the engine's "initialization failed" that follows it.
-    causes = [m.group(0) for line in run.stderr.splitlines() if (m := re.search(r"\w+(Error|Exception): .*", line))]
-    causes = [c for c in causes if "Engine core initialization failed" not in c] or causes
-    return {"error": (causes[0] if causes else run.stderr[-300:]).strip()[:400], "seconds": seconds}
+    return {"error": _root_cause(run.stdout + "\n" + run.stderr), "seconds": seconds}
+
+
+def _root_cause(log: str) -> str:
+    """The first exception vLLM's workers name (with the line that raised a bare AssertionError), not the engine's
+    "initialization failed" that follows it."""
+    lines = [re.sub(r"^\(.*?\) ERROR .*?\] ", "", line).strip() for line in log.splitlines()]
+    for i, line in enumerate(lines):
+        if re.match(r"\w+(Error|Exception)\b", line) and "Engine core initialization failed" not in line:
+            source = next((s for s in reversed(lines[:i]) if s.strip("^~ ")), "")  # the raising line, not carets
+            return (line if ":" in line else f"{line} at: {source}")[:400]
+    return log.strip()[-300:]
 
 
 def load(folder: Path) -> int:

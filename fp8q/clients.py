@@ -88,7 +88,7 @@ VLLM: dict[tuple[str, bool], Cell] = {
     ("ct-channel", True): Cell(Outcome.RUNS, _S),
     ("ct-tensor", False): Cell(Outcome.RUNS, _S),
     ("ct-tensor", True): Cell(
-        Outcome.REFUSES, _S, "its FP8 MoE method takes per-tensor weights only with static input scales"
+        Outcome.REFUSES, _E, "its FP8 MoE method takes per-tensor weights only with static input scales"
     ),
     ("ct-block", False): Cell(Outcome.RUNS, _E, _WHOLE_TILES),
     ("ct-block", True): Cell(Outcome.RUNS, _E, _WHOLE_TILES),
