@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fp8q import clients  # noqa: E402 - stdlib and fp8q.formats only: importable in the engines' environment
+from fp8q import clients  # noqa: E402 - stdlib and fp8q.layouts.formats only: importable in the engines' environment
 
 # Every dim a multiple of 128: block layouts then load at tp 1 (q/k/v and gate/up parts are whole tiles).
 DENSE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -19,28 +19,28 @@ __version__ = "0.1.0"
 # The API is imported on first use (PEP 562), so that `import fp8q` alone does not import torch:
 # the command (fp8q.__main__) decides how torch is imported.
 _EXPORTS = {
-    "dequantize": "fp8q.pipeline",
-    "convert": "fp8q.pipeline",
+    "dequantize": "fp8q.engine.pipeline",
+    "convert": "fp8q.engine.pipeline",
     "Started": "fp8q.events",
     "Fp8qError": "fp8q.errors",
-    "Format": "fp8q.formats",
-    "Scheme": "fp8q.formats",
+    "Format": "fp8q.layouts.formats",
+    "Scheme": "fp8q.layouts.formats",
     "PlanReady": "fp8q.events",
-    "QuantizeOptions": "fp8q.pipeline",
+    "QuantizeOptions": "fp8q.engine.pipeline",
     "Report": "fp8q.events",
     "TensorDone": "fp8q.events",
-    "plan_conversion": "fp8q.pipeline",
-    "quantize": "fp8q.pipeline",
-    "VerifyReport": "fp8q.verify",
-    "verify": "fp8q.verify",
+    "plan_conversion": "fp8q.engine.pipeline",
+    "quantize": "fp8q.engine.pipeline",
+    "VerifyReport": "fp8q.verification",
+    "verify": "fp8q.verification",
 }
 
 if TYPE_CHECKING:
+    from fp8q.engine.pipeline import QuantizeOptions, convert, dequantize, plan_conversion, quantize
     from fp8q.errors import Fp8qError
     from fp8q.events import PlanReady, Report, Started, TensorDone
-    from fp8q.formats import Format, Scheme
-    from fp8q.pipeline import QuantizeOptions, convert, dequantize, plan_conversion, quantize
-    from fp8q.verify import VerifyReport, verify
+    from fp8q.layouts.formats import Format, Scheme
+    from fp8q.verification import VerifyReport, verify
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fp8q.plan import Plan
+from fp8q.plan.planner import Plan
 
 
 @dataclass(frozen=True)

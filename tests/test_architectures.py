@@ -1,6 +1,6 @@
 """`select` on the checkpoints that real architectures write, checked against the model's own structure.
 
-`fp8q.selection` decides from tensor names, shapes and dtypes alone. Here the answer it should give comes from the
+`fp8q.plan.selection` decides from tensor names, shapes and dtypes alone. Here the answer it should give comes from the
 model classes instead, and the two are compared on the files `save_pretrained` writes.
 
 Method, for each architecture:
@@ -22,7 +22,7 @@ Method, for each architecture:
    experts split back into per-expert 2-D `experts.N.{gate,up,down}_proj.weight` (`w1`/`w3`/`w2` for Mixtral).
    One difference remains: CLIP/SigLIP towers save as `vision_tower.encoder.*`, without the `vision_model.` level
    of Hub files (transformers restores it only for models loaded with `from_pretrained`); both are `vision_tower.*`.
-4. Read the folder with `fp8q.checkpoint.read_checkpoint`, and each tensor's tag back from its data: the tag says
+4. Read the folder with `fp8q.source.checkpoint.read_checkpoint`, and each tensor's tag back from its data: the tag says
    what the tensor is, whatever name and shape the save gave it. So, with no renaming table of our own:
    - expected `quantize`: the tensors tagged `QUANT`;
    - expected `ignored`: the modules (tensor name less `.weight`) of the tensors tagged `KEEP`, plus the output
@@ -43,8 +43,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fp8q.checkpoint import Checkpoint, read_checkpoint
-from fp8q.selection import select
+from fp8q.plan.selection import select
+from fp8q.source.checkpoint import Checkpoint, read_checkpoint
 
 hf = pytest.importorskip("transformers")
 

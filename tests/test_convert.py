@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from fp8q import QuantizeOptions, quantize
 from fp8q.cli import app
+from fp8q.engine.pipeline import convert, dequantize
 from fp8q.errors import CheckpointError, UsageError
-from fp8q.formats import Format, Layout, ScaleFormat, Scheme
-from fp8q.numerics import quantize as quantize_tensor
-from fp8q.pipeline import convert, dequantize
-from fp8q.verify import verify
+from fp8q.layouts.formats import Format, Layout, ScaleFormat, Scheme
+from fp8q.layouts.numerics import quantize as quantize_tensor
+from fp8q.verification import verify
 from tests.factories import as_bytes, assert_same_tensors, load_all, tiny_llama, tiny_qwen3_moe
 from tests.references import llmcompressor_quantize, vllm_per_block
 from tests.test_claims import _peak_rss_kib

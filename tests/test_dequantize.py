@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 
 from fp8q import QuantizeOptions, quantize
+from fp8q.engine.pipeline import dequantize
 from fp8q.errors import CheckpointError, OutputError
 from fp8q.events import PlanReady, TensorDone
-from fp8q.pipeline import dequantize
-from fp8q.verify import verify
+from fp8q.verification import verify
 from tests.factories import SIDE_FILES, as_bytes, load_all, tiny_llama
 from tests.test_verify import INDEX, copy, deepseek_style, edit
 

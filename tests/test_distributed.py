@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fp8q import QuantizeOptions, quantize
-from fp8q.manifest import Progress
+from fp8q.output.manifest import Progress
 from tests.factories import add_side_files, write_shards
 from tests.test_resume import _hashes, killed_after
 

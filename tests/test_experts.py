@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fp8q import QuantizeOptions, quantize
-from fp8q.formats import Format, Layout, Scheme
-from fp8q.numerics import quantize as quantize_tensor
+from fp8q.layouts.formats import Format, Layout, Scheme
+from fp8q.layouts.numerics import quantize as quantize_tensor
 from tests.factories import as_bytes, load_all, write_shards
 
 E, H, I = 3, 40, 24  # noqa: E741

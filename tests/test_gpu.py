@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fp8q import QuantizeOptions, quantize
+from fp8q.engine.devices import CpuQuantizer, CudaQuantizer
 from fp8q.errors import UnsupportedTensorError
-from fp8q.manifest import Progress
-from fp8q.quantizer import CpuQuantizer, CudaQuantizer
+from fp8q.output.manifest import Progress
 from tests.factories import as_bytes, load_all, tiny_qwen3_moe, write_shards
 from tests.test_numerics import LAYOUTS
 

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from fp8q import QuantizeOptions, quantize
 from fp8q.cli import app
 from fp8q.errors import CheckpointError, OutputError
-from fp8q.manifest import Progress
-from fp8q.verify import verify
+from fp8q.output.manifest import Progress
+from fp8q.verification import verify
 from tests.factories import write_shards
 from tests.test_safety import CONFIG, _cli, _refused, _source, _tree
 
@@ -101,7 +101,7 @@ def _without_manifest(tree: dict[str, str]) -> dict[str, str]:
 
 @pytest.mark.parametrize("which", ["old OUT, a mount point (EBUSY)", "OUT.partial -> OUT (EIO)"])
 def test_a_failed_final_rename_keeps_every_finished_shard(tmp_path, monkeypatch, which):
-    import fp8q.writer as writer
+    import fp8q.output.writer as writer
 
     src = _source(tmp_path / "src", shards=3)
     out = tmp_path / "out"
@@ -317,8 +317,8 @@ def test_a_block_larger_than_every_weight_is_a_problem_and_the_kernel_never_pads
     script = """
 import resource, torch
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-from fp8q import numerics
-from fp8q.formats import Format, Layout, Scheme
+from fp8q.layouts import numerics
+from fp8q.layouts.formats import Format, Layout, Scheme
 w = (torch.randn(64, 128) * 0.05).to(torch.bfloat16)
 for fmt in Format:
     q, s = numerics.quantize(w, Layout(Scheme.BLOCK, fmt, (1 << 23, 1)))
@@ -333,7 +333,7 @@ print("ok")
 
 
 def test_workers_are_capped_at_the_cores(tmp_path, monkeypatch):
-    import fp8q.stages as stages
+    import fp8q.engine.stages as stages
 
     cores = len(os.sched_getaffinity(0))
     asked = []
@@ -598,7 +598,7 @@ def test_the_plan_names_lm_head_once(tmp_path):
 
 
 def test_ctrl_c_before_the_run_says_an_earlier_out_partial_is_kept(tmp_path, monkeypatch):
-    import fp8q.pipeline as pipeline
+    import fp8q.engine.pipeline as pipeline
     from tests.test_resume import killed_after
 
     src = _source(tmp_path / "src", shards=3)
@@ -703,7 +703,7 @@ def test_a_dense_model_without_a_tokenizer_gets_no_tokenizer_snippet(tmp_path):
 
 
 def test_the_readme_table_is_the_clients_table():
-    from fp8q import clients
+    from fp8q.layouts import clients
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert render_client_table() in readme, render_client_table()
@@ -713,7 +713,7 @@ def test_the_readme_table_is_the_clients_table():
 
 def render_client_table() -> str:
     """The README's layout x engine table, from fp8q/clients.py (print it to update the README)."""
-    from fp8q import clients
+    from fp8q.layouts import clients
 
     marks = {clients.Evidence.TEST: "[t]", clients.Evidence.ENGINES: "[e]", clients.Evidence.SOURCE: "[s]"}
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from packaging.version import Version
 
-from fp8q import QuantizeOptions, clients, quantize
-from fp8q.clients import Outcome
+from fp8q import QuantizeOptions, quantize
+from fp8q.layouts import clients
+from fp8q.layouts.clients import Outcome
 from tests.factories import tiny_llama, tiny_qwen3_moe
 
 transformers = pytest.importorskip("transformers")

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from fp8q import QuantizeOptions, quantize
 from fp8q.cli import app
-from fp8q.model_card import error_summary
-from fp8q.pipeline import convert, dequantize
+from fp8q.engine.pipeline import convert, dequantize
+from fp8q.output.model_card import error_summary
 from tests.factories import as_bytes, load_all, tiny_llama
 from tests.test_resume import _big_source, killed_after
 
@@ -215,7 +215,7 @@ def test_front_matter_read_and_written_as_huggingface_hub_does(text):
     import yaml
     from huggingface_hub import ModelCardData
 
-    from fp8q import model_card
+    from fp8q.output import model_card
 
     try:
         theirs = ModelCard(text, ignore_metadata_errors=True).data.to_dict()

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fp8q"
-MODULES = sorted(p for p in PACKAGE.glob("*.py") if p.name not in ("__main__.py",))
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name not in ("__main__.py",))
+IDS = [p.relative_to(PACKAGE).as_posix() for p in MODULES]
 
 
 def _imports(path: Path) -> set[str]:
@@ -30,13 +31,14 @@ def _calls(path: Path) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("path", MODULES, ids=[p.name for p in MODULES])
+@pytest.mark.parametrize("path", MODULES, ids=IDS)
 def test_module_boundaries(path):
     imports = _imports(path)
-    if path.name != "cli.py":
+    wing = path.relative_to(PACKAGE).parts[0]
+    if wing != "cli":
         assert not imports & {"typer", "rich", "click"}, f"{path.name}: only the CLI renders"
         assert "print" not in _calls(path) and "exit" not in _calls(path), f"{path.name}: the library never prints"
-    if path.name not in ("source.py", "streaming.py", "model_card.py"):  # model_card.py: the card format, offline
-        assert "huggingface_hub" not in imports, f"{path.name}: only source.py and streaming.py talk to the Hub"
-    if path.name in ("numerics.py", "plan.py", "selection.py", "formats.py", "experts.py", "tensor_parallel.py"):
+    if wing != "source":
+        assert "huggingface_hub" not in imports, f"{path.name}: only the source wing talks to the Hub"
+    if path.name in ("numerics.py", "planner.py", "selection.py", "formats.py", "experts.py", "tensor_parallel.py"):
         assert not imports & {"os", "shutil", "subprocess", "socket"}, f"{path.name} must stay free of I/O"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fp8q import numerics
-from fp8q import quantizer as quantizer_module
-from fp8q.formats import Format, Layout, Scheme
-from fp8q.numerics import NonFiniteWeight, dequantize, quantize
-from fp8q.quantizer import CpuQuantizer
+from fp8q.engine import devices as quantizer_module
+from fp8q.engine.devices import CpuQuantizer
+from fp8q.layouts import numerics
+from fp8q.layouts.formats import Format, Layout, Scheme
+from fp8q.layouts.numerics import NonFiniteWeight, dequantize, quantize
 from tests.factories import as_bytes
 
 LAYOUTS = [

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fp8q import QuantizeOptions, quantize
-from fp8q.formats import Format, Layout, Scheme
-from fp8q.numerics import quantize as quantize_tensor
+from fp8q.layouts.formats import Format, Layout, Scheme
+from fp8q.layouts.numerics import quantize as quantize_tensor
 from tests.factories import as_bytes, assert_same_tensors, load_all, tiny_llama, tiny_qwen3_moe
 from tests.references import ct_tensor_scheme, llmcompressor_quantize, vllm_per_block, vllm_per_tensor
 

@@ -13,17 +13,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fp8q import QuantizeOptions, quantize, tensor_io
-from fp8q import manifest as manifest_module
-from fp8q import numerics as numerics_module
-from fp8q import quantizer as quantizer_module
-from fp8q import stages as stages_module
-from fp8q import writer as writer_module
+from fp8q import QuantizeOptions, quantize
+from fp8q.engine import devices as quantizer_module
+from fp8q.engine import stages as stages_module
+from fp8q.engine import tensor_io
+from fp8q.engine.tensor_io import read_ahead, start_writeback
 from fp8q.errors import UnsupportedTensorError
-from fp8q.formats import Format, Layout, Scheme
-from fp8q.manifest import Progress
-from fp8q.numerics import quantize as quantize_tensor
-from fp8q.tensor_io import read_ahead, start_writeback
+from fp8q.layouts import numerics as numerics_module
+from fp8q.layouts.formats import Format, Layout, Scheme
+from fp8q.layouts.numerics import quantize as quantize_tensor
+from fp8q.output import manifest as manifest_module
+from fp8q.output import writer as writer_module
+from fp8q.output.manifest import Progress
 from tests.factories import write_shards
 
 LAYOUTS = [
@@ -228,7 +229,7 @@ def test_the_copier_stays_a_few_shards_ahead_of_the_writer(tmp_path, monkeypatch
     import threading
     import time
 
-    from fp8q import stages
+    from fp8q.engine import stages
 
     shards = {
         f"model-{n + 1:05d}-of-00008.safetensors": {

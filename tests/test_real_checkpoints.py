@@ -1,5 +1,5 @@
 """Real checkpoints' traps, on synthetic checkpoints with each architecture's real tensor names, shape patterns and
-config keys (from the official releases' index and config files and vLLM's model code; see fp8q/architectures.py):
+config keys (from the official releases' index and config files and vLLM's model code; see fp8q/models/architectures.py):
 MTP / nextn layers, layers vLLM loads as one, fused experts under every naming, and tensors that must not change.
 
 For each: every FP8 weight has its scale; every other tensor is the source's, dtype and bytes; every Linear left in
@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from fp8q import QuantizeOptions, quantize
 from fp8q.cli import app
-from fp8q.verify import verify
+from fp8q.verification import verify
 from tests.factories import as_bytes, load_all, write_shards
 
 H, I, E, V = 64, 96, 4, 128  # noqa: E741 - hidden, (expert) intermediate, experts, vocab

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import fp8q.stages as stages
+import fp8q.engine.stages as stages
 from fp8q import QuantizeOptions, quantize
 from fp8q.errors import OutputError
-from fp8q.manifest import DONE_DIR, Progress
+from fp8q.output.manifest import DONE_DIR, Progress
 from tests.factories import add_side_files, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]

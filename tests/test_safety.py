@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 from fp8q import QuantizeOptions, quantize
 from fp8q.cli import app
 from fp8q.errors import CheckpointError, OutputError
-from fp8q.verify import verify
-from fp8q.writer import lock_partial
+from fp8q.output.writer import lock_partial
+from fp8q.verification import verify
 from tests.factories import add_side_files, load_all, tiny_qwen3_moe, write_shards
 from tests.test_resume import killed_after
 
@@ -143,7 +143,7 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(tmp_path):
 
 
 def test_a_failed_final_rename_keeps_the_old_output(tmp_path, monkeypatch):
-    import fp8q.writer as writer
+    import fp8q.output.writer as writer
 
     src = _source(tmp_path / "src")
     out = tmp_path / "out"
@@ -519,7 +519,7 @@ def test_out_as_a_link_to_an_empty_folder(tmp_path):
 def test_disk_full_writing_the_manifest_keeps_finished_shards(tmp_path, monkeypatch):
     import errno
 
-    import fp8q.manifest as manifest
+    import fp8q.output.manifest as manifest
 
     src = _source(tmp_path / "src")
     real = manifest.atomic_write_json

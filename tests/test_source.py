@@ -23,10 +23,10 @@ from huggingface_hub import constants
 from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors.torch import load_file, save_file
 
-import fp8q.source as source
-from fp8q.checkpoint import read_checkpoint
+import fp8q.source.hub as source
 from fp8q.errors import CheckpointError, UsageError
-from fp8q.source import resolve_source
+from fp8q.source.checkpoint import read_checkpoint
+from fp8q.source.hub import resolve_source
 
 REPO = "tiny-org/tiny-model"
 COMMIT_A = "a" * 8 + "0123456789abcdef0123456789abcdef"

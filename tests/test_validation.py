@@ -331,7 +331,7 @@ def test_disk_full_copying_a_kept_tensor(tmp_path, monkeypatch):
     """Kept tensors are copied on a thread of their own; its failure is the same one line."""
     import errno
 
-    from fp8q import writer
+    from fp8q.output import writer
 
     src = _good(tmp_path / "src")
 

@@ -1,4 +1,4 @@
-"""`fp8q.verify` on real files: it passes every layout fp8q writes, llm-compressor's output and a DeepSeek-style
+"""`fp8q.verification` on real files: it passes every layout fp8q writes, llm-compressor's output and a DeepSeek-style
 release, and names the tensor when a scale is corrupt or missing, a targeted weight stayed bf16, or (with the
 source) a weight's values are wrong."""
 
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from fp8q import QuantizeOptions, quantize
 from fp8q.errors import CheckpointError
-from fp8q.verify import TensorCheck, _flag_outliers, verify
+from fp8q.verification import TensorCheck, _flag_outliers, verify
 from tests.factories import load_all, tiny_llama, write_shards
 from tests.references import vllm_per_block
 

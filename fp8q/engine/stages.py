@@ -34,19 +34,27 @@ from typing import Any, Protocol
 
 import torch
 
-from fp8q import numerics
-from fp8q.checkpoint import Shard, changed_since_read
 from fp8q.dtypes import ITEMSIZE, NAME_OF, TORCH_DTYPE
+from fp8q.engine.devices import CHUNK_BYTES, CpuQuantizer, CudaQuantizer, dequantize_into, make_quantizer
+from fp8q.engine.tensor_io import (
+    BufferPool,
+    ShardReader,
+    Stopped,
+    open_for_reading,
+    read_ahead,
+    read_tensor,
+    typed_view,
+)
 from fp8q.errors import CheckpointError, UnsupportedTensorError, read_error, write_error
 from fp8q.events import EventCallback, TensorDone
-from fp8q.formats import Format, Layout, Scheme
-from fp8q.layouts import QuantizedWeight, value_problem
-from fp8q.manifest import FileHasher, Progress
-from fp8q.numerics import FP8, NonFiniteWeight
-from fp8q.plan import Action, Job, Plan
-from fp8q.quantizer import CHUNK_BYTES, CpuQuantizer, CudaQuantizer, dequantize_into, make_quantizer
-from fp8q.tensor_io import BufferPool, ShardReader, Stopped, open_for_reading, read_ahead, read_tensor, typed_view
-from fp8q.writer import ShardFile
+from fp8q.layouts import numerics
+from fp8q.layouts.detect import QuantizedWeight, value_problem
+from fp8q.layouts.formats import Format, Layout, Scheme
+from fp8q.layouts.numerics import FP8, NonFiniteWeight
+from fp8q.output.manifest import FileHasher, Progress
+from fp8q.output.writer import ShardFile
+from fp8q.plan.planner import Action, Job, Plan
+from fp8q.source.checkpoint import Shard, changed_since_read
 
 # The reader keeps the kernel fetching this far ahead of it, so the disk works while it waits for a
 # free buffer (measured on a cold cache: 256 MiB as fast as more).

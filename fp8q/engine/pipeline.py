@@ -34,17 +34,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fp8q import __version__
-from fp8q.checkpoint import (
-    CONFIG_FILE,
-    INDEX_FILE,
-    hub_snapshot,
-    read_bounded,
-    read_checkpoint,
-    read_config,
-)
-from fp8q.checks import is_moe_plan, plan_notes, plan_problems, run_findings, unservable_reason
-from fp8q.distributed import Cluster, Watcher, assign
 from fp8q.dtypes import config_name
+from fp8q.engine.devices import resolve_device
+from fp8q.engine.distributed import Cluster, Watcher, assign
+from fp8q.engine.stages import LocalShards, ShardFiles, run_plan
+from fp8q.engine.tensor_io import Stopped
 from fp8q.errors import (
     CheckpointError,
     Fp8qError,
@@ -53,16 +47,11 @@ from fp8q.errors import (
     write_error,
 )
 from fp8q.events import Downloaded, DownloadStarted, Event, EventCallback, PlanReady, Report, TensorDone
-from fp8q.formats import Format, Layout, ScaleFormat, Scheme
-from fp8q.fp8_source import check_convertible, detect_fp8, output_dtype, source_layouts
-from fp8q.manifest import Progress, fingerprint, reusable_shards, write_manifest
-from fp8q.model_card import CARD_FILE, CardInput
-from fp8q.model_card import render as render_card
-from fp8q.plan import Plan, make_plan
-from fp8q.quantizer import resolve_device
-from fp8q.stages import LocalShards, ShardFiles, run_plan
-from fp8q.tensor_io import Stopped
-from fp8q.writer import (
+from fp8q.layouts.formats import Format, Layout, ScaleFormat, Scheme
+from fp8q.output.manifest import Progress, fingerprint, reusable_shards, write_manifest
+from fp8q.output.model_card import CARD_FILE, CardInput
+from fp8q.output.model_card import render as render_card
+from fp8q.output.writer import (
     MANIFEST_FILE,
     STAGING_DIR,
     check_free_space,
@@ -76,9 +65,20 @@ from fp8q.writer import (
     write_json,
     write_text,
 )
+from fp8q.plan.checks import is_moe_plan, plan_notes, plan_problems, run_findings, unservable_reason
+from fp8q.plan.fp8_source import check_convertible, detect_fp8, output_dtype, source_layouts
+from fp8q.plan.planner import Plan, make_plan
+from fp8q.source.checkpoint import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    hub_snapshot,
+    read_bounded,
+    read_checkpoint,
+    read_config,
+)
 
 if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
-    from fp8q.streaming import HubStream
+    from fp8q.source.streaming import HubStream
 
 
 # What a tokenizer ships as (transformers' AutoTokenizer finds one of these).
@@ -140,7 +140,7 @@ class QuantizeOptions:
 
 
 def local_source(src: str | Path, revision: str | None = None) -> Path:
-    """SRC as a local path. A Hub repo id is resolved by fp8q.source, imported only then: it brings
+    """SRC as a local path. A Hub repo id is resolved by fp8q.source.hub, imported only then: it brings
     huggingface_hub, a fifth of a second of start-up that a local conversion need not pay."""
     source = open_source(src, revision, stream=False)
     assert isinstance(source, Path)
@@ -149,12 +149,12 @@ def local_source(src: str | Path, revision: str | None = None) -> Path:
 
 def open_source(src: str | Path | HubStream, revision: str | None = None, *, stream: bool = True) -> Path | HubStream:
     """SRC as a local path or, for a Hub repo whose weights are not all in the cache (and `stream`), a HubStream:
-    the side files downloaded, the missing shards known from their headers alone (fp8q.streaming)."""
+    the side files downloaded, the missing shards known from their headers alone (fp8q.source.streaming)."""
     if not isinstance(src, (str, Path)):
         return src
     if revision is None and Path(src).exists():
         return Path(src)
-    from fp8q.source import resolve_source
+    from fp8q.source.hub import resolve_source
 
     return resolve_source(str(src), revision, stream=stream)
 
@@ -466,8 +466,8 @@ def _shard_files(
     run's own, unless kept in the Hugging Face cache), or the folder's own files."""
     if isinstance(source, Path):
         return LocalShards()
-    from fp8q.source import explain
-    from fp8q.streaming import ShardDownloads
+    from fp8q.source.hub import explain
+    from fp8q.source.streaming import ShardDownloads
 
     on_bytes = lambda name, n: emit(Downloaded(name, n))  # noqa: E731
     files = ShardDownloads(source, order, options.keep_download, on_bytes, explain, staging)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from fp8q.checkpoint import Checkpoint, FileId, TensorMeta, check_planned
 from fp8q.dtypes import TORCH_DTYPE
 from fp8q.errors import open_error, read_error
+from fp8q.source.checkpoint import Checkpoint, FileId, TensorMeta, check_planned
 
 COPY_CHUNK = 64 << 20
 # The kernel reads at most its read-ahead size (often 128 KiB-8 MiB) per hint: hint in steps this big.

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from fp8q import numerics
 from fp8q.errors import UsageError
-from fp8q.experts import Part
-from fp8q.formats import Layout
+from fp8q.layouts import numerics
+from fp8q.layouts.formats import Layout
+from fp8q.models.experts import Part
 
 # A chunk of this many input bytes, with its temporaries, stays in a core's L2 cache (measured best
 # of 64 KiB..2 MiB here).

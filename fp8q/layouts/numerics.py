@@ -33,7 +33,7 @@ from types import EllipsisType
 
 import torch
 
-from fp8q.formats import MX_GROUP, Format, Layout, ScaleFormat, Scheme
+from fp8q.layouts.formats import MX_GROUP, Format, Layout, ScaleFormat, Scheme
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448.0

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from fp8q import numerics
-from fp8q.checkpoint import TensorMeta
 from fp8q.dtypes import FP8
 from fp8q.errors import CheckpointError
-from fp8q.formats import MX_GROUP, Format, Layout, ScaleFormat, Scheme
-from fp8q.selection import is_linear_weight, keep_reason
+from fp8q.layouts import numerics
+from fp8q.layouts.formats import MX_GROUP, Format, Layout, ScaleFormat, Scheme
+from fp8q.plan.selection import is_linear_weight, keep_reason
+from fp8q.source.checkpoint import TensorMeta
 
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
 # Tensors that only exist for quantization besides the weight scales: static activation scales, zero points

@@ -1,5 +1,5 @@
 """Turn the `src` argument into a local path: a checkpoint on disk as it is, or a Hub repo id as a snapshot folder
-(or, for a repo not in the cache, a HubStream that fetches its shards as the run goes: fp8q.streaming).
+(or, for a repo not in the cache, a HubStream that fetches its shards as the run goes: fp8q.source.streaming).
 
 Imports: errors, checkpoint, streaming, huggingface_hub (which only this module and streaming talk to). A repo id
 is looked up in the local Hugging Face cache first, so a cached model converts with no network at all (and under
@@ -31,9 +31,9 @@ from huggingface_hub.utils import (
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from fp8q.checkpoint import INDEX_FILE, WEIGHT_SUFFIXES, index_shards
 from fp8q.errors import CheckpointError, UsageError
-from fp8q.streaming import HUB_ERRORS, NETWORK_ERRORS, HubStream, open_stream
+from fp8q.source.checkpoint import INDEX_FILE, WEIGHT_SUFFIXES, index_shards
+from fp8q.source.streaming import HUB_ERRORS, NETWORK_ERRORS, HubStream, open_stream
 
 # Side files a conversion copies: config, tokenizer, chat template, sentencepiece/tiktoken vocab, custom code, card.
 SIDE_PATTERNS = (INDEX_FILE, "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py", "*.md")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from fp8q.formats import Format, Layout, ScaleFormat, Scheme
+from fp8q.layouts.formats import Format, Layout, ScaleFormat, Scheme
 
 
 class Outcome(str, Enum):

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from fp8q.architectures import GENERIC, Architecture, groups
-from fp8q.checkpoint import CONFIG_FILE, Checkpoint, Shard, TensorMeta
 from fp8q.dtypes import ITEMSIZE, ORDER, config_name
 from fp8q.errors import CheckpointError, UsageError
-from fp8q.experts import Part, fused_weight_of, is_fused_expert_weight, split
-from fp8q.formats import Format, Layout, ScaleFormat, Scheme
-from fp8q.layouts import QUANTIZATION_ONLY, DetectedLayout, QuantizedWeight
-from fp8q.selection import Selection, check_not_quantized, natural_key, select
+from fp8q.layouts.detect import QUANTIZATION_ONLY, DetectedLayout, QuantizedWeight
+from fp8q.layouts.formats import Format, Layout, ScaleFormat, Scheme
+from fp8q.models.architectures import GENERIC, Architecture, groups
+from fp8q.models.experts import Part, fused_weight_of, is_fused_expert_weight, split
+from fp8q.plan.selection import Selection, check_not_quantized, natural_key, select
+from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint, Shard, TensorMeta
 
 SHARD_METADATA = {"format": "pt"}
 
@@ -103,7 +103,7 @@ class Plan:
     quantization_config: dict[str, Any]
     config: dict[str, Any] | None = field(repr=False)
     # Why this output must not be written (no config, nothing quantized, layers an engine could not load):
-    # `quantize` refuses, `inspect` and `--dry-run` exit 1. See fp8q.checks.
+    # `quantize` refuses, `inspect` and `--dry-run` exit 1. See fp8q.plan.checks.
     problems: tuple[str, ...] = ()
     # One line each that a user should read but that does not stop the run (a client that mis-loads the layout,
     # files left out).

@@ -36,13 +36,13 @@ from typer.exceptions import TyperException
 
 from fp8q import __version__
 from fp8q.errors import Fp8qError, UsageError
-from fp8q.formats import Format, Scheme
+from fp8q.layouts.formats import Format, Scheme
 from fp8q.units import size_text
 
 if TYPE_CHECKING:
-    from fp8q.pipeline import QuantizeOptions, Report
-    from fp8q.plan import Plan
-    from fp8q.verify import VerifyReport
+    from fp8q.engine.pipeline import QuantizeOptions, Report
+    from fp8q.plan.planner import Plan
+    from fp8q.verification import VerifyReport
 
 
 class _PlainHelp:
@@ -316,7 +316,7 @@ def _convert(
     if dry_run:
         from dataclasses import replace
 
-        from fp8q.writer import check_output, output_path
+        from fp8q.output.writer import check_output, output_path
 
         source = engine.open_source(src, options.revision)  # a Hub repo not in the cache: its headers alone
         plan = engine.plan_conversion(source, replace(options, revision=None), engine.Mode(mode))
@@ -379,7 +379,7 @@ def verify_command(
 
     def run() -> None:
         engine = _engine()
-        from fp8q.verify import verify
+        from fp8q.verification import verify
 
         reference = engine.local_source(source) if source is not None else None
         with _ProgressView(quiet, "verifying") as view:
@@ -441,7 +441,7 @@ def _engine() -> Any:
     and set them aside for good."""
     gc.disable()
     try:
-        import fp8q.pipeline as engine
+        import fp8q.engine.pipeline as engine
     finally:
         gc.freeze()
         gc.enable()
@@ -460,7 +460,7 @@ def _options(
     revision: str | None,
     **run: Any,
 ) -> QuantizeOptions:
-    from fp8q.pipeline import QuantizeOptions
+    from fp8q.engine.pipeline import QuantizeOptions
 
     if run.get("scale_format", "float") not in ("float", "ue8m0"):
         raise UsageError(f"--scale-format {run['scale_format']!r}: choose float or ue8m0")
@@ -560,8 +560,8 @@ def _notes(notes: tuple[str, ...] | list[str]) -> None:
 
 
 def _show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
-    from fp8q.plan import describe
-    from fp8q.stages import memory_estimate
+    from fp8q.engine.stages import memory_estimate
+    from fp8q.plan.planner import describe
 
     data = describe(plan)
     data["estimated_peak_host_bytes"], data["estimated_peak_gpu_bytes"] = memory_estimate(plan, os.cpu_count() or 1)

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from fp8q.architectures import architecture_of
-from fp8q.checkpoint import TensorMeta
 from fp8q.errors import UnsupportedTensorError
+from fp8q.models.architectures import architecture_of
+from fp8q.source.checkpoint import TensorMeta
 
 # The fused projection of gate and up, and the down projection, under each naming: (pattern, output names).
 _NAMINGS = (

@@ -29,18 +29,25 @@ from typing import Any
 
 import torch
 
-from fp8q import numerics
-from fp8q.architectures import architecture_of, groups
-from fp8q.checkpoint import CONFIG_FILE, Checkpoint, TensorMeta, read_checkpoint
-from fp8q.checks import MAX_REL_ERROR
 from fp8q.dtypes import FP8
+from fp8q.engine.tensor_io import ShardReader
 from fp8q.errors import CheckpointError, Fp8qError
 from fp8q.events import Started, TensorDone
-from fp8q.experts import Part, fused_weight_of, is_fused_expert_weight, split
-from fp8q.formats import Format
-from fp8q.layouts import DetectedLayout, QuantizedWeight, describe, detect_layout, quantization_config, value_problem
-from fp8q.selection import is_linear_weight, keep_reason, natural_key
-from fp8q.tensor_io import ShardReader
+from fp8q.layouts.detect import (
+    DetectedLayout,
+    QuantizedWeight,
+    describe,
+    detect_layout,
+    numerics,
+    quantization_config,
+    value_problem,
+)
+from fp8q.layouts.formats import Format
+from fp8q.models.architectures import architecture_of, groups
+from fp8q.models.experts import Part, fused_weight_of, is_fused_expert_weight, split
+from fp8q.plan.checks import MAX_REL_ERROR
+from fp8q.plan.selection import is_linear_weight, keep_reason, natural_key
+from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint, TensorMeta, read_checkpoint
 
 # (MAX_REL_ERROR, from checks) ... or one below this signal-to-noise ratio is broken whatever its neighbours do.
 MIN_SNR_DB = 15.0

@@ -113,7 +113,7 @@ class Checkpoint:
 
 def read_checkpoint(src: Path, remote: Mapping[str, Shard] | None = None) -> Checkpoint:
     """Validate a checkpoint folder (or one `.safetensors` file) from its headers alone. `remote`: shards of a
-    Hub snapshot folder that are still on the Hub, their headers read by range requests (fp8q.streaming).
+    Hub snapshot folder that are still on the Hub, their headers read by range requests (fp8q.source.streaming).
 
     Raises:
         CheckpointError: naming the file or tensor at fault and what to do about it.

@@ -9,13 +9,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fp8q import clients
-from fp8q.architectures import model_types
-from fp8q.checkpoint import CONFIG_FILE
-from fp8q.formats import MX_GROUP, Layout, ScaleFormat, Scheme
-from fp8q.plan import Action, Plan
-from fp8q.selection import is_linear_weight, unknown_architecture_note
-from fp8q.tensor_parallel import tensor_parallel_problems
+from fp8q.layouts import clients
+from fp8q.layouts.formats import MX_GROUP, Layout, ScaleFormat, Scheme
+from fp8q.models.architectures import model_types
+from fp8q.plan.planner import Action, Plan
+from fp8q.plan.selection import is_linear_weight, unknown_architecture_note
+from fp8q.plan.tensor_parallel import tensor_parallel_problems
+from fp8q.source.checkpoint import CONFIG_FILE
 
 
 def plan_problems(plan: Plan, tp: int | None, load_check: bool) -> list[str]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import re
 
-from fp8q.formats import Layout, Scheme
-from fp8q.plan import Action, Job
+from fp8q.layouts.formats import Layout, Scheme
+from fp8q.plan.planner import Action, Job
 
 _ROW_PARALLEL = re.compile(r"(^|\.)(o_proj|down_proj|w2|out_proj|dense_4h_to_h|wo|fc2|c_proj)$")
 _REPLICATED = re.compile(r"(^|\.)(q_a_proj|kv_a_proj_with_mqa|[a-z_]*_a_proj)$")

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fp8q.checkpoint import CONFIG_FILE, Checkpoint
 from fp8q.errors import CheckpointError, UsageError
-from fp8q.formats import Layout
-from fp8q.layouts import DetectedLayout, describe, detect_layout
+from fp8q.layouts.detect import DetectedLayout, describe, detect_layout
+from fp8q.layouts.formats import Layout
+from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint
 
 # The --dtype choices, by the names configs use, and their safetensors names.
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}

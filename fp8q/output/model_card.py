@@ -16,10 +16,10 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from fp8q import clients
 from fp8q.dtypes import config_name
-from fp8q.formats import Format, Layout, ScaleFormat, Scheme
-from fp8q.layouts import describe
+from fp8q.layouts import clients
+from fp8q.layouts.detect import describe
+from fp8q.layouts.formats import Format, Layout, ScaleFormat, Scheme
 from fp8q.units import size_text
 
 CARD_FILE = "README.md"

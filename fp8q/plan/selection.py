@@ -14,11 +14,11 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from fp8q.architectures import GENERIC, Architecture, architecture_of, groups, keep_rules, model_types
-from fp8q.checkpoint import TensorMeta
 from fp8q.dtypes import FP8, QUANTIZABLE
 from fp8q.errors import CheckpointError, UnsupportedTensorError, UsageError
-from fp8q.experts import is_fused_expert_weight
+from fp8q.models.architectures import GENERIC, Architecture, architecture_of, groups, keep_rules, model_types
+from fp8q.models.experts import is_fused_expert_weight
+from fp8q.source.checkpoint import TensorMeta
 
 FLOAT_DTYPES = (*QUANTIZABLE, "F64", *FP8)
 # What to do with an FP8 checkpoint given to quantize.

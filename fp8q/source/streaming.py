@@ -25,8 +25,8 @@ from typing import Any
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.utils import HfHubHTTPError, build_hf_headers, get_session, hf_raise_for_status
 
-from fp8q.checkpoint import Shard, header_length, index_shards, parse_shard, read_shard
 from fp8q.errors import CheckpointError
+from fp8q.source.checkpoint import Shard, header_length, index_shards, parse_shard, read_shard
 
 try:
     from httpx import HTTPError as _HttpxError
@@ -179,7 +179,7 @@ class ShardDownloads:
             CheckpointError: its download failed, naming the shard.
             Stopped: the run was stopped while waiting.
         """
-        from fp8q.tensor_io import Stopped
+        from fp8q.engine.tensor_io import Stopped
 
         arrived = self._arrived.get(shard.name)
         if arrived is None:

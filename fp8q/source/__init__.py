@@ -1,0 +1,1 @@
+"""fp8q's source wing."""
