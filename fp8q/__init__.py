@@ -23,8 +23,8 @@ _EXPORTS = {
     "convert": "fp8q.engine.pipeline",
     "Started": "fp8q.events",
     "Fp8qError": "fp8q.errors",
-    "Format": "fp8q.layouts.formats",
-    "Scheme": "fp8q.layouts.formats",
+    "Format": "fp8q.layouts.vocabulary",
+    "Scheme": "fp8q.layouts.vocabulary",
     "PlanReady": "fp8q.events",
     "QuantizeOptions": "fp8q.engine.pipeline",
     "Report": "fp8q.events",
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from fp8q.engine.pipeline import QuantizeOptions, convert, dequantize, plan_conversion, quantize
     from fp8q.errors import Fp8qError
     from fp8q.events import PlanReady, Report, Started, TensorDone
-    from fp8q.layouts.formats import Format, Scheme
+    from fp8q.layouts.vocabulary import Format, Scheme
     from fp8q.verification import VerifyReport, verify
 
 

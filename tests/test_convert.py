@@ -20,7 +20,7 @@ from fp8q import QuantizeOptions, quantize
 from fp8q.cli import app
 from fp8q.engine.pipeline import convert, dequantize
 from fp8q.errors import CheckpointError, UsageError
-from fp8q.layouts.formats import Format, Layout, ScaleFormat, Scheme
+from fp8q.layouts import find
 from fp8q.layouts.numerics import quantize as quantize_tensor
 from fp8q.verification import verify
 from tests.factories import as_bytes, assert_same_tensors, load_all, tiny_llama, tiny_qwen3_moe
@@ -172,7 +172,7 @@ def test_mx_matches_llmcompressor(shape, dtype):
     pytest.importorskip("llmcompressor")
     w = _mx_weight(shape, dtype)
     ref = llmcompressor_quantize({"layer.weight": w}, "MXFP8", [])
-    q, s = quantize_tensor(w, Layout(Scheme.MX, Format.COMPRESSED_TENSORS))
+    q, s = quantize_tensor(w, find("mx", "compressed-tensors"))
     assert s.dtype == ref["layer.weight_scale"].dtype == torch.uint8 and s.shape == (shape[0], shape[1] // 32)
     assert torch.equal(s, ref["layer.weight_scale"])
     assert torch.equal(as_bytes(q), as_bytes(ref["layer.weight"]))
@@ -232,7 +232,7 @@ def test_mx_dequantizes_as_compressed_tensors_does(sources, tmp_path):
 @pytest.mark.parametrize("shape", [(300, 130), (256, 256), (1, 7), (129, 257)])
 def test_ue8m0_matches_vllm(shape, dtype):
     torch.manual_seed(0)
-    layout = Layout(Scheme.BLOCK, Format.FP8, scale_format=ScaleFormat.UE8M0)
+    layout = find("block", "fp8", "ue8m0")
     for magnitude in (1e-3, 0.05, 3.0):
         w = torch.randn(shape) * magnitude
         if shape[0] > 128:
@@ -246,7 +246,7 @@ def test_ue8m0_matches_vllm(shape, dtype):
 
 
 def test_ue8m0_at_powers_of_two_and_just_above():
-    layout = Layout(Scheme.BLOCK, Format.FP8, scale_format=ScaleFormat.UE8M0)
+    layout = find("block", "fp8", "ue8m0")
     for k in range(-20, 4):
         amax = torch.tensor(448.0 * 2.0**k)
         for _ in range(4):  # exactly 448 x 2^k, then a few float32 ulps above it

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fp8q import QuantizeOptions, quantize
-from fp8q.layouts.formats import Format, Layout, Scheme
+from fp8q.layouts import find
 from fp8q.layouts.numerics import quantize as quantize_tensor
 from tests.factories import as_bytes, load_all, write_shards
 
@@ -52,7 +52,7 @@ def test_fused_experts_are_split_then_quantized(tmp_path, model_type, transposed
     src, tensors = _fused(tmp_path, model_type, transposed)
     report = quantize(src, tmp_path / "out", QuantizeOptions(scheme=scheme, format=fmt, device="cpu", load_check=False))
     out = load_all(tmp_path / "out")
-    layout = Layout(Scheme(scheme), Format(fmt))
+    layout = find(scheme, fmt)
     assert "model.layers.0.mlp.experts.gate_up_proj" not in out
     assert report.tensors_quantized == 3 * E
     for e in range(E):

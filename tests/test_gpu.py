@@ -29,7 +29,7 @@ CHECKPOINT_LAYOUTS = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"{x.scheme.value}-{x.format.value}-{x.block[0]}")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x.describe())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(1000, 777), (1024, 512)], ids=["odd", "aligned"])
 def test_cuda_bits_equal_cpu_bits(layout, dtype, shape):

@@ -318,14 +318,14 @@ def test_a_block_larger_than_every_weight_is_a_problem_and_the_kernel_never_pads
 import resource, torch
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 from fp8q.layouts import numerics
-from fp8q.layouts.formats import Format, Layout, Scheme
+from fp8q.layouts import find
 w = (torch.randn(64, 128) * 0.05).to(torch.bfloat16)
-for fmt in Format:
-    q, s = numerics.quantize(w, Layout(Scheme.BLOCK, fmt, (1 << 23, 1)))
-    q2, s2 = numerics.quantize(w, Layout(Scheme.BLOCK, fmt, (64, 1)))
+for fmt in ("compressed-tensors", "fp8"):
+    q, s = numerics.quantize(w, find("block", fmt, block=(1 << 23, 1)))
+    q2, s2 = numerics.quantize(w, find("block", fmt, block=(64, 1)))
     assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2)
-    back = numerics.dequantize(q, s, Layout(Scheme.BLOCK, fmt, (1 << 23, 1)))
-    assert torch.equal(back, numerics.dequantize(q2, s2, Layout(Scheme.BLOCK, fmt, (64, 1))))
+    back = numerics.dequantize(q, s, find("block", fmt, block=(1 << 23, 1)))
+    assert torch.equal(back, numerics.dequantize(q2, s2, find("block", fmt, block=(64, 1))))
 print("ok")
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1])
@@ -632,7 +632,7 @@ def test_every_option_is_in_the_readme_and_scheme_help_names_mx():
     assert "or MXFP8 (mx: per 32 inputs)" in " ".join(help_text.replace("│", " ").split())
 
 
-# ── 10. what fp8q says a client loads is what the tests measured (fp8q/clients.py), dense and MoE ──
+# ── 10. what fp8q says a client loads is what the tests measured (each layout's cells), dense and MoE ──
 
 
 def _moe(tmp_path: Path) -> Path:
@@ -703,17 +703,17 @@ def test_a_dense_model_without_a_tokenizer_gets_no_tokenizer_snippet(tmp_path):
 
 
 def test_the_readme_table_is_the_clients_table():
-    from fp8q.layouts import clients
+    from fp8q.layouts import clients, layouts
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert render_client_table() in readme, render_client_table()
-    assert all(cell.evidence is not clients.Evidence.NONE or cell.outcome is clients.Outcome.NOT_CHECKED
-               for cell in clients.VLLM.values())  # fmt: skip
+    cells = [cell for layout in layouts() for table in (layout.vllm, layout.transformers) for cell in table.values()]
+    assert all(c.evidence is not clients.Evidence.NONE or c.outcome is clients.Outcome.NOT_CHECKED for c in cells)
 
 
 def render_client_table() -> str:
-    """The README's layout x engine table, from fp8q/clients.py (print it to update the README)."""
-    from fp8q.layouts import clients
+    """The README's layout x engine table, from each layout's cells (print it to update the README)."""
+    from fp8q.layouts import clients, layouts
 
     marks = {clients.Evidence.TEST: "[t]", clients.Evidence.ENGINES: "[e]", clients.Evidence.SOURCE: "[s]"}
 
@@ -722,8 +722,7 @@ def render_client_table() -> str:
         return f"{c.outcome.value}{why} {marks.get(c.evidence, '')}".strip()
 
     rows = ["| layout | vLLM, dense | vLLM, MoE | transformers, dense | transformers, MoE |", "|---|---|---|---|---|"]
-    for layout in clients.LAYOUTS:
-        cells = [clients.vllm(layout, False), clients.vllm(layout, True)]
-        cells += [clients.transformers(layout, False), clients.transformers(layout, True)]
-        rows.append(f"| {clients.key(layout)} | " + " | ".join(cell(c) for c in cells) + " |")
+    for layout in layouts():
+        cells = [layout.vllm[False], layout.vllm[True], layout.transformers[False], layout.transformers[True]]
+        rows.append(f"| {layout.name} | " + " | ".join(cell(c) for c in cells) + " |")
     return "\n".join(rows)

@@ -1,5 +1,5 @@
 """transformers does with every layout, for a dense and for a MoE model, exactly what fp8q says it does
-(fp8q/clients.py: the plan's notes, the model card and the README's table all say that table): where it says
+(each layout's cells: the plan's notes, the model card and the README's table all say what they say): where it says
 "runs", the output loads on the CPU and its logits are close to the bf16 model's; where it says "refuses", loading
 or the forward pass fails; where it says "garbage", the model loads and computes far from the bf16 model. A
 transformers release newer than the one measured that behaves otherwise is reported as a skip naming the cell."""
@@ -11,7 +11,7 @@ import torch
 from packaging.version import Version
 
 from fp8q import QuantizeOptions, quantize
-from fp8q.layouts import clients
+from fp8q.layouts import clients, find, layouts
 from fp8q.layouts.clients import Outcome
 from tests.factories import tiny_llama, tiny_qwen3_moe
 
@@ -80,21 +80,21 @@ def _quantized(source, out, layout):
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-@pytest.mark.parametrize("layout", clients.LAYOUTS, ids=clients.key)
+@pytest.mark.parametrize("layout", layouts(), ids=lambda layout: layout.name)
 def test_transformers_does_what_the_table_says(sources, tmp_path, layout, moe):
-    cell = clients.transformers(layout, moe)
+    cell = layout.transformers[moe]
     assert cell.evidence is clients.Evidence.TEST
     source = sources["moe" if moe else 128]
     _quantized(source, tmp_path / "out", layout)
     outcome, detail = _outcome(source, tmp_path / "out", layout, moe)
     if outcome is not cell.outcome and not MEASURED:
-        pytest.skip(f"transformers {transformers.__version__} {outcome.value} {clients.key(layout)}: update the table")
-    assert outcome is cell.outcome, f"{clients.key(layout)} {'MoE' if moe else 'dense'}: {detail}"
+        pytest.skip(f"transformers {transformers.__version__} {outcome.value} {layout.name}: update the table")
+    assert outcome is cell.outcome, f"{layout.name} {'MoE' if moe else 'dense'}: {detail}"
 
 
 @pytest.mark.parametrize(
     "layout",
-    [clients.LAYOUTS[0], pytest.param(clients.LAYOUTS[2], marks=ODD_BLOCK_DIMS)],
+    [find("channel", "compressed-tensors"), pytest.param(find("block", "compressed-tensors"), marks=ODD_BLOCK_DIMS)],
     ids=["channel-ct-odd-dims", "block-ct-odd-dims"],
 )
 def test_odd_dims_in_transformers(sources, tmp_path, layout):

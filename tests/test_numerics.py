@@ -7,20 +7,19 @@ import torch
 
 from fp8q.engine import devices as quantizer_module
 from fp8q.engine.devices import CpuQuantizer
-from fp8q.layouts import numerics
-from fp8q.layouts.formats import Format, Layout, Scheme
+from fp8q.layouts import find, numerics
 from fp8q.layouts.numerics import NonFiniteWeight, dequantize, quantize
 from tests.factories import as_bytes
 
 LAYOUTS = [
-    Layout(Scheme.CHANNEL, Format.COMPRESSED_TENSORS),
-    Layout(Scheme.BLOCK, Format.COMPRESSED_TENSORS),
-    Layout(Scheme.TENSOR, Format.COMPRESSED_TENSORS),
-    Layout(Scheme.TENSOR, Format.FP8),
-    Layout(Scheme.BLOCK, Format.FP8),
-    Layout(Scheme.BLOCK, Format.FP8, (64, 32)),
+    find("channel", "compressed-tensors"),
+    find("block", "compressed-tensors"),
+    find("tensor", "compressed-tensors"),
+    find("tensor", "fp8"),
+    find("block", "fp8"),
+    find("block", "fp8", block=(64, 32)),
 ]
-IDS = [f"{x.scheme.value}-{x.format.value}-{x.block[0]}x{x.block[1]}" for x in LAYOUTS]
+IDS = [x.describe() for x in LAYOUTS]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)

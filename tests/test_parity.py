@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fp8q import QuantizeOptions, quantize
-from fp8q.layouts.formats import Format, Layout, Scheme
+from fp8q.layouts import find
 from fp8q.layouts.numerics import quantize as quantize_tensor
 from tests.factories import as_bytes, assert_same_tensors, load_all, tiny_llama, tiny_qwen3_moe
 from tests.references import ct_tensor_scheme, llmcompressor_quantize, vllm_per_block, vllm_per_tensor
@@ -32,12 +32,12 @@ def _weight(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("scheme", [Scheme.CHANNEL, Scheme.BLOCK, Scheme.TENSOR])
+@pytest.mark.parametrize("scheme", ["channel", "block", "tensor"])
 def test_compressed_tensors_matches_llmcompressor(shape, dtype, scheme):
     w = _weight(shape, dtype)
-    preset = {Scheme.CHANNEL: "FP8_DYNAMIC", Scheme.BLOCK: "FP8_BLOCK", Scheme.TENSOR: ct_tensor_scheme()}[scheme]
+    preset = {"channel": "FP8_DYNAMIC", "block": "FP8_BLOCK", "tensor": ct_tensor_scheme()}[scheme]
     ref = llmcompressor_quantize({"layer.weight": w}, preset, [])
-    q, s = quantize_tensor(w, Layout(scheme, Format.COMPRESSED_TENSORS))
+    q, s = quantize_tensor(w, find(scheme, "compressed-tensors"))
     assert torch.equal(as_bytes(q), as_bytes(ref["layer.weight"]))
     assert s.dtype == ref["layer.weight_scale"].dtype == dtype
     assert torch.equal(s, ref["layer.weight_scale"])
@@ -48,7 +48,7 @@ def test_compressed_tensors_matches_llmcompressor(shape, dtype, scheme):
 def test_fp8_tensor_matches_vllm(shape, dtype):
     w = _weight(shape, dtype)
     q_ref, s_ref = vllm_per_tensor(w)
-    q, s = quantize_tensor(w, Layout(Scheme.TENSOR, Format.FP8))
+    q, s = quantize_tensor(w, find("tensor", "fp8"))
     assert s.shape == () and s.dtype == torch.float32
     assert torch.equal(as_bytes(q), as_bytes(q_ref))
     assert torch.equal(s.reshape(1), s_ref)
@@ -59,7 +59,7 @@ def test_fp8_tensor_matches_vllm(shape, dtype):
 def test_fp8_block_matches_deepgemm(shape, dtype):
     w = _weight(shape, dtype)
     q_ref, s_ref = vllm_per_block(w)
-    q, s = quantize_tensor(w, Layout(Scheme.BLOCK, Format.FP8))
+    q, s = quantize_tensor(w, find("block", "fp8"))
     if shape[0] > 128:  # the floor is reached, by the all-zero tile and by the tiny ones
         assert bool((s_ref == torch.tensor(1e-4) / 448.0).any())
     assert s.dtype == torch.float32 and s.shape == s_ref.shape

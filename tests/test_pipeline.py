@@ -19,8 +19,8 @@ from fp8q.engine import stages as stages_module
 from fp8q.engine import tensor_io
 from fp8q.engine.tensor_io import read_ahead, start_writeback
 from fp8q.errors import UnsupportedTensorError
+from fp8q.layouts import find
 from fp8q.layouts import numerics as numerics_module
-from fp8q.layouts.formats import Format, Layout, Scheme
 from fp8q.layouts.numerics import quantize as quantize_tensor
 from fp8q.output import manifest as manifest_module
 from fp8q.output import writer as writer_module
@@ -70,7 +70,7 @@ def test_pipeline_equals_unpipelined(tmp_path, monkeypatch, scheme, fmt):
     quantize(
         src, tmp_path / "out", QuantizeOptions(scheme=scheme, format=fmt, device="cpu", workers=2, load_check=False)
     )
-    layout = Layout(Scheme(scheme), Format(fmt))
+    layout = find(scheme, fmt)
     quantized = {"q_proj", "up_proj", "down_proj"}
     for shard in sorted(src.glob("*.safetensors")):
         expected = {}

@@ -1,5 +1,5 @@
 """Real checkpoints' traps, on synthetic checkpoints with each architecture's real tensor names, shape patterns and
-config keys (from the official releases' index and config files and vLLM's model code; see fp8q/models/architectures.py):
+config keys (from the official releases' index and config files and vLLM's model code; fp8q/models/architectures.py):
 MTP / nextn layers, layers vLLM loads as one, fused experts under every naming, and tensors that must not change.
 
 For each: every FP8 weight has its scale; every other tensor is the source's, dtype and bytes; every Linear left in

@@ -36,7 +36,7 @@ from typer.exceptions import TyperException
 
 from fp8q import __version__
 from fp8q.errors import Fp8qError, UsageError
-from fp8q.layouts.formats import Format, Scheme
+from fp8q.layouts.vocabulary import Format, Scheme
 from fp8q.units import size_text
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ import torch
 
 from fp8q.errors import UsageError
 from fp8q.layouts import numerics
-from fp8q.layouts.formats import Layout
+from fp8q.layouts.base import Layout
 from fp8q.models.experts import Part
 
 # A chunk of this many input bytes, with its temporaries, stays in a core's L2 cache (measured best
@@ -147,7 +147,7 @@ class CpuQuantizer(_Quantizer):
         amaxes = self._map(lambda r: _chunked_amax(w, r, self._chunk_rows(w), layout), ranges)
         tensor_scale = None
         if amaxes and amaxes[0] is not None:
-            tensor_scale = numerics.amax_to_tensor_scale(torch.stack(amaxes).amax(), w.dtype, layout)
+            tensor_scale = layout.tensor_scale(torch.stack(amaxes).amax(), w.dtype)
         self._map(lambda r: _chunked_quantize(w, q, s, r, self._chunk_rows(w), layout, tensor_scale), ranges)
         return Quantized(q, s, numerics.error_sums(w, q, s, layout))
 
@@ -161,13 +161,13 @@ class CpuQuantizer(_Quantizer):
         return list(self.pool.map(fn, ranges))
 
     def _chunk_rows(self, w: torch.Tensor) -> int:
-        step = numerics.row_step(self.layout)
+        step = self.layout.row_step
         rows = CHUNK_BYTES // max(1, w.shape[1] * w.element_size())
         return max(step, rows // step * step)
 
     def _ranges(self, w: torch.Tensor) -> list[tuple[int, int]]:
         """Split the rows into one contiguous range per worker, on `row_step` boundaries."""
-        rows, step = w.shape[0], numerics.row_step(self.layout)
+        rows, step = w.shape[0], self.layout.row_step
         units = max(1, math.ceil(rows / step))
         parts = min(self.workers, units)
         bounds = [min(rows, (units * i // parts) * step) for i in range(parts + 1)]
@@ -175,9 +175,9 @@ class CpuQuantizer(_Quantizer):
 
 
 def _chunked_amax(w: torch.Tensor, r: tuple[int, int], chunk: int, layout: Layout) -> torch.Tensor | None:
-    parts = [numerics.tensor_amax(w, a, min(a + chunk, r[1]), layout) for a in range(r[0], r[1], chunk)]
+    parts = [layout.tensor_amax(w, a, min(a + chunk, r[1])) for a in range(r[0], r[1], chunk)]
     if not parts or parts[0] is None:
-        return numerics.tensor_amax(w, r[0], r[1], layout)
+        return layout.tensor_amax(w, r[0], r[1])
     return torch.stack(parts).amax()  # type: ignore[arg-type]
 
 
@@ -191,7 +191,7 @@ def _chunked_quantize(
     tensor_scale: torch.Tensor | None,
 ) -> None:
     for a in range(r[0], max(r[1], r[0] + 1), chunk):
-        numerics.quantize_rows(w, q, s, a, min(a + chunk, r[1]), layout, tensor_scale)
+        layout.quantize_rows(w, q, s, a, min(a + chunk, r[1]), tensor_scale)
 
 
 class CudaQuantizer(_Quantizer):

@@ -47,7 +47,8 @@ from fp8q.errors import (
     write_error,
 )
 from fp8q.events import Downloaded, DownloadStarted, Event, EventCallback, PlanReady, Report, TensorDone
-from fp8q.layouts.formats import Format, Layout, ScaleFormat, Scheme
+from fp8q.layouts import DEFAULT_BLOCK, find
+from fp8q.layouts.base import Layout
 from fp8q.output.manifest import Progress, fingerprint, reusable_shards, write_manifest
 from fp8q.output.model_card import CARD_FILE, CardInput
 from fp8q.output.model_card import render as render_card
@@ -97,10 +98,10 @@ class Mode(str, Enum):
 class QuantizeOptions:
     """What to produce and how. `workers` 0 means one per CPU core."""
 
-    scheme: Scheme = Scheme.CHANNEL
-    format: Format = Format.COMPRESSED_TENSORS
-    block_size: tuple[int, int] = (128, 128)
-    scale_format: ScaleFormat = ScaleFormat.FLOAT
+    scheme: str = "channel"  # --scheme, --format, --scale-format: the words fp8q.layouts.find takes
+    format: str = "compressed-tensors"
+    block_size: tuple[int, int] = DEFAULT_BLOCK
+    scale_format: str = "float"
     ignore: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
     device: str = "auto"
@@ -118,8 +119,12 @@ class QuantizeOptions:
 
     @property
     def layout(self) -> Layout:
-        block = tuple(self.block_size)
-        return Layout(Scheme(self.scheme), Format(self.format), block, ScaleFormat(self.scale_format))  # type: ignore[arg-type]
+        """The layout these options ask for.
+
+        Raises:
+            UsageError: there is no such layout.
+        """
+        return find(self.scheme, self.format, self.scale_format, tuple(self.block_size))  # type: ignore[arg-type]
 
     def output_affecting(self, mode: Mode, dtype: str | None) -> dict[str, Any]:
         """The options that decide the output bytes (device and workers do not: same bits everywhere)."""
@@ -129,7 +134,7 @@ class QuantizeOptions:
             decided |= {
                 "scheme": layout.scheme.value,
                 "format": layout.format.value,
-                "block_size": list(layout.block),
+                "block_size": list(self.block_size),
                 "scale_format": layout.scale_format.value,
                 "ignore": list(self.ignore),
                 "targets": list(self.targets),

@@ -47,9 +47,9 @@ from fp8q.engine.tensor_io import (
 )
 from fp8q.errors import CheckpointError, UnsupportedTensorError, read_error, write_error
 from fp8q.events import EventCallback, TensorDone
-from fp8q.layouts import numerics
+from fp8q.layouts import default, numerics
+from fp8q.layouts.base import Layout
 from fp8q.layouts.detect import QuantizedWeight, value_problem
-from fp8q.layouts.formats import Format, Layout, Scheme
 from fp8q.layouts.numerics import FP8, NonFiniteWeight
 from fp8q.output.manifest import FileHasher, Progress
 from fp8q.output.writer import ShardFile
@@ -116,7 +116,7 @@ def run_plan(
     refuse a weight whose FP8 form its client would compute as inf (else it is recorded in its statistics).
     """
     # dequantize quantizes nothing: any layout will do for its quantizer, which only dequantizes.
-    quantizer = make_quantizer(plan.layout or Layout(Scheme.CHANNEL, Format.COMPRESSED_TENSORS), device, workers)
+    quantizer = make_quantizer(plan.layout or default(), device, workers)
     sizes = _pool_sizes(plan, quantizer.in_flight)
     pools = _Pools(*(BufferPool(capacity, count, quantizer.pin_memory) for capacity, count in sizes))
     to_quantize: queue.Queue[_Item | None] = queue.Queue(maxsize=1)
@@ -197,7 +197,7 @@ def memory_estimate(plan: Plan, workers: int) -> tuple[int, int]:
             itemsize = ITEMSIZE[plan.dtype if job.action.dequantizes and plan.dtype else job.source.dtype]
             for piece in job.pieces:
                 rows, cols = piece.out.shape
-                step = numerics.row_step(layout)
+                step = layout.row_step
                 chunk_rows = max(step, CHUNK_BYTES // max(1, cols * itemsize) // step * step)
                 chunk = max(chunk, numerics.kernel_bytes(layout, min(rows, chunk_rows), cols, itemsize))
                 whole = max(whole, numerics.kernel_bytes(layout, rows, cols, itemsize))
@@ -556,7 +556,7 @@ def _write_quantized(
             raise _non_finite(job) from None
         overflows = numerics.client_overflows(done.q, done.s, layout)
         if overflows and serve_check:
-            raise _overflowing(piece.out.name, job, numerics.client_dtype(layout, done.s.dtype))
+            raise _overflowing(piece.out.name, job, layout.client_dtype(done.s.dtype))
         shard.write(piece.out, done.q)
         shard.write(piece.scale, done.s)
         stats[piece.out.name] = {"shape": list(piece.out.shape), **done.stats()}

@@ -18,7 +18,6 @@ problem at once while `dequantize` refuses on the first.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +26,13 @@ import torch
 
 from fp8q.dtypes import FP8
 from fp8q.errors import CheckpointError
-from fp8q.layouts import numerics
-from fp8q.layouts.formats import MX_GROUP, Format, Layout, ScaleFormat, Scheme
-from fp8q.plan.selection import is_linear_weight, keep_reason
+from fp8q.layouts import of_format
+from fp8q.layouts.base import Layout
+from fp8q.layouts.compressed_tensors import CompressedTensorsLayout, match_name
+from fp8q.layouts.fp8 import Fp8Layout
+from fp8q.layouts.numerics import nan_codes
+from fp8q.layouts.vocabulary import Format
+from fp8q.plan.selection import is_linear_weight
 from fp8q.source.checkpoint import TensorMeta
 
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
@@ -47,9 +50,6 @@ AUX_SUFFIXES = (
 )
 # Every tensor that only serves quantization, by the last part of its name.
 QUANTIZATION_ONLY = (*SCALE_SUFFIXES, *AUX_SUFFIXES)
-# transformers defaults a missing `weight_block_size` to this; DeepSeek-V3 writes it.
-DEFAULT_BLOCK = (128, 128)
-_CT_DTYPES = ("F32", "BF16", "F16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,15 +102,14 @@ class DetectedLayout:
         """Names of every tensor that only serves quantization (what a dequantized checkpoint leaves out)."""
         return {w.scale.name for w in self.weights if w.scale is not None} | {m.name for m in self.extras}
 
+    @property
+    def family(self) -> type[CompressedTensorsLayout] | type[Fp8Layout]:
+        """What the checkpoint's format says: its config's rules, its ignore list's matching."""
+        return CompressedTensorsLayout if self.format is Format.COMPRESSED_TENSORS else Fp8Layout
+
     def is_ignored(self, module: str) -> bool:
         """Whether the config leaves this module unquantized."""
-        if self.format is Format.COMPRESSED_TENSORS:
-            return any(match_name(module, pattern) for pattern in self.ignore)
-        # vLLM matches fp8 ignored_layers exactly, SGLang on dot boundaries, transformers by substring; the
-        # dot-boundary rule sits between them. lm_head and MoE routers are never FP8 layers in vLLM.
-        if keep_reason(module) in ("lm_head", "router"):
-            return True
-        return any(match_name(module, p) or re.search(rf"(^|\.){re.escape(p)}(\.|$)", module) for p in self.ignore)
+        return self.family.ignores(module, self.ignore)
 
     def is_targeted(self, meta: TensorMeta) -> bool:
         """Whether the config asks for this tensor's module to be quantized (before `ignore`)."""
@@ -121,21 +120,9 @@ class DetectedLayout:
         return any(_targets(meta, t) for t in self.targets)
 
 
-def match_name(module: str, pattern: str) -> bool:
-    """compressed-tensors' rule: `re:` patterns are `re.match`ed (anchored at the start only), others compared."""
-    if pattern.startswith("re:"):
-        return re.match(pattern[3:], module) is not None
-    return module == pattern
-
-
 def describe(layout: Layout | None) -> str:
-    """A layout in words, e.g. `compressed-tensors block 128x128`."""
-    if layout is None:
-        return "unknown"
-    text = f"{layout.format.value} {layout.scheme.value}"
-    if layout.scheme is Scheme.BLOCK:
-        text += f" {layout.block[0]}x{layout.block[1]}"
-    return text + (" ue8m0" if layout.scale_format is ScaleFormat.UE8M0 else "")
+    """A layout in words, e.g. `compressed-tensors block 128x128`; "unknown" for none."""
+    return "unknown" if layout is None else layout.describe()
 
 
 def quantization_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -206,20 +193,13 @@ _Rule = tuple[tuple[str, ...], Layout | None]
 def _ct_rules(qc: Mapping[str, Any]) -> list[_Rule]:
     rules: list[_Rule] = []
     groups = qc.get("config_groups") or {}
+    codecs = of_format(Format.COMPRESSED_TENSORS)
     for group in groups.values() if isinstance(groups, dict) else ():
         if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
             continue
         args = group["weights"]
-        strategy = args.get("strategy")
-        layout: Layout | None = None
-        if strategy in ("tensor", "channel"):
-            layout = Layout(Scheme(strategy), Format.COMPRESSED_TENSORS)
-        elif strategy == "block" and _pair_of_ints(args.get("block_structure")):
-            layout = Layout(Scheme.BLOCK, Format.COMPRESSED_TENSORS, tuple(args["block_structure"]))
-        elif strategy == "group" and args.get("group_size") == MX_GROUP and _is_uint8(args.get("scale_dtype")):
-            layout = Layout(Scheme.MX, Format.COMPRESSED_TENSORS)  # MXFP8: E8M0 exponents, uint8
-        elif strategy == "group" and isinstance(args.get("group_size"), int) and args["group_size"] > 0:
-            layout = Layout(Scheme.BLOCK, Format.COMPRESSED_TENSORS, (1, args["group_size"]))
+        # The first codec, in their order, whose layout the group's weight arguments describe.
+        layout = next((found for cls in codecs if (found := cls.from_args(args)) is not None), None)  # type: ignore[attr-defined]
         rules.append((tuple(group.get("targets") or ()), layout))
     return rules
 
@@ -240,24 +220,9 @@ def _targets(meta: TensorMeta, target: str) -> bool:
 
 
 def _fp8_expected(qc: Mapping[str, Any]) -> Layout | None:
-    if "weight_block_size" not in qc:
-        return None  # vLLM reads a missing key as per-tensor, transformers as 128x128: the scale decides
-    block = qc["weight_block_size"]
-    if block is None:
-        return Layout(Scheme.TENSOR, Format.FP8)
-    if _pair_of_ints(block):
-        # DeepSeek-V3.1's power-of-two scales: `scale_fmt: ue8m0` (transformers' FineGrainedFP8Config too).
-        scale_format = ScaleFormat.UE8M0 if qc.get("scale_fmt") == "ue8m0" else ScaleFormat.FLOAT
-        return Layout(Scheme.BLOCK, Format.FP8, tuple(block), scale_format)
-    return None
-
-
-def _is_uint8(dtype: Any) -> bool:
-    return dtype in ("torch.uint8", "uint8")
-
-
-def _pair_of_ints(value: Any) -> bool:
-    return isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)
+    """vLLM reads a missing `weight_block_size` as per-tensor, transformers as 128x128: then the scale decides."""
+    codecs = of_format(Format.FP8)
+    return next((found for cls in codecs if (found := cls.from_config(dict(qc))) is not None), None)  # type: ignore[attr-defined]
 
 
 def _pair(meta: TensorMeta, tensors: Mapping[str, TensorMeta], fmt: Format, expected: Layout | None) -> QuantizedWeight:
@@ -278,9 +243,10 @@ def _pair(meta: TensorMeta, tensors: Mapping[str, TensorMeta], fmt: Format, expe
     scale = found[0]
     rows, cols = meta.shape
     layout = _from_shape(scale.shape, rows, cols, fmt, expected)
-    if layout is not None and scale.dtype == "U8" and fmt is Format.COMPRESSED_TENSORS:
-        mx = Layout(Scheme.MX, Format.COMPRESSED_TENSORS)
-        layout = mx if scale.shape in _accepted_shapes(mx, rows, cols) else layout  # E8M0 exponents: MXFP8
+    if layout is not None:
+        # A scale whose dtype tells its layout (MXFP8's E8M0 exponents, uint8), where its shape fits that too.
+        claimed = [cls() for cls in of_format(fmt) if cls.claims(scale.dtype)]
+        layout = next((c for c in claimed if c.fits_scale(scale.shape, rows, cols)), layout)
     if layout is None:
         want = f"; {describe(expected)} needs {list(expected.scale_shape(rows, cols))}" if expected else ""
         problem = (
@@ -292,64 +258,32 @@ def _pair(meta: TensorMeta, tensors: Mapping[str, TensorMeta], fmt: Format, expe
             f"tensor {scale.name} in {scale.shard} has shape {list(scale.shape)} ({describe(layout)}) "
             f"but the quantization_config says {describe(expected)}"
         )
+    elif meta.dtype != "F8_E4M3":
+        problem = f"tensor {meta.name} in {meta.shard} is {meta.dtype}; engines load F8_E4M3 weights"
     else:
-        problem = _check_scale(meta, scale, layout)
+        problem = layout.rule_problem(meta, scale)
     return QuantizedWeight(meta, scale, layout, problem)
 
 
 def _from_shape(shape: tuple[int, ...], rows: int, cols: int, fmt: Format, expected: Layout | None) -> Layout | None:
     """The layout a scale of this shape gives a rows x cols weight, the config's own first."""
-    blocks = [expected.block] if expected and expected.scheme is Scheme.BLOCK else []
-    candidates = [
-        *([expected] if expected else []),
-        Layout(Scheme.TENSOR, fmt),
-        *([Layout(Scheme.CHANNEL, fmt)] if fmt is Format.COMPRESSED_TENSORS else []),
-        *(Layout(Scheme.BLOCK, fmt, b) for b in [*blocks, DEFAULT_BLOCK]),
-    ]
-    for layout in candidates:
-        if shape in _accepted_shapes(layout, rows, cols):
-            return layout
-    return None
-
-
-def _accepted_shapes(layout: Layout, rows: int, cols: int) -> tuple[tuple[int, ...], ...]:
-    if layout.scheme is Scheme.TENSOR:
-        return ((), (1,))  # vLLM and compressed-tensors load either
-    return (layout.scale_shape(rows, cols),)
-
-
-def _check_scale(weight: TensorMeta, scale: TensorMeta, layout: Layout) -> str | None:
-    """Name and dtype rules the engines hold a scale of this layout to."""
-    where = f"tensor {scale.name} in {scale.shard}"
-    suffix = scale.name.rpartition(".")[2]
-    if weight.dtype != "F8_E4M3":
-        return f"tensor {weight.name} in {weight.shard} is {weight.dtype}; engines load F8_E4M3 weights"
-    if layout.format is Format.COMPRESSED_TENSORS:
-        if suffix != "weight_scale":
-            return f"{where}: compressed-tensors names the scale {weight.module}.weight_scale"
-        if layout.scheme is Scheme.MX:
-            return None if scale.dtype == "U8" else f"{where} is {scale.dtype}; MXFP8 scales are U8 E8M0 exponents"
-        if scale.dtype not in _CT_DTYPES:
-            return f"{where} is {scale.dtype}; compressed-tensors scales are {'/'.join(_CT_DTYPES)}"
-        return None
-    if layout.scheme is Scheme.BLOCK and suffix != "weight_scale_inv":
-        return f"{where}: fp8 block scales are named {weight.module}.weight_scale_inv (vLLM, transformers)"
-    if scale.dtype != "F32":
-        return f"{where} is {scale.dtype}; fp8 scales are F32"
-    return None
+    candidates = [*([expected] if expected else [])]
+    for cls in of_format(fmt):
+        candidates += cls.shape_candidates(expected)
+    return next((layout for layout in candidates if layout.fits_scale(shape, rows, cols)), None)
 
 
 def value_problem(qw: QuantizedWeight, q: torch.Tensor, scale: torch.Tensor) -> str | None:
     """What makes an FP8 weight's values unusable, as one line naming the tensor, or None: a scale no client can
     use (integer, NaN, inf, zero or negative), or NaN codes in the weight itself."""
     assert qw.scale is not None and qw.layout is not None
-    bad_scale = numerics.scale_problem(scale, qw.layout)
+    bad_scale = qw.layout.scale_problem(scale)
     if bad_scale:
         return (
             f"tensor {qw.scale.name} in {qw.scale.shard} has {bad_scale}; {qw.weight.name} cannot be dequantized, "
             "quantize it again"
         )
-    nans = numerics.nan_codes(q)
+    nans = nan_codes(q)
     if nans:
         return (
             f"tensor {qw.weight.name} in {qw.weight.shard} holds {nans} NaN code(s) (0x7f/0xff) among its "

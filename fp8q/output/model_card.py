@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fp8q.dtypes import config_name
-from fp8q.layouts import clients
+from fp8q.layouts.base import Layout
+from fp8q.layouts.clients import Outcome
 from fp8q.layouts.detect import describe
-from fp8q.layouts.formats import Format, Layout, ScaleFormat, Scheme
 from fp8q.units import size_text
 
 CARD_FILE = "README.md"
@@ -65,7 +65,7 @@ class CardInput:
     stats: dict[str, dict[str, Any]]  # per quantized weight, as fp8q.json's "tensors"
     version: str
     source_card: str | None  # the source README.md's text
-    moe: bool = False  # whether it holds MoE experts: engines treat those apart (fp8q/clients.py)
+    moe: bool = False  # whether it holds MoE experts: engines treat those apart (each layout's cells)
     unservable: str | None = None  # why no engine loads it, when it was written anyway (--no-load-check)
     tokenizer: bool = True  # whether it ships a tokenizer (the snippet loads one only then)
 
@@ -136,12 +136,7 @@ def _to_yaml(meta: dict[str, Any]) -> str:
 def _tags(card: CardInput) -> list[str]:
     if card.layout is None:
         return ["fp8q", "dequantized", config_name(card.dtype or "BF16")]
-    tags = ["fp8", "float8_e4m3fn", card.layout.format.value, f"fp8-{card.layout.scheme.value}", "fp8q"]
-    if card.layout.scheme is Scheme.MX:
-        tags.insert(2, "mxfp8")
-    if card.layout.scale_format is ScaleFormat.UE8M0:
-        tags.append("ue8m0")
-    return tags
+    return card.layout.tags()
 
 
 def _body(card: CardInput) -> str:
@@ -188,42 +183,14 @@ def _facts(card: CardInput) -> list[tuple[str, str]]:
     if card.source_layouts:
         facts.append(("source layout", ", ".join(card.source_layouts)))
     facts += [
-        ("weight scales", _scales(layout)),
-        ("activations", _activations(layout, card.quantization_config)),
+        ("weight scales", layout.scales_text()),
+        ("activations", layout.activations_text(card.quantization_config)),
         ("weights quantized", str(card.tensors_quantized)),
         ("tensors kept as they were", str(card.tensors_kept)),
         ("modules kept in high precision", _listed(card.ignored_modules)),
         ("size", size),
     ]
     return facts
-
-
-def _scales(layout: Layout) -> str:
-    suffix = f"`{layout.scale_suffix}`"
-    per = {
-        Scheme.CHANNEL: "one per output row",
-        Scheme.TENSOR: "one per weight",
-        Scheme.BLOCK: f"one per {layout.block[0]}x{layout.block[1]} tile",
-        Scheme.MX: "one per 32 inputs of a row, a power-of-two exponent in one byte (E8M0)",
-    }[layout.scheme]
-    if layout.scheme is Scheme.MX:
-        return f"{suffix}, {per}"
-    dtype = "float32" if layout.format is Format.FP8 else "the source weight's dtype"
-    powers = ", powers of two (UE8M0)" if layout.scale_format is ScaleFormat.UE8M0 else ""
-    return f"{suffix}, {per}, in {dtype}{powers}"
-
-
-def _activations(layout: Layout, qc: dict[str, Any] | None) -> str:
-    if qc and layout.format is Format.COMPRESSED_TENSORS:
-        for group in (qc.get("config_groups") or {}).values():
-            act = group.get("input_activations")
-            if act:
-                how = "dynamic" if act.get("dynamic") else "static"
-                return f"FP8, {how} scales per {act.get('strategy')}, computed by the engine at run time"
-        return "not quantized (weights only)"
-    if qc and qc.get("activation_scheme"):
-        return f"FP8, {qc['activation_scheme']} scales, computed by the engine at run time"
-    return "as the engine decides"
 
 
 def _listed(names: tuple[str, ...]) -> str:
@@ -242,11 +209,7 @@ def command_line(card: CardInput) -> str:
         args += ["--revision", card.revision]
     layout = card.layout
     if layout is not None:
-        args += ["--scheme", layout.scheme.value, "--format", layout.format.value]
-        if layout.scheme is Scheme.BLOCK:
-            args += ["--block-size", f"{layout.block[0]}x{layout.block[1]}"]
-        if layout.scale_format is not ScaleFormat.FLOAT:
-            args += ["--scale-format", layout.scale_format.value]
+        args += layout.cli_args()
         for pattern in card.ignore:
             args += ["--ignore", pattern]
         for pattern in card.targets:
@@ -257,24 +220,24 @@ def command_line(card: CardInput) -> str:
 
 
 def _serving(card: CardInput) -> list[str]:
-    """How to serve it, from what each engine is known to do with this layout and model (fp8q/clients.py)."""
+    """How to serve it, from what each engine is known to do with this layout and model (each layout's cells)."""
     name = card.out_name
     lines = ["## Use it", ""]
     if card.unservable:
         return [*lines, f"No engine loads this output: {card.unservable}. It was written with `--no-load-check`."]
     layout = card.layout
-    vllm = clients.vllm(layout, card.moe) if layout is not None else None
-    if vllm is not None and vllm.outcome is clients.Outcome.REFUSES:
+    vllm = layout.vllm[card.moe] if layout is not None else None
+    if vllm is not None and vllm.outcome is Outcome.REFUSES:
         lines += [f"vLLM and SGLang refuse this layout for this model: {vllm.why}.", ""]
     else:
         lead = "[vLLM](https://docs.vllm.ai) and [SGLang](https://docs.sglang.ai) read the layout from config.json"
-        if vllm is not None and vllm.outcome is clients.Outcome.NOT_CHECKED:
+        if vllm is not None and vllm.outcome is Outcome.NOT_CHECKED:
             lead += f" (not checked with this layout: {vllm.why})"
         lines += [f"{lead}:", "", "```sh", f"vllm serve {name}", f"python -m sglang.launch_server --model-path {name}"]
         lines += ["```", ""]
-    cell = clients.transformers(layout, card.moe) if layout is not None else None
-    if cell is not None and cell.outcome is not clients.Outcome.RUNS:
-        done = "computes garbage without an error" if cell.outcome is clients.Outcome.GARBAGE else "fails"
+    cell = layout.transformers[card.moe] if layout is not None else None
+    if cell is not None and cell.outcome is not Outcome.RUNS:
+        done = "computes garbage without an error" if cell.outcome is Outcome.GARBAGE else "fails"
         kind = "MoE" if card.moe else "dense"
         return [*lines, f"transformers cannot run this layout for a {kind} model: it {cell.why} ({done})."]
     lines += [_transformers_lead(layout), "", "```python"]
@@ -289,9 +252,7 @@ def _serving(card: CardInput) -> list[str]:
 
 
 def _transformers_lead(layout: Layout | None) -> str:
-    """How transformers loads a layout it runs (fp8q/clients.py, measured by tests/test_layouts_load.py)."""
+    """How transformers loads it, where it runs it (its layout says, measured by tests/test_layouts_load.py)."""
     if layout is None:
         return "[transformers](https://huggingface.co/docs/transformers) loads it with no quantization library:"
-    if layout.format is Format.COMPRESSED_TENSORS:
-        return "transformers loads it with the `compressed-tensors` package installed:"
-    return "transformers loads it (its built-in FP8 support; weight dims must be multiples of the block):"
+    return layout.transformers_lead()

@@ -1,20 +1,19 @@
 """What would make a planned output unservable (refused), and what a user should know about it (noted).
 
-Imports: plan types, formats, tensor_parallel, checkpoint. Pure: everything is decided from the plan, before any
-data is read, so `quantize` refuses before writing, and `inspect` / `--dry-run` can exit 1 for CI to gate on.
+Imports: plan types, layouts (each codec says what is its own), architectures, selection, checkpoint. Pure:
+everything is decided from the plan, before any data is read, so `quantize` refuses before writing, and
+`inspect` / `--dry-run` can exit 1 for CI to gate on.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from fp8q.layouts import clients
-from fp8q.layouts.formats import MX_GROUP, Layout, ScaleFormat, Scheme
+from fp8q.layouts.base import Layout
+from fp8q.layouts.clients import TRANSFORMERS_MEASURED, UNSERVABLE, Outcome, is_moe
 from fp8q.models.architectures import model_types
 from fp8q.plan.planner import Action, Plan
 from fp8q.plan.selection import is_linear_weight, unknown_architecture_note
-from fp8q.plan.tensor_parallel import tensor_parallel_problems
 from fp8q.source.checkpoint import CONFIG_FILE
 
 
@@ -26,7 +25,8 @@ def plan_problems(plan: Plan, tp: int | None, load_check: bool) -> list[str]:
         load_check: False skips the engine load check (the user's explicit choice), never the others.
     """
     problems: list[str] = []
-    if plan.layout is None:
+    layout = plan.layout
+    if layout is None:
         return problems  # dequantize: a plain checkpoint, which needs no config to say how it is quantized
     if plan.config is None:
         root = plan.checkpoint.root
@@ -41,109 +41,23 @@ def plan_problems(plan: Plan, tp: int | None, load_check: bool) -> list[str]:
             "--targets, --ignore and the layers always kept (lm_head, routers, encoders), and a config that "
             "declares FP8 with no FP8 weight misleads engines; check the patterns (`fp8q inspect` lists the layers)"
         )
-    if plan.layout.scheme is Scheme.MX:
-        problems += [
-            f"{piece.out.name.removesuffix('.weight')}: input size {piece.out.shape[1]} is not a multiple of "
-            f"{MX_GROUP}, the MXFP8 group: use another --scheme, or --ignore "
-            f"'^{re.escape(piece.out.name.removesuffix('.weight'))}$'"
-            for job in plan.jobs
-            if job.action.quantizes
-            for piece in job.pieces
-            if piece.out.shape[1] % MX_GROUP
-        ]
-    if plan.layout.scheme is Scheme.BLOCK:
-        problems += _block_problems(plan)
+    quantized = _weights(plan, requantized=True)
+    problems += [problem for module, (rows, cols) in quantized if (problem := layout.shape_problem(module, rows, cols))]
+    problems += layout.size_problems([shape for _, shape in quantized])
     if load_check:  # what no engine loads at all first, then what vLLM cannot load at --tp
         problems += _engine_refusals(plan)
-        problems += tensor_parallel_problems(plan.jobs, plan.layout, tp or 1)
+        problems += layout.tp_problems([(module, *shape) for module, shape in _weights(plan)], tp or 1)
     return problems
 
 
-def is_moe_plan(plan: Plan) -> bool:
-    """Whether the output holds MoE experts (what the engines treat apart: fp8q/clients.py's MoE column)."""
-    return clients.is_moe([p.out.name for job in plan.jobs if job.action.quantizes for p in job.pieces])
-
-
-def unservable_reason(plan: Plan) -> str | None:
-    """Why no engine loads the FP8 output of this architecture, where none does (fp8q/clients.py); else None."""
-    if plan.layout is None:
-        return None
-    found = [t for t in model_types(plan.config) if t in clients.UNSERVABLE]
-    return f"{found[0]}: {clients.UNSERVABLE[found[0]]}" if found else None
-
-
-def _flags(layout: Layout) -> str:
-    flags = f"--scheme {layout.scheme.value} --format {layout.format.value}"
-    return flags + (f" --scale-format {layout.scale_format.value}" if layout.scale_format is ScaleFormat.UE8M0 else "")
-
-
-def _engine_refusals(plan: Plan) -> list[str]:
-    """Outputs no engine would load: a layout vLLM refuses for this kind of model, an architecture whose FP8 form
-    no engine loads (fp8q/clients.py)."""
-    assert plan.layout is not None
-    found = []
-    unservable = unservable_reason(plan)
-    if unservable:
-        found.append(f"{unservable} (--no-load-check writes it anyway)")
-    moe = is_moe_plan(plan)
-    cell = clients.vllm(plan.layout, moe)
-    if cell.outcome is clients.Outcome.REFUSES:
-        kind = "a MoE model" if moe else "a dense model"
-        found.append(
-            f"{_flags(plan.layout)} on {kind}: vLLM refuses it ({cell.why}); use --format fp8 or another --scheme "
-            "(--no-load-check writes it anyway)"
-        )
-    return found
-
-
-def _client_notes(plan: Plan) -> list[str]:
-    """What transformers does with the output where it does not run it (fp8q/clients.py: measured by tests)."""
-    assert plan.layout is not None
-    moe = is_moe_plan(plan)
-    cell = clients.transformers(plan.layout, moe)
-    kind = "MoE" if moe else "dense"
-    if cell.outcome is clients.Outcome.GARBAGE:
-        return [
-            f"{_flags(plan.layout)} is vLLM's and SGLang's layout: transformers {cell.why} without an error and "
-            "computes garbage (use --format compressed-tensors for transformers)"
-        ]
-    if cell.outcome is clients.Outcome.REFUSES:
-        return [
-            f"{_flags(plan.layout)} on a {kind} model: transformers {clients.TRANSFORMERS_MEASURED} cannot load it "
-            f"({cell.why}); vLLM and SGLang {_vllm_words(plan.layout, moe)}"
-        ]
-    return []
-
-
-def _vllm_words(layout: Layout, moe: bool) -> str:
-    cell = clients.vllm(layout, moe)
-    if cell.outcome is clients.Outcome.RUNS:
-        return "load it" + (f" ({cell.why})" if cell.why else "")
-    if cell.outcome is clients.Outcome.NOT_CHECKED:
-        return f"were not checked with it ({cell.why})"
-    return f"{cell.outcome.value} it ({cell.why})"
-
-
-# The default block side; tiny models whose weights are all smaller still get it, as every reference tool does.
-_DEFAULT_BLOCK_SIDE = 128
-
-
-def _block_problems(plan: Plan) -> list[str]:
-    """A block side larger than every weight it tiles (and than the default 128): clients expand each scale to a
-    whole tile when they load it (a 99999999-row block would be gigabytes per weight)."""
-    assert plan.layout is not None
-    shapes = [piece.out.shape for job in plan.jobs if job.action.quantizes for piece in job.pieces]
-    if not shapes:
-        return []
-    problems = []
-    bh, bw = plan.layout.block
-    for side, largest, what in ((bh, max(r for r, _ in shapes), "rows"), (bw, max(c for _, c in shapes), "columns")):
-        if side > max(largest, _DEFAULT_BLOCK_SIDE):
-            problems.append(
-                f"--block-size {bh}x{bw}: {side} {what}, more than any weight has (the largest: {largest}); clients "
-                f"expand every scale to a whole tile when they load it: use a block of at most {largest} {what}"
-            )
-    return problems
+def _weights(plan: Plan, requantized: bool = False) -> list[tuple[str, tuple[int, int]]]:
+    """(module, shape) of each weight the plan quantizes (and, with `requantized`, each FP8 one it quantizes again)."""
+    return [
+        (piece.out.name.removesuffix(".weight"), (piece.out.shape[0], piece.out.shape[1]))
+        for job in plan.jobs
+        if job.action is Action.QUANTIZE or (requantized and job.action.quantizes)
+        for piece in job.pieces
+    ]
 
 
 def plan_notes(plan: Plan, load_check: bool = True) -> list[str]:
@@ -155,25 +69,72 @@ def plan_notes(plan: Plan, load_check: bool = True) -> list[str]:
     unknown = unknown_architecture_note(plan.config, plan.architecture)
     if unknown:
         notes.append(unknown)
-    notes += _client_notes(plan)
+    notes += _client_notes(plan, layout)
     if not load_check:
         notes += [f"written anyway (--no-load-check): {line}" for line in _engine_refusals(plan)]
-    if layout.scheme is Scheme.BLOCK:
-        bh, bw = layout.block
-        odd = [
-            (piece.out.name, piece.out.shape)
-            for job in plan.jobs
-            if job.action is Action.QUANTIZE
-            for piece in job.pieces
-            if piece.out.shape[0] % bh or piece.out.shape[1] % bw
-        ]
-        if odd:
-            name, shape = odd[0]
-            notes.append(
-                f"{len(odd)} block-quantized weight(s) have dims that are not multiples of {bh}x{bw} "
-                f"(first: {name} {list(shape)}): transformers cannot run them, vLLM and SGLang can"
-            )
+    odd = layout.dims_note([(f"{module}.weight", shape) for module, shape in _weights(plan)])
+    if odd:
+        notes.append(odd)
     return notes
+
+
+def is_moe_plan(plan: Plan) -> bool:
+    """Whether the output holds MoE experts (what the engines treat apart: each layout's MoE cells)."""
+    return is_moe([p.out.name for job in plan.jobs if job.action.quantizes for p in job.pieces])
+
+
+def unservable_reason(plan: Plan) -> str | None:
+    """Why no engine loads the FP8 output of this architecture, where none does (layouts/clients.py); else None."""
+    if plan.layout is None:
+        return None
+    found = [t for t in model_types(plan.config) if t in UNSERVABLE]
+    return f"{found[0]}: {UNSERVABLE[found[0]]}" if found else None
+
+
+def _engine_refusals(plan: Plan) -> list[str]:
+    """Outputs no engine would load: a layout vLLM refuses for this kind of model, an architecture whose FP8 form
+    no engine loads."""
+    assert plan.layout is not None
+    found = []
+    unservable = unservable_reason(plan)
+    if unservable:
+        found.append(f"{unservable} (--no-load-check writes it anyway)")
+    moe = is_moe_plan(plan)
+    cell = plan.layout.vllm[moe]
+    if cell.outcome is Outcome.REFUSES:
+        kind = "a MoE model" if moe else "a dense model"
+        found.append(
+            f"{plan.layout.option_words()} on {kind}: vLLM refuses it ({cell.why}); use --format fp8 or another "
+            "--scheme (--no-load-check writes it anyway)"
+        )
+    return found
+
+
+def _client_notes(plan: Plan, layout: Layout) -> list[str]:
+    """What transformers does with the output where it does not run it (the layout's cells: measured by tests)."""
+    moe = is_moe_plan(plan)
+    cell = layout.transformers[moe]
+    if cell.outcome is Outcome.GARBAGE:
+        return [
+            f"{layout.option_words()} is vLLM's and SGLang's layout: transformers {cell.why} without an error and "
+            "computes garbage (use --format compressed-tensors for transformers)"
+        ]
+    if cell.outcome is Outcome.REFUSES:
+        kind = "MoE" if moe else "dense"
+        return [
+            f"{layout.option_words()} on a {kind} model: transformers {TRANSFORMERS_MEASURED} cannot load it "
+            f"({cell.why}); vLLM and SGLang {_vllm_words(layout, moe)}"
+        ]
+    return []
+
+
+def _vllm_words(layout: Layout, moe: bool) -> str:
+    cell = layout.vllm[moe]
+    if cell.outcome is Outcome.RUNS:
+        return "load it" + (f" ({cell.why})" if cell.why else "")
+    if cell.outcome is Outcome.NOT_CHECKED:
+        return f"were not checked with it ({cell.why})"
+    return f"{cell.outcome.value} it ({cell.why})"
 
 
 # A dequantized weight this far from its source is broken whatever its neighbours do (`verify` flags it too). FP8

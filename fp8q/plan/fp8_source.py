@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from fp8q.errors import CheckpointError, UsageError
+from fp8q.layouts.base import Layout
 from fp8q.layouts.detect import DetectedLayout, describe, detect_layout
-from fp8q.layouts.formats import Layout
 from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint
 
 # The --dtype choices, by the names configs use, and their safetensors names.

@@ -15,9 +15,9 @@ from enum import Enum
 from typing import Any
 
 from fp8q.dtypes import ITEMSIZE, ORDER, config_name
-from fp8q.errors import CheckpointError, UsageError
+from fp8q.errors import CheckpointError
+from fp8q.layouts.base import Layout
 from fp8q.layouts.detect import QUANTIZATION_ONLY, DetectedLayout, QuantizedWeight
-from fp8q.layouts.formats import Format, Layout, ScaleFormat, Scheme
 from fp8q.models.architectures import GENERIC, Architecture, groups
 from fp8q.models.experts import Part, fused_weight_of, is_fused_expert_weight, split
 from fp8q.plan.selection import Selection, check_not_quantized, natural_key, select
@@ -169,11 +169,8 @@ def make_plan(
             (so converting equals dequantizing, then quantizing).
 
     Raises:
-        UsageError: a layout that cannot be written.
         CheckpointError / UnsupportedTensorError: from the tensor selection.
     """
-    if layout is not None:
-        _check_layout(layout)
     config = checkpoint.config
     tensors = list(checkpoint.tensors.values())
     fp8: dict[str, QuantizedWeight] = {}
@@ -211,21 +208,6 @@ def make_plan(
         source=source,
         dtype=dtype,
     )
-
-
-def _check_layout(layout: Layout) -> None:
-    if layout.format is Format.FP8 and layout.scheme in (Scheme.CHANNEL, Scheme.MX):
-        what = "per-channel" if layout.scheme is Scheme.CHANNEL else "MX"
-        raise UsageError(
-            f"--scheme {layout.scheme.value} --format fp8: vLLM's fp8 format has no {what} weights; "
-            "use --format compressed-tensors, or --scheme tensor/block"
-        )
-    if layout.scale_format is ScaleFormat.UE8M0 and (layout.scheme, layout.format) != (Scheme.BLOCK, Format.FP8):
-        raise UsageError(
-            "--scale-format ue8m0 is for --scheme block --format fp8 (DeepSeek-V3.1's power-of-two block scales)"
-        )
-    if min(layout.block) < 1:
-        raise UsageError(f"--block-size {layout.block[0]}x{layout.block[1]}: both sides must be positive")
 
 
 def plain_config(config: dict[str, Any], dtype: str) -> dict[str, Any]:
@@ -392,7 +374,7 @@ def describe(plan: Plan) -> dict[str, Any]:
         "source": str(plan.checkpoint.root),
         "scheme": plan.layout.scheme.value if plan.layout else None,
         "format": plan.layout.format.value if plan.layout else None,
-        "block_size": list(plan.layout.block) if plan.layout else None,
+        "block_size": list(plan.layout.block) if plan.layout and plan.layout.block else None,
         "tensors_quantized": plan.n_quantized,
         "tensors_kept": plan.n_kept,
         "ignored_modules": list(plan.ignored),

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -33,16 +32,15 @@ from fp8q.dtypes import FP8
 from fp8q.engine.tensor_io import ShardReader
 from fp8q.errors import CheckpointError, Fp8qError
 from fp8q.events import Started, TensorDone
+from fp8q.layouts import numerics
 from fp8q.layouts.detect import (
     DetectedLayout,
     QuantizedWeight,
     describe,
     detect_layout,
-    numerics,
     quantization_config,
     value_problem,
 )
-from fp8q.layouts.formats import Format
 from fp8q.models.architectures import architecture_of, groups
 from fp8q.models.experts import Part, fused_weight_of, is_fused_expert_weight, split
 from fp8q.plan.checks import MAX_REL_ERROR
@@ -185,39 +183,7 @@ def _check_config(checkpoint: Checkpoint, detected: DetectedLayout, is_folder: b
     qc = quantization_config(checkpoint.config)
     if qc is None:
         return [f"{where}: no quantization_config; engines would load the FP8 weights as if they were plain"]
-    if detected.format is Format.COMPRESSED_TENSORS:
-        return _check_ct_config(qc, where)
-    return _check_fp8_config(qc, where)
-
-
-def _check_ct_config(qc: dict[str, Any], where: Path) -> list[str]:
-    try:
-        from compressed_tensors.quantization import QuantizationConfig
-    except ImportError:  # optional: the structural checks below still run
-        return []
-    try:
-        QuantizationConfig.model_validate(qc)
-    except Exception as e:  # pydantic's ValidationError, or whatever an older release raises
-        first = " ".join(str(e).split("\n")[:3])
-        return [f"{where}: compressed-tensors refuses the quantization_config: {first}"]
-    return []
-
-
-def _check_fp8_config(qc: dict[str, Any], where: Path) -> list[str]:
-    """vLLM's `Fp8Config.from_config` rules."""
-    problems = []
-    if qc.get("activation_scheme") not in ("static", "dynamic"):
-        problems.append(
-            f"{where}: quantization_config.activation_scheme is {qc.get('activation_scheme')!r}; "
-            "vLLM needs 'dynamic' or 'static'"
-        )
-    block = qc.get("weight_block_size")
-    if block is not None:
-        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-            problems.append(f"{where}: weight_block_size {block!r} must be two positive integers, or null")
-        elif qc.get("activation_scheme") != "dynamic":
-            problems.append(f"{where}: vLLM needs activation_scheme 'dynamic' with weight_block_size")
-    return problems
+    return detected.family.config_problems(qc, where)
 
 
 def _check_rules(checkpoint: Checkpoint, detected: DetectedLayout) -> list[str]:
@@ -285,13 +251,13 @@ def _check_coverage(checkpoint: Checkpoint, detected: DetectedLayout) -> list[st
         if not is_linear_weight(meta):
             continue
         ignored = detected.is_ignored(meta.module)
-        if meta.name in fp8 and ignored and detected.format is Format.COMPRESSED_TENSORS:
+        if meta.name in fp8 and ignored and detected.family.ignore_is_exact:
             problems.append(
                 f"tensor {meta.name} in {meta.shard} is FP8 but the quantization_config ignores {meta.module}; "
                 "engines would build it unquantized"
             )
         elif meta.name not in fp8 and detected.is_targeted(meta) and not ignored:
-            key = "ignore" if detected.format is Format.COMPRESSED_TENSORS else "ignored_layers"
+            key = detected.family.ignore_key
             problems.append(
                 f"tensor {meta.name} in {meta.shard} is {meta.dtype} but the quantization_config targets "
                 f"{meta.module}: quantize it, or list it in {key}"
@@ -388,7 +354,7 @@ def _check_weight(
     for r0, r1, scale_rows in numerics.row_bands(rows, cols, qw.layout):
         deq = numerics.dequantize(q[r0:r1], scale[scale_rows], qw.layout, torch.float64, strict=True)
         if not bool(torch.isfinite(deq).all()):
-            client = numerics.client_dtype(qw.layout, scale.dtype)
+            client = qw.layout.client_dtype(scale.dtype)
             return row, (
                 f"tensor {qw.scale.name} in {qw.scale.shard} makes {qw.weight.name} overflow to inf in the "
                 f"{str(client).removeprefix('torch.')} its client computes in; quantize it again"

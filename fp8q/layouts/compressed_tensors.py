@@ -1,0 +1,154 @@
+"""What the compressed-tensors layouts share: the `quantization_config` they write (llm-compressor's, as
+`model_free_ptq` writes it), the client's arithmetic (compressed-tensors' `dequantize`: q times the scale, in the
+scale's dtype), the rules for scale names and dtypes, and how its config is read back (config groups, `ignore`).
+
+Imports: torch, the layout base, selection rules (what "Linear" targets).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from fp8q.layouts.base import Layout
+from fp8q.layouts.numerics import over_fp8_max
+from fp8q.layouts.vocabulary import Format
+
+if TYPE_CHECKING:
+    from fp8q.source.checkpoint import TensorMeta
+
+# The scale dtypes compressed-tensors takes for float layouts.
+_CT_DTYPES = ("F32", "BF16", "F16")
+
+
+def match_name(module: str, pattern: str) -> bool:
+    """compressed-tensors' rule: `re:` patterns are `re.match`ed (anchored at the start only), others compared."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module) is not None
+    return module == pattern
+
+
+def ct_scale(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448 in amax's dtype, as compressed-tensors' calculate_qparams computes it (bf16 scales for bf16), a
+    zero scale guarded with the dtype's eps."""
+    scale = over_fp8_max(amax)
+    eps = torch.finfo(scale.dtype).eps
+    return torch.where(scale == 0, torch.full_like(scale, eps), scale)
+
+
+def quant_args(strategy: str, dynamic: bool, **extra: Any) -> dict[str, Any]:
+    """compressed-tensors' QuantizationArgs as llm-compressor writes them: only keys every release accepts
+    (they forbid unknown keys)."""
+    args: dict[str, Any] = {
+        "num_bits": 8,
+        "type": "float",
+        "symmetric": True,
+        "strategy": strategy,
+        "dynamic": dynamic,
+        "group_size": None,
+        "block_structure": None,
+        "actorder": None,
+        "observer": None if dynamic else "minmax",
+        "observer_kwargs": {},
+    }
+    args.update(extra)
+    return args
+
+
+class CompressedTensorsLayout(Layout):
+    format = Format.COMPRESSED_TENSORS
+    ct_format: ClassVar[str] = "float-quantized"  # the config's `format`
+    ignore_key: ClassVar[str] = "ignore"
+    # Its `ignore` names exactly the modules engines build unquantized: an FP8 weight there is a problem.
+    ignore_is_exact: ClassVar[bool] = True
+    # Where its scales are, in the card's words ("one per output row").
+    per: ClassVar[str]
+
+    def scale_dtype(self, weight_dtype: str) -> str:
+        return weight_dtype  # computed in the weight's own dtype, as compressed-tensors does
+
+    def client_dtype(self, scale_dtype: torch.dtype) -> torch.dtype:
+        return scale_dtype
+
+    def args(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The config group's `weights` and `input_activations`."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> Layout | None:
+        """The layout a config group's `weights` arguments ask for, where they are this layout's."""
+        return None
+
+    def quantization_config(self, ignore: list[str]) -> dict[str, Any]:
+        weights, inputs = self.args()
+        return {
+            "quant_method": "compressed-tensors",
+            "format": self.ct_format,
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": weights,
+                    "input_activations": inputs,
+                    "output_activations": None,
+                    "format": self.ct_format,
+                }
+            },
+            "ignore": ignore,
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+            "sparsity_config": {},
+            "transform_config": {},
+        }
+
+    def rule_problem(self, weight: TensorMeta, scale: TensorMeta) -> str | None:
+        where = f"tensor {scale.name} in {scale.shard}"
+        if scale.name.rpartition(".")[2] != "weight_scale":
+            return f"{where}: compressed-tensors names the scale {weight.module}.weight_scale"
+        if scale.dtype not in _CT_DTYPES:
+            return f"{where} is {scale.dtype}; compressed-tensors scales are {'/'.join(_CT_DTYPES)}"
+        return None
+
+    def scales_text(self) -> str:
+        return f"`{self.scale_suffix}`, {self.per}, in the source weight's dtype"
+
+    def activations_text(self, quantization_config: dict[str, Any] | None) -> str:
+        if not quantization_config:
+            return "as the engine decides"
+        for group in (quantization_config.get("config_groups") or {}).values():
+            act = group.get("input_activations")
+            if act:
+                how = "dynamic" if act.get("dynamic") else "static"
+                return f"FP8, {how} scales per {act.get('strategy')}, computed by the engine at run time"
+        return "not quantized (weights only)"
+
+    def transformers_lead(self) -> str:
+        return "transformers loads it with the `compressed-tensors` package installed:"
+
+    # ── the family's config, read back ──
+
+    @staticmethod
+    def ignores(module: str, patterns: tuple[str, ...]) -> bool:
+        """Whether the config's `ignore` leaves this module unquantized."""
+        return any(match_name(module, pattern) for pattern in patterns)
+
+    @staticmethod
+    def config_problems(quantization_config: dict[str, Any], where: Path) -> list[str]:
+        """What compressed-tensors' own classes (which vLLM and transformers run) refuse in the config, where the
+        library is installed."""
+        try:
+            from compressed_tensors.quantization import QuantizationConfig
+        except ImportError:  # optional: the structural checks still run
+            return []
+        try:
+            QuantizationConfig.model_validate(quantization_config)
+        except Exception as e:  # pydantic's ValidationError, or whatever an older release raises
+            first = " ".join(str(e).split("\n")[:3])
+            return [f"{where}: compressed-tensors refuses the quantization_config: {first}"]
+        return []
+
+
+__all__ = ["CompressedTensorsLayout", "ct_scale", "match_name", "quant_args"]
