@@ -19,24 +19,24 @@ __version__ = "0.1.0"
 # The API is imported on first use (PEP 562), so that `import fp8q` alone does not import torch:
 # the command (fp8q.__main__) decides how torch is imported.
 _EXPORTS = {
-    "dequantize": "fp8q.engine.pipeline",
-    "convert": "fp8q.engine.pipeline",
+    "dequantize": "fp8q.engine.api",
+    "convert": "fp8q.engine.api",
     "Started": "fp8q.events",
     "Fp8qError": "fp8q.errors",
     "Format": "fp8q.layouts.vocabulary",
     "Scheme": "fp8q.layouts.vocabulary",
     "PlanReady": "fp8q.events",
-    "QuantizeOptions": "fp8q.engine.pipeline",
+    "QuantizeOptions": "fp8q.engine.api",
     "Report": "fp8q.events",
     "TensorDone": "fp8q.events",
-    "plan_conversion": "fp8q.engine.pipeline",
-    "quantize": "fp8q.engine.pipeline",
+    "plan_conversion": "fp8q.engine.api",
+    "quantize": "fp8q.engine.api",
     "VerifyReport": "fp8q.verification",
     "verify": "fp8q.verification",
 }
 
 if TYPE_CHECKING:
-    from fp8q.engine.pipeline import QuantizeOptions, convert, dequantize, plan_conversion, quantize
+    from fp8q.engine.api import QuantizeOptions, convert, dequantize, plan_conversion, quantize
     from fp8q.errors import Fp8qError
     from fp8q.events import PlanReady, Report, Started, TensorDone
     from fp8q.layouts.vocabulary import Format, Scheme

@@ -41,6 +41,11 @@ class Interrupted(Fp8qError):
         self.exit_code = exit_code
 
 
+class Stopped(Exception):
+    """No error a user sees: raised in a thread waiting on a pool, a queue or a download once the run is being
+    stopped (by a signal, or another thread's failure), so that it ends without waiting longer."""
+
+
 def read_error(path: Path, tensor: str, error: OSError) -> CheckpointError:
     """An OSError while reading a tensor's bytes, as the one line a user sees."""
     return CheckpointError(

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from fp8q import QuantizeOptions, quantize
 from fp8q.cli import app
-from fp8q.engine.pipeline import convert, dequantize
+from fp8q.engine.api import convert, dequantize
 from fp8q.errors import CheckpointError, UsageError
 from fp8q.layouts import find
 from fp8q.layouts.numerics import quantize as quantize_tensor

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from fp8q import QuantizeOptions, quantize
-from fp8q.engine.pipeline import dequantize
+from fp8q.engine.api import dequantize
 from fp8q.errors import CheckpointError, OutputError
 from fp8q.events import PlanReady, TensorDone
 from fp8q.verification import verify

@@ -598,7 +598,7 @@ def test_the_plan_names_lm_head_once(tmp_path):
 
 
 def test_ctrl_c_before_the_run_says_an_earlier_out_partial_is_kept(tmp_path, monkeypatch):
-    import fp8q.engine.pipeline as pipeline
+    import fp8q.engine.run as pipeline
     from tests.test_resume import killed_after
 
     src = _source(tmp_path / "src", shards=3)

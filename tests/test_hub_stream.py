@@ -247,7 +247,7 @@ def test_fp8_repo_streamed_through_dequantize(reference, tmp_path):
     """dequantize (and so convert, the same engine) streams an FP8 repo too: the same bytes as from the folder."""
     repos = tmp_path / "repos"
     quantize(reference[0] / REPO, repos / "org" / "model-fp8", QuantizeOptions(device="cpu", scheme="block"))
-    from fp8q.engine.pipeline import dequantize
+    from fp8q.engine.api import dequantize
 
     dequantize(repos / "org" / "model-fp8", tmp_path / "local" / "out")
     server = HubServer(repos)

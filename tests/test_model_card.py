@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from fp8q import QuantizeOptions, quantize
 from fp8q.cli import app
-from fp8q.engine.pipeline import convert, dequantize
+from fp8q.engine.api import convert, dequantize
 from fp8q.output.model_card import error_summary
 from tests.factories import as_bytes, load_all, tiny_llama
 from tests.test_resume import _big_source, killed_after

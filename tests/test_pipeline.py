@@ -16,15 +16,16 @@ from safetensors.torch import load_file, save_file
 from fp8q import QuantizeOptions, quantize
 from fp8q.engine import devices as quantizer_module
 from fp8q.engine import stages as stages_module
-from fp8q.engine import tensor_io
-from fp8q.engine.tensor_io import read_ahead, start_writeback
 from fp8q.errors import UnsupportedTensorError
 from fp8q.layouts import find
 from fp8q.layouts import numerics as numerics_module
 from fp8q.layouts.numerics import quantize as quantize_tensor
 from fp8q.output import manifest as manifest_module
+from fp8q.output import shard_io
 from fp8q.output import writer as writer_module
 from fp8q.output.manifest import Progress
+from fp8q.output.shard_io import start_writeback
+from fp8q.source.reader import read_ahead
 from tests.factories import write_shards
 
 LAYOUTS = [
@@ -98,7 +99,7 @@ def test_hints_do_not_change_or_fail_on_any_range(tmp_path):
         os.close(fd)
     assert path.read_bytes() == bytes(range(256)) * 40
     if sys.platform.startswith("linux"):  # the write-back hint is real there, not a silent no-op
-        assert tensor_io._sync_file_range is not None
+        assert shard_io._sync_file_range is not None
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 3 * 4096 + 7])
@@ -229,7 +230,7 @@ def test_the_copier_stays_a_few_shards_ahead_of_the_writer(tmp_path, monkeypatch
     import threading
     import time
 
-    from fp8q.engine import stages
+    from fp8q.engine import writing
 
     shards = {
         f"model-{n + 1:05d}-of-00008.safetensors": {
@@ -261,7 +262,7 @@ def test_the_copier_stays_a_few_shards_ahead_of_the_writer(tmp_path, monkeypatch
     monkeypatch.setattr(writer_module.ShardFile, "__init__", init)
     monkeypatch.setattr(writer_module.ShardFile, "close", close)
     monkeypatch.setattr(writer_module.ShardFile, "write", slow_write)
-    monkeypatch.setattr(stages, "COPY_AHEAD", 1)
+    monkeypatch.setattr(writing, "COPY_AHEAD", 1)
     quantize(src, tmp_path / "out", QuantizeOptions(device="cpu"))
     assert 1 < most[0] <= 3, most  # the writer's, the one ahead, one being flushed
 

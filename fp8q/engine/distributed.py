@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from fp8q import errors
-from fp8q.engine.tensor_io import Stopped
+from fp8q.errors import Stopped
 
 _FAILED = "fp8q/failed"
 _BYTES = "fp8q/bytes"

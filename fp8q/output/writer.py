@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from fp8q.engine.tensor_io import copy_range, start_writeback, write_at
 from fp8q.errors import OutputError, UsageError, open_error
+from fp8q.output.shard_io import copy_range, start_writeback, write_at
 from fp8q.plan.planner import OutTensor, ShardPlan
 from fp8q.source.checkpoint import RECORD_PREFIX, FileId, allowed_link_root, check_planned, read_bounded
 

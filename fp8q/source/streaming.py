@@ -179,7 +179,7 @@ class ShardDownloads:
             CheckpointError: its download failed, naming the shard.
             Stopped: the run was stopped while waiting.
         """
-        from fp8q.engine.tensor_io import Stopped
+        from fp8q.errors import Stopped
 
         arrived = self._arrived.get(shard.name)
         if arrived is None:

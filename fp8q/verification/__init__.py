@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from fp8q.dtypes import FP8
-from fp8q.engine.tensor_io import ShardReader
 from fp8q.errors import CheckpointError, Fp8qError
 from fp8q.events import Started, TensorDone
 from fp8q.layouts import numerics
@@ -46,6 +45,7 @@ from fp8q.models.experts import Part, fused_weight_of, is_fused_expert_weight, s
 from fp8q.plan.checks import MAX_REL_ERROR
 from fp8q.plan.selection import is_linear_weight, keep_reason, natural_key
 from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint, TensorMeta, read_checkpoint
+from fp8q.source.reader import ShardReader
 
 # (MAX_REL_ERROR, from checks) ... or one below this signal-to-noise ratio is broken whatever its neighbours do.
 MIN_SNR_DB = 15.0

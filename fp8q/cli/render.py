@@ -1,0 +1,256 @@
+"""What the command line shows: one-line messages, the plan, the verify table, the summary, and the progress bar
+fed by the library's events. Names and paths from the input are printed as they are (no markup).
+
+Imports: rich, units; the types it renders only for type checking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from fp8q.units import size_text
+
+if TYPE_CHECKING:
+    from fp8q.events import Report
+    from fp8q.plan.planner import Plan
+    from fp8q.verification import VerifyReport
+
+# Piped output is not wrapped at 80 columns: a tensor name stays on one line for grep and logs. No markup: names
+# and paths come from the input, and `[bold]` in a tensor name is text (styles are given as `Text` spans).
+err = Console(stderr=True, highlight=False, markup=False, width=None if sys.stderr.isatty() else 1000)
+
+
+def say(label: str, style: str, text: str) -> None:
+    """One line on stderr: a styled label, then text shown as it is (no markup: it names files and tensors)."""
+    err.print(Text.assemble((label, style), " ", text), soft_wrap=True)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _elapsed() -> float:
+    """Seconds since this process started (interpreter start-up and imports included), where Linux says."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
+def notes(notes: tuple[str, ...] | list[str]) -> None:
+    for note in notes:
+        say("note:", "yellow", note)
+
+
+def show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
+    """The plan, as a table or JSON, with its notes and problems (whose count ends it)."""
+    from fp8q.engine.buffers import memory_estimate
+    from fp8q.plan.planner import describe
+
+    data = describe(plan)
+    data["estimated_peak_host_bytes"], data["estimated_peak_gpu_bytes"] = memory_estimate(plan, os.cpu_count() or 1)
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    if not quiet:
+        table = Table(title=f"fp8q plan for {plan.checkpoint.root}", show_header=False, title_justify="left")
+        layout = f"{plan.layout.scheme.value} / {plan.layout.format.value}" if plan.layout else "none (dequantize)"
+        table.add_row("layout", layout)
+        table.add_row("tensors", f"{plan.n_quantized} quantized, {plan.n_kept} kept")
+        # Modules a rule kept get a row of their own below, with why; the others (--ignore, --targets) are here.
+        by_rule = {module for module, _ in plan.kept}
+        others = [m for m in plan.ignored if m not in by_rule]
+        if others or not by_rule:
+            table.add_row("kept Linear modules", ", ".join(others) or "none")
+        table.add_row("shards", str(len(plan.shards)))
+        table.add_row("size", f"{size_text(plan.bytes_in)} in, {size_text(plan.bytes_out)} out")
+        table.add_row(
+            "peak memory (est.)",
+            f"host: torch + {size_text(data['estimated_peak_host_bytes'])}, "
+            f"GPU: {size_text(data['estimated_peak_gpu_bytes'])}",
+        )
+        if plan.checkpoint.skipped_files:
+            table.add_row("not copied", ", ".join(plan.checkpoint.skipped_files))
+        for label, value in _decisions(plan, data):
+            table.add_row(label, value)
+        err.print(table)
+        notes(plan.notes)
+        for problem in plan.problems:
+            say("problem:", "red", problem)
+    if plan.problems:
+        say("error:", "red", f"{len(plan.problems)} problem(s): quantize would refuse this plan")
+
+
+def _decisions(plan: Plan, data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The architecture rules' decisions, as table rows: what they kept and why, MTP, fused experts and groups."""
+    generic = "" if plan.architecture.model_types else " (generic rules)"
+    rows = [("architecture", plan.architecture.name + generic)]
+    reasons: dict[str, list[str]] = {}
+    for module, why in plan.kept:
+        reasons.setdefault(why, []).append(module)
+    for why, modules in reasons.items():
+        what, _, because = why.partition(": ")
+        example = modules[0] + (f" (+{len(modules) - 1} more)" if len(modules) > 1 else "")
+        rows.append((f"kept: {what}", f"{example}" + (f"; {because}" if because else "")))
+    if data["mtp"]:
+        quantized, kept = len(data["mtp"]["quantized"]), ", ".join(data["mtp"]["kept"]) or "none"
+        rows.append(("MTP layers", f"{quantized} Linear weights quantized like the backbone; kept: {kept}"))
+    if data["split_experts"]:
+        split = data["split_experts"]
+        rows.append(("fused experts", f"{len(split)} 3-D tensors split into {sum(split.values())} per-expert weights"))
+    if data["fused_groups"]:
+        groups = ", ".join(f"{n} x {g}" for g, n in data["fused_groups"].items())
+        rows.append(("loaded as one", f"{groups} (each quantized alike)"))
+    return rows
+
+
+def show_verify(report: VerifyReport, top: int) -> None:
+    layouts = ", ".join(f"{n} {name}" for name, n in report.layouts.items()) or "none"
+    err.print(f"{report.path}: {report.tensors_checked} quantized weights ({layouts})", soft_wrap=True)
+    if top and report.rows:
+        table = Table(title="worst tensors" if report.source else "tensors", title_justify="left")
+        table.add_column("tensor", no_wrap=True)
+        mixed = len(report.layouts) > 1  # one layout is already named in the line above
+        errors = report.source is not None  # without a source there are no errors to show
+        columns = (["layout"] if mixed else []) + ["scale range"]
+        columns += ["rel err", "max abs", "SNR dB"] if errors else []
+        for column in [*columns, "flag"]:
+            table.add_column(column)
+        for row in report.rows[:top]:
+            cells = [row.layout] if mixed else []
+            cells.append(f"{row.scale_min:.2g}..{row.scale_max:.2g}")
+            if errors:
+                cells += [
+                    "" if row.rel_error is None else f"{row.rel_error:.4f}",
+                    "" if row.max_abs_error is None else f"{row.max_abs_error:.2g}",
+                    "" if row.snr_db is None else f"{row.snr_db:.1f}",
+                ]
+            table.add_row(row.name, *cells, row.flagged or "")
+        err.print(table)
+    if len(report.problems) > 1:  # a single one is the error line's
+        for problem in report.problems:
+            say("problem:", "red", problem)
+    if report.ok:
+        say("ok:", "green", f"no problems ({report.seconds:.1f} s)")
+
+
+def show_report(report: Report, as_json: bool, quiet: bool) -> None:
+    if as_json:
+        data: dict[str, Any] = dict(report.__dict__)
+        data["gb_per_s"] = round(report.gb_per_s, 3)
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    if quiet:
+        return
+    notes(report.findings)
+    resumed = ""
+    if report.resumed_shards:
+        resumed = f", {report.resumed_shards} finished shard(s) reused from the interrupted run"
+    tensors = f"{report.tensors_quantized} quantized, {report.tensors_kept} kept"
+    if report.tensors_dequantized:
+        layouts = ", ".join(f"{n} {name}" for name, n in report.layouts.items())
+        tensors += (
+            f"; {report.tensors_dequantized} FP8 weights ({layouts}) dequantized to {report.dtype}, "
+            f"{report.tensors_dropped} scales dropped"
+        )
+    downloaded = ""
+    if report.bytes_downloaded:
+        what = "kept in the Hugging Face cache" if report.downloads_kept else "each deleted once converted"
+        downloaded = f"\n  hub:     {size_text(report.bytes_downloaded)} streamed from the Hub, {what}"
+    say(
+        "done:",
+        "green",
+        f"{report.out}\n"
+        f"  tensors: {tensors}\n"
+        f"  size:    {size_text(report.bytes_in)} in, {size_text(report.bytes_out)} out{resumed}{downloaded}\n"
+        f"  time:    {_elapsed():.1f} s in all ({report.seconds:.1f} s converting, "
+        f"{report.gb_per_s:.2f} GB/s on {report.device})",
+    )
+
+
+class _Settled(ProgressColumn):
+    """A speed or time-left column that shows nothing until there is something to estimate from: the
+    first tensors (and the start-up before them) make for readings like 80 kB/s, 4:30:02 left."""
+
+    def __init__(self, column: ProgressColumn) -> None:
+        super().__init__()
+        self.column = column
+
+    def render(self, task: Any) -> Text:
+        if not task.completed or (task.elapsed or 0.0) < 2.0:
+            return Text("-", style="progress.remaining")
+        return self.column.render(task)  # type: ignore[return-value]
+
+
+class ProgressView:
+    """A byte-counting progress bar fed by the library's events, naming the shard being written."""
+
+    def __init__(self, quiet: bool, verb: str = "quantizing") -> None:
+        self.verb = verb
+        self.quiet = quiet
+        self.progress = (
+            None
+            if quiet
+            else Progress(
+                TextColumn("{task.description}", style="bold", markup=False),
+                BarColumn(),
+                DownloadColumn(),
+                _Settled(TransferSpeedColumn()),
+                _Settled(TimeRemainingColumn()),
+                console=err,
+                transient=True,
+            )
+        )
+        self.task: Any = None
+        self.download: Any = None  # a streamed Hub repo's downloads, on a line of their own
+        self.shard = ""
+
+    def __enter__(self) -> ProgressView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress and self.task is not None:
+            self.progress.stop()
+
+    def on_event(self, event: Any) -> None:
+        kind = type(event).__name__
+        if kind == "PlanReady" and not self.quiet:
+            notes(event.plan.notes)  # before the bar, which takes the last line
+        if not self.progress:
+            return
+        if kind in ("PlanReady", "Started"):
+            # Started only now, so that an error found while planning prints alone on its line.
+            self.progress.start()
+            total = sum(j.source.nbytes for j in event.plan.jobs) if kind == "PlanReady" else event.nbytes
+            self.task = self.progress.add_task(self.verb, total=total)
+        elif kind == "DownloadStarted":
+            self.download = self.progress.add_task("downloading", total=event.nbytes)
+        elif kind == "Downloaded" and self.download is not None:
+            self.progress.update(self.download, description=f"downloading {event.shard}", advance=event.nbytes)
+        elif kind == "TensorDone" and self.task is not None:
+            shard = getattr(event, "shard", "")
+            if shard and shard != self.shard:
+                self.shard = shard
+                self.progress.update(self.task, description=f"{self.verb} {shard}")
+            self.progress.advance(self.task, event.nbytes)

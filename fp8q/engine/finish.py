@@ -1,0 +1,155 @@
+"""What rank 0 writes once every shard is done, beside the shards: the index, config.json, the side files, the model
+card (from the plan, the options and every shard's statistics) and fp8q.json; and then OUT.partial/ becomes OUT.
+
+Imports: plan, output, source; never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fp8q import __version__
+from fp8q.errors import CheckpointError
+from fp8q.output.manifest import Progress, write_manifest
+from fp8q.output.model_card import CARD_FILE, CardInput
+from fp8q.output.model_card import render as render_card
+from fp8q.output.writer import MANIFEST_FILE, copy_file, finalize, remove_tree, write_json, write_text
+from fp8q.plan.checks import is_moe_plan, unservable_reason
+from fp8q.plan.fp8_source import source_layouts
+from fp8q.plan.planner import Plan
+from fp8q.source.checkpoint import CONFIG_FILE, INDEX_FILE, hub_snapshot, read_bounded
+
+if TYPE_CHECKING:
+    from fp8q.engine.api import Mode, QuantizeOptions
+
+# What a tokenizer ships as (transformers' AutoTokenizer finds one of these).
+TOKENIZER_FILE = re.compile(r"tokenizer(_config)?\.json|tokenizer\.model|vocab\.json|.*\.tiktoken")
+
+
+def finish(
+    plan: Plan,
+    src: str | Path,
+    out: Path,
+    partial: Path,
+    options: QuantizeOptions,
+    mode: Mode,
+    progress: Progress,
+    fingerprint: dict[str, Any],
+    timings: dict[str, Any],
+    source_text: str | None,
+) -> list[str]:
+    """Write what goes beside the shards and make OUT; returns what the quantized values tell (run_findings).
+
+    Raises:
+        OSError: writing a file or the final rename failed (OUT.partial/ keeps its records for --resume).
+        Fp8qError: a side file is not the one planned, OUT was filled meanwhile.
+    """
+    from fp8q.plan.checks import run_findings
+
+    done = progress.done()
+    stats = {name: st for entry in done.values() for name, st in entry["tensors"].items()}
+    card = card_input(plan, src, out, options, mode, stats, source_text) if options.model_card else None
+    write_metadata_files(plan, partial, card)
+    write_manifest(partial, fingerprint, done, timings)
+    # The run's records leave OUT.partial/ just before it becomes OUT, and come back if that fails.
+    aside = progress.set_aside()
+    try:
+        finalize(partial, out, options.overwrite)
+    except BaseException:
+        progress.put_back(aside)
+        raise
+    remove_tree(aside)
+    return run_findings(stats)
+
+
+def write_metadata_files(plan: Plan, partial: Path, card: CardInput | None) -> None:
+    """The index, config.json, the side files and the model card, into OUT.partial/."""
+    root = plan.checkpoint.root
+    if plan.checkpoint.has_index or len(plan.shards) > 1:
+        write_json(partial / INDEX_FILE, plan.index())
+    if plan.config is not None:
+        write_json(partial / CONFIG_FILE, plan.config)
+    # An FP8 source's fp8q.json describes its own run: this run writes its own. Its card gives way to ours.
+    replaced = {MANIFEST_FILE} | ({CARD_FILE} if card is not None else set())
+    for name in plan.checkpoint.side_files:
+        if name not in replaced:
+            copy_file(root / name, partial / name, plan.checkpoint.side_ids.get(name))
+    if card is not None:
+        write_text(partial / CARD_FILE, render_card(card))
+
+
+def source_card(plan: Plan) -> str | None:
+    """The source's README.md, for the output's model card to carry; read before any weight is.
+
+    Raises:
+        CheckpointError: it cannot be read as UTF-8 text (or is far too large to be a card).
+    """
+    if CARD_FILE not in plan.checkpoint.side_files:
+        return None
+    path = plan.checkpoint.root / CARD_FILE
+    try:
+        return read_bounded(path, planned=plan.checkpoint.side_ids.get(CARD_FILE)).decode("utf-8")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); fix it, or pass --no-model-card") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text; fix it, or pass --no-model-card") from None
+
+
+def card_input(
+    plan: Plan,
+    src: str | Path,
+    out: Path,
+    options: QuantizeOptions,
+    mode: Mode,
+    stats: dict[str, Any],
+    source_text: str | None,
+) -> CardInput:
+    """What the output's model card says, from the plan and the finished shards' statistics (fp8q.json's figures)."""
+    is_repo = not Path(src).exists()
+    revision = options.revision if is_repo else None
+    folder = Path(src) if Path(src).is_dir() else Path(src).parent
+    base = str(src) if is_repo else folder.resolve().name
+    snapshot = hub_snapshot(folder) if not is_repo else None
+    if snapshot is not None:  # a Hub cache snapshot given as a path: the repo it is, at its commit
+        base, revision, is_repo = *snapshot, True
+    return CardInput(
+        command=mode.value,
+        base=base,
+        is_repo=is_repo,
+        revision=revision,
+        out_name=out.name,
+        layout=plan.layout,
+        source_layouts=list(source_layouts(plan.source)),
+        dtype=plan.dtype,
+        ignore=options.ignore,
+        targets=options.targets,
+        ignored_modules=plan.ignored,
+        quantization_config=plan.quantization_config,
+        tensors_quantized=plan.n_quantized,
+        tensors_kept=plan.n_kept,
+        tensors_dequantized=plan.n_dequantized,
+        bytes_in=plan.bytes_in,
+        bytes_out=plan.bytes_out,
+        stats=stats,
+        version=__version__,
+        source_card=source_text,
+        moe=is_moe_plan(plan),
+        unservable=unservable_reason(plan),
+        tokenizer=any(TOKENIZER_FILE.fullmatch(name) for name in plan.checkpoint.side_files),
+    )
+
+
+def metadata_sizes(plan: Plan) -> list[int]:
+    """The files the run writes beside the shards: side files, index, config and manifest (upper bounds)."""
+    side = [(plan.checkpoint.root / f).stat().st_size for f in plan.checkpoint.side_files]
+    index = len(json.dumps(plan.index(), indent=2).encode()) + 1
+    config = len(json.dumps(plan.config, indent=2, ensure_ascii=False).encode()) + 1 if plan.config else 0
+    # fp8q.json: a line of statistics per quantized weight, a hash per file, the fingerprint.
+    manifest = 4096 + 400 * plan.n_quantized + 200 * (len(plan.shards) + len(plan.checkpoint.side_files))
+    return [*side, index, config, manifest]
+
+
+__all__ = ["TOKENIZER_FILE", "card_input", "finish", "metadata_sizes", "source_card", "write_metadata_files"]

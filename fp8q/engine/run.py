@@ -1,0 +1,332 @@
+"""The one engine: every conversion is read -> transform -> write, in three threads with bounded queues
+(stages.py), between a `prepare` that decides everything before any data is read and a `finish` that makes
+OUT. Under torchrun every process runs it and the cluster is asked twice: once all have prepared, once all have
+converted their share of the shards.
+
+Imports: everything below it; never prints. Lifecycle of `run(src, out, options, mode)`:
+
+    prepare     open_source(src)           a local path; a Hub repo id from the cache, or streamed: side files
+                                           and shard headers now, each shard downloaded as the reader nears it
+                plan_conversion            headers + index, validated; every output name, dtype, shape, offset
+                check_output, free space   nothing written yet; under torchrun, rank 0 only
+                OUT.partial/, locked       (+ --resume: keep the recorded shards that still hash the same)
+    convert     stages.run_plan            reader, quantization and writer threads, this process's shards
+    finish      (rank 0, once all agree)   index, config.json, side files, model card, fp8q.json; rename to OUT
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fp8q import __version__
+from fp8q.dtypes import config_name
+from fp8q.engine.api import Mode, QuantizeOptions, open_source, plan_conversion, refusal, source_folder, worker_count
+from fp8q.engine.buffers import LocalShards, ShardFiles
+from fp8q.engine.devices import resolve_device
+from fp8q.engine.distributed import Cluster, Watcher, assign
+from fp8q.engine.finish import finish, metadata_sizes, source_card
+from fp8q.engine.stages import run_plan
+from fp8q.errors import Fp8qError, Interrupted, OutputError, write_error
+from fp8q.events import Downloaded, DownloadStarted, Event, EventCallback, PlanReady, Report, TensorDone
+from fp8q.output.manifest import Progress, fingerprint, reusable_shards
+from fp8q.output.writer import (
+    STAGING_DIR,
+    check_free_space,
+    check_output,
+    lock_partial,
+    output_path,
+    partial_dir,
+    remove_tree,
+)
+from fp8q.plan.fp8_source import source_layouts
+from fp8q.plan.planner import Plan
+
+if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
+    from fp8q.source.streaming import HubStream
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare` decided before any data was read, the same on every process."""
+
+    source: Path | HubStream
+    out: Path  # OUT, a link resolved
+    partial: Path
+    plan: Plan
+    fingerprint: dict[str, Any]
+    reused: dict[str, Any]  # the finished shards of an interrupted run that this one keeps (--resume)
+    source_card: str | None  # the source's README.md (rank 0's), for the model card
+
+
+def run(
+    src: str | Path, out: str | Path, options: QuantizeOptions, on_event: EventCallback | None, mode: Mode
+) -> Report:
+    """The engine: prepare, convert (read -> transform on a device -> write), finish; for any of the three
+    conversions."""
+    started = time.perf_counter()
+    device = resolve_device(options.device)
+    cluster = Cluster.from_env(cuda=device.type == "cuda")
+    lead = cluster.rank == 0
+    emit = (on_event if lead else None) or (lambda event: None)
+    try:
+        with ExitStack() as cleanup:
+            ready = prepare(src, Path(out), options, mode, cluster, cleanup)
+            progress = Progress(ready.partial, ready.fingerprint, cluster.rank)
+            stop = threading.Event()
+            with _stop_on_signals(stop) as caught:
+                files, failure = convert(ready, options, cluster, cluster.device(device), emit, stop, progress, cleanup)
+                findings: list[str] = []
+                try:
+                    cluster.agree(_interrupted(caught) if caught else failure)  # every process succeeded
+                    if lead:
+                        timings = {
+                            "seconds": round(time.perf_counter() - started, 3),
+                            "processes": cluster.world,
+                            # Which process made each shard (under torchrun), or an earlier run for a reused one.
+                            "shards": {
+                                name: {"rank": entry["rank"], "reused": name in ready.reused}
+                                for name, entry in progress.done().items()
+                            },
+                        }
+                        try:
+                            findings = finish(
+                                ready.plan, src, ready.out, ready.partial, options, mode, progress,
+                                ready.fingerprint, timings, ready.source_card,
+                            )  # fmt: skip
+                        except OSError as e:
+                            raise write_error(ready.partial, e) from None
+                except BaseException as e:
+                    raise (_failed(e, caught, ready.partial, progress) if lead else e) from None
+            return _report(ready, options, device, started, files, findings)
+    finally:
+        cluster.close()
+
+
+def prepare(
+    src: str | Path, out: Path, options: QuantizeOptions, mode: Mode, cluster: Cluster, cleanup: ExitStack
+) -> Prepared:
+    """Open SRC, plan, check OUT and the disk, set up and lock OUT.partial/ (rank 0); every process then agrees,
+    so that all fail alike before any data is read.
+
+    Raises:
+        Fp8qError: SRC, the options or OUT cannot make a servable output, in one line.
+    """
+    lead = cluster.rank == 0
+    error: BaseException | None = None
+    ready: Prepared | None = None
+    try:
+        out = output_path(out)
+        partial = partial_dir(out)
+        source = open_source(src, options.revision)
+        plan = plan_conversion(source, replace(options, revision=None), mode)
+        if plan.problems:
+            raise Fp8qError(refusal(plan.problems))
+        card = source_card(plan) if options.model_card and lead else None
+        fp = fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__)
+        reused: dict[str, Any] = {}
+        if lead:
+            reused, lock = _prepare_partial(plan, source, out, partial, fp, options)
+            cleanup.callback(os.close, lock)  # releases OUT.partial/ (renamed to OUT by then if all went well)
+        ready = Prepared(source, out, partial, plan, fp, reused, card)
+    except Exception as e:  # noqa: BLE001 - handed to every process, then raised
+        error = e
+    cluster.agree(error)
+    assert ready is not None
+    return replace(ready, reused=cluster.broadcast(ready.reused))
+
+
+def convert(
+    ready: Prepared,
+    options: QuantizeOptions,
+    cluster: Cluster,
+    device: Any,
+    emit: EventCallback,
+    stop: threading.Event,
+    progress: Progress,
+    cleanup: ExitStack,
+) -> tuple[ShardFiles, BaseException | None]:
+    """This process's share of the shards still to make (balanced by bytes), through the stages; returns where the
+    shards were read from and the failure that stopped it, if one did (every process hears of it)."""
+    plan = ready.plan
+    todo = {s.name: s.source.size for s in plan.shards if s.name not in ready.reused}
+    mine = assign(todo, cluster.world)[cluster.rank]
+    skip = {s.name for s in plan.shards} - mine
+    emit(PlanReady(plan))
+    for shard in (s for s in plan.shards if s.name in ready.reused):
+        for job in shard.jobs:
+            emit(TensorDone(job.source.name, job.source.nbytes, shard.name))
+    staging = ready.partial / f"{STAGING_DIR}-{cluster.rank}"  # where this process downloads a streamed repo's shards
+    files = _shard_files(ready.source, [s.name for s in plan.shards if s.name not in skip], options, emit, staging)
+    cleanup.callback(files.close)  # stops downloading and deletes what was downloaded, if not done below
+    workers = worker_count(options.workers, cluster.local_world)
+    failure: BaseException | None = None
+    try:
+        run_emit = emit if cluster.is_single else _count_bytes(cluster)
+        with Watcher(cluster, stop, (lambda n: emit(TensorDone("", n))) if cluster.rank == 0 else None):
+            run_plan(plan, ready.partial, device, workers, run_emit, stop, progress, skip, files, options.load_check)
+    except BaseException as e:
+        failure = e
+        cluster.mark_failed()
+    finally:
+        files.close()  # before OUT.partial/ can become OUT: the staging folder in it goes
+    return files, failure
+
+
+def _report(
+    ready: Prepared, options: QuantizeOptions, device: Any, started: float, files: ShardFiles, findings: list[str]
+) -> Report:
+    plan = ready.plan
+    return Report(
+        out=str(ready.out),
+        device=str(device),
+        tensors_quantized=plan.n_quantized,
+        tensors_kept=plan.n_kept,
+        bytes_in=plan.bytes_in,
+        bytes_out=plan.bytes_out,
+        seconds=time.perf_counter() - started,
+        ignored_modules=list(plan.ignored),
+        resumed_shards=len(ready.reused),
+        tensors_dequantized=plan.n_dequantized,
+        tensors_dropped=len(plan.source.dropped) if plan.source else 0,
+        dtype=config_name(plan.dtype) if plan.dtype else None,
+        layouts=source_layouts(plan.source),
+        bytes_downloaded=getattr(files, "total_bytes", 0),
+        downloads_kept=options.keep_download,
+        notes=list(plan.notes),
+        findings=findings,
+    )
+
+
+def _prepare_partial(
+    plan: Plan, source: Path | HubStream, out: Path, partial: Path, fp: dict[str, Any], options: QuantizeOptions
+) -> tuple[dict[str, Any], int]:
+    """Check OUT and the disk, and set up and lock OUT.partial/; returns the shards a resumed run keeps
+    and the descriptor that holds the lock (closed when the run ends)."""
+    check_output(source_folder(source), out, options.overwrite)
+    source_stat = [shard.source.stat_record() for shard in plan.shards]
+    try:
+        partial.mkdir(parents=True)
+        fresh = True
+    except FileExistsError:
+        fresh = False
+    except OSError as e:  # a read-only disk or folder, a name too long with ".partial" added, ...
+        raise OutputError(f"{partial}: cannot be created ({e.strerror or e}); write the output elsewhere") from None
+    lock = lock_partial(partial)
+    try:
+        reused: dict[str, Any] = {}
+        if not fresh:
+            if not options.resume:
+                raise OutputError(
+                    f"{partial}: left by an interrupted run; pass --resume to continue it, or delete it to start over"
+                )
+            reused = reusable_shards(partial, fp, source_stat)
+            for staging in partial.glob(f"{STAGING_DIR}-*"):  # downloads a killed run left (the lock is ours)
+                remove_tree(staging)
+        shards = [s.size for s in plan.shards if s.name not in reused]
+        download = _download_space(source, reused, partial, options.keep_download)
+        check_free_space(out, shards + metadata_sizes(plan), download)
+        Progress(partial, fp).start(source_stat)
+    except BaseException:
+        os.close(lock)
+        if fresh:
+            remove_tree(partial)
+        raise
+    return reused, lock
+
+
+def _download_space(
+    source: Path | HubStream, reused: dict[str, Any], partial: Path, keep: bool
+) -> tuple[Path, list[int]] | None:
+    """Where a streamed run downloads (its staging folders in OUT.partial/, or the Hugging Face cache where the
+    downloads are kept), and the most it holds there at once: its two largest shards."""
+    if isinstance(source, Path):
+        return None
+    return (source.folder if keep else partial), source.most_on_disk(set(reused))
+
+
+def _shard_files(
+    source: Path | HubStream, order: list[str], options: QuantizeOptions, emit: EventCallback, staging: Path
+) -> ShardFiles:
+    """Where the reader finds each shard: the downloads of a streamed Hub repo (into `staging`, a folder of this
+    run's own, unless kept in the Hugging Face cache), or the folder's own files."""
+    if isinstance(source, Path):
+        return LocalShards()
+    from fp8q.source.hub import explain
+    from fp8q.source.streaming import ShardDownloads
+
+    on_bytes = lambda name, n: emit(Downloaded(name, n))  # noqa: E731
+    files = ShardDownloads(source, order, options.keep_download, on_bytes, explain, staging)
+    if files.total_bytes:
+        emit(DownloadStarted(files.total_bytes, len(files.order)))
+    return files
+
+
+def _count_bytes(cluster: Cluster) -> EventCallback:
+    """Under torchrun, progress goes to the shared counter that rank 0 renders."""
+
+    def count(event: Event) -> None:
+        if isinstance(event, TensorDone):
+            cluster.add_bytes(event.nbytes)
+
+    return count
+
+
+def _interrupted(caught: list[int]) -> Interrupted:
+    signame = signal.Signals(caught[0]).name
+    return Interrupted(f"interrupted by {signame}", 128 + caught[0])
+
+
+def _failed(e: BaseException, caught: list[int], partial: Path, progress: Progress) -> BaseException:
+    """Clean up after a failed run: once a shard is recorded, every failure keeps OUT.partial/ for `--resume`
+    (an interruption, a read or write error, a source changed or gone, bad data in a later shard, a refused final
+    rename); a run that recorded nothing removes it."""
+    done = progress.done() if partial.exists() else {}
+    interrupted = caught or isinstance(e, Interrupted)
+    if interrupted:
+        what = e if isinstance(e, Interrupted) else _interrupted(caught)
+        if done:
+            return Interrupted(
+                f"{what}: {len(done)} finished shard(s) kept in {partial}; run again with --resume to continue",
+                what.exit_code,
+            )
+        remove_tree(partial)
+        return Interrupted(f"{what}: nothing was written", what.exit_code)
+    if not done:
+        remove_tree(partial)
+        return e
+    if isinstance(e, Fp8qError):
+        kept = type(e)(f"{e}; {len(done)} finished shard(s) kept in {partial}: rerun with --resume")
+        kept.exit_code = e.exit_code
+        return kept
+    return e  # a bug: its traceback is worth more than the line, and the finished shards are kept all the same
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
+    """SIGINT and SIGTERM stop the run at the next tensor instead of killing it mid-write."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        caught.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+__all__ = ["Prepared", "convert", "prepare", "run"]
