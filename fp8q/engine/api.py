@@ -21,7 +21,8 @@ from fp8q.layouts.base import Layout
 from fp8q.plan.checks import plan_notes, plan_problems
 from fp8q.plan.fp8_source import check_convertible, detect_fp8, output_dtype
 from fp8q.plan.planner import Plan, make_plan
-from fp8q.source.checkpoint import read_checkpoint, read_config
+from fp8q.source.checkpoint import read_checkpoint
+from fp8q.source.files import read_config
 
 if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
     from fp8q.source.streaming import HubStream

@@ -20,7 +20,8 @@ from fp8q.output.writer import MANIFEST_FILE, copy_file, finalize, remove_tree, 
 from fp8q.plan.checks import is_moe_plan, unservable_reason
 from fp8q.plan.fp8_source import source_layouts
 from fp8q.plan.planner import Plan
-from fp8q.source.checkpoint import CONFIG_FILE, INDEX_FILE, hub_snapshot, read_bounded
+from fp8q.source.checkpoint import CONFIG_FILE, INDEX_FILE
+from fp8q.source.files import hub_snapshot, read_bounded
 
 if TYPE_CHECKING:
     from fp8q.engine.api import Mode, QuantizeOptions

@@ -22,7 +22,8 @@ from typing import Any
 
 from fp8q.errors import OutputError
 from fp8q.output.writer import MANIFEST_FILE, RUN_FILE
-from fp8q.source.checkpoint import RECORD_PREFIX, Checkpoint, read_bounded
+from fp8q.source.checkpoint import RECORD_PREFIX, Checkpoint
+from fp8q.source.files import read_bounded
 
 # In OUT.partial/: the run's fingerprint, and one record per finished shard. One file per shard,
 # so that any number of processes (torchrun) record their shards without touching each other's.

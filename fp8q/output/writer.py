@@ -23,7 +23,8 @@ import torch
 from fp8q.errors import OutputError, UsageError, open_error
 from fp8q.output.shard_io import copy_range, start_writeback, write_at
 from fp8q.plan.planner import OutTensor, ShardPlan
-from fp8q.source.checkpoint import RECORD_PREFIX, FileId, allowed_link_root, check_planned, read_bounded
+from fp8q.source.checkpoint import RECORD_PREFIX
+from fp8q.source.files import FileId, allowed_link_root, check_planned, read_bounded
 
 # In OUT: fp8q's manifest; in OUT.partial/: the record of the run that writes it (see manifest.py).
 MANIFEST_FILE = "fp8q.json"

@@ -10,12 +10,10 @@ whose files link into their own repo's `blobs/`.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import os
-import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -24,6 +22,16 @@ from typing import Any
 
 from fp8q.dtypes import ITEMSIZE
 from fp8q.errors import CheckpointError
+from fp8q.source.files import (
+    FileId,
+    allowed_link_root,
+    file_id,
+    hub_blob,
+    inside,
+    is_unicode,
+    read_bounded,
+    read_config,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -32,18 +40,11 @@ CONFIG_FILE = "config.json"
 MAX_HEADER_BYTES = 100_000_000
 # The longest file name most filesystems take, in bytes.
 MAX_NAME_BYTES = 255
-# Files fp8q reads whole (config.json, the index, a model card, fp8q.json and the run's records) are kilobytes to a
-# few tens of MB (DeepSeek-V3's index: 9 MB); one larger than this is none of them, and is not read into memory.
-MAX_SIDE_FILE_BYTES = 100_000_000
 # fp8q's own records in OUT.partial/ are named with this prefix: a file of the source named so is never copied.
 RECORD_PREFIX = ".fp8q"
 # Weight files that are never copied and never opened (pickles may run code when unpickled).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *PICKLE_SUFFIXES)
-
-
-# A file as the filesystem knows it: (device, inode).
-FileId = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,7 @@ def read_checkpoint(src: Path, remote: Mapping[str, Shard] | None = None) -> Che
         folder = src.parent
         shard = read_shard(folder, src.name)
         config_path = folder / CONFIG_FILE
-        config = read_config(_inside(config_path, allowed_link_root(folder))) if config_path.is_file() else None
+        config = read_config(inside(config_path, allowed_link_root(folder))) if config_path.is_file() else None
         return Checkpoint(folder, (shard,), _tensor_map([shard]), config, False, (), ())
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a file or folder")
@@ -138,14 +139,14 @@ def read_checkpoint(src: Path, remote: Mapping[str, Shard] | None = None) -> Che
     files, outside = _list_files(src, allowed)
     index_path = src / INDEX_FILE
     if index_path.is_file():
-        shard_names = read_index(_inside(index_path, allowed))
+        shard_names = read_index(inside(index_path, allowed))
     elif (src / SINGLE_FILE).is_file():
         shard_names = {SINGLE_FILE: set()}
     else:
         shard_names = _guess_shards(src, files)
 
     for name in shard_names:
-        _inside(src / name, allowed)
+        inside(src / name, allowed)
     remote = remote or {}
     shards = [remote[name] if name in remote else read_shard(src, name) for name in sorted(shard_names)]
     tensors = _tensor_map(shards)
@@ -153,7 +154,7 @@ def read_checkpoint(src: Path, remote: Mapping[str, Shard] | None = None) -> Che
         _check_index_matches(shards, shard_names)
 
     config_path = src / CONFIG_FILE
-    config = read_config(_inside(config_path, allowed)) if config_path.is_file() else None
+    config = read_config(inside(config_path, allowed)) if config_path.is_file() else None
     used = set(shard_names) | {INDEX_FILE, CONFIG_FILE}
     own = [f for f in files if f.startswith(RECORD_PREFIX)]  # would land on fp8q's records: never copied
     side = tuple(f for f in files if f not in used and f not in own and not f.endswith(WEIGHT_SUFFIXES))
@@ -172,54 +173,6 @@ def read_checkpoint(src: Path, remote: Mapping[str, Shard] | None = None) -> Che
         ]
     ids = {f: file_id(os.stat(src / f)) for f in side}
     return Checkpoint(src, tuple(shards), tensors, config, index_path.is_file(), side, skipped, tuple(notes), ids)
-
-
-def file_id(stat_result: os.stat_result) -> FileId:
-    return stat_result.st_dev, stat_result.st_ino
-
-
-def check_planned(path: Path, fd: int, planned: FileId | None) -> None:
-    """The file open at `fd` must be the one planned (None: no plan to hold it to).
-
-    Raises:
-        CheckpointError: it is another file now (replaced, or a link to somewhere else since the run was planned).
-    """
-    if planned is not None and file_id(os.fstat(fd)) != planned:
-        raise CheckpointError(
-            f"{path}: is no longer the file fp8q planned to read (replaced since, by a link elsewhere say): not "
-            "read; put it back, then run again with --resume"
-        )
-
-
-def allowed_link_root(folder: Path) -> Path:
-    """Where the symbolic links of a checkpoint folder may lead: into the folder itself, or, for a
-    Hub cache snapshot (`models--org--name/snapshots/<commit>/`), into that repo's cache folder."""
-    real = folder.resolve()
-    return real.parent.parent if hub_snapshot(real) else real
-
-
-def hub_snapshot(folder: Path) -> tuple[str, str] | None:
-    """(repo id, commit) when `folder` is a Hub cache snapshot (`models--org--name/snapshots/<commit>/`)."""
-    real = folder.resolve()
-    repo = real.parent.parent.name
-    if real.parent.name == "snapshots" and repo.startswith("models--"):
-        return repo.removeprefix("models--").replace("--", "/"), real.name
-    return None
-
-
-def _inside(path: Path, allowed: Path) -> Path:
-    """`path` itself when it is no link out of `allowed`.
-
-    Raises:
-        CheckpointError: the path is a symbolic link (or inside a linked folder) that leads out.
-    """
-    target = path.resolve()
-    if not target.is_relative_to(allowed):
-        raise CheckpointError(
-            f"{path}: a symbolic link to {target}, outside the checkpoint folder; fp8q follows no link out of "
-            "the source: copy the file in, or point SRC at the real folder"
-        )
-    return path
 
 
 def read_shard(root: Path, name: str) -> Shard:
@@ -295,15 +248,6 @@ def parse_shard(path: Path, name: str, size: int, raw: bytes, etag: str = "") ->
         )
     digest = hashlib.sha256(raw).hexdigest()
     return Shard(name, path, size, metadata, tuple(tensors), digest, etag=etag)
-
-
-def hub_blob(path: Path) -> str:
-    """The Hub's content hash (sha256) of a file in a Hub cache snapshot, which links it to `blobs/<hash>`;
-    "" for any other file."""
-    real = path.resolve()
-    if real.parent.name == "blobs" and real.parent.parent.name.startswith("models--") and len(real.name) == 64:
-        return real.name
-    return ""
 
 
 def changed_since_read(shard: Shard, stat: os.stat_result) -> bool:
@@ -466,61 +410,3 @@ def _check_index_matches(shards: list[Shard], listed: dict[str, set[str]]) -> No
                 f"{shard.path}: tensor {extra[0]} is in this shard but {INDEX_FILE} does not list it there "
                 f"({len(extra)} unlisted); the index is stale, regenerate it"
             )
-
-
-def read_bounded(path: Path, limit: int = MAX_SIDE_FILE_BYTES, planned: FileId | None = None) -> bytes:
-    """The bytes of a small file fp8q reads whole, never more than `limit` of them; with `planned`, only from the
-    very file planned.
-
-    Raises:
-        OSError: it cannot be read, is not a regular file (a device such as /dev/zero, a pipe), or holds more than
-            `limit` bytes; `strerror` says which.
-        CheckpointError: it is not the file planned.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a pipe must not block the open
-    try:
-        check_planned(path, fd, planned)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        chunks, size = [], 0
-        while chunk := os.read(fd, min(1 << 20, limit + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise OSError(errno.EFBIG, f"more than {limit // 1_000_000} MB, which no such file holds")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """A config.json as a dict.
-
-    Raises:
-        CheckpointError: unreadable, not JSON (or nested too deep to parse), or not an object.
-    """
-    try:
-        config = json.loads(read_bounded(path).decode("utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); fix or restore the file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: not valid JSON; fix or restore the file") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: JSON nested too deep to be a model config; fix or restore the file") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    if not is_unicode(json.dumps(config, ensure_ascii=False)):
-        raise CheckpointError(
-            f"{path}: holds a \\ud800-style escape of half a character (a lone surrogate), which no UTF-8 file can "
-            "hold: fix the file"
-        )
-    return config
-
-
-def is_unicode(text: str) -> bool:
-    """Whether text can be written as UTF-8: JSON may escape half a character (a lone surrogate), no file holds one."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

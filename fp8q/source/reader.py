@@ -16,7 +16,8 @@ import torch
 
 from fp8q.dtypes import TORCH_DTYPE
 from fp8q.errors import open_error, read_error
-from fp8q.source.checkpoint import Checkpoint, FileId, TensorMeta, check_planned
+from fp8q.source.checkpoint import Checkpoint, TensorMeta
+from fp8q.source.files import FileId, check_planned
 
 # The kernel reads at most its read-ahead size (often 128 KiB-8 MiB) per hint: hint in steps this big.
 HINT_STEP = 2 << 20
