@@ -45,6 +45,7 @@ test: $(TESTS) lint
 lint: $(TESTS)
 	$(BIN)/ruff check fp8q tests examples bench
 	$(BIN)/ruff format --check fp8q tests examples bench
+	$(BIN)/mypy fp8q
 
 bench: $(TESTS)
 	$(BIN)/python bench/bench.py

@@ -10,7 +10,7 @@ Contenders, each in its own process, in turns, `--repeat` times (median reported
 - `cp`: `cp -r` of the folder, the floor any converter that reads and writes every byte sits on;
 - `fp8q`: `fp8q quantize --device DEVICE`;
 - `fp8q-ceiling`: the whole fp8q pipeline with the quantization replaced by a stand-in that costs nothing and
-  writes outputs of the right dtypes and shapes (FP8Q_BENCH_CEILING=1): what reading, writing, hashing and
+  writes outputs of the right dtypes and shapes (bench/ceiling.py): what reading, writing, hashing and
   statistics cost, the most any device's kernels can reach;
 - `model_free_ptq`: llm-compressor's converter (FP8_DYNAMIC, on cuda:0 with `--device cuda`), where installed.
 
@@ -228,8 +228,17 @@ def commands(src: Path, outs: dict[str, Path], device: str) -> dict[str, tuple[l
         "cp": (["cp", "-r", str(src), str(outs["cp"])], env),
         "fp8q": ([*quantize, str(outs["fp8q"]), "--quiet", "--device", device], env),
         "fp8q-ceiling": (
-            [*quantize, str(outs["fp8q-ceiling"]), "--quiet", "--device", device],
-            {**env, "FP8Q_BENCH_CEILING": "1"},
+            [
+                PYTHON,
+                str(Path(__file__).with_name("ceiling.py")),
+                "quantize",
+                str(src),
+                str(outs["fp8q-ceiling"]),
+                "--quiet",
+                "--device",
+                device,
+            ],
+            env,
         ),
         "model_free_ptq": (
             [PYTHON, "-c", model_free, str(src), str(outs["model_free_ptq"]), "cuda:0" if device == "cuda" else "cpu"],

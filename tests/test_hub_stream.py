@@ -43,10 +43,15 @@ def hub(reference):
     server.close()
 
 
-def _fp8q(tmp_path: Path, hub: HubServer, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def _fp8q(
+    tmp_path: Path, hub: HubServer, *args: str, stop_after: str = "", **env: str
+) -> subprocess.CompletedProcess[str]:
+    """fp8q in a child process, against the stand-in Hub; `stop_after` K:SIGNAL: stopped once K shards are recorded."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     clean |= {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT), **env}
     cmd = [sys.executable, "-m", "fp8q", *args]
+    if stop_after:
+        cmd = [sys.executable, str(ROOT / "tests" / "stopped_run.py"), stop_after, *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=clean, timeout=300)
 
 
@@ -314,7 +319,7 @@ def test_a_shard_another_process_puts_in_the_cache_meanwhile_is_left_alone(refer
 def test_downloads_a_killed_run_left_are_cleaned_by_resume(reference, hub, tmp_path):
     _, local = reference
     out = tmp_path / "run" / "out"
-    killed = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q", FP8Q_TEST_SIGNAL_AFTER="2:KILL")
+    killed = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q", stop_after="2:KILL")
     assert killed.returncode == -9, killed.stderr
     assert _cached_shards(tmp_path) == []  # whatever it had downloaded is in its own folder in out.partial/
     result = _fp8q(tmp_path, hub, "quantize", REPO, str(out), "--device", "cpu", "-q", "--resume")

@@ -281,7 +281,7 @@ class _Deferred(quantizer_module.CpuQuantizer):
             promise.s.copy_(done.s)
             promise.sums = done.sums
 
-        w = handle if part is None else part.take(handle)
+        w = handle.host if part is None else part.take(handle.host)
         q_out, s_out = numerics_module.empty_outputs(w, self.layout, q=torch.empty_like(q) if q is not None else None)
         promise = quantizer_module.Quantized(q_out, s_out, torch.zeros(5, dtype=torch.float64), pending=run)
         return promise

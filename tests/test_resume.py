@@ -2,8 +2,8 @@
 of an uninterrupted run, and must really skip what was finished; two runs give identical files; the
 manifest records what was made.
 
-Runs are stopped at a known point, not raced: FP8Q_TEST_SIGNAL_AFTER=K:SIG makes the run send itself
-SIG as soon as K shards are recorded.
+Runs are stopped at a known point, not raced: tests/stopped_run.py makes the run send itself a signal as
+soon as K shards are recorded.
 """
 
 from __future__ import annotations
@@ -58,8 +58,20 @@ def run_stopped(
 ) -> subprocess.CompletedProcess[str]:
     """`fp8q quantize` (or `command`) in a child process that sends itself `signal` once `shards` shards are
     finished."""
-    cmd = [sys.executable, "-m", "fp8q", command, str(src), str(out), "--device", "cpu", "--quiet", *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FP8Q_TEST_SIGNAL_AFTER": f"{shards}:{signal}"}
+    stopped = ROOT / "tests" / "stopped_run.py"
+    cmd = [
+        sys.executable,
+        str(stopped),
+        f"{shards}:{signal}",
+        command,
+        str(src),
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    cmd += extra
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -307,8 +307,9 @@ def test_a_second_run_on_a_locked_output_is_refused(tmp_path, resume):
 def test_two_real_runs_on_one_output(tmp_path):
     src = _source(tmp_path / "src", shards=3)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FP8Q_TEST_SIGNAL_AFTER": "1:STOP"}  # pauses holding the lock
-    cmd = [sys.executable, "-m", "fp8q", "quantize", str(src), str(out), "--device", "cpu", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    stopped = ROOT / "tests" / "stopped_run.py"  # pauses holding the lock
+    cmd = [sys.executable, str(stopped), "1:STOP", "quantize", str(src), str(out), "--device", "cpu", "--quiet"]
     first = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     try:
         partial = tmp_path / "out.partial"

@@ -12,11 +12,10 @@ pipeline's writer calls just before it writes the bytes, so the thread feeding t
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -99,14 +98,41 @@ def dequantize_into(
     return all(pool.map(band, bands) if pool is not None and len(bands) > 1 else map(band, bands))
 
 
-class _Quantizer:
-    """What every quantizer has: `start` a weight (returning a promise), and `result`, which waits for it."""
+@dataclass
+class Submitted:
+    """A weight handed to a quantizer: its host tensor (kept alive until its upload has run) and, on a GPU, its
+    device copy and the event that says the copy is done."""
 
-    def start(self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
+    host: torch.Tensor
+    device: torch.Tensor | None = None
+    uploaded: torch.cuda.Event | None = None
+
+
+class Quantizer(Protocol):
+    """What the quantization loop drives: a weight is submitted (uploaded), then started (quantized, at once on the
+    CPU, queued on a GPU), and its result waited for by the writer just before it writes the bytes. Its numbers
+    size the run's buffer pools."""
+
+    lookahead: int  # weights submitted ahead of the one being started
+    in_flight: int  # weights whose buffers stay out after `start` returns
+    pin_memory: bool  # buffers in pinned host memory (a GPU's uploads read them)
+    pool: ThreadPoolExecutor | None  # CPU threads dequantization may run on too
+
+    def submit(self, w: torch.Tensor) -> Submitted: ...
+
+    def start(self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized: ...
+
+    def close(self) -> None: ...
+
+
+class _Quantizer:
+    """What every quantizer has: `result`, which starts a weight and waits for it."""
+
+    def start(self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
         raise NotImplementedError
 
     def result(
-        self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None
+        self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`start`, then wait: the quantized weight and its scale."""
         done = self.start(handle, q, part)
@@ -126,21 +152,17 @@ class CpuQuantizer(_Quantizer):
         self.workers = max(1, workers)
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fp8q-cpu") if self.workers > 1 else None
 
-    def submit(self, w: torch.Tensor) -> Any:
-        return w
+    def submit(self, w: torch.Tensor) -> Submitted:
+        return Submitted(w)
 
-    def weight_of(self, handle: Any) -> torch.Tensor:
-        """The host copy of a submitted weight."""
-        return handle
-
-    def start(self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
+    def start(self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
         """Quantize the submitted weight (or the `part` of it one output takes) into `q` when given
         (a pool buffer), else into new memory. May be called once per part of the same handle.
 
         Raises:
             NonFiniteWeight: NaN or inf in the weight.
         """
-        w: torch.Tensor = handle if part is None else part.take(handle)
+        w = handle.host if part is None else part.take(handle.host)
         layout = self.layout
         q, s = numerics.empty_outputs(w, layout, q=q)
         ranges = self._ranges(w)
@@ -203,6 +225,7 @@ class CudaQuantizer(_Quantizer):
     lookahead = 1
     pin_memory = True
     in_flight = 3  # weights whose buffers stay out after `start`: one pending, one queued, one being written
+    pool: ThreadPoolExecutor | None = None
 
     def __init__(self, layout: Layout, device: torch.device) -> None:
         self.layout = layout
@@ -211,19 +234,17 @@ class CudaQuantizer(_Quantizer):
         self.compute = torch.cuda.Stream(device)
         self.download = torch.cuda.Stream(device)
 
-    def submit(self, w: torch.Tensor) -> Any:
+    def submit(self, w: torch.Tensor) -> Submitted:
         with torch.cuda.stream(self.upload):
             dev = w.to(self.device, non_blocking=True)
             uploaded = torch.cuda.Event()
             uploaded.record(self.upload)
         # Keep the pinned source alive until its copy has run.
-        return w, dev, uploaded
+        return Submitted(w, dev, uploaded)
 
-    def weight_of(self, handle: Any) -> torch.Tensor:
-        return handle[0]
-
-    def start(self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
-        _, dev, uploaded = handle
+    def start(self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
+        dev, uploaded = handle.device, handle.uploaded
+        assert dev is not None and uploaded is not None
         with torch.cuda.stream(self.compute):
             self.compute.wait_event(uploaded)
             dev.record_stream(self.compute)  # the upload stream's memory, read here
@@ -246,26 +267,8 @@ class CudaQuantizer(_Quantizer):
         torch.cuda.synchronize(self.device)
 
 
-class CeilingQuantizer(CpuQuantizer):
-    """For `make bench` only (FP8Q_BENCH_CEILING=1): a stand-in that costs nothing, so that a run measures
-    what everything but the quantization costs (reading, writing, hashing, statistics): the most any
-    device's kernel can reach. The CPU quantizer with its work taken out: outputs of the right dtypes and
-    shapes, unit scales, and the weight bytes left as the buffer holds them (whatever that is: a bench output is
-    never used; writing them is a kernel's cost, 0.9 s of a 12-layer run here)."""
-
-    def __init__(self, layout: Layout) -> None:
-        super().__init__(layout, workers=1)
-
-    def start(self, handle: Any, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
-        w: torch.Tensor = handle if part is None else part.take(handle)
-        q, s = numerics.empty_outputs(w, self.layout, q=q)
-        s.fill_(1)
-        return Quantized(q, s, numerics.error_sums(w, q, s, self.layout))
-
-
-def make_quantizer(layout: Layout, device: torch.device, workers: int) -> CpuQuantizer | CudaQuantizer:
-    if os.environ.get("FP8Q_BENCH_CEILING") == "1":
-        return CeilingQuantizer(layout)
+def make_quantizer(layout: Layout, device: torch.device, workers: int) -> Quantizer:
+    """The quantizer for the device: CUDA streams, or CPU threads."""
     if device.type == "cuda":
         return CudaQuantizer(layout, device)
     return CpuQuantizer(layout, workers)

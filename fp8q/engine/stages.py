@@ -26,7 +26,6 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -43,7 +42,7 @@ from fp8q.engine.buffers import (
     put,
     typed_view,
 )
-from fp8q.engine.devices import dequantize_into, make_quantizer
+from fp8q.engine.devices import Quantizer, dequantize_into, make_quantizer
 from fp8q.engine.writing import write_shards
 from fp8q.errors import CheckpointError, Stopped, read_error
 from fp8q.events import EventCallback
@@ -128,7 +127,7 @@ def run_plan(
 
 
 def _quantize_loop(
-    quantizer: Any,
+    quantizer: Quantizer,
     pools: Pools,
     inbox: queue.Queue[Item | None],
     outbox: queue.Queue[Item | None],
@@ -188,7 +187,9 @@ def _quantize_loop(
     put(outbox, None, stop)
 
 
-def _dequantized(job: Job, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, quantizer: Any) -> torch.Tensor:
+def _dequantized(
+    job: Job, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, quantizer: Quantizer
+) -> torch.Tensor:
     """An FP8 source weight in `out` (of the dtype asked for), as its format's client computes it (see
     numerics.dequantize).
 
@@ -201,7 +202,7 @@ def _dequantized(job: Job, q: torch.Tensor, scale: torch.Tensor, out: torch.Tens
     if problem:
         # The client would spread it over a whole row, tile or tensor, silently; refuse instead.
         raise CheckpointError(f"{problem} (`fp8q verify` lists every such problem)")
-    if not dequantize_into(q, scale, job.source_layout, out, getattr(quantizer, "pool", None)):
+    if not dequantize_into(q, scale, job.source_layout, out, quantizer.pool):
         raise CheckpointError(
             f"tensor {job.source.name} in {job.source.shard} times its scale {job.scale.name} (up to "
             f"{float(scale.float().max()):.4g}) exceeds what {NAME_OF[out.dtype]} holds; dequantize it to a "

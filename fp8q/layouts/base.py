@@ -224,6 +224,10 @@ class Layout:
         tags = ["fp8", "float8_e4m3fn", self.format.value, f"fp8-{self.scheme.value}", "fp8q"]
         return tags + ([self.scale_format.value] if self.scale_format is not ScaleFormat.FLOAT else [])
 
+    def granularity(self) -> str:
+        """Where its scales are, in the card's words: "one per output row"."""
+        raise NotImplementedError
+
     def scales_text(self) -> str:
         """The model card's row on the weight scales."""
         raise NotImplementedError

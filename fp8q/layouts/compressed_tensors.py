@@ -64,8 +64,6 @@ class CompressedTensorsLayout(Layout):
     ignore_key: ClassVar[str] = "ignore"
     # Its `ignore` names exactly the modules engines build unquantized: an FP8 weight there is a problem.
     ignore_is_exact: ClassVar[bool] = True
-    # Where its scales are, in the card's words ("one per output row").
-    per: ClassVar[str]
 
     def scale_dtype(self, weight_dtype: str) -> str:
         return weight_dtype  # computed in the weight's own dtype, as compressed-tensors does
@@ -113,7 +111,7 @@ class CompressedTensorsLayout(Layout):
         return None
 
     def scales_text(self) -> str:
-        return f"`{self.scale_suffix}`, {self.per}, in the source weight's dtype"
+        return f"`{self.scale_suffix}`, {self.granularity()}, in the source weight's dtype"
 
     def activations_text(self, quantization_config: dict[str, Any] | None) -> str:
         if not quantization_config:

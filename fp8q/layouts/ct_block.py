@@ -49,7 +49,7 @@ class CtBlock(Tiled, CompressedTensorsLayout):
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> Layout | None:
         if args.get("strategy") == "block" and pair_of_ints(args.get("block_structure")):
-            return cls(block=tuple(args["block_structure"]))  # type: ignore[arg-type]
+            return cls(block=tuple(args["block_structure"]))
         if args.get("strategy") == "group" and isinstance(args.get("group_size"), int) and args["group_size"] > 0:
             return cls(block=(1, args["group_size"]))  # a group is a block of one row
         return None

@@ -22,10 +22,12 @@ from fp8q.layouts.vocabulary import Scheme
 class CtChannel(CompressedTensorsLayout):
     key = "ct-channel"
     scheme = Scheme.CHANNEL
-    per = "one per output row"
     detect_order = 20
     transformers = {False: Cell(Outcome.RUNS, Evidence.TEST), True: Cell(Outcome.RUNS, Evidence.TEST)}
     vllm = {False: Cell(Outcome.RUNS, Evidence.ENGINES), True: Cell(Outcome.RUNS, Evidence.SOURCE)}
+
+    def granularity(self) -> str:
+        return "one per output row"
 
     def scale_shape(self, rows: int, cols: int) -> tuple[int, ...]:
         return (rows, 1)

@@ -53,13 +53,15 @@ class CtMx(CompressedTensorsLayout):
     key = "ct-mx"
     scheme = Scheme.MX
     ct_format = "mxfp8-quantized"
-    per = "one per 32 inputs of a row, a power-of-two exponent in one byte (E8M0)"
     detect_order = 25  # before block: a group of 32 with uint8 scales is MXFP8, other groups are blocks
     transformers = {False: Cell(Outcome.RUNS, Evidence.TEST), True: Cell(Outcome.REFUSES, Evidence.TEST, _DECOMPRESS)}
     vllm = {
         False: Cell(Outcome.NOT_CHECKED, Evidence.NONE, "no MXFP8 kernel in the CPU build"),
         True: Cell(Outcome.NOT_CHECKED, Evidence.NONE, "no MXFP8 kernel in the CPU build"),
     }
+
+    def granularity(self) -> str:
+        return "one per 32 inputs of a row, a power-of-two exponent in one byte (E8M0)"
 
     def scale_dtype(self, weight_dtype: str) -> str:
         return "U8"
@@ -118,7 +120,7 @@ class CtMx(CompressedTensorsLayout):
         return [*tags[:2], "mxfp8", *tags[2:]]
 
     def scales_text(self) -> str:
-        return f"`{self.scale_suffix}`, {self.per}"
+        return f"`{self.scale_suffix}`, {self.granularity()}"
 
     def _quantize_band(
         self,

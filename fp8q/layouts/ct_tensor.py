@@ -22,7 +22,6 @@ from fp8q.layouts.vocabulary import Scheme
 class CtTensor(PerTensor, CompressedTensorsLayout):
     key = "ct-tensor"
     scheme = Scheme.TENSOR
-    per = "one per weight"
     detect_order = 10
     transformers = {False: Cell(Outcome.RUNS, Evidence.TEST), True: Cell(Outcome.RUNS, Evidence.TEST)}
     vllm = {
@@ -33,6 +32,9 @@ class CtTensor(PerTensor, CompressedTensorsLayout):
             "its FP8 MoE method takes per-tensor weights only with static input scales",
         ),
     }
+
+    def granularity(self) -> str:
+        return "one per weight"
 
     def scale_shape(self, rows: int, cols: int) -> tuple[int, ...]:
         return (1,)  # compressed-tensors' is a 1-element vector

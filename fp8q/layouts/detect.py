@@ -247,6 +247,7 @@ def _pair(meta: TensorMeta, tensors: Mapping[str, TensorMeta], fmt: Format, expe
         # A scale whose dtype tells its layout (MXFP8's E8M0 exponents, uint8), where its shape fits that too.
         claimed = [cls() for cls in of_format(fmt) if cls.claims(scale.dtype)]
         layout = next((c for c in claimed if c.fits_scale(scale.shape, rows, cols)), layout)
+    problem: str | None
     if layout is None:
         want = f"; {describe(expected)} needs {list(expected.scale_shape(rows, cols))}" if expected else ""
         problem = (

@@ -30,7 +30,6 @@ class Fp8Layout(Layout):
     ignore_key: ClassVar[str] = "ignored_layers"
     # Engines match `ignored_layers` each their own way (see `ignores`): nothing follows from an FP8 weight there.
     ignore_is_exact: ClassVar[bool] = False
-    per: ClassVar[str]
     # What vLLM's fp8 format has no place for, by --scheme: the line that says why it is no layout.
     missing: ClassVar[dict[str, str]] = {"channel": "per-channel", "mx": "MX"}
 
@@ -58,7 +57,7 @@ class Fp8Layout(Layout):
         return None
 
     def scales_text(self) -> str:
-        return f"`{self.scale_suffix}`, {self.per}, in float32"
+        return f"`{self.scale_suffix}`, {self.granularity()}, in float32"
 
     def activations_text(self, quantization_config: dict[str, Any] | None) -> str:
         if quantization_config and quantization_config.get("activation_scheme"):

@@ -54,7 +54,7 @@ class Fp8Block(Tiled, Fp8Layout):
         True: Cell(Outcome.RUNS, Evidence.ENGINES, _WHOLE_TILES),
     }
 
-    scale_format: ScaleFormat = ScaleFormat.FLOAT  # type: ignore[assignment]
+    scale_format: ScaleFormat = ScaleFormat.FLOAT
 
     @classmethod
     def make(cls, block: tuple[int, int], scale_format: ScaleFormat) -> Layout:
@@ -69,7 +69,7 @@ class Fp8Block(Tiled, Fp8Layout):
     @classmethod
     def from_config(cls, quantization_config: dict[str, Any]) -> Layout | None:
         block = quantization_config.get("weight_block_size")
-        if not pair_of_ints(block):
+        if block is None or not pair_of_ints(block):
             return None
         # DeepSeek-V3.1's power-of-two scales: `scale_fmt: ue8m0` (transformers' FineGrainedFP8Config too).
         ue8m0 = quantization_config.get("scale_fmt") == "ue8m0"

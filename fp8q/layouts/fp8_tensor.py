@@ -22,13 +22,15 @@ from fp8q.layouts.vocabulary import Scheme
 class Fp8Tensor(PerTensor, Fp8Layout):
     key = "fp8-tensor"
     scheme = Scheme.TENSOR
-    per = "one per weight"
     detect_order = 10
     transformers = {
         False: Cell(Outcome.GARBAGE, Evidence.TEST, "ignores its per-tensor weight_scale"),
         True: Cell(Outcome.REFUSES, Evidence.TEST, "its MoE forward pass meets the float8 expert weights as they are"),
     }
     vllm = {False: Cell(Outcome.RUNS, Evidence.SOURCE), True: Cell(Outcome.RUNS, Evidence.SOURCE)}
+
+    def granularity(self) -> str:
+        return "one per weight"
 
     def scale_shape(self, rows: int, cols: int) -> tuple[int, ...]:
         return ()  # AutoFP8 writes a 0-d scale

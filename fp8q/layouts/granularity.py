@@ -62,7 +62,7 @@ class PerTensor(Layout):
 class Tiled(Layout):
     """A layout with one scale per `block` tile (rows x cols), edge tiles cut short."""
 
-    block: tuple[int, int] = DEFAULT_BLOCK  # type: ignore[assignment]
+    block: tuple[int, int] = DEFAULT_BLOCK
 
     @property
     def row_step(self) -> int:
@@ -87,8 +87,7 @@ class Tiled(Layout):
         bh, bw = tile(self.block, rows, cols)
         return math.ceil(rows / bh) * bh, math.ceil(cols / bw) * bw
 
-    @property
-    def per(self) -> str:  # type: ignore[override]
+    def granularity(self) -> str:
         return f"one per {self.block[0]}x{self.block[1]} tile"
 
     def size_problems(self, shapes: list[tuple[int, int]]) -> list[str]:

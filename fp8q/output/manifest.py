@@ -13,7 +13,6 @@ import json
 import mmap
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import threading
@@ -144,7 +143,6 @@ class Progress:
         record = {"shard": shard, "sha256": sha256, "tensors": tensors, "rank": self.rank}
         with _RECORDING:  # shards finish on threads of their own: one record at a time
             atomic_write_json(self.partial / DONE_DIR / name, record)
-            _signal_for_tests(self.partial)
 
     def done(self) -> dict[str, Any]:
         """Shard name -> {"sha256", "tensors", "rank"} for every shard recorded so far, by any process."""
@@ -176,18 +174,6 @@ class Progress:
 
 
 _RECORDING = threading.Lock()
-
-
-def _signal_for_tests(partial: Path) -> None:
-    """For tests only: with FP8Q_TEST_SIGNAL_AFTER=K:NAME (say `2:KILL`), this process sends itself SIGNAME as
-    soon as K shards are recorded (records are serialized, so exactly K), so a test stops a run at a known point
-    instead of racing it with a poll."""
-    when = os.environ.get("FP8Q_TEST_SIGNAL_AFTER")
-    if not when:
-        return
-    count, _, name = when.partition(":")
-    if len(list((partial / DONE_DIR).glob("*.json"))) == int(count):
-        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
 
 
 def reusable_shards(partial: Path, expected: dict[str, Any], source_stat: list[dict[str, Any]]) -> dict[str, Any]:

@@ -421,8 +421,8 @@ def mtp_summary(plan: Plan) -> dict[str, list[str]]:
     """The MTP / nextn draft layers' Linear modules, quantized and kept."""
     quantized = []
     config = plan.checkpoint.config or {}
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    layers = config.get("num_hidden_layers", text.get("num_hidden_layers"))
+    text = config.get("text_config")
+    layers = config.get("num_hidden_layers", text.get("num_hidden_layers") if isinstance(text, dict) else None)
     for job in plan.jobs:
         for piece in job.pieces:
             module = piece.out.name.removesuffix(".weight")
@@ -439,7 +439,7 @@ def is_mtp(module: str, layers: Any) -> bool:
     if module.startswith("mtp.") or ".mtp." in module:
         return True
     m = re.search(r"(^|\.)layers\.(\d+)\.", module)
-    return bool(m) and isinstance(layers, int) and int(m[2]) >= layers
+    return m is not None and isinstance(layers, int) and int(m[2]) >= layers
 
 
 __all__ = [

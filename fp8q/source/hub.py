@@ -117,11 +117,19 @@ def _snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None, 
     Two calls because the index, a side file, says which shards to fetch. The second names the commit the first
     resolved (the snapshot folder's name), so a branch that moves in between cannot mix two commits.
     """
-    common = {"cache_dir": cache_dir, "local_files_only": local_only, "ignore_patterns": list(IGNORE_PATTERNS)}
     side = _side_files(repo_id, revision, cache_dir, local_only=local_only)
     weights = index_shards(side)
     patterns = ["*.safetensors"] if weights is None else [_literal(name) for name in weights]
-    folder = Path(snapshot_download(repo_id, revision=side.name, allow_patterns=patterns, **common))
+    folder = Path(
+        snapshot_download(
+            repo_id,
+            revision=side.name,
+            allow_patterns=patterns,
+            cache_dir=cache_dir,
+            local_files_only=local_only,
+            ignore_patterns=list(IGNORE_PATTERNS),
+        )
+    )
     if local_only and weights is None and len(list(folder.glob("*.safetensors"))) > 1:
         # Several shards and no index in the cache: some shards fetched alone (hf_hub_download), not the snapshot.
         raise _PartialSnapshot(f"{folder}: cached shards without their index")

@@ -22,18 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.utils import HfHubHTTPError, build_hf_headers, get_session, hf_raise_for_status
 
 from fp8q.errors import CheckpointError
 from fp8q.source.checkpoint import Shard, header_length, index_shards, parse_shard, read_shard
 
-try:
-    from httpx import HTTPError as _HttpxError
-except ImportError:  # huggingface_hub < 1.0 talks through requests, whose errors are OSErrors
-    _HttpxError = OSError
 # What talking to the Hub raises: HTTP and connection errors (httpx's are not OSErrors), Hub errors, cache errors.
-NETWORK_ERRORS: tuple[type[Exception], ...] = (_HttpxError, OSError)
+NETWORK_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, OSError)
 HUB_ERRORS: tuple[type[Exception], ...] = (*NETWORK_ERRORS, ValueError)
 
 # The first request asks for this much: the length prefix and, for nearly every shard, the whole header.
@@ -234,14 +231,14 @@ class ShardDownloads:
 
     def _download(self, name: str) -> None:
         expected = self.stream.remote[name]
-        where: dict[str, Any] = {"cache_dir": self.stream.cache_dir} if self.keep else {"local_dir": self.staging}
         path = Path(
             hf_hub_download(
                 self.stream.repo_id,
                 name,
                 revision=self.stream.commit,
-                tqdm_class=self._progress(name),  # type: ignore[arg-type]
-                **where,
+                tqdm_class=self._progress(name),
+                cache_dir=self.stream.cache_dir if self.keep else None,
+                local_dir=None if self.keep else self.staging,
             )
         )
         with self._lock:
@@ -253,7 +250,7 @@ class ShardDownloads:
                 "the repo changed on the Hub at the same commit (or a proxy altered it): run again"
             )
 
-    def _progress(self, name: str) -> Callable[..., Any]:
+    def _progress(self, name: str) -> type[Any]:
         """A stand-in for huggingface_hub's tqdm bar: counts the bytes, and stops the download when the run stops."""
         on_bytes, stop = self._on_bytes, self._stop
 
