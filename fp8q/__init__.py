@@ -3,10 +3,10 @@
 Example:
     >>> import fp8q
     >>> report = fp8q.quantize("model", "model-fp8")  # per-channel, compressed-tensors
-    >>> fp8q.quantize("model", "model-fp8-block", fp8q.QuantizeOptions(scheme="block", format="fp8"))
+    >>> fp8q.quantize("model", "model-fp8-block", fp8q.Options(scheme="block", format="fp8"))
     >>> fp8q.verify("model-fp8", source="model").ok
     >>> fp8q.dequantize("model-fp8", "model-bf16")
-    >>> fp8q.convert("model-fp8", "model-fp8-block", fp8q.QuantizeOptions(scheme="block", format="fp8"))
+    >>> fp8q.convert("model-fp8", "model-fp8-block", fp8q.Options(scheme="block", format="fp8"))
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ _EXPORTS = {
     "Format": "fp8q.layouts.vocabulary",
     "Scheme": "fp8q.layouts.vocabulary",
     "PlanReady": "fp8q.events",
+    "Options": "fp8q.engine.api",
     "QuantizeOptions": "fp8q.engine.api",
     "Report": "fp8q.events",
     "TensorDone": "fp8q.events",
@@ -36,7 +37,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from fp8q.engine.api import QuantizeOptions, convert, dequantize, plan_conversion, quantize
+    from fp8q.engine.api import Options, QuantizeOptions, convert, dequantize, plan_conversion, quantize
     from fp8q.errors import Fp8qError
     from fp8q.events import PlanReady, Report, Started, TensorDone
     from fp8q.layouts.vocabulary import Format, Scheme
@@ -64,6 +65,7 @@ __all__ = [
     "Format",
     "Fp8qError",
     "PlanReady",
+    "Options",
     "QuantizeOptions",
     "Report",
     "Scheme",

@@ -37,7 +37,7 @@ NAME_OF: dict[torch.dtype, str] = {dt: name for name, dt in TORCH_DTYPE.items()}
 # Source dtypes whose Linear weights can be quantized.
 QUANTIZABLE = ("BF16", "F16", "F32")
 # Any of these in the input means it is already quantized.
-FP8 = ("F8_E4M3", "F8_E5M2")
+FP8_NAMES = ("F8_E4M3", "F8_E5M2")
 
 
 def config_name(name: str) -> str:

@@ -61,7 +61,7 @@ def test_cli_refuses_before_reading_and_inspect_lists_all(src, tmp_path):
 
 def test_ignore_and_targets_adjust_the_selection(src):
     plan = plan_conversion(src, QuantizeOptions(targets=(r"\.mlp\.",), ignore=(r"experts",)))
-    quantized = sorted(j.source.name for j in plan.jobs if j.action.value == "quantize")
+    quantized = sorted(j.input.name for j in plan.jobs if j.action.value == "quantize")
     assert quantized == ["model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.gate_proj.weight"]
     assert sorted(plan.ignored) == sorted(
         [

@@ -49,7 +49,7 @@ from fp8q.cli.render import ProgressView, one_line, say, show_plan, show_report,
 from fp8q.errors import Fp8qError
 
 if TYPE_CHECKING:
-    from fp8q.engine.api import QuantizeOptions
+    from fp8q.engine.api import Options
 from fp8q.layouts.vocabulary import Format, Scheme
 
 
@@ -218,9 +218,7 @@ def convert_command(
     _guarded(run, out)
 
 
-def _convert(
-    src: str, out: Path, options: QuantizeOptions, mode: str, dry_run: bool, as_json: bool, quiet: bool
-) -> None:
+def _convert(src: str, out: Path, options: Options, mode: str, dry_run: bool, as_json: bool, quiet: bool) -> None:
     """quantize and convert: the plan for --dry-run, else the run and its summary."""
     with _engine_imports():
         from fp8q.engine.api import Mode, open_source, plan_conversion, source_folder

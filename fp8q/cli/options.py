@@ -1,5 +1,5 @@
 """The command line's options: each one's flags and help, declared once for every command that takes it, and the
-`QuantizeOptions` a command's values make.
+`Options` a command's values make.
 
 Imports: typer, the layout vocabulary (the choices, without torch), errors; the engine's options type only when a
 command runs.
@@ -17,7 +17,7 @@ from fp8q.errors import UsageError
 from fp8q.layouts.vocabulary import Format, Scheme
 
 if TYPE_CHECKING:
-    from fp8q.engine.api import QuantizeOptions
+    from fp8q.engine.api import Options
 
 SrcArg = Annotated[
     str,
@@ -128,12 +128,12 @@ def make_options(
     config: Path | None,
     revision: str | None,
     **run: Any,
-) -> QuantizeOptions:
-    from fp8q.engine.api import QuantizeOptions
+) -> Options:
+    from fp8q.engine.api import Options
 
     if run.get("scale_format", "float") not in ("float", "ue8m0"):
         raise UsageError(f"--scale-format {run['scale_format']!r}: choose float or ue8m0")
-    return QuantizeOptions(
+    return Options(
         scheme=scheme,
         format=format,
         block_size=_parse_block(block_size),

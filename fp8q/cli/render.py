@@ -68,9 +68,9 @@ def notes(notes: tuple[str, ...] | list[str]) -> None:
 def show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
     """The plan, as a table or JSON, with its notes and problems (whose count ends it)."""
     from fp8q.engine.buffers import memory_estimate
-    from fp8q.plan.planner import describe
+    from fp8q.plan.planner import as_data
 
-    data = describe(plan)
+    data = as_data(plan)
     data["estimated_peak_host_bytes"], data["estimated_peak_gpu_bytes"] = memory_estimate(plan, os.cpu_count() or 1)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
@@ -242,7 +242,7 @@ class ProgressView:
         if kind in ("PlanReady", "Started"):
             # Started only now, so that an error found while planning prints alone on its line.
             self.progress.start()
-            total = sum(j.source.nbytes for j in event.plan.jobs) if kind == "PlanReady" else event.nbytes
+            total = sum(j.input.nbytes for j in event.plan.jobs) if kind == "PlanReady" else event.nbytes
             self.task = self.progress.add_task(self.verb, total=total)
         elif kind == "DownloadStarted":
             self.download = self.progress.add_task("downloading", total=event.nbytes)

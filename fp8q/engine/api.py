@@ -37,8 +37,10 @@ class Mode(str, Enum):
 
 
 @dataclass(frozen=True)
-class QuantizeOptions:
-    """What to produce and how. `workers` 0 means one per CPU core."""
+class Options:
+    """What to produce and how, for any conversion: the layout and the tensors to quantize (quantize, convert), the
+    dtype FP8 weights are dequantized to (dequantize, convert), and how the run goes. `workers` 0 means one per CPU
+    core."""
 
     scheme: str = "channel"  # --scheme, --format, --scale-format: the words fp8q.layouts.find takes
     format: str = "compressed-tensors"
@@ -86,6 +88,10 @@ class QuantizeOptions:
         return decided
 
 
+# Its first name, kept for the API fp8q 0.1 had.
+QuantizeOptions = Options
+
+
 def local_source(src: str | Path, revision: str | None = None) -> Path:
     """SRC as a local path. A Hub repo id is resolved by fp8q.source.hub, imported only then: it brings
     huggingface_hub, a fifth of a second of start-up that a local conversion need not pay."""
@@ -110,7 +116,7 @@ def source_folder(source: Path | HubStream) -> Path:
     return source if isinstance(source, Path) else source.folder
 
 
-def plan_conversion(src: str | Path | HubStream, options: QuantizeOptions, mode: Mode = Mode.QUANTIZE) -> Plan:
+def plan_conversion(src: str | Path | HubStream, options: Options, mode: Mode = Mode.QUANTIZE) -> Plan:
     """Read and validate SRC and plan the conversion, reading no tensor data (of a Hub repo not in the local
     cache, only the side files and the shards' headers are fetched). `plan.problems` lists why the output could
     not be served (a run refuses them), `plan.notes` what else to know."""
@@ -127,7 +133,7 @@ def plan_conversion(src: str | Path | HubStream, options: QuantizeOptions, mode:
         layout = options.layout if mode is Mode.CONVERT else None
         if mode is Mode.CONVERT:
             check_convertible(checkpoint, fp8, options.layout)
-        plan = make_plan(checkpoint, layout, options.ignore, options.targets, source=fp8, dtype=dtype)
+        plan = make_plan(checkpoint, layout, options.ignore, options.targets, detected=fp8, dtype=dtype)
     if remote:
         _check_streamable(plan, remote)
     problems = plan_problems(plan, options.tp, options.load_check)
@@ -137,9 +143,9 @@ def plan_conversion(src: str | Path | HubStream, options: QuantizeOptions, mode:
 def _check_streamable(plan: Plan, remote: dict[str, Any]) -> None:
     """A streamed run reads one shard at a time: an FP8 weight whose scale lives in another shard cannot be."""
     for job in plan.jobs:
-        if job.scale is not None and job.scale.shard != job.source.shard and job.scale.shard in remote:
+        if job.scale is not None and job.scale.shard != job.input.shard and job.scale.shard in remote:
             raise CheckpointError(
-                f"tensor {job.source.name} in {job.source.shard} has its scale {job.scale.name} in "
+                f"tensor {job.input.name} in {job.input.shard} has its scale {job.scale.name} in "
                 f"{job.scale.shard}, and a Hub repo is streamed one shard at a time: download it first "
                 "(`hf download REPO`), then convert it"
             )
@@ -148,7 +154,7 @@ def _check_streamable(plan: Plan, remote: dict[str, Any]) -> None:
 def quantize(
     src: str | Path,
     out: str | Path,
-    options: QuantizeOptions | None = None,
+    options: Options | None = None,
     on_event: EventCallback | None = None,
 ) -> Report:
     """Convert the checkpoint at SRC into an FP8 checkpoint at OUT.
@@ -168,7 +174,7 @@ def quantize(
     """
     from fp8q.engine.run import run
 
-    return run(src, out, options or QuantizeOptions(), on_event, Mode.QUANTIZE)
+    return run(src, out, options or Options(), on_event, Mode.QUANTIZE)
 
 
 def dequantize(
@@ -193,7 +199,7 @@ def dequantize(
         Fp8qError: no FP8 weight in SRC, an FP8 weight without a usable scale, NaN codes or values `dtype`
             cannot hold, an OUT that cannot be written; one line naming the file or tensor.
     """
-    options = QuantizeOptions(
+    options = Options(
         dtype=dtype,
         overwrite=overwrite,
         resume=resume,
@@ -210,7 +216,7 @@ def dequantize(
 def convert(
     src: str | Path,
     out: str | Path,
-    options: QuantizeOptions | None = None,
+    options: Options | None = None,
     on_event: EventCallback | None = None,
 ) -> Report:
     """Convert the FP8 checkpoint at SRC (any layout fp8q detects) into another FP8 layout at OUT, in one pass:
@@ -223,7 +229,7 @@ def convert(
     """
     from fp8q.engine.run import run
 
-    return run(src, out, options or QuantizeOptions(), on_event, Mode.CONVERT)
+    return run(src, out, options or Options(), on_event, Mode.CONVERT)
 
 
 def worker_count(asked: int, processes: int = 1) -> int:
@@ -242,6 +248,7 @@ def refusal(problems: tuple[str, ...]) -> str:
 
 __all__ = [
     "Mode",
+    "Options",
     "QuantizeOptions",
     "convert",
     "dequantize",

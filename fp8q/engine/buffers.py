@@ -110,7 +110,7 @@ def pool_sizes(plan: Plan, in_flight: int) -> list[tuple[int, int]]:
     largest_weight = max((p.out.nbytes for j in quantized for p in j.pieces), default=0)
     pieces = max((len(j.pieces) for j in quantized), default=1)
     dequantized = max(
-        (math.prod(j.source.shape) * ITEMSIZE[plan.dtype] for j in plan.jobs if j.action.dequantizes and plan.dtype),
+        (math.prod(j.input.shape) * ITEMSIZE[plan.dtype] for j in plan.jobs if j.action.dequantizes and plan.dtype),
         default=0,
     )
     return [
@@ -131,7 +131,7 @@ def memory_estimate(plan: Plan, workers: int) -> tuple[int, int]:
         for job in plan.jobs:
             if not job.action.quantizes:
                 continue
-            itemsize = ITEMSIZE[plan.dtype if job.action.dequantizes and plan.dtype else job.source.dtype]
+            itemsize = ITEMSIZE[plan.dtype if job.action.dequantizes and plan.dtype else job.input.dtype]
             for piece in job.pieces:
                 rows, cols = piece.out.shape
                 step = layout.row_step
@@ -152,7 +152,7 @@ class Pools:
 
 
 def non_finite(job: Job) -> UnsupportedTensorError:
-    src = job.source
+    src = job.input
     return UnsupportedTensorError(
         f"tensor {src.name} in {src.shard} holds NaN or inf values; fix the source checkpoint, "
         f"or keep it unquantized with --ignore '^{re.escape(src.module)}$'"
@@ -162,7 +162,7 @@ def non_finite(job: Job) -> UnsupportedTensorError:
 def overflowing(name: str, job: Job, client: torch.dtype) -> UnsupportedTensorError:
     dtype = str(client).removeprefix("torch.")
     module = name.removesuffix(".weight")
-    src = job.source
+    src = job.input
     where = f"tensor {name} in {src.shard}" if name == src.name else f"tensor {name} (from {src.name} in {src.shard})"
     return UnsupportedTensorError(
         f"{where}: its FP8 form overflows to inf in the {dtype} "

@@ -90,7 +90,7 @@ class Cluster:
         Raises:
             Fp8qError: this process's own error, or a copy of another process's.
         """
-        outcomes = self.gather(describe(error) if error is not None else None)
+        outcomes = self.gather(error_record(error) if error is not None else None)
         # A process that only stopped because another failed reports that other's error instead.
         failed = [r for r, o in enumerate(outcomes) if o is not None and not o["stopped"]]
         failed = failed or [r for r, o in enumerate(outcomes) if o is not None]
@@ -130,7 +130,7 @@ def assign(shard_sizes: dict[str, int], world: int) -> list[set[str]]:
     return shares
 
 
-def describe(error: BaseException) -> dict[str, Any]:
+def error_record(error: BaseException) -> dict[str, Any]:
     """An error as plain data, to send to the other processes."""
     return {
         "stopped": isinstance(error, Stopped),

@@ -24,7 +24,7 @@ from fp8q.source.checkpoint import CONFIG_FILE, INDEX_FILE
 from fp8q.source.files import hub_snapshot, read_bounded
 
 if TYPE_CHECKING:
-    from fp8q.engine.api import Mode, QuantizeOptions
+    from fp8q.engine.api import Mode, Options
 
 # What a tokenizer ships as (transformers' AutoTokenizer finds one of these).
 TOKENIZER_FILE = re.compile(r"tokenizer(_config)?\.json|tokenizer\.model|vocab\.json|.*\.tiktoken")
@@ -35,7 +35,7 @@ def finish(
     src: str | Path,
     out: Path,
     partial: Path,
-    options: QuantizeOptions,
+    options: Options,
     mode: Mode,
     progress: Progress,
     fingerprint: dict[str, Any],
@@ -103,7 +103,7 @@ def card_input(
     plan: Plan,
     src: str | Path,
     out: Path,
-    options: QuantizeOptions,
+    options: Options,
     mode: Mode,
     stats: dict[str, Any],
     source_text: str | None,
@@ -123,7 +123,7 @@ def card_input(
         revision=revision,
         out_name=out.name,
         layout=plan.layout,
-        source_layouts=list(source_layouts(plan.source)),
+        source_layouts=list(source_layouts(plan.detected)),
         dtype=plan.dtype,
         ignore=options.ignore,
         targets=options.targets,

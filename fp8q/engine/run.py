@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from fp8q import __version__
 from fp8q.dtypes import config_name
-from fp8q.engine.api import Mode, QuantizeOptions, open_source, plan_conversion, refusal, source_folder, worker_count
+from fp8q.engine.api import Mode, Options, open_source, plan_conversion, refusal, source_folder, worker_count
 from fp8q.engine.buffers import LocalShards, ShardFiles
 from fp8q.engine.devices import resolve_device
 from fp8q.engine.distributed import Cluster, Watcher, assign
@@ -66,9 +66,7 @@ class Prepared:
     source_card: str | None  # the source's README.md (rank 0's), for the model card
 
 
-def run(
-    src: str | Path, out: str | Path, options: QuantizeOptions, on_event: EventCallback | None, mode: Mode
-) -> Report:
+def run(src: str | Path, out: str | Path, options: Options, on_event: EventCallback | None, mode: Mode) -> Report:
     """The engine: prepare, convert (read -> transform on a device -> write), finish; for any of the three
     conversions."""
     started = time.perf_counter()
@@ -110,9 +108,7 @@ def run(
         cluster.close()
 
 
-def prepare(
-    src: str | Path, out: Path, options: QuantizeOptions, mode: Mode, cluster: Cluster, cleanup: ExitStack
-) -> Prepared:
+def prepare(src: str | Path, out: Path, options: Options, mode: Mode, cluster: Cluster, cleanup: ExitStack) -> Prepared:
     """Open SRC, plan, check OUT and the disk, set up and lock OUT.partial/ (rank 0); every process then agrees,
     so that all fail alike before any data is read.
 
@@ -145,7 +141,7 @@ def prepare(
 
 def convert(
     ready: Prepared,
-    options: QuantizeOptions,
+    options: Options,
     cluster: Cluster,
     device: Any,
     emit: EventCallback,
@@ -156,13 +152,13 @@ def convert(
     """This process's share of the shards still to make (balanced by bytes), through the stages; returns where the
     shards were read from and the failure that stopped it, if one did (every process hears of it)."""
     plan = ready.plan
-    todo = {s.name: s.source.size for s in plan.shards if s.name not in ready.reused}
+    todo = {s.name: s.input.size for s in plan.shards if s.name not in ready.reused}
     mine = assign(todo, cluster.world)[cluster.rank]
     skip = {s.name for s in plan.shards} - mine
     emit(PlanReady(plan))
     for shard in (s for s in plan.shards if s.name in ready.reused):
         for job in shard.jobs:
-            emit(TensorDone(job.source.name, job.source.nbytes, shard.name))
+            emit(TensorDone(job.input.name, job.input.nbytes, shard.name))
     staging = ready.partial / f"{STAGING_DIR}-{cluster.rank}"  # where this process downloads a streamed repo's shards
     files = _shard_files(ready.source, [s.name for s in plan.shards if s.name not in skip], options, emit, staging)
     cleanup.callback(files.close)  # stops downloading and deletes what was downloaded, if not done below
@@ -181,7 +177,7 @@ def convert(
 
 
 def _report(
-    ready: Prepared, options: QuantizeOptions, device: Any, started: float, files: ShardFiles, findings: list[str]
+    ready: Prepared, options: Options, device: Any, started: float, files: ShardFiles, findings: list[str]
 ) -> Report:
     plan = ready.plan
     return Report(
@@ -195,9 +191,9 @@ def _report(
         ignored_modules=list(plan.ignored),
         resumed_shards=len(ready.reused),
         tensors_dequantized=plan.n_dequantized,
-        tensors_dropped=len(plan.source.dropped) if plan.source else 0,
+        tensors_dropped=len(plan.detected.dropped) if plan.detected else 0,
         dtype=config_name(plan.dtype) if plan.dtype else None,
-        layouts=source_layouts(plan.source),
+        layouts=source_layouts(plan.detected),
         bytes_downloaded=getattr(files, "total_bytes", 0),
         downloads_kept=options.keep_download,
         notes=list(plan.notes),
@@ -206,12 +202,12 @@ def _report(
 
 
 def _prepare_partial(
-    plan: Plan, source: Path | HubStream, out: Path, partial: Path, fp: dict[str, Any], options: QuantizeOptions
+    plan: Plan, source: Path | HubStream, out: Path, partial: Path, fp: dict[str, Any], options: Options
 ) -> tuple[dict[str, Any], int]:
     """Check OUT and the disk, and set up and lock OUT.partial/; returns the shards a resumed run keeps
     and the descriptor that holds the lock (closed when the run ends)."""
     check_output(source_folder(source), out, options.overwrite)
-    source_stat = [shard.source.stat_record() for shard in plan.shards]
+    source_stat = [shard.input.stat_record() for shard in plan.shards]
     try:
         partial.mkdir(parents=True)
         fresh = True
@@ -253,7 +249,7 @@ def _download_space(
 
 
 def _shard_files(
-    source: Path | HubStream, order: list[str], options: QuantizeOptions, emit: EventCallback, staging: Path
+    source: Path | HubStream, order: list[str], options: Options, emit: EventCallback, staging: Path
 ) -> ShardFiles:
     """Where the reader finds each shard: the downloads of a streamed Hub repo (into `staging`, a folder of this
     run's own, unless kept in the Hugging Face cache), or the folder's own files."""

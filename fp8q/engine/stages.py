@@ -167,7 +167,7 @@ def _quantize_loop(
             into = pools.dequantized.take(stop)
             try:
                 item.data = _dequantized(
-                    job, item.data, item.scale, typed_view(into, TORCH_DTYPE[dtype], job.source.shape), quantizer
+                    job, item.data, item.scale, typed_view(into, TORCH_DTYPE[dtype], job.input.shape), quantizer
                 )
             finally:
                 pools.inputs.give(item.buffer)  # the FP8 bytes are done with
@@ -196,15 +196,15 @@ def _dequantized(
     Raises:
         CheckpointError: a scale no client can use, NaN codes, or values `dtype` cannot hold; naming the tensor.
     """
-    assert job.scale is not None and job.source_layout is not None
-    weight = QuantizedWeight(job.source, job.scale, job.source_layout)
+    assert job.scale is not None and job.input_layout is not None
+    weight = QuantizedWeight(job.input, job.scale, job.input_layout)
     problem = value_problem(weight, q, scale)
     if problem:
         # The client would spread it over a whole row, tile or tensor, silently; refuse instead.
         raise CheckpointError(f"{problem} (`fp8q verify` lists every such problem)")
-    if not dequantize_into(q, scale, job.source_layout, out, quantizer.pool):
+    if not dequantize_into(q, scale, job.input_layout, out, quantizer.pool):
         raise CheckpointError(
-            f"tensor {job.source.name} in {job.source.shard} times its scale {job.scale.name} (up to "
+            f"tensor {job.input.name} in {job.input.shard} times its scale {job.scale.name} (up to "
             f"{float(scale.float().max()):.4g}) exceeds what {NAME_OF[out.dtype]} holds; dequantize it to a "
             "wider dtype (--dtype bfloat16 or float32), or quantize it again"
         )
@@ -223,22 +223,22 @@ def _read(
         for index, shard in enumerate(plan.shards):
             if shard.name in skip:
                 continue
-            path, fd = open_shard(files, shard.source, stop)  # a streamed shard: once downloaded
+            path, fd = open_shard(files, shard.input, stop)  # a streamed shard: once downloaded
             scales.locate(shard.name, path)
             hinted = 0  # the file is hinted for read-ahead up to here
             try:
                 for job in shard.jobs:
-                    if job.source.start + READ_AHEAD > hinted:
-                        begin = max(hinted, job.source.start)
-                        hinted = job.source.start + READ_AHEAD
+                    if job.input.start + READ_AHEAD > hinted:
+                        begin = max(hinted, job.input.start)
+                        hinted = job.input.start + READ_AHEAD
                         read_ahead(fd, begin, hinted - begin)
                     item = Item(index, job)
                     if not job.is_copy:
                         item.buffer = pool.take(stop) if job.action is not Action.KEEP else None
                         try:
-                            item.data = read_tensor(fd, job.source, item.buffer)
+                            item.data = read_tensor(fd, job.input, item.buffer)
                         except OSError as e:
-                            raise read_error(path, job.source.name, e) from None
+                            raise read_error(path, job.input.name, e) from None
                     if job.scale is not None:
                         item.scale = scales.read(job.scale)
                     put(outbox, item, stop)

@@ -117,12 +117,12 @@ def _copy_kept(
     shard is downloaded)."""
     writer_at.wait_for(index - COPY_AHEAD, stop)
     shard = plan.shards[index]
-    _, src_fd = open_shard(files, shard.source, stop)
+    _, src_fd = open_shard(files, shard.input, stop)
     out = shards.get(index).file
     try:
         for job in shard.jobs:
             if job.is_copy:
-                out.copy(src_fd, job.source.start, job.pieces[0].out)
+                out.copy(src_fd, job.input.start, job.pieces[0].out)
     finally:
         os.close(src_fd)
 
@@ -163,13 +163,13 @@ def write_shards(
             try:
                 current = shards.get(item.shard).file
                 if src_fd < 0:
-                    _, src_fd = open_shard(files, shard.source, stop)
+                    _, src_fd = open_shard(files, shard.input, stop)
                 if item.job is None:
                     if item.shard in copies:
                         copies.pop(item.shard).result()  # an OSError of the copy's is raised here, and named below
-                    if changed_since_read(shard.source, os.fstat(src_fd)):
+                    if changed_since_read(shard.input, os.fstat(src_fd)):
                         raise CheckpointError(
-                            f"{shard.source.path}: changed while fp8q was converting it; run again once nothing "
+                            f"{shard.input.path}: changed while fp8q was converting it; run again once nothing "
                             "writes to the source"
                         )
                     done = shards.pop(item.shard)
@@ -195,7 +195,7 @@ def write_shards(
                     _write_quantized(current, job, item, stats, pools, plan.layout, serve_check)
             except OSError as e:
                 raise write_error(path, e) from None
-            emit(TensorDone(job.source.name, job.source.nbytes, shard.name))
+            emit(TensorDone(job.input.name, job.input.nbytes, shard.name))
         for future in flushed:
             try:
                 future.result()

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fp8q.dtypes import FP8
+from fp8q.dtypes import FP8_NAMES
 from fp8q.errors import CheckpointError
 from fp8q.layouts import of_format
 from fp8q.layouts.base import Layout
@@ -120,7 +120,7 @@ class DetectedLayout:
         return any(_targets(meta, t) for t in self.targets)
 
 
-def describe(layout: Layout | None) -> str:
+def layout_words(layout: Layout | None) -> str:
     """A layout in words, e.g. `compressed-tensors block 128x128`; "unknown" for none."""
     return "unknown" if layout is None else layout.describe()
 
@@ -151,7 +151,7 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
     weights: list[QuantizedWeight] = []
     used: set[str] = set()
     for meta in tensors.values():
-        if meta.dtype not in FP8 or meta.name.rpartition(".")[2] in QUANTIZATION_ONLY:
+        if meta.dtype not in FP8_NAMES or meta.name.rpartition(".")[2] in QUANTIZATION_ONLY:
             continue  # FP8 zero points or KV scales are not weights
         if fmt is Format.COMPRESSED_TENSORS:
             expected = _ct_expected(meta, rules)
@@ -249,15 +249,15 @@ def _pair(meta: TensorMeta, tensors: Mapping[str, TensorMeta], fmt: Format, expe
         layout = next((c for c in claimed if c.fits_scale(scale.shape, rows, cols)), layout)
     problem: str | None
     if layout is None:
-        want = f"; {describe(expected)} needs {list(expected.scale_shape(rows, cols))}" if expected else ""
+        want = f"; {layout_words(expected)} needs {list(expected.scale_shape(rows, cols))}" if expected else ""
         problem = (
             f"tensor {scale.name} in {scale.shard} has shape {list(scale.shape)}, "
             f"which fits no FP8 layout of its {rows}x{cols} weight{want}"
         )
     elif expected is not None and layout != expected:
         problem = (
-            f"tensor {scale.name} in {scale.shard} has shape {list(scale.shape)} ({describe(layout)}) "
-            f"but the quantization_config says {describe(expected)}"
+            f"tensor {scale.name} in {scale.shard} has shape {list(scale.shape)} ({layout_words(layout)}) "
+            f"but the quantization_config says {layout_words(expected)}"
         )
     elif meta.dtype != "F8_E4M3":
         problem = f"tensor {meta.name} in {meta.shard} is {meta.dtype}; engines load F8_E4M3 weights"
@@ -296,7 +296,7 @@ def value_problem(qw: QuantizedWeight, q: torch.Tensor, scale: torch.Tensor) -> 
 __all__ = [
     "DetectedLayout",
     "QuantizedWeight",
-    "describe",
+    "layout_words",
     "detect_layout",
     "match_name",
     "quantization_config",

@@ -72,7 +72,7 @@ class Part:
 class ExpertSlice:
     """One expert's bytes inside a fused tensor, and the tensors made from it."""
 
-    source: TensorMeta
+    input: TensorMeta  # one expert's bytes, as a tensor of their own
     parts: tuple[Part, ...]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from fp8q.dtypes import config_name
 from fp8q.layouts.base import Layout
 from fp8q.layouts.clients import Outcome
-from fp8q.layouts.detect import describe
+from fp8q.layouts.detect import layout_words
 from fp8q.units import size_text
 
 CARD_FILE = "README.md"
@@ -179,7 +179,7 @@ def _facts(card: CardInput) -> list[tuple[str, str]]:
             ("size", size),
         ]
     layout = card.layout
-    facts = [("layout", f"{describe(layout)} (`quantization_config` in config.json)")]
+    facts = [("layout", f"{layout_words(layout)} (`quantization_config` in config.json)")]
     if card.source_layouts:
         facts.append(("source layout", ", ".join(card.source_layouts)))
     facts += [

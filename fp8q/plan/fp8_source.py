@@ -11,7 +11,7 @@ from typing import Any
 
 from fp8q.errors import CheckpointError, UsageError
 from fp8q.layouts.base import Layout
-from fp8q.layouts.detect import DetectedLayout, describe, detect_layout
+from fp8q.layouts.detect import DetectedLayout, detect_layout, layout_words
 from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint
 
 # The --dtype choices, by the names configs use, and their safetensors names.
@@ -78,14 +78,14 @@ def check_convertible(checkpoint: Checkpoint, source: DetectedLayout, layout: La
             "values: `fp8q dequantize` then `fp8q quantize` if you mean to"
         )
     if all(qw.layout == layout for qw in source.weights):
-        raise UsageError(f"{checkpoint.root}: already {describe(layout)}; nothing to convert")
+        raise UsageError(f"{checkpoint.root}: already {layout_words(layout)}; nothing to convert")
 
 
 def source_layouts(source: DetectedLayout | None) -> dict[str, int]:
     """The source's FP8 layouts in words, with how many weights each."""
     found: dict[str, int] = {}
     for qw in source.weights if source else ():
-        found[describe(qw.layout)] = found.get(describe(qw.layout), 0) + 1
+        found[layout_words(qw.layout)] = found.get(layout_words(qw.layout), 0) + 1
     return found
 
 

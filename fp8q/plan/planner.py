@@ -66,12 +66,12 @@ class Piece:
 class Job:
     """One source tensor (or one expert's slice of a fused one) and the tensors made from it."""
 
-    source: TensorMeta
+    input: TensorMeta  # the source tensor it reads (or one expert's slice of it)
     action: Action
     pieces: tuple[Piece, ...]
     # An FP8 source weight's scale (in whichever shard holds it) and the layout they are in.
     scale: TensorMeta | None = None
-    source_layout: Layout | None = None
+    input_layout: Layout | None = None
 
     @property
     def outputs(self) -> tuple[OutTensor, ...]:
@@ -87,7 +87,7 @@ class Job:
 class ShardPlan:
     """One output shard, mirroring one input shard; `jobs` are in input file order."""
 
-    source: Shard
+    input: Shard  # the source shard it mirrors
     name: str
     header: bytes
     size: int
@@ -110,7 +110,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     architecture: Architecture = GENERIC  # the table entry whose rules applied
     kept: tuple[tuple[str, str], ...] = ()  # (module, why) for each Linear a rule kept
-    source: DetectedLayout | None = None  # an FP8 source's layout (dequantize, convert)
+    detected: DetectedLayout | None = None  # an FP8 source's layout (dequantize, convert)
     dtype: str | None = None  # the high-precision dtype FP8 source weights are dequantized to
 
     @property
@@ -142,7 +142,7 @@ class Plan:
     @property
     def largest_quantized(self) -> int:
         """The largest source tensor read into memory to be transformed (the others are copied file to file)."""
-        return max((j.source.nbytes for j in self.jobs if j.action is not Action.KEEP), default=0)
+        return max((j.input.nbytes for j in self.jobs if j.action is not Action.KEEP), default=0)
 
     def index(self) -> dict[str, Any]:
         """`model.safetensors.index.json`: every output tensor, scales included."""
@@ -157,14 +157,14 @@ def make_plan(
     ignore: tuple[str, ...] = (),
     targets: tuple[str, ...] = (),
     *,
-    source: DetectedLayout | None = None,
+    detected: DetectedLayout | None = None,
     dtype: str | None = None,
 ) -> Plan:
     """Plan the conversion; pure apart from reading nothing at all.
 
     Args:
         layout: the FP8 layout to write, or None to quantize nothing (dequantize).
-        source: for an FP8 checkpoint, its detected layout: its FP8 weights are dequantized to `dtype`, their
+        detected: for an FP8 checkpoint, its detected layout: its FP8 weights are dequantized to `dtype`, their
             scales dropped, and the rest planned as for a checkpoint that held those weights in `dtype`
             (so converting equals dequantizing, then quantizing).
 
@@ -174,19 +174,21 @@ def make_plan(
     config = checkpoint.config
     tensors = list(checkpoint.tensors.values())
     fp8: dict[str, QuantizedWeight] = {}
-    if source is None:
+    if detected is None:
         check_not_quantized(config, str(checkpoint.root / CONFIG_FILE))
     else:
         assert dtype is not None
-        fp8 = {qw.weight.name: qw for qw in source.weights}
+        fp8 = {qw.weight.name: qw for qw in detected.weights}
         config = plain_config(config, dtype) if config is not None else None
-        tensors = [replace(m, dtype=dtype) if m.name in fp8 else m for m in tensors if m.name not in source.dropped]
+        tensors = [replace(m, dtype=dtype) if m.name in fp8 else m for m in tensors if m.name not in detected.dropped]
     if layout is None:
         selection = Selection((), ())
     else:
         selection = select(tensors, config, ignore, targets)
     to_quantize = set(selection.quantize)
-    jobs = [(shard, _plan_jobs(shard, layout, to_quantize, config, fp8, dtype, source)) for shard in checkpoint.shards]
+    jobs = [
+        (shard, _plan_jobs(shard, layout, to_quantize, config, fp8, dtype, detected)) for shard in checkpoint.shards
+    ]
     check_output_names([job for _, shard_jobs in jobs for job in shard_jobs])
     # A shard of nothing but scales has nothing left to write.
     shards = [_place_shard(shard, shard_jobs) for shard, shard_jobs in jobs if shard_jobs]
@@ -205,7 +207,7 @@ def make_plan(
         config,
         architecture=selection.architecture,
         kept=selection.kept,
-        source=source,
+        detected=detected,
         dtype=dtype,
     )
 
@@ -227,12 +229,12 @@ def _plan_jobs(
     config: dict[str, Any] | None,
     fp8: dict[str, QuantizedWeight],
     dtype: str | None,
-    source: DetectedLayout | None,
+    detected: DetectedLayout | None,
 ) -> list[Job]:
     """What becomes of each tensor of one source shard, in file order; no offsets yet."""
     jobs: list[Job] = []
     for meta in shard.tensors:
-        if source is not None and meta.name in source.dropped:
+        if detected is not None and meta.name in detected.dropped:
             continue
         fused_weight = fused_weight_of(meta)
         qw = fp8.get(meta.name)
@@ -249,16 +251,16 @@ def _plan_jobs(
             assert layout is not None
             for piece in split(meta, config):
                 pieces = tuple(
-                    _quantized(p.name, meta.dtype, p.shape(piece.source.shape), layout, p) for p in piece.parts
+                    _quantized(p.name, meta.dtype, p.shape(piece.input.shape), layout, p) for p in piece.parts
                 )
-                jobs.append(Job(piece.source, Action.QUANTIZE, pieces))
+                jobs.append(Job(piece.input, Action.QUANTIZE, pieces))
         elif fused_weight is not None and fused_weight in to_quantize:
             # The biases of split experts are split the same way, to sit beside their weights.
             for piece in split(meta, config):
                 pieces = tuple(
-                    Piece(OutTensor(p.name, meta.dtype, p.shape(piece.source.shape)), part=p) for p in piece.parts
+                    Piece(OutTensor(p.name, meta.dtype, p.shape(piece.input.shape)), part=p) for p in piece.parts
                 )
-                jobs.append(Job(piece.source, Action.KEEP, pieces))
+                jobs.append(Job(piece.input, Action.KEEP, pieces))
         elif meta.name in to_quantize:
             assert layout is not None
             jobs.append(Job(meta, Action.QUANTIZE, (_quantized(meta.name, meta.dtype, meta.shape, layout),)))
@@ -302,7 +304,7 @@ def check_output_names(jobs: list[Job]) -> None:
             module, _, suffix = t.name.rpartition(".")
             if not job.action.quantizes and module in quantized and suffix in QUANTIZATION_ONLY:
                 raise CheckpointError(
-                    f"tensor {t.name} in {job.source.shard} of the source is a quantization tensor of "
+                    f"tensor {t.name} in {job.input.shard} of the source is a quantization tensor of "
                     f"{module}.weight, which fp8q quantizes with a scale of its own: the output would hold two "
                     f"scales for one weight; remove the stray tensor from the source, or keep {module} as it is "
                     f"with --ignore '^{re.escape(module)}$'"
@@ -314,22 +316,22 @@ def _keep_hint(*jobs: Job) -> str:
     for job in jobs:
         if job.action.quantizes:
             # A fused expert tensor is ignored by its own name, a Linear weight by its module's.
-            fused = job.source.name.partition(" (expert ")[0]
-            module = fused if fused != job.source.name else job.source.module
+            fused = job.input.name.partition(" (expert ")[0]
+            module = fused if fused != job.input.name else job.input.module
             return f", or keep {module} as it is with --ignore '^{re.escape(module)}$'"
     return ""
 
 
 def _origin(job: Job, name: str) -> str:
     """Where an output tensor comes from, in words."""
-    source = job.source
-    where = f"in {source.shard} of the source"
-    if " (expert " in source.name:
-        fused, _, expert = source.name.partition(" (expert ")
+    tensor = job.input
+    where = f"in {tensor.shard} of the source"
+    if " (expert " in tensor.name:
+        fused, _, expert = tensor.name.partition(" (expert ")
         return f"split from expert {expert.rstrip(')')} of {fused} {where}"
-    if job.action.quantizes and name != source.name:
-        return f"the scale fp8q makes for {source.name} {where}"
-    return f"tensor {source.name} {where}"
+    if job.action.quantizes and name != tensor.name:
+        return f"the scale fp8q makes for {tensor.name} {where}"
+    return f"tensor {tensor.name} {where}"
 
 
 def _quantized(name: str, dtype: str, shape: tuple[int, ...], layout: Layout, part: Part | None = None) -> Piece:
@@ -368,7 +370,7 @@ def build_header(tensors: list[OutTensor], metadata: dict[str, str] | None) -> t
     return header, placed
 
 
-def describe(plan: Plan) -> dict[str, Any]:
+def as_data(plan: Plan) -> dict[str, Any]:
     """The plan as plain data, for `inspect --json` and the manifest."""
     return {
         "source": str(plan.checkpoint.root),
@@ -412,7 +414,7 @@ def split_experts(plan: Plan) -> dict[str, int]:
     found: dict[str, int] = {}
     for job in plan.jobs:
         if job.action is Action.QUANTIZE and job.pieces[0].part is not None:
-            fused = job.source.name.rpartition(" (expert ")[0]
+            fused = job.input.name.rpartition(" (expert ")[0]
             found[fused] = found.get(fused, 0) + len(job.pieces)
     return found
 
@@ -450,7 +452,7 @@ __all__ = [
     "Plan",
     "ShardPlan",
     "build_header",
-    "describe",
+    "as_data",
     "make_plan",
     "natural_key",
 ]

@@ -14,13 +14,13 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from fp8q.dtypes import FP8, QUANTIZABLE
+from fp8q.dtypes import FP8_NAMES, QUANTIZABLE
 from fp8q.errors import CheckpointError, UnsupportedTensorError, UsageError
 from fp8q.models.architectures import GENERIC, Architecture, architecture_of, groups, keep_rules, model_types
 from fp8q.models.experts import is_fused_expert_weight
 from fp8q.source.checkpoint import TensorMeta
 
-FLOAT_DTYPES = (*QUANTIZABLE, "F64", *FP8)
+FLOAT_DTYPES = (*QUANTIZABLE, "F64", *FP8_NAMES)
 # What to do with an FP8 checkpoint given to quantize.
 ALREADY_QUANTIZED = (
     "`fp8q verify` checks it, `fp8q convert` writes it in another FP8 layout, `fp8q dequantize` makes it bf16; "
@@ -97,7 +97,7 @@ def select(
     kept: list[tuple[str, str]] = []
     metas = sorted(tensors, key=lambda m: natural_key(m.name))
     for meta in metas:
-        if meta.dtype in FP8:
+        if meta.dtype in FP8_NAMES:
             raise CheckpointError(
                 f"tensor {meta.name} in {meta.shard} is already {meta.dtype}: the input is already quantized; "
                 f"{ALREADY_QUANTIZED}"

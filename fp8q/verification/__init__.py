@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
-from fp8q.dtypes import FP8
+from fp8q.dtypes import FP8_NAMES
 from fp8q.errors import CheckpointError, Fp8qError
 from fp8q.events import Started, TensorDone
 from fp8q.layouts import numerics
 from fp8q.layouts.detect import (
     DetectedLayout,
     QuantizedWeight,
-    describe,
     detect_layout,
+    layout_words,
     quantization_config,
     value_problem,
 )
@@ -121,7 +121,7 @@ def verify(
         if detected.weights:
             report.format = detected.format.value
             for qw in detected.weights:
-                report.layouts[describe(qw.layout)] = report.layouts.get(describe(qw.layout), 0) + 1
+                report.layouts[layout_words(qw.layout)] = report.layouts.get(layout_words(qw.layout), 0) + 1
             report.problems += _check_config(checkpoint, detected, Path(path).is_dir())
             report.problems += detected.problems
             report.problems += _check_coverage(checkpoint, detected)
@@ -292,8 +292,8 @@ def _source_tensors(src: Checkpoint) -> dict[str, _SourceTensor]:
             continue  # a fused tensor that cannot be split is compared whole
         for piece in slices:
             for part in piece.parts:
-                shape = part.shape(piece.source.shape)
-                found[part.name] = _SourceTensor(piece.source, shape, meta.dtype, part, meta.name)
+                shape = part.shape(piece.input.shape)
+                found[part.name] = _SourceTensor(piece.input, shape, meta.dtype, part, meta.name)
     return found
 
 
@@ -338,7 +338,7 @@ def _check_weight(
     finite = values[torch.isfinite(values)]
     row = TensorCheck(
         qw.weight.name,
-        describe(qw.layout),
+        layout_words(qw.layout),
         qw.weight.shape,
         float(finite.min()) if finite.numel() else math.nan,
         float(finite.max()) if finite.numel() else math.nan,
@@ -376,7 +376,7 @@ def _check_weight(
 
 def _source_of(sources: dict[str, _SourceTensor], qw: QuantizedWeight) -> _SourceTensor | None:
     origin = sources.get(qw.weight.name)
-    if origin is None or origin.shape != qw.weight.shape or origin.dtype in FP8:
+    if origin is None or origin.shape != qw.weight.shape or origin.dtype in FP8_NAMES:
         return None  # reported by _check_against_source
     return origin
 
