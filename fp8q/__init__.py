@@ -1,5 +1,8 @@
 """fp8q: stream a Hugging Face safetensors checkpoint into an FP8 checkpoint that loads everywhere.
 
+Imports: engine.api, layouts.vocabulary, verification, errors, events (each on first use, so that `import fp8q` stays
+light).
+
 Example:
     >>> import fp8q
     >>> report = fp8q.quantize("model", "model-fp8")  # per-channel, compressed-tensors

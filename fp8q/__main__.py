@@ -1,4 +1,7 @@
-"""The `fp8q` command, also run as `python -m fp8q`."""
+"""The `fp8q` command, also run as `python -m fp8q`.
+
+Imports: cli.
+"""
 
 import sys
 

@@ -1,7 +1,7 @@
 """The one table of safetensors dtype names, their torch dtypes and sizes.
 
 Imports: torch. `ORDER` is the rank safetensors' own writer sorts tensors by (highest first, then by
-name), read off `safetensors.torch.save_file` output; the streaming writer must use the same order to
+name), read off `safetensors.torch.save_file` output; the planner (plan/planner.py) must use the same order to
 produce byte-identical files.
 """
 

@@ -1,6 +1,6 @@
 """Errors a user can cause. Each message names the file or tensor and says what to do.
 
-Imports: stdlib only. The CLI prints `str(error)` as one line and exits with `exit_code`.
+Imports: nothing. The CLI prints `str(error)` as one line and exits with `exit_code`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """What a conversion tells its caller while it runs, and what it reports at the end; no command owns these.
 
-Imports: plan types only. The engine (pipeline.py) sends `PlanReady` once and `TensorDone` per tensor, from a
-worker thread; `verify` sends `Started` instead of a plan, then `TensorDone` per weight it checks.
+Imports: plan (its types) only. The engine (engine/run.py) sends `PlanReady` once, then its writer thread
+(engine/writing.py) `TensorDone` per tensor; `verify` sends `Started` instead of a plan, then `TensorDone` per weight it
+checks.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""The module boundaries DESIGN.md sets, enforced on the source: only the CLI prints, exits or
-imports typer/rich; only source.py talks to the Hub; the numerics stay pure."""
+"""The architecture, enforced on the source (docs/ARCHITECTURE.md): which wing may import which, that only the CLI
+prints, exits or imports typer/rich, that only the source wing talks to the Hub, that the pure modules do no I/O,
+and that outside layouts/ only the CLI's options name a layout."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -11,16 +13,39 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "fp8q"
 MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name not in ("__main__.py",))
 IDS = [p.relative_to(PACKAGE).as_posix() for p in MODULES]
+SHARED = {"errors", "events", "dtypes", "units"}  # fp8q/*.py beside the wings, which any wing may use
+# Each wing's module may import these wings (and the shared modules); see docs/ARCHITECTURE.md.
+MAY_IMPORT = {
+    "cli": {"cli", "engine", "plan", "models", "layouts", "source", "output", "verification"},
+    "engine": {"engine", "plan", "models", "layouts", "source", "output"},
+    "plan": {"plan", "models", "layouts", "source"},
+    "verification": {"verification", "plan", "models", "layouts", "source"},
+    "output": {"output", "plan", "layouts", "source"},
+    "layouts": {"layouts", "models", "source"},
+    "models": {"models", "source"},
+    "source": {"source"},
+    "errors": set(),
+    "dtypes": set(),
+    "units": set(),
+    "events": {"plan"},
+    "__init__": {"engine", "layouts", "verification"},  # the lazy public API
+}
 
 
 def _imports(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(
+                alias.name if alias.name.startswith("fp8q") else alias.name.split(".")[0] for alias in node.names
+            )
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module.split(".")[0] if not node.module.startswith("fp8q") else node.module)
     return names
+
+
+def _wing(path: Path) -> str:
+    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
 
 
 def _calls(path: Path) -> set[str]:
@@ -34,11 +59,113 @@ def _calls(path: Path) -> set[str]:
 @pytest.mark.parametrize("path", MODULES, ids=IDS)
 def test_module_boundaries(path):
     imports = _imports(path)
-    wing = path.relative_to(PACKAGE).parts[0]
+    wing = _wing(path)
     if wing != "cli":
         assert not imports & {"typer", "rich", "click"}, f"{path.name}: only the CLI renders"
         assert "print" not in _calls(path) and "exit" not in _calls(path), f"{path.name}: the library never prints"
     if wing != "source":
-        assert "huggingface_hub" not in imports, f"{path.name}: only the source wing talks to the Hub"
-    if path.name in ("numerics.py", "planner.py", "selection.py", "formats.py", "experts.py", "tensor_parallel.py"):
+        assert not imports & {"huggingface_hub", "httpx"}, f"{path.name}: only the source wing talks to the Hub"
+    if path.name in ("numerics.py", "planner.py", "selection.py", "linear.py", "experts.py", "granularity.py"):
         assert not imports & {"os", "shutil", "subprocess", "socket"}, f"{path.name} must stay free of I/O"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=IDS)
+def test_wings_import_only_what_the_architecture_allows(path):
+    wing = _wing(path)
+    allowed = MAY_IMPORT[wing] | SHARED | {wing}
+    used = {name.split(".")[1] for name in _imports(path) if name.startswith("fp8q.")}
+    assert used <= allowed, (
+        f"{path.relative_to(PACKAGE)} imports {sorted(used - allowed)}; it may import {sorted(allowed)}"
+    )
+
+
+def test_only_the_cli_names_a_layout_outside_layouts():
+    member = re.compile(r"\b(Scheme|Format|ScaleFormat)\.[A-Z_]+\b")
+    naming = sorted(p.relative_to(PACKAGE).as_posix() for p in MODULES if member.search(p.read_text()))
+    outside = [name for name in naming if not name.startswith("layouts/")]
+    assert outside == ["cli/commands.py"], outside
+
+
+# A module's docstring says what it imports in a sentence starting "Imports:", naming fp8q's modules by file
+# name (`checkpoint`), dotted path (`layouts.base`) or wing (`plan`), and third-party packages by their names.
+THIRD_PARTY = {
+    "torch": "torch",
+    "typer": "typer",
+    "rich": "rich",
+    "yaml": "PyYAML",
+    "httpx": "httpx",
+    "huggingface_hub": "huggingface_hub",
+    "compressed_tensors": "compressed-tensors",
+}
+WINGS = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+STEMS = {p.stem for p in MODULES if p.stem != "__init__"}
+
+
+def _declared(path: Path) -> set[str] | None:
+    """The names the docstring's Imports sentence lists, or None without one. The sentence is a list (commas,
+    semicolons, "and"); each item starts with a module's or a package's name, words after it and in parentheses
+    are free ("nothing" alone says it imports nothing but the standard library)."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    if "Imports:" not in doc:
+        return None
+    sentence = re.split(r"\.(?:\s|$)", doc.split("Imports:", 1)[1], maxsplit=1)[0]
+    known = STEMS | WINGS | set(THIRD_PARTY.values()) | {f"{w}.{s}" for w in WINGS for s in STEMS}
+
+    # "layouts (base, detect)" lists layouts.base and layouts.detect; "plan (types)" the plan wing as a whole.
+    def listed(m: re.Match[str]) -> str:
+        stems = [w for w in re.findall(r"\w+", m[2]) if (PACKAGE / m[1] / f"{w}.py").exists()]
+        return ", ".join(f"{m[1]}.{stem}" for stem in stems) or m[1]
+
+    sentence = re.sub(rf"\b({'|'.join(WINGS)}) \(([^)]*)\)", listed, sentence)
+    names = set()
+    for item in re.split(r",|;|\band\b", re.sub(r"\([^)]*\)", "", sentence)):
+        if item.strip() and item.split()[0] != "nothing":
+            first = item.split()[0]
+            assert first in known, f"{path.name}: 'Imports:' lists {item.strip()!r}, which names no module"
+            names.add(first)
+    return names
+
+
+def _imported(path: Path) -> set[str]:
+    """The fp8q modules (as wing.stem, or the shared stem) and third-party packages a module imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from fp8q.layouts import numerics` imports the module fp8q.layouts.numerics
+            folder = PACKAGE.joinpath(*node.module.split(".")[1:])
+            names = [
+                f"{node.module}.{a.name}"
+                if node.module == "fp8q" or (folder / f"{a.name}.py").exists()
+                else node.module
+                for a in node.names
+            ]
+        else:
+            continue
+        for name in names:
+            top, *rest = name.split(".")
+            if top in THIRD_PARTY:
+                found.add(THIRD_PARTY[top])
+            elif top == "fp8q" and rest and rest[0] != "__version__":
+                found.add(".".join(rest[:2]))
+    return found
+
+
+def _covers(word: str, module: str) -> bool:
+    """Whether a docstring's word names this imported module (itself, its file name, or its wing)."""
+    wing, _, stem = module.rpartition(".")
+    return word in (module, stem or module, wing) and word != ""
+
+
+@pytest.mark.parametrize("path", MODULES, ids=IDS)
+def test_docstrings_say_what_the_module_imports(path):
+    imported = _imported(path)
+    declared = _declared(path)
+    name = path.relative_to(PACKAGE).as_posix()
+    if declared is None:
+        assert not imported, f"{name}: its docstring needs an 'Imports:' sentence; it imports {sorted(imported)}"
+        return
+    unsaid = sorted(m for m in imported if not any(_covers(w, m) for w in declared))
+    stale = sorted(w for w in declared if not any(_covers(w, m) for m in imported))
+    assert not unsaid and not stale, f"{name}: Imports: misses {unsaid}; names {stale}, which it does not import"

@@ -1,5 +1,8 @@
 """The command line wing: typer commands over the engine's API (commands.py), their options (options.py), and what
-they show (render.py). The only wing that prints or exits."""
+they show (render.py). The only wing that prints or exits.
+
+Imports: cli.commands.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The `fp8q` commands: typer, over the engine's API. The only place that exits.
+"""The `fp8q` commands: typer, over the engine's API. The only place that exits (but for `fp8q.__main__`'s Ctrl-C
+during start-up).
+
+Imports: typer, cli (options, render), errors, layouts.vocabulary; engine (api, run), output.writer and verification
+once a command runs.
 
 Exit codes: 0 done, 1 failed (or a plan with problems), 2 usage, 130/143 interrupted. Errors are one
 line on stderr; `FP8Q_DEBUG=1` adds the traceback. Human output goes to stderr, `--json` results to

@@ -1,7 +1,7 @@
 """The command line's options: each one's flags and help, declared once for every command that takes it, and the
 `Options` a command's values make.
 
-Imports: typer, the layout vocabulary (the choices, without torch), errors; the engine's options type only when a
+Imports: typer, layouts.vocabulary (the choices, without torch), errors; engine.api (the Options type) only when a
 command runs.
 """
 

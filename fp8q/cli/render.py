@@ -1,7 +1,8 @@
 """What the command line shows: one-line messages, the plan, the verify table, the summary, and the progress bar
 fed by the library's events. Names and paths from the input are printed as they are (no markup).
 
-Imports: rich, units; the types it renders only for type checking.
+Imports: rich, units; engine.buffers (memory_estimate) and plan.planner (as_data) when it shows a plan; events and
+verification (the types it renders) only for type checking.
 """
 
 from __future__ import annotations

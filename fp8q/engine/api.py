@@ -2,7 +2,7 @@
 engine (run.py), which reads -> transforms -> writes for all three; they differ only in their plan, whose jobs say
 what happens to each tensor (keep: copied file to file; quantize; dequantize; requantize: dequantize, then quantize).
 
-Imports: layouts, plan, source, engine.run; never prints.
+Imports: dtypes, errors, events, layouts, plan, source, engine.run.
 """
 
 from __future__ import annotations

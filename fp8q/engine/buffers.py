@@ -2,9 +2,10 @@
 bounded queues, the reusable buffer pools (and what they cost: `memory_estimate`), and where the stages find the
 source shards (ShardFiles).
 
-Imports: torch, dtypes, layouts (numerics), plan types, devices, source. Memory: the pools bound what is alive
-whatever the model size: three input buffers the size of the largest weight (one being read, one queued, one
-being quantized) and a few output buffers for quantized weights (one byte per element) on their way to disk.
+Imports: torch, dtypes, errors, layouts (numerics), plan (types), engine.devices, source. Memory: the pools bound what
+is alive whatever the model size: three input buffers the size of the largest weight (one being read, one queued, one
+being quantized), three more on a GPU for the weights it still works on, and a few output buffers for quantized weights
+(one byte per element) on their way to disk, more on a GPU.
 """
 
 from __future__ import annotations

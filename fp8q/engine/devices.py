@@ -1,12 +1,12 @@
 """Runs the numerics on a device: CPU worker threads over cache-sized row chunks, or CUDA streams.
 
-Imports: torch, formats, numerics. Both give the same bits: the CPU path splits a tensor into row
-ranges whose results do not depend on the split (see numerics), the CUDA path runs the same ops on
-the whole tensor at once.
+Imports: torch, errors, layouts (base, numerics), models.experts (Part). Both give the same bits: the CPU path splits a
+tensor into row ranges whose results do not depend on the split (see numerics), the CUDA path runs the same ops on the
+whole tensor at once.
 
-A quantizer's `start` returns a `Quantized`: on the CPU it is done when returned; on a GPU it is a promise
-(upload, quantization, statistics and download queued on three streams), kept by `wait()`, which the
-pipeline's writer calls just before it writes the bytes, so the thread feeding the GPU never waits for it.
+A quantizer's `start` returns a `Quantized`: on the CPU it is done when returned; on a GPU it is a promise (upload,
+quantization, statistics and download queued on three streams), kept by `wait()`, which the writer thread
+(engine/writing.py) calls just before it writes the bytes, so the thread feeding the GPU never waits for it.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def _chunked_quantize(
 class CudaQuantizer(_Quantizer):
     """Quantizes on one CUDA device with three streams: uploads (from pinned host memory), quantization
     and statistics, and downloads (into pinned host buffers), each waiting on the last one's event, so
-    that several weights are in flight and the host never waits for the GPU: the pipeline's writer waits
+    that several weights are in flight and the host never waits for the GPU: the writer thread waits
     for each download just before it writes those bytes."""
 
     lookahead = 1

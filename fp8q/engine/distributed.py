@@ -1,6 +1,6 @@
 """Several processes converting one checkpoint together, launched by `torchrun`.
 
-Imports: torch.distributed, errors. torch.distributed is used only to agree (on the plan's
+Imports: torch (torch.distributed), errors. torch.distributed is used only to agree (on the plan's
 outcome, on which shards are reused) and to wait for each other; during the run each process
 works alone on its share of the shards, and the rendezvous store carries two small things: a byte
 counter for rank 0's progress bar, and a flag that stops every process when one fails. Without

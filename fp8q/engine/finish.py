@@ -1,7 +1,7 @@
 """What rank 0 writes once every shard is done, beside the shards: the index, config.json, the side files, the model
 card (from the plan, the options and every shard's statistics) and fp8q.json; and then OUT.partial/ becomes OUT.
 
-Imports: plan, output, source; never prints.
+Imports: errors, plan, output, source, engine.api (its types, for type checking).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 OUT. Under torchrun every process runs it and the cluster is asked twice: once all have prepared, once all have
 converted their share of the shards.
 
-Imports: everything below it; never prints. Lifecycle of `run(src, out, options, mode)`:
+Imports: dtypes, errors, events, engine (api, buffers, devices, distributed, finish, stages), output, plan, source.
+Lifecycle of `run(src, out, options, mode)`:
 
     prepare     open_source(src)           a local path; a Hub repo id from the cache, or streamed: side files
                                            and shard headers now, each shard downloaded as the reader nears it

@@ -1,8 +1,9 @@
-"""The three threads of a run and the buffers between them: the reader, the quantization loop (on the
+"""The three threads of a run: the reader, the quantization loop (on the
 caller's thread) and the writer, with the copy and per-shard hash/flush threads the writer starts.
 
-Imports: torch, layouts, plan types, devices, buffers, writing, source. `run_plan` runs a plan into `OUT.partial/`;
-the engine (run.py) decides what to run and finishes the output around it; the writer's threads are writing.py's.
+Imports: torch, dtypes, errors, events, layouts, plan (types), engine (devices, buffers, writing), output (records),
+source. `run_plan` runs a plan into `OUT.partial/`; the engine (run.py) decides what to run and finishes the output
+around it; the writer's threads are writing.py's.
 
     reader thread    shard by shard, tensor by tensor: read a tensor into a pooled (pinned) buffer,
                      and an FP8 weight's scale from whichever shard holds it
@@ -13,9 +14,7 @@ the engine (run.py) decides what to run and finishes the output around it; the w
                      whole, file to file
     shard threads    flush each finished shard, hash it, record it for --resume
 
-Memory: the buffer pools bound what is alive whatever the model size: three input buffers the
-size of the largest weight (one being read, one queued, one being quantized) and a few output
-buffers for quantized weights (one byte per element) on their way to disk.
+The buffers between them, and what bounds the memory a run holds, are buffers.py's.
 """
 
 from __future__ import annotations

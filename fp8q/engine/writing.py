@@ -2,7 +2,8 @@
 tensors kept whole are copied file to file by a copy thread running up to COPY_AHEAD shards ahead; each finished
 shard is flushed, hashed and recorded for --resume on a thread of its own.
 
-Imports: torch, layouts, plan types, output (shard files, hashing, records), buffers.
+Imports: errors, events, layouts, plan (types), output (shard files, hashing, records), engine.buffers, source
+(changed_since_read).
 
     writer thread    pwrite weight + scale at planned offsets; once a shard is written, delete
                      its source if it was streamed

@@ -15,8 +15,8 @@ registry for one (`find`) and then asks the codec.
 A new layout is a new module here, `@register`ed, and its tests: it is found by the registry, listed by `layouts()`,
 and tested against transformers by tests/test_layouts_load.py from its own cells.
 
-Imports here: vocabulary and errors only; the codecs (and torch) load on the first lookup, so that `import fp8q.cli`
-stays light.
+Imports: errors, layouts.vocabulary; layouts.base (and with it the codecs and torch) only on the first lookup. That
+keeps `import fp8q.cli` light.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """What every layout's codec is: the base class each layout module subclasses, and the registry they join.
 
-Imports: torch, dtypes, vocabulary, clients (the types of its cells). A codec owns everything about its layout:
-the scale's name, shape and dtype; the `quantization_config` it writes and how a checkpoint in it is recognised
-when read back; its quantize and dequantize numerics (kernels several layouts share live in numerics.py); what
-each client does with it, for a dense and a MoE model; and the words the plan, the model card and the CLI say
-of it. A layout module defines one subclass and registers it (`@register`); nothing else names it.
+Imports: torch, dtypes, layouts (vocabulary, clients, numerics), source.checkpoint (types, for type checking). A codec
+owns everything about its layout: the scale's name, shape and dtype; the `quantization_config` it writes and how a
+checkpoint in it is recognised when read back; its quantize and dequantize numerics (kernels several layouts share live
+in numerics.py); what each client does with it, for a dense and a MoE model; and the words the plan, the model card and
+the CLI say of it. A layout module defines one subclass and registers it (`@register`); nothing else names it.
 
 The family bases (compressed_tensors.py, fp8.py) hold what a format's layouts share: the config they write, the
 dtype the client multiplies in, the rules for scale names and dtypes.

@@ -2,7 +2,8 @@
 `model_free_ptq` writes it), the client's arithmetic (compressed-tensors' `dequantize`: q times the scale, in the
 scale's dtype), the rules for scale names and dtypes, and how its config is read back (config groups, `ignore`).
 
-Imports: torch, the layout base, selection rules (what "Linear" targets).
+Imports: torch, layouts (base, numerics, vocabulary), source.checkpoint (types, for type checking), compressed-tensors
+(optional, to validate a config read back).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """compressed-tensors block (llm-compressor's FP8_BLOCK): one `weight_scale` per tile, `[ceil(out/bh),
 ceil(in/bw)]` in the weight's dtype; activations quantized per group of `bw` at run time.
 
+Imports: torch, layouts (base, clients, compressed_tensors, fp8, granularity, numerics, vocabulary).
+
 Numerics (llm-compressor `model_free_ptq`): per zero-padded tile amax, scale = amax / 448 and q = x / scale, in
 the weight's own dtype; a zero scale becomes that dtype's eps.
 """

@@ -1,6 +1,8 @@
 """compressed-tensors per-channel (llm-compressor's FP8_DYNAMIC): one `weight_scale` per output row, `[out, 1]` in
 the weight's dtype; activations quantized per token at run time.
 
+Imports: torch, layouts (base, clients, compressed_tensors, numerics, vocabulary).
+
 Numerics (llm-compressor `model_free_ptq`): per row amax, scale = amax / 448 and q = x / scale, all in the
 weight's own dtype; a zero scale becomes that dtype's eps.
 """

@@ -2,6 +2,8 @@
 the input dim, each scale a power of two stored as its E8M0 exponent in one byte (`weight_scale` `[out, in/32]`
 uint8); activations in groups of 32 at run time.
 
+Imports: torch, layouts (base, clients, compressed_tensors, numerics, vocabulary).
+
 Numerics (compressed-tensors `calculate_qparams` with an E8M0 uint8 scale): per group, in the weight's dtype:
 amax rounded to a power of two (up when its mantissa is at least 0.75), exponent - 8 (the e4m3 largest power of
 two), biased by 127 and clamped to [0, 255]; the scale 2^(exponent - 127) in the weight's dtype (1 where that

@@ -1,6 +1,8 @@
 """compressed-tensors per-tensor: one `weight_scale` `[1]` in the weight's dtype; activations quantized per token at
 run time.
 
+Imports: torch, layouts (base, clients, compressed_tensors, granularity, vocabulary).
+
 Numerics (compressed-tensors): the whole tensor's amax, scale = amax / 448 and q = x / scale, in the weight's
 dtype; a zero scale becomes that dtype's eps.
 """

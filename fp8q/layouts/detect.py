@@ -1,10 +1,10 @@
 """Recognize the FP8 layout of an existing checkpoint, weight by weight, from its config and headers alone.
 
-Imports: errors, dtypes, checkpoint types, formats, selection. Used by `verify` and `dequantize`, which read
-checkpoints fp8q did not write (llm-compressor, AutoFP8, DeepSeek's own release), so nothing here assumes
-fp8q's conventions: every FP8 `X.weight` is paired with `X.weight_scale` or `X.weight_scale_inv` through the
-tensor map (the scale may sit in another shard), and its layout is read off the scale's shape, checked against
-what the `quantization_config` promises:
+Imports: torch, errors, dtypes, layouts (the registry's find), layouts (base, compressed_tensors, fp8, numerics,
+vocabulary), models.linear, source.checkpoint (types). Used by `verify` and `dequantize`, which read checkpoints fp8q
+did not write (llm-compressor, AutoFP8, DeepSeek's own release), so nothing here assumes fp8q's conventions: every FP8
+`X.weight` is paired with `X.weight_scale` or `X.weight_scale_inv` through the tensor map (the scale may sit in another
+shard), and its layout is read off the scale's shape, checked against what the `quantization_config` promises:
 
 - compressed-tensors: scale `[1]` or 0-d (tensor), `[out, 1]` (channel), `[ceil(out/bh), ceil(in/bw)]` (block,
   `block_structure` from the config group; a `group` strategy is a block of `1 x group_size`).
@@ -32,7 +32,7 @@ from fp8q.layouts.compressed_tensors import CompressedTensorsLayout, match_name
 from fp8q.layouts.fp8 import Fp8Layout
 from fp8q.layouts.numerics import nan_codes
 from fp8q.layouts.vocabulary import Format
-from fp8q.plan.selection import is_linear_weight
+from fp8q.models.linear import is_linear_weight
 from fp8q.source.checkpoint import TensorMeta
 
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")

@@ -2,7 +2,8 @@
 the client's arithmetic (q times the scale in float32: transformers' `Fp8Dequantize`, DeepSeek's `weight_dequant`),
 the rules for scale names and dtypes, and how its config is read back (`weight_block_size`, `ignored_layers`).
 
-Imports: torch, the layout base.
+Imports: torch, layouts (base, compressed_tensors, vocabulary), models.linear (keep_reason, when reading
+ignored_layers), source.checkpoint (types, for type checking).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class Fp8Layout(Layout):
         """Whether `ignored_layers` leaves this module unquantized. vLLM matches them exactly, SGLang on dot
         boundaries, transformers by substring; the dot-boundary rule sits between them. lm_head and MoE routers
         are never FP8 layers in vLLM."""
-        from fp8q.plan.selection import keep_reason
+        from fp8q.models.linear import keep_reason
 
         if keep_reason(module) in ("lm_head", "router"):
             return True

@@ -2,6 +2,8 @@
 `weight_block_size: [bh, bw]`; activations dynamic. With `--scale-format ue8m0` the scales are powers of two
 (DeepSeek-V3.1, DeepGEMM on Blackwell), said by `scale_fmt: ue8m0`.
 
+Imports: torch, layouts (base, clients, fp8, granularity, numerics, vocabulary).
+
 Numerics (vLLM's copy of DeepGEMM's `per_block_cast_to_fp8`): float32 amax per zero-padded tile, clamped at
 1e-4, sf = amax / 448, q = x * (1 / sf), stored float32; with ue8m0 (`use_ue8m0=True`) sf is first rounded up
 to a power of two, 2^ceil(log2(sf)) with vLLM's float32 log2. Older DeepGEMM copies compute q = x * (448 / amax),

@@ -1,5 +1,7 @@
 """vLLM's fp8 per-tensor layout (AutoFP8): one `weight_scale`, a float32 scalar; activations dynamic.
 
+Imports: torch, layouts (base, clients, fp8, granularity, numerics, vocabulary).
+
 Numerics (vLLM's `scaled_fp8_quant`, what vLLM computes online at start-up): float32 amax, scale = amax / 448,
 q = x * (1 / scale), stored float32: an offline checkpoint serves exactly the weights vLLM would make itself.
 """

@@ -3,7 +3,7 @@ every row. Per tile (compressed-tensors block, fp8 block): one scale per tile of
 scale rows, how a scale spreads over its tile; and what decides whether vLLM loads them: whole tiles in every
 part of a merged layer, every MoE expert and every tensor-parallel shard.
 
-Imports: the layout base, numerics. vLLM shards column-parallel layers (q/k/v, gate/up, ...) along the output dim,
+Imports: torch, layouts (base, numerics). vLLM shards column-parallel layers (q/k/v, gate/up, ...) along the output dim,
 row-parallel layers (o_proj, down_proj, ...) along the input dim, and MoE experts along their intermediate dim;
 with block scales every shard must hold whole tiles (`validate_fp8_block_shape` in
 vllm/model_executor/layers/quantization/utils/fp8_utils.py, and the MoE `intermediate_size_per_partition`

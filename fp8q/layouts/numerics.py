@@ -2,7 +2,7 @@
 weight quantized, dequantized as its client computes it, checked, sampled for the manifest's statistics) that
 call into the layout's own codec for what is its own.
 
-Imports: torch, dtypes, the layout base. Pure: tensors in, tensors out, on whatever device they live on.
+Imports: torch, layouts.base (for type checking). Pure: tensors in, tensors out, on whatever device they live on.
 
 No clamp before the cast, and none is needed: with |x| <= amax, x / (amax / 448) rounds to at most
 448 * (1 + 2^-7) < 464, which float8_e4m3fn's round-to-nearest-even takes to 448 (464 is the midpoint

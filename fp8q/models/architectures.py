@@ -1,6 +1,6 @@
 """What each architecture's checkpoints hold beyond plain Linear layers, written once as a table.
 
-Imports: stdlib only. For every architecture fp8q knows: the Linear layers that stay in high precision (and are
+Imports: nothing. For every architecture fp8q knows: the Linear layers that stay in high precision (and are
 listed in the config's ignore list), the groups of sibling layers vLLM loads as one layer (which must be
 quantized alike), how fused 3-D expert tensors are oriented, and where its MTP / nextn draft layers are. The
 defaults follow the official FP8 releases and the engines' model code (vLLM, vllm/model_executor/models/), cited
@@ -42,7 +42,7 @@ class Architecture:
     mtp: str = ""  # where its MTP / nextn draft layers are, for `inspect`
 
 
-# Every architecture: the output heads, MoE routers and gates, encoders (see selection.py) and these.
+# Every architecture: the output heads, MoE routers and gates, encoders (see linear.py) and these.
 COMMON_KEEP = (
     # An MTP layer's own LM head (DeepSeek, GLM: `shared_head.head`) is an LM head: never FP8 in any engine.
     _keep(r"(^|\.)shared_head\.head$", "MTP shared_head.head: an LM head, never FP8 (deepseek_mtp.py ParallelLMHead)"),

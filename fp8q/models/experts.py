@@ -1,7 +1,7 @@
 """Fused 3-D MoE expert tensors, split into the per-expert 2-D Linear weights engines know.
 
-Imports: checkpoint types, errors, architectures. Some checkpoints store all experts of a layer in one tensor
-per projection, under one of two namings:
+Imports: torch, errors, models.architectures, source.checkpoint (types). Some checkpoints store all experts of a layer
+in one tensor per projection, under one of two namings:
 
 - `experts.gate_up_proj` and `experts.down_proj` (gpt-oss, Llama 4, Gemma-4, Qwen3-VL-MoE, Qwen3.5, and
   transformers 5's in-memory form), with biases `gate_up_proj_bias` [E, 2I] and `down_proj_bias` [E, H];

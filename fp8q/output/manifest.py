@@ -1,9 +1,9 @@
 """The run's records: a fingerprint of source and options, the progress log `--resume` trusts, and
 the `fp8q.json` manifest left in OUT.
 
-Imports: errors, checkpoint and plan types. The progress log lives in `OUT.partial/` and is
-rewritten atomically each time a shard is on disk, with that shard's sha256, so a resumed run
-reuses exactly the shards that were finished and still hash the same.
+Imports: errors, output.writer (its file names), source (checkpoint, files). The progress log lives in `OUT.partial/`:
+a record of the run (its fingerprint, the source files' stat) and one record per shard on disk, written atomically with
+that shard's sha256, so a resumed run reuses exactly the shards that were finished and still hash the same.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The output's README.md: a model card for the converted model, in place of the source's.
 
-Imports: formats, plan types, PyYAML (for the YAML front matter both ways). The card
+Imports: dtypes, units, layouts (base, clients, detect), PyYAML (the YAML front matter, both ways). The card
 says what the output is (layout, scales, what was quantized and kept), the exact command that makes it
 again, the quantization error summarised from the same per-tensor figures `fp8q.json` records, and how
 to serve it. The source's card follows below a rule, its own front matter removed: it still describes the

@@ -2,7 +2,7 @@
 can (`os.copy_file_range`, so kept tensors never enter this process), and each write handed to the disk at once
 (`sync_file_range`, Linux) rather than left dirty until the shard's fsync, which would then wait for all of it.
 
-Imports: torch, the source reader's byte view.
+Imports: torch, source.reader (its byte view of a tensor).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The output folder: streaming shard files, JSON side files, copies, and the atomic rename.
 
-Imports: errors, checkpoint, plan types, tensor_io. All work happens in `OUT.partial/` beside OUT,
-locked by the run that writes it; only a complete result is renamed to OUT, so a crash or kill never
-leaves a folder that looks finished. fp8q deletes only what it made: its own `OUT.partial/`, and with
-`--overwrite` an OUT whose fp8q.json lists every file in it.
+Imports: torch, errors, output.shard_io, plan (types), source (checkpoint, files). All work happens in `OUT.partial/`
+beside OUT, locked by the run that writes it; only a complete result is renamed to OUT, so a crash or kill never leaves
+a folder that looks finished. fp8q deletes only what it made: its own `OUT.partial/`, and with `--overwrite` an OUT
+whose fp8q.json lists every file in it.
 """
 
 from __future__ import annotations

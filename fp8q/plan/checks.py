@@ -1,8 +1,8 @@
 """What would make a planned output unservable (refused), and what a user should know about it (noted).
 
-Imports: plan types, layouts (each codec says what is its own), architectures, selection, checkpoint. Pure:
-everything is decided from the plan, before any data is read, so `quantize` refuses before writing, and
-`inspect` / `--dry-run` can exit 1 for CI to gate on.
+Imports: plan (planner, selection), layouts (each codec says what is its own), models (architectures, linear),
+source.checkpoint. Pure: everything is decided from the plan, before any data is read, so `quantize` refuses before
+writing, and `inspect` / `--dry-run` can exit 1 for CI to gate on.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Any
 from fp8q.layouts.base import Layout
 from fp8q.layouts.clients import TRANSFORMERS_MEASURED, UNSERVABLE, Outcome, is_moe
 from fp8q.models.architectures import model_types
+from fp8q.models.linear import is_linear_weight
 from fp8q.plan.planner import Action, Plan
-from fp8q.plan.selection import is_linear_weight, unknown_architecture_note
+from fp8q.plan.selection import unknown_architecture_note
 from fp8q.source.checkpoint import CONFIG_FILE
 
 

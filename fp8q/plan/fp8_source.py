@@ -1,6 +1,6 @@
 """An FP8 checkpoint as the source of a conversion (dequantize, convert): its layout, checked, and what it turns into.
 
-Imports: errors, dtypes, checkpoint, formats, layouts. Pure apart from nothing: everything here is decided from
+Imports: errors, source.checkpoint, layouts (base, detect). Pure: everything here is decided from
 config and headers, before any data is read.
 """
 

@@ -1,8 +1,8 @@
 """The pure planner: from a validated `Checkpoint` and the options, the complete output.
 
-Imports: errors, dtypes, checkpoint, selection, formats. Before any tensor data is read the plan
-fixes every output tensor's name, dtype, shape and byte offset, every shard header, the index and
-the config, so the writer can stream and `inspect` can show the whole result.
+Imports: errors, dtypes, source.checkpoint, plan.selection, layouts (base, detect), models (architectures, experts).
+Before any tensor data is read the plan fixes every output tensor's name, dtype, shape and byte offset, every shard
+header, the index and the config, so the writer can stream and `inspect` can show the whole result.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Which tensors are the weights of Linear layers, and which of those get quantized.
+"""Which tensors get quantized: the Linear weights (models/linear.py) but those kept, by rule or by the user.
 
-Imports: errors, dtypes, checkpoint types, architectures, experts. Decided from names, shapes and dtypes alone
-(no model code): a Linear weight is a 2-D float `*.weight` that is not an embedding, or a fused 3-D expert
-tensor. Of those, lm_head, MoE routers and gates, vision/audio towers and their projectors, and what the
-architecture's table entry keeps (MTP heads, layers its engines build unquantized) stay as they are, as do user
-`--ignore` matches; `--targets` narrows the rest. Every Linear left unquantized is listed by exact module name,
-and layers that vLLM loads as one (q/k/v, gate/up, ...) are quantized alike or refused.
+Imports: errors, dtypes, source.checkpoint (types), models (architectures, experts, linear). Decided from names, shapes
+and dtypes alone (no model code): of the Linear weights (linear.py) and fused 3-D expert tensors (experts.py), what
+linear.py keeps for every architecture (lm_head, MoE routers, encoders), what the architecture's table entry keeps (MTP
+heads, layers its engines build unquantized) and user `--ignore` matches stay as they are; `--targets` narrows the rest.
+Every Linear left unquantized is listed by exact module name, and layers that vLLM loads as one (q/k/v, gate/up, ...)
+are quantized alike or refused.
 """
 
 from __future__ import annotations
@@ -16,25 +16,15 @@ from dataclasses import dataclass
 
 from fp8q.dtypes import FP8_NAMES, QUANTIZABLE
 from fp8q.errors import CheckpointError, UnsupportedTensorError, UsageError
-from fp8q.models.architectures import GENERIC, Architecture, architecture_of, groups, keep_rules, model_types
+from fp8q.models.architectures import GENERIC, Architecture, architecture_of, groups, model_types
 from fp8q.models.experts import is_fused_expert_weight
+from fp8q.models.linear import FLOAT_DTYPES, is_linear_weight, keep_reason
 from fp8q.source.checkpoint import TensorMeta
 
-FLOAT_DTYPES = (*QUANTIZABLE, "F64", *FP8_NAMES)
 # What to do with an FP8 checkpoint given to quantize.
 ALREADY_QUANTIZED = (
     "`fp8q verify` checks it, `fp8q convert` writes it in another FP8 layout, `fp8q dequantize` makes it bf16; "
     "or give the bf16/fp16/fp32 checkpoint"
-)
-# Embedding tables are nn.Embedding, not Linear: kept and not listed in `ignore`.
-_EMBEDDING = re.compile(r"(^|\.)([^.]*embed[^.]*|wte|wpe|shared|relative_attention_bias)$")
-_LM_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)$|^output$")
-# MoE routers stay in high precision in every engine (vLLM builds them with quant_config=None).
-_ROUTER = re.compile(r"(^|\.)(gate|shared_expert_gate|router)$|(^|\.)router\.")
-# Vision and audio encoders and their projectors into the language model.
-_ENCODER = re.compile(
-    r"(^|\.)(vision_tower|vision_model|visual|vision|vision_encoder|image_encoder|vision_proj|"
-    r"multi_modal_projector|mm_projector|connector|audio_tower|audio_model|audio_encoder)(\.|$)"
 )
 
 
@@ -52,29 +42,6 @@ class Selection:
 def natural_key(name: str) -> list[str | int]:
     """Sort key that puts layers.2 before layers.10."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def is_linear_weight(meta: TensorMeta) -> bool:
-    return (
-        meta.name.endswith(".weight")
-        and len(meta.shape) == 2
-        and meta.dtype in FLOAT_DTYPES
-        and not _EMBEDDING.search(meta.module)
-    )
-
-
-def keep_reason(module: str, arch: Architecture = GENERIC) -> str | None:
-    """Why a Linear module is kept by default, or None when it is quantized."""
-    if _LM_HEAD.search(module):
-        return "lm_head"
-    if _ROUTER.search(module):
-        return "router"
-    if _ENCODER.search(module):
-        return "encoder"
-    for rule in keep_rules(arch):
-        if rule.pattern.search(module):
-            return rule.why
-    return None
 
 
 def select(

@@ -1,6 +1,6 @@
 """Read a safetensors checkpoint's headers and index into a validated `Checkpoint`; no tensor data.
 
-Imports: errors, dtypes. Every check a malformed or hostile checkpoint needs happens here, before a
+Imports: errors, dtypes, source.files. Every check a malformed or hostile checkpoint needs happens here, before a
 single tensor byte is read: bounded header sizes, offsets that tile the file exactly, index entries
 that agree with the shard headers in both directions, shard names that stay inside the folder, and
 symbolic links that stay inside it too (a README.md linking to /proc/self/environ must not carry

@@ -3,7 +3,7 @@ will take it) with `os.preadv`, so nothing is memory-mapped and the resident set
 flight; and a hint that asks the kernel to fetch the bytes a reader will want next (Linux; elsewhere it does
 nothing).
 
-Imports: torch, dtypes, errors, checkpoint types.
+Imports: torch, dtypes, errors, source (checkpoint, files).
 """
 
 from __future__ import annotations

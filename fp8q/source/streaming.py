@@ -1,15 +1,14 @@
 """A Hub repo converted as it downloads: plan from the shards' headers, then fetch a shard, convert it, drop it.
 
-Imports: errors, checkpoint, huggingface_hub. Used when SRC is a repo id whose weights are not all in the local
-cache and the repo has an index (a one-shard repo is simply downloaded). Planning reads each missing shard's
-header with two small range requests, so every check runs before any weight is downloaded. The run then
-downloads shard k+1 while shard k converts, with huggingface_hub's own client (same HF_ENDPOINT, HF_TOKEN,
-revision), into a staging folder of the run's own inside `OUT.partial/`, and deletes each shard once it is
-written: the disk holds the output, at most two source shards and the side files. The shared Hugging Face cache
-is left alone: another process (a second fp8q, `snapshot_download`) may be reading or writing the very same
-files there, so fp8q never deletes anything in it. With `--keep-download` the shards are downloaded into the cache
-instead, as huggingface_hub itself would, and kept. Shards that were in the cache before the run are read where
-they are.
+Imports: errors, source.checkpoint, huggingface_hub, httpx (its transport). Used when SRC is a repo id whose weights are
+not all in the local cache and the repo has an index (a one-shard repo is simply downloaded). Planning reads each
+missing shard's header with two small range requests, so every check runs before any weight is downloaded. The run then
+downloads shard k+1 while shard k converts, with huggingface_hub's own client (same HF_ENDPOINT, HF_TOKEN, revision),
+into a staging folder of the run's own inside `OUT.partial/`, and deletes each shard once it is written: the disk holds
+the output, at most two source shards and the side files. The shared Hugging Face cache is left alone: another process
+(a second fp8q, `snapshot_download`) may be reading or writing the very same files there, so fp8q never deletes anything
+in it. With `--keep-download` the shards are downloaded into the cache instead, as huggingface_hub itself would, and
+kept. Shards that were in the cache before the run are read where they are.
 """
 
 from __future__ import annotations

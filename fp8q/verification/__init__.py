@@ -1,7 +1,8 @@
 """Check an FP8 checkpoint before it is shipped: will the engines load it, and (given the source) is it close?
 
-Imports: errors, checkpoint, layouts, dequantize, selection, tensor_io. Reads headers first, then one tensor at
-a time, so it runs on checkpoints of any size. What it checks:
+Imports: torch, errors, dtypes, events, source (checkpoint, reader), layouts (detect, numerics), models (architectures,
+experts, linear), plan (checks, selection). Reads headers first, then one tensor at a time, so it runs on checkpoints of
+any size. What it checks:
 
 - structure: `read_checkpoint`'s validation (index and shard headers agree both ways, offsets tile each file);
 - config: compressed-tensors configs go through compressed-tensors' own `QuantizationConfig.model_validate`
@@ -42,8 +43,9 @@ from fp8q.layouts.detect import (
 )
 from fp8q.models.architectures import architecture_of, groups
 from fp8q.models.experts import Part, fused_weight_of, is_fused_expert_weight, split
+from fp8q.models.linear import is_linear_weight, keep_reason
 from fp8q.plan.checks import MAX_REL_ERROR
-from fp8q.plan.selection import is_linear_weight, keep_reason, natural_key
+from fp8q.plan.selection import natural_key
 from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint, TensorMeta, read_checkpoint
 from fp8q.source.reader import ShardReader
 
