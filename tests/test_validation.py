@@ -258,6 +258,7 @@ def test_not_enough_disk(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "args,expect",
     [
+        (["--scheme", "channel", "--format", "fp8"], "vLLM's fp8 format has no per-channel weights"),
         (["--block-size", "12"], "--block-size '12': expected ROWSxCOLS"),
         (["--ignore", "(["], "--ignore '([': not a valid regular expression"),
         (["--scheme", "bogus"], "bogus"),
