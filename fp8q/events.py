@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fp8q.plan.planner import Plan
 
@@ -59,6 +60,11 @@ class Report:
 
     out: str
     device: str
+    version: str  # fp8q's
+    command: str  # quantize, dequantize or convert
+    # The layout written (scheme, format, scale_format, block_size: None but for a block layout); None for dequantize.
+    layout: dict[str, Any] | None
+    files: dict[str, str]  # every file of OUT but fp8q.json, by its path in OUT -> its sha256
     tensors_quantized: int
     tensors_kept: int
     bytes_in: int

@@ -106,3 +106,68 @@ def test_verify_and_dequantize_commands(tmp_path):
     bad = runner.invoke(app, ["verify", str(tmp_path / "fp8")])
     assert bad.exit_code == 1
     assert "model.layers.1.mlp.up_proj" in bad.stderr.strip().splitlines()[-1]
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_json_success_object_for_ci(tmp_path):
+    """What a CI job reads: ok, the version, the layout, counts, times, every output file with its sha256, and the
+    notes (a shard the index does not list is said in the JSON even under --quiet)."""
+    src = tiny_llama(tmp_path / "src")
+    (src / "stray.safetensors").write_bytes(
+        (src / sorted(p.name for p in src.glob("model*.safetensors"))[0]).read_bytes()
+    )
+    out = tmp_path / "out"
+    args = ["quantize", str(src), str(out), "--json", "-q", "--device", "cpu", "--scheme", "tensor", "--format", "fp8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    data = json.loads(result.stdout)
+    assert data["ok"] is True and data["exit_code"] == 0 and data["version"] == __version__
+    assert data["command"] == "quantize"
+    assert data["layout"] == {"scheme": "tensor", "format": "fp8", "scale_format": "float", "block_size": None}
+    assert data["tensors_quantized"] == 14 and data["wall_seconds"] >= data["seconds"] > 0
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"fp8q.json"}
+    assert set(data["files"]) == on_disk
+    assert all(data["files"][name] == _sha256(out / name) for name in on_disk)
+    assert any("stray.safetensors" in note and "not listed" in note for note in data["notes"]), data["notes"]
+
+
+def test_json_failure_object_for_ci(tmp_path):
+    """Every failure under --json: one object on stdout with the one line stderr says and the exit code."""
+    src = tiny_llama(tmp_path / "src")
+    runner = CliRunner()
+    cases = [
+        (["quantize", str(tmp_path / "nope"), str(tmp_path / "o1")], 1),  # no such source
+        (["quantize", str(src), str(src / "inside")], 1),  # OUT inside SRC
+        (["quantize", str(src), "/"], 2),  # usage: OUT the root
+        (["dequantize", str(src), str(tmp_path / "o2")], 1),  # not an FP8 checkpoint
+        (["verify", str(src)], 1),  # verify's own failure: its report, with the error
+        (["inspect", str(src), "--scheme", "block", "--tp", "3"], 1),  # a plan with problems
+    ]
+    for args, code in cases:
+        result = runner.invoke(app, [*args, "--json"])
+        assert result.exit_code == code, (args, result.output)
+        data = json.loads(result.stdout)  # exactly one object
+        assert data["ok"] is False and data["exit_code"] == code, (args, data)
+        if args[0] != "inspect":  # a plan's problems are listed in it; the others say their one line
+            line = result.stderr.strip().splitlines()[-1]
+            assert line == f"error: {data['error']}", (args, line, data)
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2"))
+
+
+def test_json_failure_for_a_usage_error_of_the_console_script(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fp8q", "quantize", str(tmp_path), "--json", "--scheme", "bogus"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    data = json.loads(result.stdout)
+    assert data["ok"] is False and data["exit_code"] == 2 and "bogus" in data["error"]
+    assert result.stderr.strip() == f"error: {data['error']}"

@@ -13,13 +13,12 @@ instant.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -49,7 +48,7 @@ from fp8q.cli.options import (
     WorkersOpt,
     make_options,
 )
-from fp8q.cli.render import ProgressView, one_line, say, show_plan, show_report, show_verify
+from fp8q.cli.render import JSON, ProgressView, one_line, say, show_plan, show_report, show_verify
 from fp8q.errors import Fp8qError
 
 if TYPE_CHECKING:
@@ -88,7 +87,6 @@ app = typer.Typer(
 )
 # Piped output is not wrapped at 80 columns: a tensor name stays on one line for grep and logs. No markup: names
 # and paths come from the input, and `[bold]` in a tensor name is text (styles are given as `Text` spans).
-T = TypeVar("T")
 _RANK = int(os.environ.get("RANK", "0"))  # set by torchrun
 
 
@@ -100,8 +98,11 @@ def main() -> None:
         message = e.format_message().replace("Value error, ", "")
         # The help of the command given, where there is such a command (a misspelled one has none).
         command = next((a for a in sys.argv[1:2] if a in _COMMANDS), "")
-        say("error:", "red", f"{one_line(message)} (see `fp8q {command} --help`)".replace("  ", " "))
+        line = f"{one_line(message)} (see `fp8q {command} --help`)".replace("  ", " ")
+        say("error:", "red", line)
         code = e.exit_code
+        if "--json" in sys.argv:
+            JSON.failure(line, code)
     except KeyboardInterrupt:
         say("interrupted:", "red", "nothing was written")
         code = 130
@@ -167,7 +168,7 @@ def quantize_command(
         )  # fmt: skip
         _convert(src, out, options, "quantize", dry_run, as_json, quiet)
 
-    _guarded(run, out)
+    _guarded(run, out, as_json)
 
 
 @app.command("convert", cls=_Command)
@@ -219,7 +220,7 @@ def convert_command(
         )  # fmt: skip
         _convert(src, out, options, "convert", dry_run, as_json, quiet)
 
-    _guarded(run, out)
+    _guarded(run, out, as_json)
 
 
 def _convert(src: str, out: Path, options: Options, mode: str, dry_run: bool, as_json: bool, quiet: bool) -> None:
@@ -273,7 +274,7 @@ def inspect_command(
         if plan.problems:
             raise typer.Exit(1)  # so that CI can gate on `inspect`; the problems are listed
 
-    _guarded(run)
+    _guarded(run, as_json=as_json)
 
 
 @app.command("verify", cls=_Command)
@@ -305,18 +306,19 @@ def verify_command(
         reference = local_source(source) if source is not None else None
         with ProgressView(quiet, "verifying") as view:
             report = verify(local_source(path), reference, on_event=view.on_event)
+        # Several problems are listed (unless quiet); one is said in the error line alone.
+        several = len(report.problems) > 1 and not quiet
+        listed = "listed above" if several else f"first: {report.problems[0]}" if report.problems else ""
+        error = f"{report.path}: {len(report.problems)} problem(s), {listed}"
         if as_json:
-            data = {**report.__dict__, "ok": report.ok, "rows": [row.__dict__ for row in report.rows]}
-            sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+            verdict = {"ok": True, "exit_code": 0} if report.ok else {"ok": False, "error": error, "exit_code": 1}
+            JSON.write({**verdict, **report.__dict__, "rows": [row.__dict__ for row in report.rows]})
         if not quiet:
             show_verify(report, top)
         if not report.ok:
-            # Several are listed above (unless quiet); one is said here alone.
-            several = len(report.problems) > 1 and not quiet
-            listed = "listed above" if several else f"first: {report.problems[0]}"
-            raise Fp8qError(f"{report.path}: {len(report.problems)} problem(s), {listed}")
+            raise Fp8qError(error)
 
-    _guarded(run)
+    _guarded(run, as_json=as_json)
 
 
 @app.command("dequantize", cls=_Command)
@@ -353,7 +355,7 @@ def dequantize_command(
             )  # fmt: skip
         show_report(report, as_json, quiet)
 
-    _guarded(run, out)
+    _guarded(run, out, as_json)
 
 
 @contextmanager
@@ -369,9 +371,11 @@ def _engine_imports() -> Iterator[None]:
         gc.enable()
 
 
-def _guarded(fn: Callable[[], T], out: Path | None = None) -> T:
-    """The error boundary: known errors become one line and an exit code. `out`: the command's output folder,
-    whose OUT.partial/ (an earlier run's) a Ctrl-C before the run takes it over leaves as it was."""
+def _guarded(fn: Callable[[], None], out: Path | None = None, as_json: bool = False) -> None:
+    """The error boundary: known errors become one line and an exit code, and with `--json` the failure object on
+    stdout too. `out`: the command's output folder, whose OUT.partial/ (an earlier run's) a Ctrl-C before the run
+    takes it over leaves as it was."""
+    JSON.written = False
     debug = os.environ.get("FP8Q_DEBUG", "") not in ("", "0")
     if not debug:
         # huggingface_hub logs its retries as warnings: a failure is fp8q's one line, a retry that works is
@@ -386,8 +390,7 @@ def _guarded(fn: Callable[[], T], out: Path | None = None) -> T:
             raise
         if _RANK > 0:  # rank 0 reports every process's failure
             raise typer.Exit(e.exit_code) from None
-        say("error:", "red", one_line(str(e)))
-        raise typer.Exit(e.exit_code) from None
+        label, line, code = "error:", one_line(str(e)), e.exit_code
     except KeyboardInterrupt:
         partial = out.with_name(out.name + ".partial") if out is not None and out.name else None
         kept = (
@@ -395,14 +398,13 @@ def _guarded(fn: Callable[[], T], out: Path | None = None) -> T:
             if partial and partial.is_dir()
             else ""
         )
-        say("interrupted:", "red", f"nothing was written to the output folder{kept}")
-        raise typer.Exit(130) from None
+        label, line, code = "interrupted:", f"nothing was written to the output folder{kept}", 130
     except Exception as e:
         if debug:
             raise
-        say(
-            "internal error:",
-            "red",
-            f"{type(e).__name__}: {one_line(str(e))} (set FP8Q_DEBUG=1 for the traceback, and please report it)",
-        )
-        raise typer.Exit(1) from None
+        label, code = "internal error:", 1
+        line = f"{type(e).__name__}: {one_line(str(e))} (set FP8Q_DEBUG=1 for the traceback, and please report it)"
+    say(label, "red", line)
+    if as_json and _RANK == 0:
+        JSON.failure(line, code)
+    raise typer.Exit(code) from None

@@ -61,6 +61,25 @@ def _elapsed() -> float:
 _IMPORTED = time.perf_counter()
 
 
+class JsonOut:
+    """`--json`: exactly one object on stdout, whatever happens: the result (with `"ok"` and `"exit_code"`), or
+    `{"ok": false, "error": "<the one line>", "exit_code": N}` when the command fails before it has one."""
+
+    def __init__(self) -> None:
+        self.written = False
+
+    def write(self, data: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        self.written = True
+
+    def failure(self, line: str, exit_code: int) -> None:
+        if not self.written:
+            self.write({"ok": False, "error": line, "exit_code": exit_code})
+
+
+JSON = JsonOut()
+
+
 def notes(notes: tuple[str, ...] | list[str]) -> None:
     for note in notes:
         say("note:", "yellow", note)
@@ -74,7 +93,7 @@ def show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
     data = as_data(plan)
     data["estimated_peak_host_bytes"], data["estimated_peak_gpu_bytes"] = memory_estimate(plan, os.cpu_count() or 1)
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        JSON.write({"ok": not plan.problems, "exit_code": 1 if plan.problems else 0, **data})
     if not quiet:
         table = Table(title=f"fp8q plan for {plan.checkpoint.root}", show_header=False, title_justify="left")
         layout = f"{plan.layout.scheme.value} / {plan.layout.format.value}" if plan.layout else "none (dequantize)"
@@ -159,9 +178,10 @@ def show_verify(report: VerifyReport, top: int) -> None:
 
 def show_report(report: Report, as_json: bool, quiet: bool) -> None:
     if as_json:
-        data: dict[str, Any] = dict(report.__dict__)
+        data: dict[str, Any] = {"ok": True, "exit_code": 0, **report.__dict__}
         data["gb_per_s"] = round(report.gb_per_s, 3)
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        data["wall_seconds"] = round(_elapsed(), 3)  # the whole command, start-up included
+        JSON.write(data)
     if quiet:
         return
     notes(report.findings)

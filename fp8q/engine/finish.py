@@ -41,8 +41,9 @@ def finish(
     fingerprint: dict[str, Any],
     timings: dict[str, Any],
     source_text: str | None,
-) -> list[str]:
-    """Write what goes beside the shards and make OUT; returns what the quantized values tell (run_findings).
+) -> tuple[list[str], dict[str, str]]:
+    """Write what goes beside the shards and make OUT; returns what the quantized values tell (run_findings) and
+    every file of OUT but fp8q.json with its sha256.
 
     Raises:
         OSError: writing a file or the final rename failed (OUT.partial/ keeps its records for --resume).
@@ -54,7 +55,7 @@ def finish(
     stats = {name: st for entry in done.values() for name, st in entry["tensors"].items()}
     card = card_input(plan, src, out, options, mode, stats, source_text) if options.model_card else None
     write_metadata_files(plan, partial, card)
-    write_manifest(partial, fingerprint, done, timings)
+    files = write_manifest(partial, fingerprint, done, timings)
     # The run's records leave OUT.partial/ just before it becomes OUT, and come back if that fails.
     aside = progress.set_aside()
     try:
@@ -63,7 +64,7 @@ def finish(
         progress.put_back(aside)
         raise
     remove_tree(aside)
-    return run_findings(stats)
+    return run_findings(stats), files
 
 
 def write_metadata_files(plan: Plan, partial: Path, card: CardInput | None) -> None:

@@ -83,6 +83,7 @@ def run(src: str | Path, out: str | Path, options: Options, on_event: EventCallb
             with _stop_on_signals(stop) as caught:
                 files, failure = convert(ready, options, cluster, cluster.device(device), emit, stop, progress, cleanup)
                 findings: list[str] = []
+                files_out: dict[str, str] = {}
                 try:
                     cluster.agree(_interrupted(caught) if caught else failure)  # every process succeeded
                     if lead:
@@ -96,7 +97,7 @@ def run(src: str | Path, out: str | Path, options: Options, on_event: EventCallb
                             },
                         }
                         try:
-                            findings = finish(
+                            findings, files_out = finish(
                                 ready.plan, src, ready.out, ready.partial, options, mode, progress,
                                 ready.fingerprint, timings, ready.source_card,
                             )  # fmt: skip
@@ -104,7 +105,7 @@ def run(src: str | Path, out: str | Path, options: Options, on_event: EventCallb
                             raise write_error(ready.partial, e) from None
                 except BaseException as e:
                     raise (_failed(e, caught, ready.partial, progress) if lead else e) from None
-            return _report(ready, options, device, started, files, findings)
+            return _report(ready, options, mode, device, started, files, findings, files_out)
     finally:
         cluster.close()
 
@@ -178,11 +179,31 @@ def convert(
 
 
 def _report(
-    ready: Prepared, options: Options, device: Any, started: float, files: ShardFiles, findings: list[str]
+    ready: Prepared,
+    options: Options,
+    mode: Mode,
+    device: Any,
+    started: float,
+    files: ShardFiles,
+    findings: list[str],
+    written: dict[str, str],
 ) -> Report:
     plan = ready.plan
+    layout = None
+    if plan.layout is not None:
+        block = plan.layout.block
+        layout = {
+            "scheme": plan.layout.scheme.value,
+            "format": plan.layout.format.value,
+            "scale_format": plan.layout.scale_format.value,
+            "block_size": list(block) if block else None,
+        }
     return Report(
         out=str(ready.out),
+        version=__version__,
+        command=mode.value,
+        layout=layout,
+        files=written,
         device=str(device),
         tensors_quantized=plan.n_quantized,
         tensors_kept=plan.n_kept,

@@ -252,8 +252,11 @@ def atomic_write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(partial: Path, fp: dict[str, Any], shards: dict[str, Any], timings: dict[str, float]) -> None:
-    """`fp8q.json`: version, options, source fingerprint, sha256 of every file, per-tensor stats, timings."""
+def write_manifest(
+    partial: Path, fp: dict[str, Any], shards: dict[str, Any], timings: dict[str, float]
+) -> dict[str, str]:
+    """`fp8q.json`: version, options, source fingerprint, sha256 of every file, per-tensor stats, timings. Returns
+    the files it lists, each with its sha256."""
     # Every file of the output by its path in it, but the manifest itself and the run's records (at the top only: a
     # side file `sub/fp8q.json` is the model's, and listed).
     names = {p.relative_to(partial).as_posix(): p for p in sorted(partial.rglob("*")) if p.is_file()}
@@ -273,3 +276,4 @@ def write_manifest(partial: Path, fp: dict[str, Any], shards: dict[str, Any], ti
         "timings": timings,
     }
     atomic_write_json(partial / MANIFEST_FILE, manifest)
+    return files
