@@ -476,7 +476,9 @@ def test_weights_that_all_quantize_to_zero_get_a_note(tmp_path):
         "model.layers.0.mlp.down_proj.weight": torch.randn(128, 64) * 0.05,
     }
     src = write_shards(tmp_path / "src", {"model.safetensors": tensors}, index=False, config=CONFIG)
-    result = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--device", "cpu", "--json"])
+    result = CliRunner().invoke(
+        app, ["quantize", str(src), str(tmp_path / "out"), "--device", "cpu", "--json", "--base-model", "org/m"]
+    )
     assert result.exit_code == 0, result.output
     notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
     assert len(notes) == 1 and "1 quantized weight(s) far from their source" in notes[0], notes

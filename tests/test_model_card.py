@@ -65,10 +65,11 @@ def _made_with(text: str) -> list[str]:
 
 def test_quantize_card(source, tmp_path):
     out = tmp_path / "tiny-chat-FP8"
-    report = quantize(source, out, QuantizeOptions(device="cpu", ignore=("down_proj",)))
+    report = quantize(source, out, QuantizeOptions(device="cpu", ignore=("down_proj",), base_model="org/tiny-chat"))
     card = _card(out)
     data = card.data.to_dict()
-    assert data["base_model"] == "tiny-chat" and data["base_model_relation"] == "quantized"
+    assert data["base_model"] == "org/tiny-chat" and data["base_model_relation"] == "quantized"
+    assert not any("base_model" in note for note in report.findings)  # the user said it
     assert {"fp8", "compressed-tensors", "fp8-channel"} <= set(data["tags"])
     # What still holds for the weights comes along; the source's own tags describe the source.
     for key in ("license", "license_name", "license_link", "library_name", "language", "pipeline_tag"):
@@ -128,7 +129,8 @@ def test_convert_and_dequantize_cards(source, tmp_path):
     convert(fp8, converted, QuantizeOptions(device="cpu", scheme="channel"))
     card = _card(converted)
     data = card.data.to_dict()
-    assert data["base_model"] == "tiny-chat-block" and data["base_model_relation"] == "quantized"
+    # A local folder that names no Hub id: no base_model (never the folder's name).
+    assert "base_model" not in data and "base_model_relation" not in data
     assert "fp8-channel" in data["tags"]
     assert _table(card.text, "source layout") == "fp8 block 128x128"
     manifest = json.loads((converted / "fp8q.json").read_text())
@@ -138,11 +140,11 @@ def test_convert_and_dequantize_cards(source, tmp_path):
     assert "## The original model card (tiny-chat-block)" in card.text and "A tiny model for tests" in card.text
 
     plain = tmp_path / "tiny-chat-bf16"
-    dequantize(fp8, plain, dtype="float32")
+    dequantize(fp8, plain, dtype="float32", base_model="org/tiny-chat-block")
     card = _card(plain)
     data = card.data.to_dict()
     # The Hub has no word for "dequantized from": no relation rather than a wrong one.
-    assert data["base_model"] == "tiny-chat-block" and "base_model_relation" not in data
+    assert data["base_model"] == "org/tiny-chat-block" and "base_model_relation" not in data
     assert "dequantized" in data["tags"] and "fp8" not in data["tags"]
     assert data["license"] == "other"
     quantized = len(json.loads((fp8 / "fp8q.json").read_text())["tensors"])
@@ -165,7 +167,7 @@ def test_card_without_a_source_card(tmp_path):
     out = tmp_path / "bare-fp8"
     quantize(src, out, QuantizeOptions(device="cpu", scheme="tensor", format="fp8"))
     data = _card(out).data.to_dict()
-    assert data["base_model"] == "bare" and "license" not in data
+    assert "base_model" not in data and "license" not in data
     text = _card(out).text
     assert "original model card" not in text
     # transformers computes garbage with this layout: the card says so instead of showing how to load it.
@@ -179,7 +181,7 @@ def test_source_card_with_broken_front_matter(tmp_path):
     out = tmp_path / "odd-fp8"
     quantize(src, out, QuantizeOptions(device="cpu"))
     data = _card(out).data.to_dict()
-    assert data["base_model"] == "odd" and "license" not in data
+    assert "base_model" not in data and "license" not in data
     assert "body text" in (out / "README.md").read_text()
 
 
@@ -226,3 +228,52 @@ def test_front_matter_read_and_written_as_huggingface_hub_does(text):
     meta = {key: ours[key] for key in model_card.CARRIED_KEYS if ours.get(key) is not None}
     meta |= {"base_model": "org/Model-7B", "base_model_relation": "quantized", "tags": ["fp8", "fp8", "mxfp8"]}
     assert model_card._to_yaml(meta) == ModelCardData(**meta).to_yaml()
+
+
+def _named(tmp_path: Path, name: str, card: str | None = None, name_or_path: str | None = None) -> Path:
+    src = tiny_llama(tmp_path / name)
+    if card is None:
+        (src / "README.md").unlink(missing_ok=True)
+    else:
+        (src / "README.md").write_text(card)
+    if name_or_path is not None:
+        config = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**config, "_name_or_path": name_or_path}))
+    return src
+
+
+@pytest.mark.parametrize(
+    "card,name_or_path,expect,said",
+    [
+        (None, None, None, "no base_model"),  # a bare folder: nothing, and a note saying how to name it
+        ("---\nbase_model: org/from-card\n---\n# x\n", None, "org/from-card", "as the source's own card says"),
+        ("---\nbase_model:\n- org/one\n---\n# x\n", None, "org/one", "as the source's own card says"),
+        (None, "org/saved-from", "org/saved-from", "_name_or_path"),
+        ("---\nbase_model: org/from-card\n---\n", "org/saved-from", "org/saved-from", "_name_or_path"),
+        (None, "/data/models/my-model", None, "no base_model"),  # a path is no Hub id
+        ("---\nbase_model: ./my-model\n---\n", "my-model", None, "no base_model"),
+    ],
+)
+def test_base_model_is_a_hub_id_or_absent(tmp_path, card, name_or_path, expect, said):
+    src = _named(tmp_path, "my-model", card, name_or_path)
+    out = tmp_path / "my-model-FP8"
+    report = quantize(src, out, QuantizeOptions(device="cpu"))
+    data = _card(out).data.to_dict()
+    assert data.get("base_model") == expect
+    assert ("base_model_relation" in data) == (expect is not None)
+    notes = [note for note in report.findings if "base_model" in note]
+    assert len(notes) == 1 and said in notes[0] and "--base-model ORG/NAME" in notes[0], notes
+
+
+def test_base_model_option(tmp_path):
+    src = _named(tmp_path, "my-model", "---\nbase_model: org/from-card\n---\n", "org/saved-from")
+    runner = CliRunner()
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["quantize", str(src), str(out), "--base-model", "me/mine", "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert _card(out).data.to_dict()["base_model"] == "me/mine"
+    for bad in ("my-model", "org/a/b", "org/..", "./org/x", "org--x/y", f"org/{'x' * 100}"):
+        result = runner.invoke(app, ["quantize", str(src), str(tmp_path / "o2"), "--base-model", bad, "-q"])
+        assert result.exit_code == 2, (bad, result.output)
+        assert "--base-model" in result.stderr and "ORG/NAME" in result.stderr
+        assert not (tmp_path / "o2").exists() and not (tmp_path / "o2.partial").exists()

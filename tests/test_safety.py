@@ -399,7 +399,19 @@ def test_block_layout_is_checked_at_tp_1_by_default(tmp_path):
 
 def test_layout_a_client_misloads_gets_a_note(tmp_path):
     src = _source(tmp_path / "src")
-    code, lines = _cli("quantize", src, tmp_path / "out", "--device", "cpu", "--scheme", "tensor", "--format", "fp8")
+    code, lines = _cli(
+        "quantize",
+        src,
+        tmp_path / "out",
+        "--device",
+        "cpu",
+        "--scheme",
+        "tensor",
+        "--format",
+        "fp8",
+        "--base-model",
+        "org/m",
+    )
     assert code == 0
     notes = [line for line in lines if line.startswith("note: ")]
     assert len(notes) == 1 and "transformers ignores its per-tensor weight_scale" in notes[0]

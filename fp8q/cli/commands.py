@@ -26,6 +26,7 @@ from typer.exceptions import TyperException
 
 from fp8q import __version__
 from fp8q.cli.options import (
+    BaseModelOpt,
     BlockOpt,
     CardOpt,
     ConfigOpt,
@@ -147,6 +148,7 @@ def quantize_command(
     resume: ResumeOpt = False,
     keep_download: KeepOpt = False,
     no_model_card: CardOpt = False,
+    base_model: BaseModelOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -164,7 +166,7 @@ def quantize_command(
         options = make_options(
             scheme, format, block_size, ignore, targets, tp, no_load_check, config, revision,
             scale_format=scale_format, device=device, workers=workers, overwrite=overwrite, resume=resume,
-            model_card=not no_model_card, keep_download=keep_download,
+            model_card=not no_model_card, keep_download=keep_download, base_model=base_model,
         )  # fmt: skip
         _convert(src, out, options, "quantize", dry_run, as_json, quiet)
 
@@ -198,6 +200,7 @@ def convert_command(
     resume: ResumeOpt = False,
     keep_download: KeepOpt = False,
     no_model_card: CardOpt = False,
+    base_model: BaseModelOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -216,7 +219,7 @@ def convert_command(
         options = make_options(
             scheme, format, block_size, ignore, targets, tp, no_load_check, None, revision,
             scale_format=scale_format, dtype=dtype, device=device, workers=workers, overwrite=overwrite,
-            resume=resume, model_card=not no_model_card, keep_download=keep_download,
+            resume=resume, model_card=not no_model_card, keep_download=keep_download, base_model=base_model,
         )  # fmt: skip
         _convert(src, out, options, "convert", dry_run, as_json, quiet)
 
@@ -334,6 +337,7 @@ def dequantize_command(
     resume: ResumeOpt = False,
     keep_download: KeepOpt = False,
     no_model_card: CardOpt = False,
+    base_model: BaseModelOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -351,7 +355,8 @@ def dequantize_command(
         with ProgressView(quiet, "dequantizing") as view:
             report = dequantize(
                 src, out, dtype=dtype, overwrite=overwrite, resume=resume, device=device, revision=revision,
-                model_card=not no_model_card, keep_download=keep_download, on_event=view.on_event,
+                model_card=not no_model_card, keep_download=keep_download, base_model=base_model,
+                on_event=view.on_event,
             )  # fmt: skip
         show_report(report, as_json, quiet)
 

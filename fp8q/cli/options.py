@@ -45,6 +45,14 @@ TargetsOpt = Annotated[
     typer.Option("--targets", metavar="REGEX", help="Quantize only Linear layers whose name matches; repeatable."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the plan or the result as JSON on stdout.")]
+BaseModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base-model",
+        metavar="ORG/NAME",
+        help="The model card's base_model, a Hub model id (default: SRC's repo id, or one the source names).",
+    ),
+]
 RevisionOpt = Annotated[
     str | None, typer.Option("--revision", metavar="REV", help="Branch, tag or commit, when SRC is a Hub repo id.")
 ]

@@ -60,6 +60,8 @@ class Options:
     dtype: str | None = None
     model_card: bool = True  # False copies the source's README.md unchanged instead of writing a card
     keep_download: bool = False  # a streamed Hub repo: keep the shards downloaded in the cache
+    # The model card's `base_model`, a Hub id `org/name` (None: SRC's repo id, else one the source names)
+    base_model: str | None = None
 
     @property
     def layout(self) -> Layout:
@@ -188,6 +190,7 @@ def dequantize(
     revision: str | None = None,
     model_card: bool = True,
     keep_download: bool = False,
+    base_model: str | None = None,
     on_event: EventCallback | None = None,
 ) -> Report:
     """Write the FP8 checkpoint at SRC (any layout fp8q detects) as a `dtype` checkpoint at OUT that loads with
@@ -207,6 +210,7 @@ def dequantize(
         revision=revision,
         model_card=model_card,
         keep_download=keep_download,
+        base_model=base_model,
     )
     from fp8q.engine.run import run
 

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 from fp8q import __version__
 from fp8q.errors import CheckpointError
 from fp8q.output.manifest import Progress, write_manifest
-from fp8q.output.model_card import CARD_FILE, CardInput
+from fp8q.output.model_card import CARD_FILE, CardInput, front_matter
 from fp8q.output.model_card import render as render_card
 from fp8q.output.writer import MANIFEST_FILE, copy_file, finalize, remove_tree, write_json, write_text
 from fp8q.plan.checks import is_moe_plan, unservable_reason
 from fp8q.plan.fp8_source import source_layouts
 from fp8q.plan.planner import Plan
 from fp8q.source.checkpoint import CONFIG_FILE, INDEX_FILE
-from fp8q.source.files import hub_snapshot, read_bounded
+from fp8q.source.files import hub_snapshot, is_model_id, read_bounded
 
 if TYPE_CHECKING:
     from fp8q.engine.api import Mode, Options
@@ -54,6 +54,7 @@ def finish(
     done = progress.done()
     stats = {name: st for entry in done.values() for name, st in entry["tensors"].items()}
     card = card_input(plan, src, out, options, mode, stats, source_text) if options.model_card else None
+    said = [card.base_model_note] if card is not None and card.base_model_note else []
     write_metadata_files(plan, partial, card)
     files = write_manifest(partial, fingerprint, done, timings)
     # The run's records leave OUT.partial/ just before it becomes OUT, and come back if that fails.
@@ -64,7 +65,7 @@ def finish(
         progress.put_back(aside)
         raise
     remove_tree(aside)
-    return run_findings(stats), files
+    return [*said, *run_findings(stats)], files
 
 
 def write_metadata_files(plan: Plan, partial: Path, card: CardInput | None) -> None:
@@ -117,10 +118,13 @@ def card_input(
     snapshot = hub_snapshot(folder) if not is_repo else None
     if snapshot is not None:  # a Hub cache snapshot given as a path: the repo it is, at its commit
         base, revision, is_repo = *snapshot, True
+    base_model, note = _base_model(options.base_model or (base if is_repo else None), plan, source_text)
     return CardInput(
         command=mode.value,
         base=base,
         is_repo=is_repo,
+        base_model=base_model,
+        base_model_note=note,
         revision=revision,
         out_name=out.name,
         layout=plan.layout,
@@ -141,6 +145,26 @@ def card_input(
         moe=is_moe_plan(plan),
         unservable=unservable_reason(plan),
         tokenizer=any(TOKENIZER_FILE.fullmatch(name) for name in plan.checkpoint.side_files),
+    )
+
+
+def _base_model(given: str | None, plan: Plan, source_text: str | None) -> tuple[str | None, str | None]:
+    """The card's `base_model`: always a Hub id or nothing (a folder name would link the card to a stranger's
+    model). The id given (--base-model, or SRC's repo id), else one the source names, said in a note: its
+    config.json's `_name_or_path` (the id it was saved from), its card's own `base_model`."""
+    if given is not None:
+        return given, None
+    fix = "pass --base-model ORG/NAME if that is not the model converted"
+    named = (plan.config or {}).get("_name_or_path")
+    if is_model_id(named):
+        return named, f"{CARD_FILE}: base_model {named}, the id in the source's {CONFIG_FILE} (_name_or_path); {fix}"
+    carried = front_matter(source_text).get("base_model") if source_text else None
+    carried = carried[0] if isinstance(carried, list) and len(carried) == 1 else carried
+    if is_model_id(carried):
+        return carried, f"{CARD_FILE}: base_model {carried}, as the source's own card says; {fix}"
+    return None, (
+        f"{CARD_FILE}: no base_model: the source is a local folder that names no Hub id; pass --base-model ORG/NAME "
+        "to link the card to the model it was made from"
     )
 
 

@@ -35,7 +35,7 @@ from fp8q.engine.devices import resolve_device
 from fp8q.engine.distributed import Cluster, Watcher, assign
 from fp8q.engine.finish import finish, metadata_sizes, source_card
 from fp8q.engine.stages import run_plan
-from fp8q.errors import Fp8qError, Interrupted, OutputError, write_error
+from fp8q.errors import Fp8qError, Interrupted, OutputError, UsageError, write_error
 from fp8q.events import Downloaded, DownloadStarted, Event, EventCallback, PlanReady, Report, TensorDone
 from fp8q.output.manifest import Progress, fingerprint, reusable_shards
 from fp8q.output.writer import (
@@ -49,6 +49,7 @@ from fp8q.output.writer import (
 )
 from fp8q.plan.fp8_source import source_layouts
 from fp8q.plan.planner import Plan
+from fp8q.source.files import is_model_id
 
 if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
     from fp8q.source.streaming import HubStream
@@ -121,6 +122,8 @@ def prepare(src: str | Path, out: Path, options: Options, mode: Mode, cluster: C
     error: BaseException | None = None
     ready: Prepared | None = None
     try:
+        if options.base_model is not None and not is_model_id(options.base_model):
+            raise UsageError(f"--base-model {options.base_model!r}: expected a Hub model id, ORG/NAME")
         out = output_path(out)
         partial = partial_dir(out)
         source = open_source(src, options.revision)

@@ -46,8 +46,10 @@ class CardInput:
     """What the card says: gathered by the engine once every shard is written."""
 
     command: str  # "quantize", "dequantize" or "convert"
-    base: str  # the Hub repo id, or the source folder's name
+    base: str  # the Hub repo id, or the source folder's name: how the card names its source
     is_repo: bool
+    base_model: str | None  # the front matter's base_model: a Hub id, or None (never a folder name)
+    base_model_note: str | None  # where base_model came from, or why there is none, when the user did not say
     revision: str | None
     out_name: str
     layout: Layout | None  # None for dequantize
@@ -94,8 +96,9 @@ def render(card: CardInput) -> str:
         source_body = _FRONT_MATTER.sub("", card.source_card, count=1).strip()
         source_meta = front_matter(card.source_card)
     meta = {key: source_meta[key] for key in CARRIED_KEYS if source_meta.get(key) is not None}
-    meta["base_model"] = card.base
-    if card.command != "dequantize":
+    if card.base_model is not None:
+        meta["base_model"] = card.base_model
+    if card.base_model is not None and card.command != "dequantize":
         # The Hub's word for a model derived from another by quantization; a dequantized model has no such word.
         meta["base_model_relation"] = "quantized"
     meta["tags"] = _tags(card)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,22 @@ def allowed_link_root(folder: Path) -> Path:
     Hub cache snapshot (`models--org--name/snapshots/<commit>/`), into that repo's cache folder."""
     real = folder.resolve()
     return real.parent.parent if hub_snapshot(real) else real
+
+
+# A Hub model id as `base_model` takes it: `org/name` (letters, digits, `-_.`; no `--` or `..`, at most 96 characters).
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def is_model_id(text: object) -> bool:
+    """Whether `text` is a Hub model id of the `org/name` form (what a card's `base_model` names)."""
+    return (
+        isinstance(text, str)
+        and len(text) <= 96
+        and _REPO_ID.fullmatch(text) is not None
+        and "--" not in text
+        and ".." not in text
+        and not text.endswith((".", "-"))
+    )
 
 
 def hub_snapshot(folder: Path) -> tuple[str, str] | None:
