@@ -80,6 +80,9 @@ class Report:
     # A streamed Hub repo: bytes downloaded by this run, and whether they were kept in the cache (else deleted).
     bytes_downloaded: int = 0
     downloads_kept: bool = False
+    # --push-to-hub: repo_id, revision, commit, url and pr_url of the one commit; None without
+    pushed: dict[str, Any] | None = None
+    bytes_uploaded: int = 0
     notes: list[str] = field(default_factory=list)  # what the plan said to know (printed as the run starts)
     findings: list[str] = field(default_factory=list)  # what the quantized values said (fp8q.json's statistics)
 

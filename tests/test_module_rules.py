@@ -63,8 +63,10 @@ def test_module_boundaries(path):
     if wing != "cli":
         assert not imports & {"typer", "rich", "click"}, f"{path.name}: only the CLI renders"
         assert "print" not in _calls(path) and "exit" not in _calls(path), f"{path.name}: the library never prints"
-    if wing != "source":
-        assert not imports & {"huggingface_hub", "httpx"}, f"{path.name}: only the source wing talks to the Hub"
+    if wing != "source" and path.name != "publish.py":
+        assert not imports & {"huggingface_hub", "httpx"}, (
+            f"{path.name}: only source/ and output/publish.py use the Hub"
+        )
     if path.name in ("numerics.py", "planner.py", "selection.py", "linear.py", "experts.py", "granularity.py"):
         assert not imports & {"os", "shutil", "subprocess", "socket"}, f"{path.name} must stay free of I/O"
 

@@ -648,7 +648,7 @@ def test_help_and_version_do_not_import_torch():
     [
         (["quantize", "a", "b", "--scheme", "bogus"], "error: Invalid value for '--scheme': 'bogus' is not one of"),
         (["quantize", "a", "b", "--workers", "-1"], "error: Invalid value for '--workers'"),
-        (["quantize", "a"], "error: Missing argument 'OUT'"),
+        (["quantize", "a"], "error: OUT is missing: give the output folder, or --push-to-hub ORG/NAME"),
     ],
 )
 def test_usage_errors_are_one_line(args, expect):
@@ -659,7 +659,7 @@ def test_usage_errors_are_one_line(args, expect):
 
 def test_help_shows_flags_and_arguments_plainly():
     run = _fp8q_run("quantize", "--help", env={"COLUMNS": "200"})
-    assert "quantize [OPTIONS] SRC OUT" in run.stdout
+    assert "quantize [OPTIONS] SRC [OUT]" in run.stdout
     assert "<bool>" not in run.stdout and "{src}" not in run.stdout.lower()
 
 

@@ -29,7 +29,9 @@ from fp8q.cli.options import (
     BaseModelOpt,
     BlockOpt,
     CardOpt,
+    CommitMessageOpt,
     ConfigOpt,
+    CreatePrOpt,
     DeviceOpt,
     DryRunOpt,
     FormatOpt,
@@ -37,17 +39,23 @@ from fp8q.cli.options import (
     JsonOpt,
     KeepOpt,
     LoadCheckOpt,
+    OutArg,
     OverwriteOpt,
+    PrivateOpt,
+    PushOpt,
+    PushRevisionOpt,
     QuietOpt,
     ResumeOpt,
     RevisionOpt,
     ScaleFormatOpt,
     SchemeOpt,
     SrcArg,
+    StagingOpt,
     TargetsOpt,
     TpOpt,
     WorkersOpt,
     make_options,
+    make_push,
 )
 from fp8q.cli.render import JSON, ProgressView, one_line, say, show_plan, show_report, show_verify
 from fp8q.errors import Fp8qError
@@ -93,6 +101,9 @@ _RANK = int(os.environ.get("RANK", "0"))  # set by torchrun
 
 def main() -> None:
     """The console script: usage errors become one line (exit 2) like every other error."""
+    # fp8q shows the downloads and uploads it makes itself: huggingface_hub's own bars (read at its import, which
+    # comes later) would repeat them, and print under --quiet and --json.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         code = app(standalone_mode=False)
     except TyperException as e:
@@ -131,7 +142,7 @@ def _root(
 @app.command("quantize", cls=_Command)
 def quantize_command(
     src: SrcArg,
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; must not exist or be empty).")],
+    out: OutArg = None,
     revision: RevisionOpt = None,
     scheme: SchemeOpt = Scheme.CHANNEL,
     format: FormatOpt = Format.COMPRESSED_TENSORS,
@@ -149,6 +160,12 @@ def quantize_command(
     keep_download: KeepOpt = False,
     no_model_card: CardOpt = False,
     base_model: BaseModelOpt = None,
+    push_to_hub: PushOpt = None,
+    push_revision: PushRevisionOpt = None,
+    create_pr: CreatePrOpt = False,
+    private: PrivateOpt = False,
+    commit_message: CommitMessageOpt = None,
+    staging: StagingOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -167,6 +184,7 @@ def quantize_command(
             scheme, format, block_size, ignore, targets, tp, no_load_check, config, revision,
             scale_format=scale_format, device=device, workers=workers, overwrite=overwrite, resume=resume,
             model_card=not no_model_card, keep_download=keep_download, base_model=base_model,
+            push=make_push(push_to_hub, push_revision, create_pr, private, commit_message, staging),
         )  # fmt: skip
         _convert(src, out, options, "quantize", dry_run, as_json, quiet)
 
@@ -178,7 +196,7 @@ def convert_command(
     src: Annotated[
         str, typer.Argument(metavar="SRC", help="An FP8 checkpoint (any layout fp8q detects), folder or Hub repo id.")
     ],
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; must not exist or be empty).")],
+    out: OutArg = None,
     revision: RevisionOpt = None,
     scheme: SchemeOpt = Scheme.CHANNEL,
     format: FormatOpt = Format.COMPRESSED_TENSORS,
@@ -201,6 +219,12 @@ def convert_command(
     keep_download: KeepOpt = False,
     no_model_card: CardOpt = False,
     base_model: BaseModelOpt = None,
+    push_to_hub: PushOpt = None,
+    push_revision: PushRevisionOpt = None,
+    create_pr: CreatePrOpt = False,
+    private: PrivateOpt = False,
+    commit_message: CommitMessageOpt = None,
+    staging: StagingOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -220,13 +244,16 @@ def convert_command(
             scheme, format, block_size, ignore, targets, tp, no_load_check, None, revision,
             scale_format=scale_format, dtype=dtype, device=device, workers=workers, overwrite=overwrite,
             resume=resume, model_card=not no_model_card, keep_download=keep_download, base_model=base_model,
+            push=make_push(push_to_hub, push_revision, create_pr, private, commit_message, staging),
         )  # fmt: skip
         _convert(src, out, options, "convert", dry_run, as_json, quiet)
 
     _guarded(run, out, as_json)
 
 
-def _convert(src: str, out: Path, options: Options, mode: str, dry_run: bool, as_json: bool, quiet: bool) -> None:
+def _convert(
+    src: str, out: Path | None, options: Options, mode: str, dry_run: bool, as_json: bool, quiet: bool
+) -> None:
     """quantize and convert: the plan for --dry-run, else the run and its summary."""
     with _engine_imports():
         from fp8q.engine.api import Mode, open_source, plan_conversion, source_folder
@@ -238,7 +265,8 @@ def _convert(src: str, out: Path, options: Options, mode: str, dry_run: bool, as
 
         source = open_source(src, options.revision)  # a Hub repo not in the cache: its headers alone
         plan = plan_conversion(source, replace(options, revision=None), Mode(mode))
-        check_output(source_folder(source), output_path(out), options.overwrite)
+        if out is not None:
+            check_output(source_folder(source), output_path(out), options.overwrite)
         show_plan(plan, as_json, quiet)
         if plan.problems:
             raise typer.Exit(1)  # so that CI can gate on `--dry-run`; the problems are listed
@@ -283,11 +311,18 @@ def inspect_command(
 @app.command("verify", cls=_Command)
 def verify_command(
     path: Annotated[
-        str, typer.Argument(metavar="PATH", help="The FP8 checkpoint folder (or .safetensors file) to check.")
+        str,
+        typer.Argument(
+            metavar="PATH", help="The FP8 checkpoint to check: a folder, a .safetensors file or a Hub repo id."
+        ),
     ],
     source: Annotated[
         str | None,
-        typer.Option("--source", metavar="SRC", help="The checkpoint it was made from: compare every weight."),
+        typer.Option(
+            "--source",
+            metavar="SRC",
+            help="The checkpoint it was made from (folder or Hub repo id): compare every weight.",
+        ),
     ] = None,
     top: Annotated[int, typer.Option("--top", metavar="N", min=0, help="Rows of the worst-tensors table.")] = 10,
     as_json: JsonOpt = False,
@@ -299,16 +334,20 @@ def verify_command(
     Example:
 
       fp8q verify ./model-fp8 --source ./model
+
+      fp8q verify org/model-FP8 --source org/model
     """
 
     def run() -> None:
         with _engine_imports():
-            from fp8q.engine.api import local_source
+            from fp8q.engine.api import open_source
             from fp8q.verification import verify
 
-        reference = local_source(source) if source is not None else None
+        # A Hub repo not in the cache is read as it downloads: each shard once, at most two on disk.
+        checked = open_source(path)
+        reference = open_source(source) if source is not None else None
         with ProgressView(quiet, "verifying") as view:
-            report = verify(local_source(path), reference, on_event=view.on_event)
+            report = verify(checked, reference, on_event=view.on_event)
         # Several problems are listed (unless quiet); one is said in the error line alone.
         several = len(report.problems) > 1 and not quiet
         listed = "listed above" if several else f"first: {report.problems[0]}" if report.problems else ""
@@ -329,7 +368,7 @@ def dequantize_command(
     src: Annotated[
         str, typer.Argument(metavar="SRC", help="An FP8 checkpoint (any supported layout), folder or Hub repo id.")
     ],
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder for the high-precision checkpoint.")],
+    out: OutArg = None,
     revision: RevisionOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="bfloat16, float16 or float32.")] = "bfloat16",
     device: DeviceOpt = "cpu",
@@ -338,6 +377,12 @@ def dequantize_command(
     keep_download: KeepOpt = False,
     no_model_card: CardOpt = False,
     base_model: BaseModelOpt = None,
+    push_to_hub: PushOpt = None,
+    push_revision: PushRevisionOpt = None,
+    create_pr: CreatePrOpt = False,
+    private: PrivateOpt = False,
+    commit_message: CommitMessageOpt = None,
+    staging: StagingOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -356,6 +401,7 @@ def dequantize_command(
             report = dequantize(
                 src, out, dtype=dtype, overwrite=overwrite, resume=resume, device=device, revision=revision,
                 model_card=not no_model_card, keep_download=keep_download, base_model=base_model,
+                push=make_push(push_to_hub, push_revision, create_pr, private, commit_message, staging),
                 on_event=view.on_event,
             )  # fmt: skip
         show_report(report, as_json, quiet)

@@ -17,7 +17,7 @@ from fp8q.errors import UsageError
 from fp8q.layouts.vocabulary import Format, Scheme
 
 if TYPE_CHECKING:
-    from fp8q.engine.api import Options
+    from fp8q.engine.api import Options, Push
 
 SrcArg = Annotated[
     str,
@@ -45,6 +45,45 @@ TargetsOpt = Annotated[
     typer.Option("--targets", metavar="REGEX", help="Quantize only Linear layers whose name matches; repeatable."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the plan or the result as JSON on stdout.")]
+OutArg = Annotated[
+    Path | None,
+    typer.Argument(
+        metavar="OUT",
+        help="Output folder (created; must not exist or be empty). May be left out with --push-to-hub.",
+        show_default=False,
+    ),
+]
+PushOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        help="Publish the output to this Hub repo in the same pass: each shard uploaded as soon as it is written, "
+        "everything in one commit at the end (created if missing). Without OUT, shards are deleted once uploaded.",
+    ),
+]
+PushRevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--push-revision", metavar="BRANCH", help="--push-to-hub: the branch to commit to (created if missing)."
+    ),
+]
+CreatePrOpt = Annotated[
+    bool, typer.Option("--create-pr", metavar="", help="--push-to-hub: open a pull request with the commit instead.")
+]
+PrivateOpt = Annotated[bool, typer.Option("--private", metavar="", help="--push-to-hub: create the repo private.")]
+CommitMessageOpt = Annotated[
+    str | None, typer.Option("--commit-message", metavar="TEXT", help="--push-to-hub: the commit's message.")
+]
+StagingOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--staging",
+        metavar="DIR",
+        help="--push-to-hub without OUT: where shards wait until uploaded (default: $FP8Q_STAGING, else "
+        "~/.cache/fp8q/push).",
+    ),
+]
 BaseModelOpt = Annotated[
     str | None,
     typer.Option(
@@ -123,6 +162,32 @@ KeepOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar or summary; errors only.")]
+
+
+def make_push(
+    repo_id: str | None,
+    revision: str | None,
+    create_pr: bool,
+    private: bool,
+    message: str | None,
+    staging: Path | None,
+) -> Push | None:
+    """The --push-to-hub options, or None without it (the others then are a usage error)."""
+    from fp8q.engine.api import Push as Target
+
+    if repo_id is None:
+        given = {
+            "--push-revision": revision,
+            "--create-pr": create_pr,
+            "--private": private,
+            "--commit-message": message,
+            "--staging": staging,
+        }
+        flag = next((flag for flag, value in given.items() if value), None)
+        if flag is not None:
+            raise UsageError(f"{flag} goes with --push-to-hub ORG/NAME")
+        return None
+    return Target(repo_id, revision, create_pr, private, message, str(staging) if staging is not None else None)
 
 
 def make_options(

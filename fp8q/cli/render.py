@@ -172,6 +172,9 @@ def show_verify(report: VerifyReport, top: int) -> None:
     if len(report.problems) > 1:  # a single one is the error line's
         for problem in report.problems:
             say("problem:", "red", problem)
+    if report.bytes_downloaded:
+        streamed = f"{size_text(report.bytes_downloaded)} streamed from the Hub, each shard deleted once read"
+        err.print(f"  hub:     {streamed}", soft_wrap=True)
     if report.ok:
         say("ok:", "green", f"no problems ({report.seconds:.1f} s)")
 
@@ -199,12 +202,18 @@ def show_report(report: Report, as_json: bool, quiet: bool) -> None:
     if report.bytes_downloaded:
         what = "kept in the Hugging Face cache" if report.downloads_kept else "each deleted once converted"
         downloaded = f"\n  hub:     {size_text(report.bytes_downloaded)} streamed from the Hub, {what}"
+    published = ""
+    if report.pushed:
+        pushed = report.pushed
+        where = pushed["pr_url"] or f"{pushed['repo_id']} ({pushed['revision']})"
+        published = f"\n  pushed:  {where}, commit {pushed['commit'][:12]}, {size_text(report.bytes_uploaded)} uploaded"
     say(
         "done:",
         "green",
-        f"{report.out}\n"
+        f"{report.out or report.pushed and report.pushed['url'] or ''}\n"
         f"  tensors: {tensors}\n"
-        f"  size:    {size_text(report.bytes_in)} in, {size_text(report.bytes_out)} out{resumed}{downloaded}\n"
+        f"  size:    {size_text(report.bytes_in)} in, {size_text(report.bytes_out)} out{resumed}{downloaded}"
+        f"{published}\n"
         f"  time:    {_elapsed():.1f} s in all ({report.seconds:.1f} s converting, "
         f"{report.gb_per_s:.2f} GB/s on {report.device})",
     )

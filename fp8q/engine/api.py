@@ -37,6 +37,26 @@ class Mode(str, Enum):
 
 
 @dataclass(frozen=True)
+class Push:
+    """`--push-to-hub`: publish the output to a Hub repo in the same pass, in one commit at the end."""
+
+    repo_id: str
+    revision: str | None = None  # the branch (created from main if missing); None: main
+    create_pr: bool = False  # the commit opens a pull request instead
+    private: bool = False  # a repo created now is private
+    commit_message: str | None = None
+    # With no OUT: the folder the shards wait in until uploaded (None: ~/.cache/fp8q/push, or $FP8Q_STAGING)
+    staging: str | None = None
+
+    def staging_out(self) -> Path:
+        """Where the output is made when there is no OUT: its OUT.partial/ holds the shards on their way up and
+        the run's records (for --resume), and is deleted once the commit is made."""
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fp8q" / "push"
+        root = Path(self.staging or os.environ.get("FP8Q_STAGING") or cache)
+        return root / self.repo_id.replace("/", "--")
+
+
+@dataclass(frozen=True)
 class Options:
     """What to produce and how, for any conversion: the layout and the tensors to quantize (quantize, convert), the
     dtype FP8 weights are dequantized to (dequantize, convert), and how the run goes. `workers` 0 means one per CPU
@@ -62,6 +82,7 @@ class Options:
     keep_download: bool = False  # a streamed Hub repo: keep the shards downloaded in the cache
     # The model card's `base_model`, a Hub id `org/name` (None: SRC's repo id, else one the source names)
     base_model: str | None = None
+    push: Push | None = None  # publish to a Hub repo as well (or instead of OUT, when OUT is None)
 
     @property
     def layout(self) -> Layout:
@@ -92,14 +113,6 @@ class Options:
 
 # Its first name, kept for the API fp8q 0.1 had.
 QuantizeOptions = Options
-
-
-def local_source(src: str | Path, revision: str | None = None) -> Path:
-    """SRC as a local path. A Hub repo id is resolved by fp8q.source.hub, imported only then: it brings
-    huggingface_hub, a fifth of a second of start-up that a local conversion need not pay."""
-    source = open_source(src, revision, stream=False)
-    assert isinstance(source, Path)
-    return source
 
 
 def open_source(src: str | Path | HubStream, revision: str | None = None, *, stream: bool = True) -> Path | HubStream:
@@ -155,7 +168,7 @@ def _check_streamable(plan: Plan, remote: dict[str, Any]) -> None:
 
 def quantize(
     src: str | Path,
-    out: str | Path,
+    out: str | Path | None,
     options: Options | None = None,
     on_event: EventCallback | None = None,
 ) -> Report:
@@ -181,7 +194,7 @@ def quantize(
 
 def dequantize(
     src: str | Path,
-    out: str | Path,
+    out: str | Path | None,
     *,
     dtype: str = "bfloat16",
     overwrite: bool = False,
@@ -191,6 +204,7 @@ def dequantize(
     model_card: bool = True,
     keep_download: bool = False,
     base_model: str | None = None,
+    push: Push | None = None,
     on_event: EventCallback | None = None,
 ) -> Report:
     """Write the FP8 checkpoint at SRC (any layout fp8q detects) as a `dtype` checkpoint at OUT that loads with
@@ -211,6 +225,7 @@ def dequantize(
         model_card=model_card,
         keep_download=keep_download,
         base_model=base_model,
+        push=push,
     )
     from fp8q.engine.run import run
 
@@ -219,7 +234,7 @@ def dequantize(
 
 def convert(
     src: str | Path,
-    out: str | Path,
+    out: str | Path | None,
     options: Options | None = None,
     on_event: EventCallback | None = None,
 ) -> Report:
@@ -256,7 +271,6 @@ __all__ = [
     "QuantizeOptions",
     "convert",
     "dequantize",
-    "local_source",
     "open_source",
     "plan_conversion",
     "quantize",

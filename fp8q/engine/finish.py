@@ -1,5 +1,6 @@
-"""What rank 0 writes once every shard is done, beside the shards: the index, config.json, the side files, the model
-card (from the plan, the options and every shard's statistics) and fp8q.json; and then OUT.partial/ becomes OUT.
+"""What `prepare` decided, and what rank 0 does once every shard is done: writes beside the shards the index,
+config.json, the side files, the model card (from the plan, the options and every shard's statistics) and
+fp8q.json; commits it all to the Hub (--push-to-hub); and then OUT.partial/ becomes OUT.
 
 Imports: errors, plan, output, source, engine.api (its types, for type checking).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,38 +27,59 @@ from fp8q.source.files import hub_snapshot, is_model_id, read_bounded
 
 if TYPE_CHECKING:
     from fp8q.engine.api import Mode, Options
+    from fp8q.output.publish import Published, Publisher
+    from fp8q.source.streaming import HubStream
 
 # What a tokenizer ships as (transformers' AutoTokenizer finds one of these).
 TOKENIZER_FILE = re.compile(r"tokenizer(_config)?\.json|tokenizer\.model|vocab\.json|.*\.tiktoken")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare` decided before any data was read, the same on every process."""
+
+    source: Path | HubStream
+    out: Path  # OUT, a link resolved
+    partial: Path
+    plan: Plan
+    fingerprint: dict[str, Any]
+    reused: dict[str, Any]  # the finished shards of an interrupted run that this one keeps (--resume)
+    source_card: str | None  # the source's README.md (rank 0's), for the model card
+    publisher: Publisher | None = None  # --push-to-hub: the repo, checked; uploads and the one commit
+    keep: bool = True  # OUT was given: the output stays on local disk (else only the Hub keeps it)
+
+
 def finish(
-    plan: Plan,
-    src: str | Path,
-    out: Path,
-    partial: Path,
-    options: Options,
-    mode: Mode,
-    progress: Progress,
-    fingerprint: dict[str, Any],
-    timings: dict[str, Any],
-    source_text: str | None,
-) -> tuple[list[str], dict[str, str]]:
-    """Write what goes beside the shards and make OUT; returns what the quantized values tell (run_findings) and
-    every file of OUT but fp8q.json with its sha256.
+    ready: Prepared, src: str | Path, options: Options, mode: Mode, progress: Progress, timings: dict[str, Any]
+) -> tuple[list[str], dict[str, str], Published | None]:
+    """Write what goes beside the shards, publish (--push-to-hub: one commit of every file) and make OUT (or, with
+    no OUT, delete the staging folder); returns what the quantized values tell (run_findings), every file of the
+    output but fp8q.json with its sha256, and the commit.
 
     Raises:
         OSError: writing a file or the final rename failed (OUT.partial/ keeps its records for --resume).
-        Fp8qError: a side file is not the one planned, OUT was filled meanwhile.
+        Fp8qError: a side file is not the one planned, OUT was filled meanwhile, an upload or the commit failed.
     """
     from fp8q.plan.checks import run_findings
 
+    plan, out, partial, publisher = ready.plan, ready.out, ready.partial, ready.publisher
+    if publisher is not None:
+        publisher.finish_uploads()  # every shard up (or the failure), before the manifest lists them
     done = progress.done()
     stats = {name: st for entry in done.values() for name, st in entry["tensors"].items()}
-    card = card_input(plan, src, out, options, mode, stats, source_text) if options.model_card else None
+    card = card_input(plan, src, out, options, mode, stats, ready.source_card) if options.model_card else None
     said = [card.base_model_note] if card is not None and card.base_model_note else []
     write_metadata_files(plan, partial, card)
-    files = write_manifest(partial, fingerprint, done, timings)
+    files = write_manifest(partial, ready.fingerprint, done, timings)
+    published = None
+    if publisher is not None:
+        push = options.push
+        assert push is not None
+        message = push.commit_message or f"fp8q {mode.value}: {plan.layout.describe() if plan.layout else 'bf16'}"
+        published = publisher.commit(partial, [*files, MANIFEST_FILE], message)
+        if not ready.keep:
+            remove_tree(partial)  # the staging folder: everything in it is on the Hub now
+            return [*said, *run_findings(stats)], files, published
     # The run's records leave OUT.partial/ just before it becomes OUT, and come back if that fails.
     aside = progress.set_aside()
     try:
@@ -65,7 +88,7 @@ def finish(
         progress.put_back(aside)
         raise
     remove_tree(aside)
-    return [*said, *run_findings(stats)], files
+    return [*said, *run_findings(stats)], files, published
 
 
 def write_metadata_files(plan: Plan, partial: Path, card: CardInput | None) -> None:
@@ -126,7 +149,8 @@ def card_input(
         base_model=base_model,
         base_model_note=note,
         revision=revision,
-        out_name=out.name,
+        out_name=options.push.repo_id if options.push is not None else out.name,
+        pushed=options.push is not None,
         layout=plan.layout,
         source_layouts=list(source_layouts(plan.detected)),
         dtype=plan.dtype,

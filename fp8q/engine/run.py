@@ -3,7 +3,8 @@
 OUT. Under torchrun every process runs it and the cluster is asked twice: once all have prepared, once all have
 converted their share of the shards.
 
-Imports: dtypes, errors, events, engine (api, buffers, devices, distributed, finish, stages), output, plan, source.
+Imports: dtypes, errors, events, engine (api, buffers, devices, distributed, finish, stages, writing), output, plan,
+source.
 Lifecycle of `run(src, out, options, mode)`:
 
     prepare     open_source(src)           a local path; a Hub repo id from the cache, or streamed: side files
@@ -23,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +34,9 @@ from fp8q.engine.api import Mode, Options, open_source, plan_conversion, refusal
 from fp8q.engine.buffers import LocalShards, ShardFiles
 from fp8q.engine.devices import resolve_device
 from fp8q.engine.distributed import Cluster, Watcher, assign
-from fp8q.engine.finish import finish, metadata_sizes, source_card
+from fp8q.engine.finish import Prepared, finish, metadata_sizes, source_card
 from fp8q.engine.stages import run_plan
+from fp8q.engine.writing import Outlet
 from fp8q.errors import Fp8qError, Interrupted, OutputError, UsageError, write_error
 from fp8q.events import Downloaded, DownloadStarted, Event, EventCallback, PlanReady, Report, TensorDone
 from fp8q.output.manifest import Progress, fingerprint, reusable_shards
@@ -49,28 +51,18 @@ from fp8q.output.writer import (
 )
 from fp8q.plan.fp8_source import source_layouts
 from fp8q.plan.planner import Plan
-from fp8q.source.files import is_model_id
+from fp8q.source.files import hub_snapshot, is_model_id
 
 if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
+    from fp8q.output.publish import Published, Publisher
     from fp8q.source.streaming import HubStream
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """What `prepare` decided before any data was read, the same on every process."""
-
-    source: Path | HubStream
-    out: Path  # OUT, a link resolved
-    partial: Path
-    plan: Plan
-    fingerprint: dict[str, Any]
-    reused: dict[str, Any]  # the finished shards of an interrupted run that this one keeps (--resume)
-    source_card: str | None  # the source's README.md (rank 0's), for the model card
-
-
-def run(src: str | Path, out: str | Path, options: Options, on_event: EventCallback | None, mode: Mode) -> Report:
+def run(
+    src: str | Path, out: str | Path | None, options: Options, on_event: EventCallback | None, mode: Mode
+) -> Report:
     """The engine: prepare, convert (read -> transform on a device -> write), finish; for any of the three
-    conversions."""
+    conversions. `out` None: the output goes to the Hub only (options.push), made in a staging folder."""
     started = time.perf_counter()
     device = resolve_device(options.device)
     cluster = Cluster.from_env(cuda=device.type == "cuda")
@@ -78,13 +70,17 @@ def run(src: str | Path, out: str | Path, options: Options, on_event: EventCallb
     emit = (on_event if lead else None) or (lambda event: None)
     try:
         with ExitStack() as cleanup:
-            ready = prepare(src, Path(out), options, mode, cluster, cleanup)
+            if out is None and options.push is None:
+                raise UsageError("OUT is missing: give the output folder, or --push-to-hub ORG/NAME")
+            target = Path(out) if out is not None else options.push.staging_out()  # type: ignore[union-attr]
+            ready = prepare(src, target, options, mode, cluster, cleanup, keep=out is not None)
             progress = Progress(ready.partial, ready.fingerprint, cluster.rank)
             stop = threading.Event()
             with _stop_on_signals(stop) as caught:
                 files, failure = convert(ready, options, cluster, cluster.device(device), emit, stop, progress, cleanup)
                 findings: list[str] = []
                 files_out: dict[str, str] = {}
+                published: Published | None = None
                 try:
                     cluster.agree(_interrupted(caught) if caught else failure)  # every process succeeded
                     if lead:
@@ -98,22 +94,22 @@ def run(src: str | Path, out: str | Path, options: Options, on_event: EventCallb
                             },
                         }
                         try:
-                            findings, files_out = finish(
-                                ready.plan, src, ready.out, ready.partial, options, mode, progress,
-                                ready.fingerprint, timings, ready.source_card,
-                            )  # fmt: skip
+                            findings, files_out, published = finish(ready, src, options, mode, progress, timings)
                         except OSError as e:
                             raise write_error(ready.partial, e) from None
                 except BaseException as e:
                     raise (_failed(e, caught, ready.partial, progress) if lead else e) from None
-            return _report(ready, options, mode, device, started, files, findings, files_out)
+            return _report(ready, options, mode, device, started, files, findings, files_out, published)
     finally:
         cluster.close()
 
 
-def prepare(src: str | Path, out: Path, options: Options, mode: Mode, cluster: Cluster, cleanup: ExitStack) -> Prepared:
-    """Open SRC, plan, check OUT and the disk, set up and lock OUT.partial/ (rank 0); every process then agrees,
-    so that all fail alike before any data is read.
+def prepare(
+    src: str | Path, out: Path, options: Options, mode: Mode, cluster: Cluster, cleanup: ExitStack, keep: bool = True
+) -> Prepared:
+    """Open SRC, plan, check OUT and the disk (and the Hub repo to publish to), set up and lock OUT.partial/ (rank
+    0); every process then agrees, so that all fail alike before any data is read. `keep`: OUT was given (else the
+    output goes to the Hub only, and each shard is deleted once uploaded).
 
     Raises:
         Fp8qError: SRC, the options or OUT cannot make a servable output, in one line.
@@ -133,10 +129,19 @@ def prepare(src: str | Path, out: Path, options: Options, mode: Mode, cluster: C
         card = source_card(plan) if options.model_card and lead else None
         fp = fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__)
         reused: dict[str, Any] = {}
+        publisher = None
+        if options.push is not None:
+            if not cluster.is_single:
+                raise UsageError(
+                    "--push-to-hub runs in one process: under torchrun, write OUT, then push it with "
+                    "`hf upload` (or run fp8q once more, in one process, with --resume --push-to-hub)"
+                )
+            publisher = _publisher(options, src, source, keep)
+            cleanup.callback(publisher.close)
         if lead:
-            reused, lock = _prepare_partial(plan, source, out, partial, fp, options)
+            reused, lock = _prepare_partial(plan, source, out, partial, fp, options, publisher, keep)
             cleanup.callback(os.close, lock)  # releases OUT.partial/ (renamed to OUT by then if all went well)
-        ready = Prepared(source, out, partial, plan, fp, reused, card)
+        ready = Prepared(source, out, partial, plan, fp, reused, card, publisher, keep)
     except Exception as e:  # noqa: BLE001 - handed to every process, then raised
         error = e
     cluster.agree(error)
@@ -172,7 +177,8 @@ def convert(
     try:
         run_emit = emit if cluster.is_single else _count_bytes(cluster)
         with Watcher(cluster, stop, (lambda n: emit(TensorDone("", n))) if cluster.rank == 0 else None):
-            run_plan(plan, ready.partial, device, workers, run_emit, stop, progress, skip, files, options.load_check)
+            outlet = Outlet(progress, ready.publisher)
+            run_plan(plan, ready.partial, device, workers, run_emit, stop, outlet, skip, files, options.load_check)
     except BaseException as e:
         failure = e
         cluster.mark_failed()
@@ -190,6 +196,7 @@ def _report(
     files: ShardFiles,
     findings: list[str],
     written: dict[str, str],
+    published: Published | None,
 ) -> Report:
     plan = ready.plan
     layout = None
@@ -201,8 +208,19 @@ def _report(
             "scale_format": plan.layout.scale_format.value,
             "block_size": list(block) if block else None,
         }
+    pushed = None
+    if published is not None:
+        pushed = {
+            "repo_id": published.repo_id,
+            "revision": published.revision,
+            "commit": published.commit,
+            "url": published.url,
+            "pr_url": published.pr_url,
+        }
     return Report(
-        out=str(ready.out),
+        out=str(ready.out) if ready.keep else "",
+        pushed=pushed,
+        bytes_uploaded=ready.publisher.bytes_uploaded if ready.publisher else 0,
         version=__version__,
         command=mode.value,
         layout=layout,
@@ -226,11 +244,46 @@ def _report(
     )
 
 
+def _publisher(options: Options, src: str | Path, source: Path | HubStream, keep: bool) -> Publisher:
+    """The Hub repo to publish to, checked (token, write access, what it holds) before anything is converted."""
+    from fp8q.output.publish import Publisher
+
+    push = options.push
+    assert push is not None
+    if not is_model_id(push.repo_id):
+        raise UsageError(f"--push-to-hub {push.repo_id!r}: expected a Hub repo id, ORG/NAME")
+    snapshot = hub_snapshot(source_folder(source))
+    source_repo = snapshot[0] if snapshot else (str(src) if not Path(src).exists() else None)
+    publisher = Publisher(
+        push.repo_id,
+        push.revision,
+        create_pr=push.create_pr,
+        private=push.private,
+        overwrite=options.overwrite,
+        source_repo=source_repo,
+        room=None if keep else ON_DISK_FOR_UPLOAD,
+    )
+    publisher.check()
+    return publisher
+
+
+# --push-to-hub with no OUT: output shards on local disk at once (the one being written, the one uploading).
+ON_DISK_FOR_UPLOAD = 2
+
+
 def _prepare_partial(
-    plan: Plan, source: Path | HubStream, out: Path, partial: Path, fp: dict[str, Any], options: Options
+    plan: Plan,
+    source: Path | HubStream,
+    out: Path,
+    partial: Path,
+    fp: dict[str, Any],
+    options: Options,
+    publisher: Publisher | None = None,
+    keep: bool = True,
 ) -> tuple[dict[str, Any], int]:
-    """Check OUT and the disk, and set up and lock OUT.partial/; returns the shards a resumed run keeps
-    and the descriptor that holds the lock (closed when the run ends)."""
+    """Check OUT and the disk, and set up and lock OUT.partial/; returns the shards a resumed run keeps (with a
+    publisher, also those an earlier run uploaded and deleted, if the Hub still holds them) and the descriptor that
+    holds the lock (closed when the run ends)."""
     check_output(source_folder(source), out, options.overwrite)
     source_stat = [shard.input.stat_record() for shard in plan.shards]
     try:
@@ -248,10 +301,18 @@ def _prepare_partial(
                 raise OutputError(
                     f"{partial}: left by an interrupted run; pass --resume to continue it, or delete it to start over"
                 )
-            reused = reusable_shards(partial, fp, source_stat)
+            held: set[str] = set()
+            if publisher is not None:
+                from fp8q.output.publish import Uploaded
+
+                recorded = {name: Uploaded(**entry) for name, entry in Progress(partial, fp).uploads().items()}
+                held = publisher.confirmed(recorded)
+            reused = reusable_shards(partial, fp, source_stat, held)
             for staging in partial.glob(f"{STAGING_DIR}-*"):  # downloads a killed run left (the lock is ours)
                 remove_tree(staging)
         shards = [s.size for s in plan.shards if s.name not in reused]
+        if publisher is not None and not keep:  # each shard deleted once uploaded
+            shards = sorted(shards)[-ON_DISK_FOR_UPLOAD:]
         download = _download_space(source, reused, partial, options.keep_download)
         check_free_space(out, shards + metadata_sizes(plan), download)
         Progress(partial, fp).start(source_stat)
@@ -350,4 +411,4 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
             signal.signal(sig, old)
 
 
-__all__ = ["Prepared", "convert", "prepare", "run"]
+__all__ = ["convert", "prepare", "run"]

@@ -1,7 +1,7 @@
 """The three threads of a run: the reader, the quantization loop (on the
 caller's thread) and the writer, with the copy and per-shard hash/flush threads the writer starts.
 
-Imports: torch, dtypes, errors, events, layouts, plan (types), engine (devices, buffers, writing), output (records),
+Imports: torch, dtypes, errors, events, layouts, plan (types), engine (devices, buffers, writing),
 source. `run_plan` runs a plan into `OUT.partial/`; the engine (run.py) decides what to run and finishes the output
 around it; the writer's threads are writing.py's.
 
@@ -42,13 +42,12 @@ from fp8q.engine.buffers import (
     typed_view,
 )
 from fp8q.engine.devices import Quantizer, dequantize_into, make_quantizer
-from fp8q.engine.writing import write_shards
+from fp8q.engine.writing import Outlet, write_shards
 from fp8q.errors import CheckpointError, Stopped, read_error
 from fp8q.events import EventCallback
 from fp8q.layouts import default
 from fp8q.layouts.detect import QuantizedWeight, value_problem
 from fp8q.layouts.numerics import FP8, NonFiniteWeight
-from fp8q.output.manifest import Progress
 from fp8q.plan.planner import Action, Job, Plan
 from fp8q.source.reader import ShardReader, read_ahead, read_tensor
 
@@ -64,7 +63,7 @@ def run_plan(
     workers: int,
     emit: EventCallback,
     stop: threading.Event,
-    progress: Progress,
+    outlet: Outlet,
     skip: set[str],
     files: ShardFiles,
     serve_check: bool = True,
@@ -98,7 +97,7 @@ def run_plan(
     )
     writer = threading.Thread(
         target=guarded(
-            lambda: write_shards(plan, partial, to_write, stop, emit, pools, progress, files, skip, serve_check)
+            lambda: write_shards(plan, partial, to_write, stop, emit, pools, outlet, files, skip, serve_check)
         ),
         name="fp8q-writer",
     )

@@ -9,7 +9,8 @@ Imports: errors, events, layouts, plan (types), output (shard files, hashing, re
                      its source if it was streamed
     copy thread      shard after shard, up to COPY_AHEAD shards ahead of the writer: copy the tensors kept
                      whole, file to file
-    shard threads    flush each finished shard, hash it, record it for --resume
+    shard threads    flush each finished shard, hash it, record it for --resume (and, with --push-to-hub,
+                     hand it to the upload thread, which holds the writer back while 2 shards wait on disk)
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fp8q.engine.buffers import Item, Pools, ShardFiles, get, non_finite, open_shard, overflowing
 from fp8q.errors import CheckpointError, Stopped, write_error
@@ -33,6 +34,28 @@ from fp8q.output.manifest import FileHasher, Progress
 from fp8q.output.writer import ShardFile
 from fp8q.plan.planner import Job, Plan
 from fp8q.source.checkpoint import changed_since_read
+
+if TYPE_CHECKING:  # imported only for --push-to-hub: it brings huggingface_hub
+    from fp8q.output.publish import Publisher
+
+
+@dataclass
+class Outlet:
+    """Where finished shards go: recorded for --resume, then (--push-to-hub) uploaded. With a publisher that
+    deletes each shard once it is up, `room` holds back the opening of a shard while too many wait on disk."""
+
+    progress: Progress
+    publisher: Publisher | None = None
+
+    def room(self, stop: threading.Event) -> None:
+        if self.publisher is not None:
+            self.publisher.wait_for_room(stop)
+
+    def finished(self, name: str, path: Path, sha256: str, stats: dict[str, Any]) -> None:
+        self.progress.record(name, sha256, stats)
+        if self.publisher is not None:
+            record = self.progress.record_upload
+            self.publisher.upload(name, path, sha256, lambda shard, up: record(shard, asdict(up)))
 
 
 @dataclass
@@ -50,23 +73,56 @@ class _OutShards:
     """The output shards open now, each opened by whichever thread needs it first: the writer, or the copier
     running ahead of it."""
 
-    def __init__(self, plan: Plan, partial: Path) -> None:
+    def __init__(self, plan: Plan, partial: Path, outlet: Outlet, stop: threading.Event) -> None:
         self.plan = plan
         self.partial = partial
+        self.outlet = outlet
+        self.stop = stop
         self._open: dict[int, _OutShard] = {}
+        self._opening: dict[int, threading.Event] = {}
+        self._failed: dict[int, BaseException] = {}  # why an opener could not open its shard (upload failed)
         self._lock = threading.Lock()
         self.syncers: list[ThreadPoolExecutor] = []
 
     def get(self, index: int) -> _OutShard:
+        """Shard `index`, opened by the first thread to ask, once the outlet has room for it; a second thread
+        asking meanwhile waits for that, and raises what stopped the opener (the outlet's failure) if it did. Raises
+        Stopped once the run is stopped."""
         with self._lock:
-            if index not in self._open:
+            if index in self._open:
+                return self._open[index]
+            opening = self._opening.get(index)
+            mine = opening is None
+            if opening is None:
+                opening = self._opening[index] = threading.Event()
+        if not mine:
+            while not opening.wait(0.1):
+                if self.stop.is_set():
+                    raise Stopped
+            with self._lock:
+                if index in self._failed:
+                    raise self._failed[index]
+                if index not in self._open:
+                    raise Stopped  # its opener was stopped, and so is the run
+                return self._open[index]
+        try:
+            self.outlet.room(self.stop)
+            if self.stop.is_set():
+                raise Stopped
+            with self._lock:
                 path = self.partial / self.plan.shards[index].name
                 syncer = ThreadPoolExecutor(1, thread_name_prefix="fp8q-fsync")
                 self.syncers.append(syncer)
                 hasher = FileHasher(path)
                 file = ShardFile(path, self.plan.shards[index], _hash_in_background(syncer, hasher))
                 self._open[index] = _OutShard(file, hasher, syncer)
-            return self._open[index]
+                return self._open[index]
+        except Exception as e:
+            with self._lock:
+                self._failed[index] = e
+            raise
+        finally:
+            opening.set()
 
     def pop(self, index: int) -> _OutShard:
         with self._lock:
@@ -135,12 +191,12 @@ def write_shards(
     stop: threading.Event,
     emit: EventCallback,
     pools: Pools,
-    progress: Progress,
+    outlet: Outlet,
     files: ShardFiles,
     skip: set[str],
     serve_check: bool,
 ) -> None:
-    shards = _OutShards(plan, partial)
+    shards = _OutShards(plan, partial, outlet, stop)
     stats: dict[str, Any] = {}
     src_fd = -1
     flushed: list[Future[None]] = []
@@ -174,9 +230,7 @@ def write_shards(
                             "writes to the source"
                         )
                     done = shards.pop(item.shard)
-                    flushed.append(
-                        done.syncer.submit(_finish_shard, done.file, done.hasher, shard.name, stats, progress)
-                    )
+                    flushed.append(done.syncer.submit(_finish_shard, done.file, done.hasher, shard.name, stats, outlet))
                     stats = {}
                     os.close(src_fd)
                     src_fd = -1
@@ -252,9 +306,9 @@ def _hash_in_background(syncer: ThreadPoolExecutor, hasher: FileHasher) -> Calla
     return submit
 
 
-def _finish_shard(shard: ShardFile, hasher: FileHasher, name: str, stats: dict[str, Any], progress: Progress) -> None:
+def _finish_shard(shard: ShardFile, hasher: FileHasher, name: str, stats: dict[str, Any], outlet: Outlet) -> None:
     """On the fsync thread: make the shard durable and finish its hash (at once: the disk flushes
-    while the CPU hashes from the page cache), then record it for --resume."""
+    while the CPU hashes from the page cache), then record it for --resume (and upload it)."""
     failed: list[BaseException] = []
 
     def flush() -> None:
@@ -271,7 +325,7 @@ def _finish_shard(shard: ShardFile, hasher: FileHasher, name: str, stats: dict[s
         flushing.join()
     if failed:
         raise failed[0]
-    progress.record(name, digest, stats)
+    outlet.finished(name, shard.path, digest, stats)
 
 
-__all__ = ["COPY_AHEAD", "write_shards"]
+__all__ = ["COPY_AHEAD", "Outlet", "write_shards"]

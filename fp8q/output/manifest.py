@@ -27,6 +27,7 @@ from fp8q.source.files import read_bounded
 # In OUT.partial/: the run's fingerprint, and one record per finished shard. One file per shard,
 # so that any number of processes (torchrun) record their shards without touching each other's.
 DONE_DIR = f"{RECORD_PREFIX}-done"
+UPLOADED_DIR = f"{RECORD_PREFIX}-uploaded"  # --push-to-hub: the shards the Hub holds (sha256, size, sample)
 # Map a window's pages in one call instead of faulting them one by one (Linux).
 _POPULATE = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
@@ -139,19 +140,39 @@ class Progress:
         atomic_write_json(self.partial / RUN_FILE, record)
 
     def record(self, shard: str, sha256: str, tensors: dict[str, Any]) -> None:
+        self._write(DONE_DIR, shard, {"sha256": sha256, "tensors": tensors, "rank": self.rank})
+
+    def record_upload(self, shard: str, uploaded: dict[str, Any]) -> None:
+        """A shard the Hub holds now (`--push-to-hub`): what committing it takes without its file."""
+        self._write(UPLOADED_DIR, shard, uploaded)
+
+    def _write(self, folder: str, shard: str, entry: dict[str, Any]) -> None:
         name = hashlib.sha256(shard.encode()).hexdigest()[:32] + ".json"
-        record = {"shard": shard, "sha256": sha256, "tensors": tensors, "rank": self.rank}
         with _RECORDING:  # shards finish on threads of their own: one record at a time
-            atomic_write_json(self.partial / DONE_DIR / name, record)
+            (self.partial / folder).mkdir(exist_ok=True)
+            atomic_write_json(self.partial / folder / name, {"shard": shard, **entry})
 
     def done(self) -> dict[str, Any]:
         """Shard name -> {"sha256", "tensors", "rank"} for every shard recorded so far, by any process."""
+        return {
+            name: {"sha256": r["sha256"], "tensors": r["tensors"], "rank": r.get("rank", 0)}
+            for name, r in self._read(DONE_DIR, ("sha256", "tensors")).items()
+        }
+
+    def uploads(self) -> dict[str, Any]:
+        """Shard name -> {"sha256", "size", "sample"} for every shard uploaded so far (`--push-to-hub`)."""
+        return {
+            name: {key: r[key] for key in ("sha256", "size", "sample")}
+            for name, r in self._read(UPLOADED_DIR, ("sha256", "size", "sample")).items()
+        }
+
+    def _read(self, folder: str, keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         records = {}
-        for path in sorted((self.partial / DONE_DIR).glob("*.json")):
+        for path in sorted((self.partial / folder).glob("*.json")):
             try:
                 record = json.loads(read_bounded(path))
-                entry = {"sha256": record["sha256"], "tensors": record["tensors"], "rank": record.get("rank", 0)}
-                records[record["shard"]] = entry
+                if isinstance(record["shard"], str) and all(key in record for key in keys):
+                    records[record["shard"]] = record
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # a record cut short by a kill: that shard is simply redone
         return records
@@ -160,14 +181,14 @@ class Progress:
         """Move the run's records out of `partial`, which is about to become OUT, into a folder made for them
         beside it; returns that folder (for `put_back` if OUT cannot be made after all)."""
         aside = Path(tempfile.mkdtemp(prefix=f".{self.partial.name}.records-", dir=self.partial.parent))
-        for name in (RUN_FILE, DONE_DIR):
+        for name in (RUN_FILE, DONE_DIR, UPLOADED_DIR):
             if (self.partial / name).exists():
                 os.rename(self.partial / name, aside / name)
         return aside
 
     def put_back(self, aside: Path) -> None:
         """Return the records `set_aside` moved, so that `--resume` finds the finished shards."""
-        for name in (RUN_FILE, DONE_DIR):
+        for name in (RUN_FILE, DONE_DIR, UPLOADED_DIR):
             if (aside / name).exists() and self.partial.is_dir():
                 os.rename(aside / name, self.partial / name)
         shutil.rmtree(aside, ignore_errors=True)
@@ -176,9 +197,14 @@ class Progress:
 _RECORDING = threading.Lock()
 
 
-def reusable_shards(partial: Path, expected: dict[str, Any], source_stat: list[dict[str, Any]]) -> dict[str, Any]:
+def reusable_shards(
+    partial: Path,
+    expected: dict[str, Any],
+    source_stat: list[dict[str, Any]],
+    held: set[str] = frozenset(),  # type: ignore[assignment]
+) -> dict[str, Any]:
     """The finished shards of an interrupted run that `--resume` may keep: recorded, and still
-    hashing to what was recorded.
+    hashing to what was recorded (or, `held`, uploaded to the Hub, which still holds them, and deleted here).
 
     The source must have the same shard names, sizes and header hashes (the fingerprint), and each kept
     shard's source file the same modification and status-change times (`source_stat`) as when it was
@@ -216,8 +242,10 @@ def reusable_shards(partial: Path, expected: dict[str, Any], source_stat: list[d
         for name, entry in done.items()
         if name in now
         and then.get(name) == now[name]
-        and (partial / name).is_file()
-        and sha256_file(partial / name) == entry["sha256"]
+        and (
+            (name in held and not (partial / name).exists())
+            or ((partial / name).is_file() and sha256_file(partial / name) == entry["sha256"])
+        )
     }
 
 
@@ -259,11 +287,12 @@ def write_manifest(
     the files it lists, each with its sha256."""
     # Every file of the output by its path in it, but the manifest itself and the run's records (at the top only: a
     # side file `sub/fp8q.json` is the model's, and listed).
-    names = {p.relative_to(partial).as_posix(): p for p in sorted(partial.rglob("*")) if p.is_file()}
+    # Shards uploaded to the Hub and deleted here (--push-to-hub without OUT) are listed from their records.
+    paths = sorted({*(p for p in partial.rglob("*") if p.is_file()), *(partial / name for name in shards)})
     files = {
         name: shards[name]["sha256"] if name in shards else sha256_file(path)
-        for name, path in names.items()
-        if name != MANIFEST_FILE and not name.startswith(RECORD_PREFIX)
+        for path in paths
+        if (name := path.relative_to(partial).as_posix()) != MANIFEST_FILE and not name.startswith(RECORD_PREFIX)
     }
     tensors = {name: stats for entry in shards.values() for name, stats in sorted(entry["tensors"].items())}
     manifest = {

@@ -51,7 +51,7 @@ class CardInput:
     base_model: str | None  # the front matter's base_model: a Hub id, or None (never a folder name)
     base_model_note: str | None  # where base_model came from, or why there is none, when the user did not say
     revision: str | None
-    out_name: str
+    out_name: str  # how the output is named: its repo id when pushed (--push-to-hub), else OUT's folder name
     layout: Layout | None  # None for dequantize
     source_layouts: list[str]  # an FP8 source's layouts in words (dequantize, convert)
     dtype: str | None  # the dtype dequantized weights were written in
@@ -70,6 +70,7 @@ class CardInput:
     moe: bool = False  # whether it holds MoE experts: engines treat those apart (each layout's cells)
     unservable: str | None = None  # why no engine loads it, when it was written anyway (--no-load-check)
     tokenizer: bool = True  # whether it ships a tokenizer (the snippet loads one only then)
+    pushed: bool = False  # published to the Hub as out_name (the command says --push-to-hub)
 
 
 def error_summary(stats: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -207,7 +208,7 @@ def _listed(names: tuple[str, ...]) -> str:
 def command_line(card: CardInput) -> str:
     """The command that makes this output again: the options in full, SRC as its repo id or folder name (a local
     path on the machine that made it means nothing to a reader, and may say more than its owner meant)."""
-    args = ["fp8q", card.command, card.base, card.out_name]
+    args = ["fp8q", card.command, card.base, *(["--push-to-hub"] if card.pushed else []), card.out_name]
     if card.revision:
         args += ["--revision", card.revision]
     layout = card.layout

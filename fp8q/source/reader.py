@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -78,17 +80,28 @@ def read_tensor(fd: int, meta: TensorMeta, buf: torch.Tensor | None = None) -> t
     return buf[: meta.nbytes].view(TORCH_DTYPE[meta.dtype]).reshape(meta.shape)
 
 
+class Fetch(Protocol):
+    """Where a shard is once it is on disk (a streamed repo's, downloaded on demand: fp8q.source.streaming);
+    `close(other)` before another shard's file is deleted to make room."""
+
+    def path(self, name: str, close: Callable[[str], None]) -> Path: ...
+
+
 class ShardReader:
     """A checkpoint's shards opened on demand, closed together: reads tensors by their header entries, from
-    whichever shard holds them (a scale may live in another shard than its weight)."""
+    whichever shard holds them (a scale may live in another shard than its weight). With `fetch`, a shard is
+    asked of it before it is opened."""
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    def __init__(self, checkpoint: Checkpoint, fetch: Fetch | None = None) -> None:
         self.paths = {s.name: s.path for s in checkpoint.shards}
         self.ids = {s.name: s.file_id for s in checkpoint.shards}
         self.fds: dict[str, int] = {}
+        self.fetch = fetch
 
     def fd(self, shard: str) -> int:
         if shard not in self.fds:
+            if self.fetch is not None:
+                self.paths[shard] = self.fetch.path(shard, self.close_shard)
             self.fds[shard] = open_for_reading(self.paths[shard], self.ids[shard])
         return self.fds[shard]
 
@@ -125,4 +138,4 @@ class ShardReader:
         self.close()
 
 
-__all__ = ["ShardReader", "byte_view", "open_for_reading", "read_ahead", "read_tensor"]
+__all__ = ["Fetch", "ShardReader", "byte_view", "open_for_reading", "read_ahead", "read_tensor"]

@@ -123,6 +123,78 @@ def _get_range(url: str, start: int, end: int) -> bytes:
     return bytes(data[skip : skip + end - start])
 
 
+def download_shard(
+    stream: HubStream, name: str, tqdm_class: type[Any] | None, staging: Path | None, cache_dir: str | Path | None
+) -> Path:
+    """Download shard `name` with huggingface_hub's client, into `staging` (or the cache when None), and check its
+    header is the one read before the run.
+
+    Raises:
+        CheckpointError: the header differs (the repo changed at the same commit). The client's own errors pass.
+    """
+    path = Path(
+        hf_hub_download(
+            stream.repo_id,
+            name,
+            revision=stream.commit,
+            tqdm_class=tqdm_class,
+            cache_dir=cache_dir,
+            local_dir=staging,
+        )
+    )
+    expected = stream.remote[name]
+    local = read_shard(path.parent, name)
+    if (local.size, local.header_sha256) != (expected.size, expected.header_sha256):
+        raise CheckpointError(
+            f"{path}: downloaded, but its header differs from the one read before the run; "
+            "the repo changed on the Hub at the same commit (or a proxy altered it): run again"
+        )
+    return path
+
+
+class ShardsOnDemand:
+    """A streamed repo's shards for a reader that goes in its own order (`fp8q verify`): each downloaded when it is
+    first read, into `staging` (a folder of the caller's own), at most `WINDOW` on disk: reading another deletes the
+    one read least recently (its reader's descriptor closed first: an open file keeps its space).
+    `close()` deletes the staging folder."""
+
+    def __init__(self, stream: HubStream, staging: Path, explain: Callable[[Exception], str]) -> None:
+        self.stream = stream
+        self.staging = staging
+        self.bytes_downloaded = 0
+        self._explain = explain
+        self._local: dict[str, Path] = {}  # downloaded, least recently read first
+
+    def path(self, name: str, close: Callable[[str], None]) -> Path:
+        """Where shard `name` is, downloaded now if it is not on disk; `close(other)` is called before another
+        shard's download is deleted to make room.
+
+        Raises:
+            CheckpointError: the download failed, naming the shard.
+        """
+        if name not in self.stream.remote:
+            return self.stream.folder / name  # in the cache before the run
+        if name in self._local:
+            self._local[name] = self._local.pop(name)  # read most recently now
+            return self._local[name]
+        while len(self._local) >= WINDOW:
+            oldest = next(iter(self._local))
+            close(oldest)
+            self._local.pop(oldest).unlink(missing_ok=True)
+        try:
+            path = download_shard(self.stream, name, None, self.staging, None)
+        except CheckpointError:
+            raise
+        except HUB_ERRORS as e:
+            raise CheckpointError(f"{self.stream.label}: downloading {name}: {self._explain(e)}") from None
+        self._local[name] = path
+        self.bytes_downloaded += path.stat().st_size
+        return path
+
+    def close(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
 class _Cancelled(Exception):
     """Raised from the download's progress hook to stop a download the run no longer needs."""
 
@@ -229,25 +301,10 @@ class ShardDownloads:
         return CheckpointError(f"{self.stream.label}: downloading {name}: {why}")
 
     def _download(self, name: str) -> None:
-        expected = self.stream.remote[name]
-        path = Path(
-            hf_hub_download(
-                self.stream.repo_id,
-                name,
-                revision=self.stream.commit,
-                tqdm_class=self._progress(name),
-                cache_dir=self.stream.cache_dir if self.keep else None,
-                local_dir=None if self.keep else self.staging,
-            )
-        )
+        cache_dir = self.stream.cache_dir if self.keep else None
+        path = download_shard(self.stream, name, self._progress(name), None if self.keep else self.staging, cache_dir)
         with self._lock:
             self._paths[name] = path
-        local = read_shard(path.parent, name)
-        if (local.size, local.header_sha256) != (expected.size, expected.header_sha256):
-            raise CheckpointError(
-                f"{path}: downloaded, but its header differs from the one read before the run; "
-                "the repo changed on the Hub at the same commit (or a proxy altered it): run again"
-            )
 
     def _progress(self, name: str) -> type[Any]:
         """A stand-in for huggingface_hub's tqdm bar: counts the bytes, and stops the download when the run stops."""

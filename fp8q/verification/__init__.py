@@ -1,8 +1,9 @@
 """Check an FP8 checkpoint before it is shipped: will the engines load it, and (given the source) is it close?
 
-Imports: torch, errors, dtypes, events, source (checkpoint, reader), layouts (detect, numerics), models (architectures,
-experts, linear), plan (checks, selection). Reads headers first, then one tensor at a time, so it runs on checkpoints of
-any size. What it checks:
+Imports: torch, errors, dtypes, events, source (checkpoint, reader; hub and streaming for a Hub repo, imported then),
+layouts (detect, numerics), models (architectures, experts, linear), plan (checks, selection). Reads headers first, then
+one tensor at a time, shard after shard, so it runs on checkpoints of any size; a Hub repo not in the cache is read as
+it downloads, each shard once, at most two of them on disk. What it checks:
 
 - structure: `read_checkpoint`'s validation (index and shard headers agree both ways, offsets tile each file);
 - config: compressed-tensors configs go through compressed-tensors' own `QuantizationConfig.model_validate`
@@ -22,10 +23,13 @@ from __future__ import annotations
 import math
 import re
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,6 +52,9 @@ from fp8q.plan.checks import MAX_REL_ERROR
 from fp8q.plan.selection import natural_key
 from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint, TensorMeta, read_checkpoint
 from fp8q.source.reader import ShardReader
+
+if TYPE_CHECKING:
+    from fp8q.source.streaming import HubStream, ShardsOnDemand
 
 # (MAX_REL_ERROR, from checks) ... or one below this signal-to-noise ratio is broken whatever its neighbours do.
 MIN_SNR_DB = 15.0
@@ -87,6 +94,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     rows: list[TensorCheck] = field(default_factory=list)
     seconds: float = 0.0
+    bytes_downloaded: int = 0  # a streamed Hub repo's shards, downloaded as they were read and deleted
 
     @property
     def ok(self) -> bool:
@@ -94,13 +102,17 @@ class VerifyReport:
 
 
 def verify(
-    path: str | Path, source: str | Path | None = None, *, on_event: EventCallback | None = None
+    path: str | Path | HubStream,
+    source: str | Path | HubStream | None = None,
+    *,
+    on_event: EventCallback | None = None,
 ) -> VerifyReport:
     """Check the FP8 checkpoint at PATH, and compare it with SOURCE (the checkpoint it was made from) if given.
 
     Args:
-        path: an FP8 checkpoint folder (or one `.safetensors` file).
-        source: the bf16/fp16/fp32 checkpoint PATH was quantized from; tensors are matched by name.
+        path: an FP8 checkpoint folder (or one `.safetensors` file), or a streamed Hub repo
+            (`fp8q.engine.api.open_source`): its shards are downloaded as they are read, at most two on disk.
+        source: the bf16/fp16/fp32 checkpoint PATH was quantized from (the same kinds); tensors are matched by name.
         on_event: called with `Started` once, then `TensorDone` per quantized weight.
 
     Returns:
@@ -110,32 +122,61 @@ def verify(
         Fp8qError: PATH does not exist, or SOURCE cannot be read. Problems with PATH itself are reported.
     """
     started = time.perf_counter()
-    if not Path(path).exists():
+    if isinstance(path, (str, Path)) and not Path(path).exists():
         raise CheckpointError(f"{path}: no such file or folder; give an FP8 checkpoint folder or a .safetensors file")
-    report = VerifyReport(str(path), str(source) if source is not None else None)
-    src = read_checkpoint(Path(source)) if source is not None else None
-    try:
-        checkpoint = read_checkpoint(Path(path))
-        detected = _detect(checkpoint)
-    except CheckpointError as e:
-        report.problems.append(str(e))
-    else:
-        if detected.weights:
-            report.format = detected.format.value
-            for qw in detected.weights:
-                report.layouts[layout_words(qw.layout)] = report.layouts.get(layout_words(qw.layout), 0) + 1
-            report.problems += _check_config(checkpoint, detected, Path(path).is_dir())
-            report.problems += detected.problems
-            report.problems += _check_coverage(checkpoint, detected)
-            report.problems += _check_rules(checkpoint, detected)
-            if src is not None:
-                report.problems += _check_against_source(checkpoint, src, detected)
-                report.problems += _check_exact(checkpoint, src, detected)
-            _check_values(report, checkpoint, detected, src, on_event or (lambda event: None))
+    report = VerifyReport(_name(path), _name(source) if source is not None else None)
+    src = _read(source) if source is not None else None
+    with _fetch(path) as fetch, _fetch(source) as src_fetch:
+        try:
+            checkpoint = _read(path)
+            detected = _detect(checkpoint)
+        except CheckpointError as e:
+            report.problems.append(str(e))
         else:
-            report.problems.append(f"{checkpoint.root}: no FP8 weights; this is not an FP8 checkpoint")
+            if detected.weights:
+                report.format = detected.format.value
+                for qw in detected.weights:
+                    report.layouts[layout_words(qw.layout)] = report.layouts.get(layout_words(qw.layout), 0) + 1
+                is_folder = not isinstance(path, (str, Path)) or Path(path).is_dir()
+                report.problems += _check_config(checkpoint, detected, is_folder)
+                report.problems += detected.problems
+                report.problems += _check_coverage(checkpoint, detected)
+                report.problems += _check_rules(checkpoint, detected)
+                if src is not None:
+                    report.problems += _check_against_source(checkpoint, src, detected)
+                readers = ShardReader(checkpoint, fetch), ShardReader(src or checkpoint, src_fetch)
+                _check_values(report, checkpoint, detected, src, readers, on_event or (lambda event: None))
+            else:
+                report.problems.append(f"{checkpoint.root}: no FP8 weights; this is not an FP8 checkpoint")
+        report.bytes_downloaded = sum(f.bytes_downloaded for f in (fetch, src_fetch) if f is not None)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _name(checkpoint: str | Path | HubStream) -> str:
+    return str(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint.repo_id
+
+
+def _read(checkpoint: str | Path | HubStream) -> Checkpoint:
+    if isinstance(checkpoint, (str, Path)):
+        return read_checkpoint(Path(checkpoint))
+    return read_checkpoint(checkpoint.folder, checkpoint.remote)
+
+
+@contextmanager
+def _fetch(checkpoint: str | Path | HubStream | None) -> Iterator[ShardsOnDemand | None]:
+    """A streamed repo's shards, downloaded as they are read into a temporary folder (TMPDIR) deleted at the end."""
+    if checkpoint is None or isinstance(checkpoint, (str, Path)):
+        yield None
+        return
+    from fp8q.source.hub import explain
+    from fp8q.source.streaming import ShardsOnDemand
+
+    fetch = ShardsOnDemand(checkpoint, Path(tempfile.mkdtemp(prefix="fp8q-verify-")), explain)
+    try:
+        yield fetch
+    finally:
+        fetch.close()
 
 
 def _detect(checkpoint: Checkpoint) -> DetectedLayout:
@@ -150,20 +191,33 @@ def _check_values(
     checkpoint: Checkpoint,
     detected: DetectedLayout,
     src: Checkpoint | None,
+    readers: tuple[ShardReader, ShardReader],
     emit: EventCallback,
 ) -> None:
-    """Read every scale (and with a source every weight), one tensor at a time, into rows and problems."""
+    """Read every scale (and with a source every weight, and every tensor that must not change), one tensor at a
+    time, shard after shard, into rows and problems: a streamed repo's shards are each downloaded once."""
     usable = [qw for qw in detected.weights if qw.scale is not None and qw.layout is not None]
     emit(Started(len(usable), sum(_nbytes(qw) for qw in usable)))
     sources = _source_tensors(src) if src is not None else {}
-    with ShardReader(checkpoint) as reader, ShardReader(src or checkpoint) as src_reader:
-        for qw in usable:
-            src_meta = _source_of(sources, qw)
-            row, problem = _check_weight(qw, reader, src_reader, src_meta)
-            report.rows.append(row)
-            if problem:
-                report.problems.append(problem)
-            emit(TensorDone(qw.weight.name, _nbytes(qw)))
+    exact = _exact_pairs(checkpoint, src, detected) if src is not None else []
+    shards = sorted({qw.weight.shard for qw in usable} | {meta.shard for meta, _ in exact}, key=natural_key)
+    exact_problems: list[str] = []  # said before the values', as they were when read in a pass of their own
+    value_problems: list[str] = []
+    with readers[0] as reader, readers[1] as src_reader:
+        for shard in shards:
+            for meta, origin in (pair for pair in exact if pair[0].shard == shard):
+                if not torch.equal(reader.read(meta).view(torch.uint8), src_reader.read(origin).view(torch.uint8)):
+                    exact_problems.append(
+                        f"tensor {meta.name} in {meta.shard} differs from the source; it must be copied bit for bit "
+                        "(engines use it as it is stored)"
+                    )
+            for qw in (qw for qw in usable if qw.weight.shard == shard):
+                row, problem = _check_weight(qw, reader, src_reader, _source_of(sources, qw))
+                report.rows.append(row)
+                if problem:
+                    value_problems.append(problem)
+                emit(TensorDone(qw.weight.name, _nbytes(qw)))
+    report.problems += exact_problems + value_problems
     report.tensors_checked = len(report.rows)
     if src is not None:
         report.rows = _flag_outliers(report.rows)
@@ -225,24 +279,22 @@ _EXACT = re.compile(
 _EXACT_MAX_BYTES = 64 << 20
 
 
-def _check_exact(checkpoint: Checkpoint, src: Checkpoint, detected: DetectedLayout) -> list[str]:
-    """Every tensor that must not change (1-D ones, routers, SSM parameters, ...) is the source's, byte for byte."""
+def _exact_pairs(
+    checkpoint: Checkpoint, src: Checkpoint, detected: DetectedLayout
+) -> list[tuple[TensorMeta, TensorMeta]]:
+    """Every tensor that must not change (1-D ones, routers, SSM parameters, ...) with the source tensor it must
+    equal byte for byte; read and compared with the weights, shard by shard."""
     fp8, dropped = {qw.weight.name for qw in detected.weights}, detected.dropped
-    problems = []
-    with ShardReader(checkpoint) as out, ShardReader(src) as source:
-        for name, meta in sorted(checkpoint.tensors.items(), key=lambda kv: natural_key(kv[0])):
-            origin = src.tensors.get(name)
-            exact = len(meta.shape) <= 1 or _EXACT.search(name)
-            if not exact or name in fp8 or name in dropped or origin is None or meta.nbytes > _EXACT_MAX_BYTES:
-                continue
-            if (origin.dtype, origin.shape) != (meta.dtype, meta.shape):
-                continue  # reported by _check_against_source
-            if not torch.equal(out.read(meta).view(torch.uint8), source.read(origin).view(torch.uint8)):
-                problems.append(
-                    f"tensor {name} in {meta.shard} differs from the source; it must be copied bit for bit "
-                    "(engines use it as it is stored)"
-                )
-    return problems
+    pairs = []
+    for name, meta in sorted(checkpoint.tensors.items(), key=lambda kv: natural_key(kv[0])):
+        origin = src.tensors.get(name)
+        exact = len(meta.shape) <= 1 or _EXACT.search(name)
+        if not exact or name in fp8 or name in dropped or origin is None or meta.nbytes > _EXACT_MAX_BYTES:
+            continue
+        if (origin.dtype, origin.shape) != (meta.dtype, meta.shape):
+            continue  # reported by _check_against_source
+        pairs.append((meta, origin))
+    return pairs
 
 
 def _check_coverage(checkpoint: Checkpoint, detected: DetectedLayout) -> list[str]:

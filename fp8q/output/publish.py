@@ -1,0 +1,304 @@
+"""An output published to a Hub repo in the same pass (`--push-to-hub`): the repo checked before anything is
+converted, each finished shard uploaded while the next converts (and, with no OUT, deleted once it is up), and every
+file committed at the end in one commit, so the repo shows nothing of the run until it is complete.
+
+Imports: errors, huggingface_hub (the Hub's own client: LFS or Xet as it and the Hub choose; HF_ENDPOINT, HF_TOKEN
+and the cache settings as everywhere). Uploads go through `preupload_lfs_files`, which stores the bytes but commits
+nothing; `create_commit` then names every file at once. A shard's sha256 is the one fp8q computed while writing it,
+handed to the client (`UploadInfo`), so no byte is hashed twice; the client reads each shard once, to send it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RevisionNotFoundError
+from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
+
+from fp8q.errors import OutputError, UsageError
+
+SAMPLE_BYTES = 512  # what the Hub is shown of a file to choose how it is stored (UploadInfo.sample)
+MANIFEST = "fp8q.json"
+# Files a repo holds from its creation, which say nothing of what is in it.
+_BORN_WITH = (".gitattributes",)
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """A shard's bytes as the Hub holds them (LFS): enough to commit it without the file."""
+
+    sha256: str
+    size: int
+    sample: str  # base64 of its first SAMPLE_BYTES bytes
+
+    def operation(self, name: str, path: Path) -> CommitOperationAdd:
+        """The commit's entry for it: the local file where it is still there, else empty bytes the client never
+        sends (the Hub has the object: `confirmed` asked it)."""
+        op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path) if path.is_file() else b"")
+        op.upload_info = UploadInfo(self.size, base64.b64decode(self.sample), sha256=bytes.fromhex(self.sha256))
+        return op
+
+
+@dataclass(frozen=True)
+class Published:
+    repo_id: str
+    revision: str
+    commit: str
+    url: str
+    pr_url: str | None
+
+
+def _cause(error: BaseException) -> tuple[int | None, str]:
+    """The HTTP status and first line of what went wrong: huggingface_hub wraps a refused upload's HTTP error in
+    one of its own ("Error while uploading ..."), so the chain is walked to the answer that has a status."""
+    seen: BaseException | None = error
+    while seen is not None:
+        status = getattr(getattr(seen, "response", None), "status_code", None)
+        if status is not None:
+            break
+        seen = seen.__cause__ or seen.__context__
+    found = seen or error
+    text = str(found).strip()
+    return status, text.splitlines()[0] if text else type(found).__name__
+
+
+def _hub_error(repo_id: str, what: str, error: Exception) -> OutputError:
+    status, first = _cause(error)
+    if status == 401 or isinstance(error, LocalTokenNotFoundError):
+        why = "the Hub does not accept the token: set HF_TOKEN to a token that can write to it"
+    elif status == 403:
+        why = "the token may not write to it: use a token with write access to its namespace"
+    else:
+        why = first
+    return OutputError(f"{repo_id}: {what}: {why}")
+
+
+class Publisher:
+    """The repo an output goes to. `check` before anything is converted; `upload` each finished shard (on a thread
+    of its own, one at a time, in order); `commit` once at the end. With `room` set (no OUT: shards are deleted
+    once uploaded) at most that many finished or open shards wait on local disk: `wait_for_room` holds the writer."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        revision: str | None,
+        *,
+        create_pr: bool,
+        private: bool,
+        overwrite: bool,
+        source_repo: str | None,
+        room: int | None,
+    ) -> None:
+        self.repo_id = repo_id
+        self.revision = revision or "main"  # a branch, created from main if missing
+        self.create_pr = create_pr  # the commit opens a pull request instead of landing on the branch
+        self.private = private  # for a repo created now
+        self.overwrite = overwrite  # replace what fp8q published there before (its fp8q.json says so)
+        self.source_repo = source_repo
+        self.api = HfApi()
+        self.parent: str | None = None  # the revision's commit when checked: the commit fails if it moved
+        self.branch_exists = True
+        self.existing: list[str] = []  # files the repo holds at the revision (replaced with --overwrite)
+        self.uploaded: dict[str, Uploaded] = {}
+        self.bytes_uploaded = 0
+        self._room = room
+        self._on_disk = 0
+        self._changed = threading.Condition()
+        self._failure: BaseException | None = None
+        self._queue: list[tuple[str, Path, str, Callable[[str, Uploaded], None], bool]] = []
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    # ── before anything is converted ──
+
+    def check(self) -> None:
+        """Refuse, in one line, what would fail later: no usable token, a token that cannot write, the source as
+        the target, a target holding files fp8q did not publish (or did, without --overwrite).
+
+        Raises:
+            OutputError, UsageError: as above.
+        """
+        repo_id = self.repo_id
+        if self.source_repo is not None and repo_id.lower() == self.source_repo.lower():
+            raise UsageError(f"--push-to-hub {repo_id}: that is the source repo; push to another one")
+        try:
+            self.api.whoami()
+        except (HfHubHTTPError, LocalTokenNotFoundError) as e:
+            raise _hub_error(repo_id, "cannot publish", e) from None
+        try:
+            self.api.create_repo(repo_id, private=self.private, exist_ok=True)
+            try:
+                info = self.api.model_info(repo_id, revision=self.revision)
+                self.parent = info.sha
+                self.existing = [s.rfilename for s in info.siblings or [] if s.rfilename not in _BORN_WITH]
+            except RevisionNotFoundError:
+                self.branch_exists = False  # made from main just before the commit
+            probe = CommitOperationAdd(path_in_repo=".fp8q-write-check", path_or_fileobj=b"fp8q")
+            # Asks the Hub how it would store a file, which takes write access, and stores nothing.
+            self.api.preupload_lfs_files(repo_id, [probe], revision=self.revision if self.branch_exists else None)
+        except HfHubHTTPError as e:
+            raise _hub_error(repo_id, "cannot publish there", e) from None
+        if self.existing and not self.create_pr:
+            if MANIFEST not in self.existing or not self._made_by_fp8q():
+                raise OutputError(
+                    f"{repo_id}: holds files ({len(self.existing)}) that fp8q did not publish; push to an empty or "
+                    "new repo (or use --create-pr to propose the output instead)"
+                )
+            if not self.overwrite:
+                raise OutputError(
+                    f"{repo_id}: already holds an fp8q output; pass --overwrite to replace it in one commit, or "
+                    "push elsewhere"
+                )
+
+    def _made_by_fp8q(self) -> bool:
+        try:
+            path = self.api.hf_hub_download(self.repo_id, MANIFEST, revision=self.revision)
+            with open(path, "rb") as f:
+                return json.loads(f.read(1 << 20)).get("tool") == "fp8q"
+        except (HfHubHTTPError, OSError, ValueError, AttributeError):
+            return False
+
+    def confirmed(self, recorded: dict[str, Uploaded]) -> set[str]:
+        """Which shards an earlier run uploaded the Hub still holds (it offers no upload for them)."""
+        if not recorded:
+            return set()
+        infos = {
+            name: UploadInfo(u.size, base64.b64decode(u.sample), sha256=bytes.fromhex(u.sha256))
+            for name, u in recorded.items()
+        }
+        try:
+            actions, errors, _ = post_lfs_batch_info(infos.values(), None, "model", self.repo_id)
+        except (HfHubHTTPError, ValueError):
+            return set()
+        missing = {a["oid"] for a in actions if a.get("actions")} | {e.get("oid") for e in errors}
+        held = {name for name, u in recorded.items() if u.sha256 not in missing}
+        self.uploaded.update({name: recorded[name] for name in held})
+        return held
+
+    # ── while converting ──
+
+    def wait_for_room(self, stop: threading.Event) -> None:
+        """Hold the caller while `room` shards are on local disk (open, or finished and not uploaded yet)."""
+        with self._changed:
+            while self._room is not None and self._on_disk >= self._room:
+                self._raise_if_failed()
+                if stop.is_set():
+                    return
+                self._changed.wait(0.1)
+            self._raise_if_failed()
+            self._on_disk += 1
+
+    def upload(self, name: str, path: Path, sha256: str, record: Callable[[str, Uploaded], None]) -> None:
+        """Upload a finished shard on the upload thread; once the Hub has it, `record` it (for --resume) and, with
+        room bounded (no OUT), delete the local file."""
+        with self._changed:
+            self._raise_if_failed()
+            self._queue.append((name, path, sha256, record, self._room is not None))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._uploads, name="fp8q-upload", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+
+    def _uploads(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queue and not self._closing:
+                    self._changed.wait()
+                if not self._queue:
+                    return
+                name, path, sha256, record, delete = self._queue.pop(0)
+            try:
+                size = path.stat().st_size
+                with open(path, "rb") as f:
+                    sample = f.read(SAMPLE_BYTES)
+                done = Uploaded(sha256, size, base64.b64encode(sample).decode("ascii"))
+                self.api.preupload_lfs_files(
+                    self.repo_id,
+                    [done.operation(name, path)],
+                    revision=self.revision if self.branch_exists else None,
+                )
+                record(name, done)
+                if delete:
+                    os.unlink(path)
+            except BaseException as e:  # noqa: BLE001 - the run's failure, raised in the writer or at the end
+                with self._changed:
+                    self._failure = _upload_error(self.repo_id, name, e)
+                    self._queue.clear()
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                self.uploaded[name] = done
+                self.bytes_uploaded += size
+                if delete:
+                    self._on_disk -= 1
+                self._changed.notify_all()
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def finish_uploads(self) -> None:
+        """Wait for every upload; raise the first failure (OutputError naming the shard)."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closing = True
+            self._queue.clear()
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    # ── at the end ──
+
+    def commit(self, folder: Path, files: list[str], message: str) -> Published:
+        """One commit of every file of the output (shards uploaded already, the rest from `folder`), replacing
+        what the repo held (--overwrite); nothing of the run is visible before it.
+
+        Raises:
+            OutputError: the Hub refused it (the one line says to run again with --resume).
+        """
+        ops: list[CommitOperationAdd | CommitOperationDelete] = []
+        for name in files:
+            if name in self.uploaded:
+                ops.append(self.uploaded[name].operation(name, folder / name))
+            else:
+                ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)))
+                self.bytes_uploaded += (folder / name).stat().st_size
+        ops += [CommitOperationDelete(path_in_repo=name) for name in self.existing if name not in set(files)]
+        try:
+            if not self.branch_exists and not self.create_pr:
+                self.api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
+            info = self.api.create_commit(
+                self.repo_id,
+                ops,
+                commit_message=message,
+                revision=self.revision,
+                create_pr=self.create_pr,
+                parent_commit=self.parent if self.branch_exists else None,
+            )
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            raise _upload_error(self.repo_id, "the commit", e) from None
+        return Published(self.repo_id, self.revision, info.oid, info.commit_url, info.pr_url)
+
+
+def _upload_error(repo_id: str, what: str, error: BaseException) -> OutputError:
+    """One line naming the file; the run adds where its finished shards are kept for --resume."""
+    status, first = _cause(error)
+    why = f"HTTP {status}: {first}" if status else first
+    return OutputError(f"{repo_id}: uploading {what} failed ({why}); what the Hub took is kept")
+
+
+__all__ = ["Published", "Publisher", "Uploaded"]

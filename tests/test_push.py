@@ -1,0 +1,414 @@
+"""`--push-to-hub`: a Hub repo in, an FP8 repo out, in one streaming pass. Against tests/hub_server.py, the local
+stand-in for the Hub, which takes uploads the way huggingface_hub's own client sends them (classic LFS:
+HF_HUB_DISABLE_XET=1), with `fp8q` run as a user runs it: a child process with HF_ENDPOINT, HF_HOME and HF_TOKEN.
+
+What is checked is what lands on the Hub: the committed tree byte for byte against a local run, one commit and
+nothing shown before it, the local disk the run holds, what a refused upload leaves and what `--resume` then sends,
+and the refusals made before any weight is downloaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load, save
+
+from fp8q import QuantizeOptions, quantize
+from tests.hub_server import HubServer
+from tests.test_hub_stream import _disk
+from tests.test_resume import _big_source
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = "org/model"
+SHARDS = [f"model-{i:05d}-of-00006.safetensors" for i in range(1, 7)]
+TOKENS = {"hf_write": ("me", "write"), "hf_read": ("me", "read")}
+# The layout families: per-channel compressed-tensors, fp8 blocks (vLLM / DeepSeek), MXFP8.
+LAYOUTS = {
+    "channel": (),
+    "block-fp8": ("--scheme", "block", "--format", "fp8"),
+    "mx": ("--scheme", "mx"),
+}
+# What a local run writes that names where it went (the card) or when (fp8q.json's timings): compared apart.
+NAMED = ("README.md", "fp8q.json")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """The 6-shard repo's folder (served by every test's hub) and its local conversion in each layout family."""
+    root = tmp_path_factory.mktemp("push")
+    _big_source(root / "repos" / SRC, shards=6)
+    (root / "repos" / SRC / "README.md").write_text("---\nlicense: mit\n---\n# A model\n")
+    local = {}
+    for name, args in LAYOUTS.items():
+        scheme = args[1] if args else "channel"
+        fmt = args[3] if len(args) > 2 else "compressed-tensors"
+        local[name] = root / "local" / name
+        quantize(root / "repos" / SRC, local[name], QuantizeOptions(scheme=scheme, format=fmt, device="cpu"))
+    return root / "repos", local
+
+
+@pytest.fixture
+def hub(reference):
+    server = HubServer(reference[0], tokens=TOKENS, orgs={"team": {"me"}})
+    yield server
+    server.close()
+
+
+def _fp8q(
+    tmp_path: Path, hub: HubServer, *args: str, token: str | None = "hf_write", stop_after: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """fp8q in a child process against the stand-in; staging under tmp_path/cache (XDG_CACHE_HOME), temporary files
+    under tmp_path/tmp."""
+    (tmp_path / "tmp").mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FP8Q_"))}
+    env |= {
+        "TMPDIR": str(tmp_path / "tmp"),
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_DISABLE_XET": "1",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PYTHONPATH": str(ROOT),
+    }
+    if token is not None:
+        env["HF_TOKEN"] = token
+    cmd = [sys.executable, "-m", "fp8q", *args]
+    if stop_after:
+        cmd = [sys.executable, str(ROOT / "tests" / "stopped_run.py"), stop_after, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _one_line(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    """The error line (the plan's notes, printed before, apart)."""
+    lines = [line for line in result.stderr.strip().splitlines() if line and not line.startswith("note:")]
+    assert result.returncode == code and len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tree(hub: HubServer, repo_id: str, revision: str = "main") -> dict[str, str]:
+    """The committed files -> their sha256."""
+    commit = hub.commits(repo_id, revision)[-1]
+    return {name: _sha(hub.read(repo_id, name, revision)) for name in sorted(commit.files)}
+
+
+def _local(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): _sha(p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _same_as_local(hub: HubServer, repo_id: str, local: Path, revision: str = "main") -> None:
+    """The pushed tree holds the local run's files byte for byte (the card and fp8q.json apart, which name where the
+    run went and when), and its fp8q.json lists every file with the sha256 the Hub holds."""
+    tree = _tree(hub, repo_id, revision)
+    expected = _local(local)
+    assert set(tree) == set(expected)
+    assert {n: s for n, s in tree.items() if n not in NAMED} == {n: s for n, s in expected.items() if n not in NAMED}
+    manifest = json.loads(hub.read(repo_id, "fp8q.json", revision))
+    assert manifest["tool"] == "fp8q"
+    assert manifest["files"] == {n: s for n, s in tree.items() if n != "fp8q.json"}
+    card = ModelCard(hub.read(repo_id, "README.md", revision).decode())
+    assert card.data.base_model == SRC
+    assert repo_id in card.text  # the serving snippets name the pushed repo
+
+
+@contextmanager
+def _peak_disk(hub: HubServer, *folders: Path) -> Iterator[list[int]]:
+    """[the most bytes the folders held], sampled every 2 ms and at the start and end of every download, while the
+    block runs."""
+    peak = [0]
+    stop = threading.Event()
+
+    def sample(*_: object) -> None:
+        peak[0] = max(peak[0], _disk(*folders))
+
+    def sampling() -> None:
+        while not stop.wait(0.002):
+            sample()
+
+    hub.on_download = sample
+    sampler = threading.Thread(target=sampling)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+
+
+def _source_downloads(hub: HubServer) -> list[str]:
+    return sorted(r.file for r in hub.requests if r.downloads and r.repo == SRC and r.file.endswith(".safetensors"))
+
+
+def _uploads(hub: HubServer) -> list[str]:
+    """The sha256 of every LFS object the stand-in took (PUTs answered 200)."""
+    return [r.file for r in hub.requests if r.kind == "upload" and r.status == 200]
+
+
+def _commits(hub: HubServer, repo_id: str) -> list[str]:
+    return [c.summary for c in hub.commits(repo_id)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pushed_tree_equals_local_run_in_one_commit_shown_only_when_complete(reference, hub, tmp_path, layout):
+    _, local = reference
+    final = set(_local(local[layout]))
+    seen: list[frozenset[str]] = []  # what `main` showed, sampled while the run went on
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.002):
+            found = hub.repo("me/out")
+            seen.append(frozenset(found[1]) if found else frozenset())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = _fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu", *LAYOUTS[layout])
+    finally:
+        stop.set()
+        sampler.join()
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", local[layout])
+    # One commit on top of the repo's creation, one commit request, and before it `main` showed nothing.
+    assert _commits(hub, "me/out") == ["initial commit", f"fp8q quantize: {_describe(local[layout])}"]
+    assert sum(r.kind == "commit" for r in hub.requests) == 1
+    assert seen and set(seen) <= {frozenset(), frozenset(final)}
+    assert frozenset() in seen  # the sampler saw the run before its commit: it was not blind
+    # Each source shard downloaded once, each output shard uploaded once, and the staging folder gone.
+    assert _source_downloads(hub) == SHARDS
+    shards = {_sha((local[layout] / n).read_bytes()) for n in final if n.endswith(".safetensors")}
+    assert sorted(_uploads(hub)) == sorted(shards)
+    assert not any((tmp_path / "cache" / "fp8q" / "push").rglob("*.safetensors"))
+    assert "pushed:  me/out (main)" in result.stderr
+
+
+def _describe(local: Path) -> str:
+    """The layout in words, as the default commit message has it."""
+    from fp8q.layouts import find
+
+    options = json.loads((local / "fp8q.json").read_text())["options"]
+    return find(options["scheme"], options["format"], options["scale_format"]).describe()
+
+
+def test_disk_holds_at_most_two_source_and_two_output_shards(reference, hub, tmp_path):
+    repos, local = reference
+    with _peak_disk(hub, tmp_path / "cache", tmp_path / "hf") as peak:
+        result = _fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    source = sorted(((repos / SRC / n).stat().st_size for n in SHARDS), reverse=True)
+    out = local["channel"]
+    written = sorted(((out / n).stat().st_size for n in SHARDS), reverse=True)
+    side = sum(p.stat().st_size for p in out.iterdir() if p.name not in SHARDS)  # index, config, card, tokenizer
+    records = 64 * 1024  # the run record: a few hundred bytes a shard, and huggingface_hub's metadata
+    bound = source[0] + source[1] + written[0] + written[1] + side + records
+    assert written[0] < peak[0] <= bound, (peak[0], bound)
+    assert peak[0] < sum(written)  # the whole output never sat on disk
+
+
+def test_refused_upload_then_resume_uploads_only_the_rest(reference, hub, tmp_path):
+    _, local = reference
+    hub.faults.refuse_upload_after = 3
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    line = _one_line(_fp8q(tmp_path, hub, *args))
+    assert line.startswith("error: me/out: uploading model-00004-of-00006.safetensors failed (HTTP 403"), line
+    assert line.endswith("rerun with --resume"), line
+    assert _commits(hub, "me/out") == ["initial commit"]  # nothing published
+    first = _uploads(hub)
+    assert len(first) == 3
+
+    hub.faults.refuse_upload_after = None
+    hub.requests.clear()
+    result = _fp8q(tmp_path, hub, *args, "--resume")
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", local["channel"])
+    assert len(hub.commits("me/out")) == 2
+    # The three shards the Hub holds were neither downloaded, converted nor uploaded again.
+    again = _uploads(hub)
+    assert len(again) == 3 and not set(again) & set(first)
+    assert set(_source_downloads(hub)) <= set(SHARDS[3:])
+    assert "reused" in result.stderr
+
+
+def test_killed_run_resumes_without_uploading_twice(reference, hub, tmp_path):
+    _, local = reference
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    killed = _fp8q(tmp_path, hub, *args, stop_after="4:KILL")
+    assert killed.returncode == -9, killed.stderr
+    assert _commits(hub, "me/out") == ["initial commit"]
+    result = _fp8q(tmp_path, hub, *args, "--resume")
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", local["channel"])
+    uploads = _uploads(hub)
+    assert len(uploads) == len(set(uploads)) == len(SHARDS)  # every shard once, over both runs
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        (None, "set HF_TOKEN to a token that can write"),
+        ("hf_unknown", "set HF_TOKEN to a token that can write"),
+        ("hf_read", "use a token with write access"),
+    ],
+)
+def test_a_token_that_cannot_write_is_refused_before_any_download(reference, hub, tmp_path, token, expected):
+    result = _fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu", token=token)
+    line = _one_line(result)
+    assert line.startswith("error: me/out:") and expected in line, line
+    assert _source_downloads(hub) == []
+    assert not (tmp_path / "cache" / "fp8q" / "push" / "me--out").exists()
+
+
+def test_another_namespace_is_refused(reference, hub, tmp_path):
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "other/out", "--device", "cpu"))
+    assert "other/out" in line and "write access" in line, line
+    assert hub.repo("other/out") is None and _source_downloads(hub) == []
+
+
+def test_an_organization_the_user_belongs_to_is_written(reference, hub, tmp_path):
+    result = _fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "team/out", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "team/out", reference[1]["channel"])
+
+
+def test_the_source_repo_as_target_is_refused(reference, hub, tmp_path):
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", SRC, "--device", "cpu"), code=2)
+    assert "source repo" in line, line
+    assert _source_downloads(hub) == []
+
+
+def test_a_repo_fp8q_did_not_make_is_refused_but_a_pull_request_may_propose(reference, hub, tmp_path):
+    hub.create("me/taken", {"README.md": b"# mine\n"})
+    before = _tree(hub, "me/taken")
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/taken", "--device", "cpu"))
+    assert "me/taken" in line and "fp8q did not publish" in line, line
+    assert _source_downloads(hub) == [] and _tree(hub, "me/taken") == before
+
+    result = _fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/taken", "--device", "cpu", "--create-pr")
+    assert result.returncode == 0, result.stderr
+    assert _tree(hub, "me/taken") == before  # main as it was
+    assert "refs/pr/1" in hub.refs("me/taken")
+    pr = _tree(hub, "me/taken", "refs/pr/1")
+    assert {n: s for n, s in pr.items() if n not in NAMED} == {
+        n: s for n, s in _local(reference[1]["channel"]).items() if n not in NAMED
+    }
+    assert "/me/taken/discussions/1" in result.stderr
+
+
+def test_an_fp8q_repo_is_replaced_only_with_overwrite_in_one_commit(reference, hub, tmp_path):
+    _, local = reference
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert _fp8q(tmp_path / "1", hub, *args).returncode == 0
+    hub.create("me/out", {"notes/extra.txt": b"later\n"})
+    before = _tree(hub, "me/out")
+
+    line = _one_line(_fp8q(tmp_path / "2", hub, *args, *LAYOUTS["block-fp8"]))
+    assert "already holds an fp8q output" in line and "--overwrite" in line, line
+    assert _tree(hub, "me/out") == before
+
+    result = _fp8q(tmp_path / "3", hub, *args, *LAYOUTS["block-fp8"], "--overwrite")
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", local["block-fp8"])  # notes/extra.txt, which the output lacks, is gone
+    assert len(hub.commits("me/out")) == 4  # creation, the first push, the extra file, the replacement
+
+
+def test_a_branch_is_created_from_main_and_main_is_left_alone(reference, hub, tmp_path):
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--push-revision", "fp8", "--device", "cpu")
+    result = _fp8q(tmp_path, hub, *args, "--commit-message", "FP8 weights")
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", reference[1]["channel"], revision="fp8")
+    assert _tree(hub, "me/out") == {}
+    assert hub.commits("me/out", "fp8")[-1].summary == "FP8 weights"
+
+
+def test_out_given_keeps_the_same_checkpoint_locally(reference, hub, tmp_path):
+    out = tmp_path / "kept"
+    result = _fp8q(tmp_path, hub, "quantize", SRC, str(out), "--push-to-hub", "me/out", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert _local(out) == _tree(hub, "me/out")
+
+
+def test_private_repo_is_created_private(reference, hub, tmp_path):
+    result = _fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/secret", "--private", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert hub.is_private("me/secret")
+
+
+def test_dequantize_and_convert_push_too(reference, hub, tmp_path):
+    args = ("quantize", SRC, "--push-to-hub", "me/fp8", "--device", "cpu")
+    assert _fp8q(tmp_path / "1", hub, *args).returncode == 0
+    result = _fp8q(tmp_path / "2", hub, "dequantize", "me/fp8", "--push-to-hub", "me/bf16", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert any(n.endswith(".safetensors") for n in _tree(hub, "me/bf16"))
+    assert ModelCard(hub.read("me/bf16", "README.md").decode()).data.base_model == "me/fp8"
+    result = _fp8q(tmp_path / "3", hub, "convert", "me/fp8", "--push-to-hub", "me/block", "--device", "cpu",
+                   *LAYOUTS["block-fp8"])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert _commits(hub, "me/block")[-1].startswith("fp8q convert:")
+
+
+def test_json_success_and_failure(reference, hub, tmp_path):
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu", "--json")
+    result = _fp8q(tmp_path / "1", hub, *args)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    pushed = report["pushed"]
+    assert (pushed["repo_id"], pushed["revision"]) == ("me/out", "main")
+    assert pushed["commit"] == hub.refs("me/out")["main"]
+    tree = _tree(hub, "me/out")
+    assert report["files"] == {n: s for n, s in tree.items() if n != "fp8q.json"}
+    assert report["bytes_uploaded"] >= sum((reference[1]["channel"] / n).stat().st_size for n in SHARDS)
+    assert report["bytes_downloaded"] > 0
+
+    failed = _fp8q(tmp_path / "2", hub, *args, "--push-revision", "x", token="hf_read")
+    assert failed.returncode == 1
+    body = json.loads(failed.stdout)
+    assert body["ok"] is False and body["exit_code"] == 1 and "write access" in body["error"]
+
+
+def test_verify_a_pushed_repo_against_its_source_streams_each_shard_once(reference, hub, tmp_path):
+    repos, local = reference
+    assert _fp8q(tmp_path / "push", hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu").returncode == 0
+    hub.requests.clear()
+    with _peak_disk(hub, tmp_path / "verify" / "tmp", tmp_path / "verify" / "hf") as peak:
+        result = _fp8q(tmp_path / "verify", hub, "verify", "me/out", "--source", SRC, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["tensors_checked"] == 12 and report["path"] == "me/out"
+    # Every shard of both repos downloaded once, never more than two of each on disk, and none left behind.
+    shards = sorted(r.file for r in hub.requests if r.downloads and r.file.endswith(".safetensors"))
+    assert shards == sorted(SHARDS * 2)
+    source = sorted(((repos / SRC / n).stat().st_size for n in SHARDS), reverse=True)
+    written = sorted(((local["channel"] / n).stat().st_size for n in SHARDS), reverse=True)
+    side = _disk(repos / SRC) - sum(source) + _disk(local["channel"]) - sum(written)
+    bound = source[0] + source[1] + written[0] + written[1] + side + 64 * 1024
+    assert written[-1] < peak[0] <= bound, (peak[0], bound)
+    assert report["bytes_downloaded"] == sum(source) + sum(written)
+    assert not list((tmp_path / "verify" / "tmp").glob("fp8q-*"))  # (torch keeps a folder of its own there)
+
+
+def test_verify_a_broken_pushed_repo_names_the_tensor(reference, hub, tmp_path):
+    assert _fp8q(tmp_path / "push", hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu").returncode == 0
+    name = SHARDS[2]
+    tensors = load(hub.read("me/out", name))
+    scale = "model.layers.2.mlp.up_proj.weight_scale"
+    tensors[scale] = torch.zeros_like(tensors[scale])  # a zero scale: the whole row dequantizes to 0
+    hub.create("me/out", {name: save(tensors, metadata={"format": "pt"})})
+    result = _fp8q(tmp_path / "verify", hub, "verify", "me/out", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and scale in report["error"], report["error"]
+    assert not list((tmp_path / "verify" / "tmp").glob("fp8q-*"))  # (torch keeps a folder of its own there)
