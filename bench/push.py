@@ -150,7 +150,7 @@ def main() -> None:
             bound = sizes[0] + sizes[1] + out_shards[-1] + out_shards[-2] + side + 64 * 1024
 
             # A push whose 4th upload is refused, then its --resume.
-            hub.faults.refuse_upload_after = 3
+            hub.faults.refuse_upload_after = hub.faults.uploads + 3  # the 4th upload of this run
             resume_home = work / "resume"
             cmd = [sys.executable, "-m", "fp8q", "quantize", SRC, "--push-to-hub", "me/again", "--device", "cpu", "-q"]
             failed = subprocess.run(cmd, capture_output=True, text=True, env=_env(hub, resume_home))

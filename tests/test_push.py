@@ -157,6 +157,14 @@ def _uploads(hub: HubServer) -> list[str]:
     return [r.file for r in hub.requests if r.kind == "upload" and r.status == 200]
 
 
+def _sent_with_the_commit(hub: HubServer) -> int:
+    """LFS objects the final commit had to upload itself (PUTs after its own preupload request): none when every
+    shard was uploaded as it was finished."""
+    kinds = [r.kind for r in hub.requests if r.status == 200]
+    last = len(kinds) - 1 - kinds[::-1].index("preupload")
+    return kinds[last:].count("upload")
+
+
 def _commits(hub: HubServer, repo_id: str) -> list[str]:
     return [c.summary for c in hub.commits(repo_id)]
 
@@ -191,6 +199,7 @@ def test_pushed_tree_equals_local_run_in_one_commit_shown_only_when_complete(ref
     assert _source_downloads(hub) == SHARDS
     shards = {_sha((local[layout] / n).read_bytes()) for n in final if n.endswith(".safetensors")}
     assert sorted(_uploads(hub)) == sorted(shards)
+    assert _sent_with_the_commit(hub) == 0
     assert not any((tmp_path / "cache" / "fp8q" / "push").rglob("*.safetensors"))
     assert "pushed:  me/out (main)" in result.stderr
 
@@ -412,3 +421,57 @@ def test_verify_a_broken_pushed_repo_names_the_tensor(reference, hub, tmp_path):
     report = json.loads(result.stdout)
     assert report["ok"] is False and scale in report["error"], report["error"]
     assert not list((tmp_path / "verify" / "tmp").glob("fp8q-*"))  # (torch keeps a folder of its own there)
+
+
+def test_under_torchrun_each_process_uploads_its_shards_and_rank_0_commits_them_all(reference, hub, tmp_path):
+    from tests.test_distributed import _free_port
+
+    (tmp_path / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FP8Q_"))}
+    env |= {
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": "hf_write",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "TMPDIR": str(tmp_path / "tmp"),
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        "-m", "fp8q", "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", reference[1]["channel"])
+    assert len(hub.commits("me/out")) == 2 and sum(r.kind == "commit" for r in hub.requests) == 1
+    uploads = _uploads(hub)
+    assert len(uploads) == len(set(uploads)) == len(SHARDS)  # each shard once, by the process that made it
+    assert _sent_with_the_commit(hub) == 0
+    ranks = json.loads(hub.read("me/out", "fp8q.json"))["timings"]["shards"]
+    assert {entry["rank"] for entry in ranks.values()} == {0, 1}
+
+
+def test_the_client_hashes_no_shard_again(reference, hub, tmp_path):
+    """fp8q hashes each shard while writing it and hands the sha256 to huggingface_hub: the client reads a shard
+    once, to send it, and hashes at most the small files beside the shards."""
+    counted = tmp_path / "hashed.json"
+    harness = str(ROOT / "tests" / "hashed_run.py")
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FP8Q_"))}
+    env |= {
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": "hf_write",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PYTHONPATH": str(ROOT),
+    }
+    result = subprocess.run([sys.executable, harness, str(counted), *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    hashed = json.loads(counted.read_text())["bytes"]
+    tree = hub.commits("me/out")[-1].files
+    side = sum(f.size for name, f in tree.items() if not name.endswith(".safetensors"))
+    smallest = min(f.size for name, f in tree.items() if name.endswith(".safetensors"))
+    assert hashed <= side < smallest, (hashed, side)

@@ -64,7 +64,7 @@ def finish(
 
     plan, out, partial, publisher = ready.plan, ready.out, ready.partial, ready.publisher
     if publisher is not None:
-        publisher.finish_uploads()  # every shard up (or the failure), before the manifest lists them
+        publisher.adopt(progress.uploads())  # the shards the other processes uploaded (under torchrun)
     done = progress.done()
     stats = {name: st for entry in done.values() for name, st in entry["tensors"].items()}
     card = card_input(plan, src, out, options, mode, stats, ready.source_card) if options.model_card else None

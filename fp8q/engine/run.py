@@ -131,21 +131,19 @@ def prepare(
         reused: dict[str, Any] = {}
         publisher = None
         if options.push is not None:
-            if not cluster.is_single:
-                raise UsageError(
-                    "--push-to-hub runs in one process: under torchrun, write OUT, then push it with "
-                    "`hf upload` (or run fp8q once more, in one process, with --resume --push-to-hub)"
-                )
-            publisher = _publisher(options, src, source, keep)
+            # Under torchrun every process uploads the shards it makes; rank 0 checks the repo and commits them all.
+            publisher = _publisher(options, src, source, keep, check=lead)
             cleanup.callback(publisher.close)
         if lead:
-            reused, lock = _prepare_partial(plan, source, out, partial, fp, options, publisher, keep)
+            reused, lock = _prepare_partial(plan, source, out, partial, fp, options, publisher, keep, cluster.world)
             cleanup.callback(os.close, lock)  # releases OUT.partial/ (renamed to OUT by then if all went well)
         ready = Prepared(source, out, partial, plan, fp, reused, card, publisher, keep)
     except Exception as e:  # noqa: BLE001 - handed to every process, then raised
         error = e
     cluster.agree(error)
     assert ready is not None
+    if ready.publisher is not None and not cluster.is_single:
+        ready.publisher.branch_exists = cluster.broadcast(ready.publisher.branch_exists)  # as rank 0 found it
     return replace(ready, reused=cluster.broadcast(ready.reused))
 
 
@@ -179,6 +177,8 @@ def convert(
         with Watcher(cluster, stop, (lambda n: emit(TensorDone("", n))) if cluster.rank == 0 else None):
             outlet = Outlet(progress, ready.publisher)
             run_plan(plan, ready.partial, device, workers, run_emit, stop, outlet, skip, files, options.load_check)
+            if ready.publisher is not None:
+                ready.publisher.finish_uploads()  # this process's shards are all up (or it failed) before all agree
     except BaseException as e:
         failure = e
         cluster.mark_failed()
@@ -244,8 +244,9 @@ def _report(
     )
 
 
-def _publisher(options: Options, src: str | Path, source: Path | HubStream, keep: bool) -> Publisher:
-    """The Hub repo to publish to, checked (token, write access, what it holds) before anything is converted."""
+def _publisher(options: Options, src: str | Path, source: Path | HubStream, keep: bool, check: bool) -> Publisher:
+    """The Hub repo to publish to, checked (token, write access, what it holds) before anything is converted, by
+    one process (`check`)."""
     from fp8q.output.publish import Publisher
 
     push = options.push
@@ -263,7 +264,8 @@ def _publisher(options: Options, src: str | Path, source: Path | HubStream, keep
         source_repo=source_repo,
         room=None if keep else ON_DISK_FOR_UPLOAD,
     )
-    publisher.check()
+    if check:
+        publisher.check()
     return publisher
 
 
@@ -280,6 +282,7 @@ def _prepare_partial(
     options: Options,
     publisher: Publisher | None = None,
     keep: bool = True,
+    processes: int = 1,
 ) -> tuple[dict[str, Any], int]:
     """Check OUT and the disk, and set up and lock OUT.partial/; returns the shards a resumed run keeps (with a
     publisher, also those an earlier run uploaded and deleted, if the Hub still holds them) and the descriptor that
@@ -311,8 +314,8 @@ def _prepare_partial(
             for staging in partial.glob(f"{STAGING_DIR}-*"):  # downloads a killed run left (the lock is ours)
                 remove_tree(staging)
         shards = [s.size for s in plan.shards if s.name not in reused]
-        if publisher is not None and not keep:  # each shard deleted once uploaded
-            shards = sorted(shards)[-ON_DISK_FOR_UPLOAD:]
+        if publisher is not None and not keep:  # each shard deleted once uploaded, by each process
+            shards = sorted(shards)[-ON_DISK_FOR_UPLOAD * processes :]
         download = _download_space(source, reused, partial, options.keep_download)
         check_free_space(out, shards + metadata_sizes(plan), download)
         Progress(partial, fp).start(source_stat)

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RevisionNotFoundError
@@ -181,6 +182,14 @@ class Publisher:
         held = {name for name, u in recorded.items() if u.sha256 not in missing}
         self.uploaded.update({name: recorded[name] for name in held})
         return held
+
+    def adopt(self, recorded: dict[str, dict[str, Any]]) -> None:
+        """Shards other processes of this run uploaded (their records, under torchrun): committed with the rest.
+        Each commit entry carries the object's sha256 and size, so the Hub's copy is used, whoever uploaded it."""
+        for name, entry in recorded.items():
+            if name not in self.uploaded:
+                self.uploaded[name] = Uploaded(**entry)
+                self.bytes_uploaded += int(entry["size"])
 
     # ── while converting ──
 
