@@ -475,3 +475,10 @@ def test_the_client_hashes_no_shard_again(reference, hub, tmp_path):
     side = sum(f.size for name, f in tree.items() if not name.endswith(".safetensors"))
     smallest = min(f.size for name, f in tree.items() if name.endswith(".safetensors"))
     assert hashed <= side < smallest, (hashed, side)
+
+
+def test_a_commit_the_hub_does_not_hold_as_sent_fails_the_run(reference, hub, tmp_path):
+    """The commit's tree is read back: a file the Hub answered for but does not hold is one line, exit 1."""
+    hub.faults.lose_in_commit = SHARDS[1]
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu"))
+    assert line.startswith("error: me/out: commit ") and f"holds nothing as {SHARDS[1]}" in line, line

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, RepoFile
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RevisionNotFoundError
 from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 
@@ -300,7 +300,44 @@ class Publisher:
             )
         except (HfHubHTTPError, OSError, ValueError) as e:
             raise _upload_error(self.repo_id, "the commit", e) from None
+        self._check_committed(info.oid, [op for op in ops if isinstance(op, CommitOperationAdd)])
         return Published(self.repo_id, self.revision, info.oid, info.commit_url, info.pr_url)
+
+    def _check_committed(self, commit: str, added: list[CommitOperationAdd]) -> None:
+        """Read back the commit's tree: every file there with the size (and, for the shards, the sha256) fp8q wrote,
+        and nothing else but what a repo is born with (unless a pull request, which shows the branch's files too).
+        One listing of the tree; the bytes are not read again.
+
+        Raises:
+            OutputError: the Hub holds something else than what was sent.
+        """
+        try:
+            tree = {
+                entry.path: entry
+                for entry in self.api.list_repo_tree(self.repo_id, revision=commit, recursive=True)
+                if isinstance(entry, RepoFile)
+            }
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            raise _hub_error(self.repo_id, f"reading back commit {commit[:12]}", e) from None
+        for op in added:
+            name, info = op.path_in_repo, op.upload_info
+            entry = tree.get(name)
+            lfs_sha = entry.lfs.sha256 if entry is not None and entry.lfs is not None else None
+            hashed = getattr(info, "is_hashed", True)  # else knowing it would read the file again
+            if entry is None or entry.size != info.size or (lfs_sha and hashed and lfs_sha != info.sha256.hex()):
+                found = (
+                    "nothing" if entry is None else f"{entry.size} bytes" + (f", sha256 {lfs_sha}" if lfs_sha else "")
+                )
+                raise OutputError(
+                    f"{self.repo_id}: commit {commit[:12]} holds {found} as {name}, not the {info.size} bytes fp8q "
+                    "wrote; do not use that commit: revert it on the Hub and run again"
+                )
+        extra = sorted(set(tree) - {op.path_in_repo for op in added} - set(_BORN_WITH))
+        if extra and not self.create_pr:
+            raise OutputError(
+                f"{self.repo_id}: commit {commit[:12]} also holds {extra[0]} (and {len(extra) - 1} more), which the "
+                "output does not have; do not use that commit: revert it on the Hub and run again"
+            )
 
 
 def _upload_error(repo_id: str, what: str, error: BaseException) -> OutputError:
