@@ -64,11 +64,9 @@ def hub(reference):
     server.close()
 
 
-def _fp8q(
-    tmp_path: Path, hub: HubServer, *args: str, token: str | None = "hf_write", stop_after: str = ""
-) -> subprocess.CompletedProcess[str]:
-    """fp8q in a child process against the stand-in; staging under tmp_path/cache (XDG_CACHE_HOME), temporary files
-    under tmp_path/tmp."""
+def _env(tmp_path: Path, hub: HubServer, token: str | None = "hf_write") -> dict[str, str]:
+    """What a user's shell gives fp8q: the stand-in as HF_ENDPOINT, classic LFS, the token; staging under
+    tmp_path/cache (XDG_CACHE_HOME), temporary files under tmp_path/tmp."""
     (tmp_path / "tmp").mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FP8Q_"))}
     env |= {
@@ -78,13 +76,20 @@ def _fp8q(
         "HF_HUB_DISABLE_XET": "1",
         "XDG_CACHE_HOME": str(tmp_path / "cache"),
         "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
     }
-    if token is not None:
-        env["HF_TOKEN"] = token
+    return env | ({"HF_TOKEN": token} if token is not None else {})
+
+
+def _fp8q(
+    tmp_path: Path, hub: HubServer, *args: str, token: str | None = "hf_write", stop_after: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """fp8q in a child process against the stand-in (`_env`); `stop_after` K:SIGNAL: stopped once K shards are
+    recorded."""
     cmd = [sys.executable, "-m", "fp8q", *args]
     if stop_after:
         cmd = [sys.executable, str(ROOT / "tests" / "stopped_run.py"), stop_after, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path, hub, token), timeout=300)
 
 
 def _one_line(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
@@ -426,23 +431,11 @@ def test_verify_a_broken_pushed_repo_names_the_tensor(reference, hub, tmp_path):
 def test_under_torchrun_each_process_uploads_its_shards_and_rank_0_commits_them_all(reference, hub, tmp_path):
     from tests.test_distributed import _free_port
 
-    (tmp_path / "tmp").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FP8Q_"))}
-    env |= {
-        "HF_ENDPOINT": hub.url,
-        "HF_HOME": str(tmp_path / "hf"),
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_TOKEN": "hf_write",
-        "XDG_CACHE_HOME": str(tmp_path / "cache"),
-        "TMPDIR": str(tmp_path / "tmp"),
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-    }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
         "-m", "fp8q", "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu",
     ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path, hub), timeout=300)
     assert result.returncode == 0, result.stderr
     _same_as_local(hub, "me/out", reference[1]["channel"])
     assert len(hub.commits("me/out")) == 2 and sum(r.kind == "commit" for r in hub.requests) == 1
@@ -459,16 +452,8 @@ def test_the_client_hashes_no_shard_again(reference, hub, tmp_path):
     counted = tmp_path / "hashed.json"
     harness = str(ROOT / "tests" / "hashed_run.py")
     args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FP8Q_"))}
-    env |= {
-        "HF_ENDPOINT": hub.url,
-        "HF_HOME": str(tmp_path / "hf"),
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_TOKEN": "hf_write",
-        "XDG_CACHE_HOME": str(tmp_path / "cache"),
-        "PYTHONPATH": str(ROOT),
-    }
-    result = subprocess.run([sys.executable, harness, str(counted), *args], capture_output=True, text=True, env=env)
+    cmd = [sys.executable, harness, str(counted), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path, hub), timeout=300)
     assert result.returncode == 0, result.stderr
     hashed = json.loads(counted.read_text())["bytes"]
     tree = hub.commits("me/out")[-1].files
@@ -482,3 +467,19 @@ def test_a_commit_the_hub_does_not_hold_as_sent_fails_the_run(reference, hub, tm
     hub.faults.lose_in_commit = SHARDS[1]
     line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu"))
     assert line.startswith("error: me/out: commit ") and f"holds nothing as {SHARDS[1]}" in line, line
+
+
+def test_a_failed_commit_leaves_the_repo_as_it_was_and_resume_only_commits(reference, hub, tmp_path):
+    hub.faults.fail_commit = True
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    line = _one_line(_fp8q(tmp_path, hub, *args))
+    assert line.startswith("error: me/out: uploading the commit failed (HTTP 500"), line
+    assert line.endswith("rerun with --resume"), line
+    assert _commits(hub, "me/out") == ["initial commit"]
+    hub.faults.fail_commit = False
+    hub.requests.clear()
+    result = _fp8q(tmp_path, hub, *args, "--resume")
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", reference[1]["channel"])
+    # Nothing downloaded, converted or uploaded again: every shard was on the Hub already.
+    assert _uploads(hub) == [] and _source_downloads(hub) == []

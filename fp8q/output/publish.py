@@ -39,11 +39,15 @@ class Uploaded:
     size: int
     sample: str  # base64 of its first SAMPLE_BYTES bytes
 
-    def operation(self, name: str, path: Path) -> CommitOperationAdd:
-        """The commit's entry for it: the local file where it is still there, else empty bytes the client never
-        sends (the Hub has the object: `confirmed` asked it)."""
+    def operation(self, name: str, path: Path, *, held: bool = False) -> CommitOperationAdd:
+        """Its entry for huggingface_hub: the local file where it is still there (else empty bytes, never sent),
+        with fp8q's sha256, so that the client does not hash it again. `held`: the Hub has the object already (this
+        process or another uploaded it; `confirmed` asked, on --resume): the entry is marked as the client marks an
+        operation `preupload_lfs_files` has uploaded, and the commit only names it (LFS or Xet alike)."""
         op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path) if path.is_file() else b"")
         op.upload_info = UploadInfo(self.size, base64.b64decode(self.sample), sha256=bytes.fromhex(self.sha256))
+        if held:
+            op._upload_mode, op._is_uploaded = "lfs", True
         return op
 
 
@@ -263,12 +267,13 @@ class Publisher:
         self._raise_if_failed()
 
     def close(self) -> None:
+        """At the run's end, whatever happened: no upload starts any more. One in progress is not waited for (a
+        stopped run ends now, not after a shard of gigabytes is sent): the thread is a daemon, and a shard it does
+        finish is recorded as uploaded, which is true."""
         with self._changed:
             self._closing = True
             self._queue.clear()
             self._changed.notify_all()
-        if self._thread is not None:
-            self._thread.join()
 
     # ── at the end ──
 
@@ -282,7 +287,7 @@ class Publisher:
         ops: list[CommitOperationAdd | CommitOperationDelete] = []
         for name in files:
             if name in self.uploaded:
-                ops.append(self.uploaded[name].operation(name, folder / name))
+                ops.append(self.uploaded[name].operation(name, folder / name, held=True))
             else:
                 ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)))
                 self.bytes_uploaded += (folder / name).stat().st_size
