@@ -110,6 +110,9 @@ class Faults:
     refuse_upload_after: int | None = None
     uploads: int = 0  # LFS PUTs let in
     refused: int = 0  # LFS PUTs refused by refuse_upload_after
+    drop_uploads: int = 0  # this many LFS PUTs are cut off halfway (the connection closed, nothing stored)
+    stored: int = 0  # LFS objects stored
+    delete_repo_after: int | None = None  # once this many LFS objects are stored, the repo is deleted
     fail_commit: bool = False  # every commit request gets a 500 and changes nothing
     lose_in_commit: str | None = None  # a commit answers success but leaves this file out (a Hub bug, say)
     # A link this fast (bytes per second), each direction shared by all connections: download bodies (resolve) and
@@ -754,6 +757,8 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     hub.faults.refused += 1
                     raise HTTPError(403, "", "AccessDenied: upload refused (faults.refuse_upload_after)")
                 hub.faults.uploads += 1
+                drop = hub.faults.drop_uploads > 0
+                hub.faults.drop_uploads -= drop
             tmp = hub.store / "tmp" / secrets.token_hex(8)
             digest, got = hashlib.sha256(), 0
             try:
@@ -762,6 +767,11 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                         digest.update(data)
                         got += len(data)
                         out.write(data)
+                        if drop and got >= size // 2:
+                            self._log(0)  # no answer: the connection is cut
+                            self.close_connection = True
+                            self.connection.shutdown(2)
+                            return
                 if got != size or digest.hexdigest() != oid:
                     raise HTTPError(400, "", f"BadDigest: got {got} bytes, sha256 {digest.hexdigest()}")
                 path = hub.store / "objects" / oid
@@ -770,9 +780,13 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 tmp.unlink(missing_ok=True)
             with hub._lock:
                 repo = hub._get(repo_id)
-                assert repo is not None
+                if repo is None:
+                    raise HTTPError(404, "", f"{repo_id}: no such repo any more")
                 repo.lfs[oid] = path
                 hub._uploads.pop(secret, None)
+                hub.faults.stored += 1
+                if hub.faults.stored == hub.faults.delete_repo_after:
+                    del hub._repos[repo_id]  # deleted by its owner, say, while the run goes on
             self._send(200, b"", {"ETag": f'"{hashlib.md5(oid.encode()).hexdigest()}"'})
 
         def _verify(self, repo_id: str) -> None:

@@ -483,3 +483,26 @@ def test_a_failed_commit_leaves_the_repo_as_it_was_and_resume_only_commits(refer
     _same_as_local(hub, "me/out", reference[1]["channel"])
     # Nothing downloaded, converted or uploaded again: every shard was on the Hub already.
     assert _uploads(hub) == [] and _source_downloads(hub) == []
+
+
+def test_an_upload_cut_off_once_is_sent_again_by_the_client(reference, hub, tmp_path):
+    hub.faults.drop_uploads = 1  # the first PUT's connection is closed halfway
+    result = _fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert any(r.kind == "upload" and r.status == 0 for r in hub.requests)  # the cut happened
+    _same_as_local(hub, "me/out", reference[1]["channel"])
+
+
+def test_a_repo_deleted_mid_run_is_one_line_and_resume_publishes_anew(reference, hub, tmp_path):
+    hub.faults.delete_repo_after = 2
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    line = _one_line(_fp8q(tmp_path, hub, *args))
+    assert line.startswith("error: me/out: uploading model-0000") and "(HTTP 404" in line, line
+    assert line.endswith("rerun with --resume"), line
+    assert hub.repo("me/out") is None
+    # The repo is made again; the shards the old one held are not on the Hub any more, so they are sent again.
+    hub.faults.delete_repo_after = None
+    result = _fp8q(tmp_path, hub, *args, "--resume")
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", reference[1]["channel"])
+    assert _commits(hub, "me/out") == ["initial commit", "fp8q quantize: compressed-tensors channel"]
