@@ -506,3 +506,20 @@ def test_a_repo_deleted_mid_run_is_one_line_and_resume_publishes_anew(reference,
     assert result.returncode == 0, result.stderr
     _same_as_local(hub, "me/out", reference[1]["channel"])
     assert _commits(hub, "me/out") == ["initial commit", "fp8q quantize: compressed-tensors channel"]
+
+
+def test_dry_run_checks_the_target_as_a_run_does_and_changes_nothing(reference, hub, tmp_path):
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu", "--dry-run")
+    result = _fp8q(tmp_path, hub, *args)
+    assert result.returncode == 0, result.stderr
+    assert hub.repo("me/out") is None  # a run would create it; the dry run did not
+    line = _one_line(_fp8q(tmp_path, hub, *args, token="hf_read"))
+    assert "write access" in line, line
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "other/out", "--dry-run"))
+    assert "other is neither the token's user (me) nor one of their organizations" in line, line
+    hub.create("me/taken", {"README.md": b"# mine\n"})
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/taken", "--dry-run"))
+    assert "fp8q did not publish" in line, line
+    assert [c.summary for c in hub.commits("me/taken")] == ["initial commit", "made by hand"]
+    assert not any(r.kind in ("create", "commit", "upload", "branch") for r in hub.requests)
+    assert _source_downloads(hub) == []

@@ -257,7 +257,7 @@ def _convert(
     """quantize and convert: the plan for --dry-run, else the run and its summary."""
     with _engine_imports():
         from fp8q.engine.api import Mode, open_source, plan_conversion, source_folder
-        from fp8q.engine.run import run
+        from fp8q.engine.run import check_push_target, run
     if dry_run:
         from dataclasses import replace
 
@@ -267,6 +267,8 @@ def _convert(
         plan = plan_conversion(source, replace(options, revision=None), Mode(mode))
         if out is not None:
             check_output(source_folder(source), output_path(out), options.overwrite)
+        if options.push is not None:
+            check_push_target(options, src, source)  # the token and the repo, as a run checks them first
         show_plan(plan, as_json, quiet)
         if plan.problems:
             raise typer.Exit(1)  # so that CI can gate on `--dry-run`; the problems are listed

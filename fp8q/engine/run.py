@@ -269,6 +269,16 @@ def _publisher(options: Options, src: str | Path, source: Path | HubStream, keep
     return publisher
 
 
+def check_push_target(options: Options, src: str | Path, source: Path | HubStream) -> None:
+    """--dry-run --push-to-hub: the checks a run makes of the repo before anything is converted, changing nothing on
+    the Hub (a repo that does not exist is not created).
+
+    Raises:
+        OutputError, UsageError: in one line, as the run would.
+    """
+    _publisher(options, src, source, keep=True, check=False).check(create=False)
+
+
 # --push-to-hub with no OUT: output shards on local disk at once (the one being written, the one uploading).
 ON_DISK_FOR_UPLOAD = 2
 

@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, RepoFile
-from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalTokenNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 
 from fp8q.errors import OutputError, UsageError
@@ -123,9 +128,11 @@ class Publisher:
 
     # ── before anything is converted ──
 
-    def check(self) -> None:
+    def check(self, *, create: bool = True) -> None:
         """Refuse, in one line, what would fail later: no usable token, a token that cannot write, the source as
-        the target, a target holding files fp8q did not publish (or did, without --overwrite).
+        the target, a target holding files fp8q did not publish (or did, without --overwrite). `create` False
+        (--dry-run): change nothing on the Hub; a repo that does not exist yet is only checked to be in a
+        namespace of the token's user.
 
         Raises:
             OutputError, UsageError: as above.
@@ -134,11 +141,12 @@ class Publisher:
         if self.source_repo is not None and repo_id.lower() == self.source_repo.lower():
             raise UsageError(f"--push-to-hub {repo_id}: that is the source repo; push to another one")
         try:
-            self.api.whoami()
+            me = self.api.whoami()
         except (HfHubHTTPError, LocalTokenNotFoundError) as e:
             raise _hub_error(repo_id, "cannot publish", e) from None
         try:
-            self.api.create_repo(repo_id, private=self.private, exist_ok=True)
+            if create:
+                self.api.create_repo(repo_id, private=self.private, exist_ok=True)
             try:
                 info = self.api.model_info(repo_id, revision=self.revision)
                 self.parent = info.sha
@@ -148,6 +156,11 @@ class Publisher:
             probe = CommitOperationAdd(path_in_repo=".fp8q-write-check", path_or_fileobj=b"fp8q")
             # Asks the Hub how it would store a file, which takes write access, and stores nothing.
             self.api.preupload_lfs_files(repo_id, [probe], revision=self.revision if self.branch_exists else None)
+        except RepositoryNotFoundError as e:
+            if create:
+                raise _hub_error(repo_id, "cannot publish there", e) from None
+            _check_namespace(repo_id, me)
+            return  # a run would create it: nothing in it to check
         except HfHubHTTPError as e:
             raise _hub_error(repo_id, "cannot publish there", e) from None
         if self.existing and not self.create_pr:
@@ -343,6 +356,23 @@ class Publisher:
                 f"{self.repo_id}: commit {commit[:12]} also holds {extra[0]} (and {len(extra) - 1} more), which the "
                 "output does not have; do not use that commit: revert it on the Hub and run again"
             )
+
+
+def _check_namespace(repo_id: str, me: dict[str, Any]) -> None:
+    """What a dry run can tell of a repo that does not exist yet without creating it: the token can write, and the
+    namespace is its user's or one of their organizations'."""
+    auth = me.get("auth") or {}
+    role = (auth.get("accessToken") or {}).get("role")
+    if role == "read":
+        raise OutputError(f"{repo_id}: cannot publish there: the token may not write to it: use a token with write "
+                          "access to its namespace")  # fmt: skip
+    namespace = repo_id.split("/")[0]
+    names = {me.get("name")} | {org.get("name") for org in me.get("orgs") or []}
+    if namespace not in names:
+        raise OutputError(
+            f"{repo_id}: cannot publish there: {namespace} is neither the token's user ({me.get('name')}) nor one of "
+            "their organizations; use a token with write access to its namespace"
+        )
 
 
 def _upload_error(repo_id: str, what: str, error: BaseException) -> OutputError:
