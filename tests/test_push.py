@@ -523,3 +523,15 @@ def test_dry_run_checks_the_target_as_a_run_does_and_changes_nothing(reference, 
     assert [c.summary for c in hub.commits("me/taken")] == ["initial commit", "made by hand"]
     assert not any(r.kind in ("create", "commit", "upload", "branch") for r in hub.requests)
     assert _source_downloads(hub) == []
+
+
+def test_verify_a_branch_and_a_pull_request_by_revision(reference, hub, tmp_path):
+    push = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert _fp8q(tmp_path / "1", hub, *push, "--push-revision", "fp8").returncode == 0
+    assert _fp8q(tmp_path / "2", hub, *push, "--push-revision", "fp8", "--create-pr", "--overwrite").returncode == 0
+    for revision in ("fp8", "refs/pr/1"):
+        result = _fp8q(tmp_path / "3", hub, "verify", "me/out", "--revision", revision, "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["tensors_checked"] == 12
+    line = _one_line(_fp8q(tmp_path / "3", hub, "verify", "me/out", "--quiet"))
+    assert "me/out" in line, line  # main holds nothing: no FP8 checkpoint there

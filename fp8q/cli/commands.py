@@ -326,6 +326,12 @@ def verify_command(
             help="The checkpoint it was made from (folder or Hub repo id): compare every weight.",
         ),
     ] = None,
+    revision: Annotated[
+        str | None,
+        typer.Option(
+            "--revision", metavar="REV", help="Branch, tag, commit or refs/pr/N of PATH, when it is a Hub repo id."
+        ),
+    ] = None,
     top: Annotated[int, typer.Option("--top", metavar="N", min=0, help="Rows of the worst-tensors table.")] = 10,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -346,7 +352,7 @@ def verify_command(
             from fp8q.verification import verify
 
         # A Hub repo not in the cache is read as it downloads: each shard once, at most two on disk.
-        checked = open_source(path)
+        checked = open_source(path, revision)
         reference = open_source(source) if source is not None else None
         with ProgressView(quiet, "verifying") as view:
             report = verify(checked, reference, on_event=view.on_event)
