@@ -4,8 +4,9 @@ paced to one rate, to see what `--push-to-hub` costs over the transfers it canno
 Measured, one after the other on one stand-in: the source repo downloaded alone (huggingface_hub's
 `snapshot_download`), the output uploaded alone (`upload_folder` of a local run's output, the same bytes), then
 `fp8q quantize SRC --push-to-hub` with no OUT while a thread samples the local disk the run holds (its staging
-folder and HF_HOME), then a push whose 4th upload is refused and its `--resume`. Each is a child process run as a
-user runs it. Prints one JSON object.
+folder and HF_HOME), then a push whose 4th upload is refused and its `--resume`, then `fp8q verify` of the pushed repo
+against its source, both streamed (against downloading the pushed repo alone). Each is a child process run as a user
+runs it. Prints one JSON object.
 
     python bench/push.py [--shards 8] [--shard-mb 32] [--rate-mb 16]
 """
@@ -57,9 +58,14 @@ def _source(folder: Path, shards: int, shard_mb: int) -> None:
 
 
 def _disk(*folders: Path) -> int:
+    """Bytes of the regular files under these folders, while a run changes them (what vanishes counts nothing)."""
     total = 0
     for folder in folders:
-        for path in list(folder.rglob("*")) if folder.exists() else []:
+        try:
+            paths = list(folder.rglob("*"))
+        except OSError:
+            continue
+        for path in paths:
             try:
                 if not path.is_symlink() and path.is_file():
                     total += path.stat().st_size
@@ -146,6 +152,19 @@ def main() -> None:
                 _env(hub, push_home),
                 (push_home / "cache", push_home / "hf"),
             )
+            # What a CI job does next: verify the published repo against its source, both streamed from the Hub;
+            # against downloading the published repo alone (the source's download alone is measured above).
+            out_down, _, _ = _timed(
+                _python("from huggingface_hub import snapshot_download; snapshot_download('me/fp8')"),
+                _env(hub, work / "down-out"),
+            )
+            verify_home = work / "verify"
+            (verify_home / "tmp").mkdir(parents=True)
+            verified, verify_peak, _ = _timed(
+                [sys.executable, "-m", "fp8q", "verify", "me/fp8", "--source", SRC, "--quiet"],
+                _env(hub, verify_home) | {"TMPDIR": str(verify_home / "tmp")},
+                (verify_home / "tmp", verify_home / "hf"),
+            )
             sizes = sorted((p.stat().st_size for p in shards), reverse=True)
             bound = sizes[0] + sizes[1] + out_shards[-1] + out_shards[-2] + side + 64 * 1024
 
@@ -181,6 +200,10 @@ def main() -> None:
                     "resume_uploads": len(again),
                     "resume_source_downloads": len(downloads),
                     "resume_s": round(resumed, 2),
+                    "download_output_alone_s": round(out_down, 2),
+                    "verify_against_source_s": round(verified, 2),
+                    "verify_over_both_downloads": round(verified / (down + out_down), 3),
+                    "verify_peak_local_disk_bytes": verify_peak,
                 },
                 indent=1,
             )

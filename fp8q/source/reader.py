@@ -86,6 +86,9 @@ class Fetch(Protocol):
 
     def path(self, name: str, close: Callable[[str], None]) -> Path: ...
 
+    def expect(self, order: list[str]) -> None:
+        """The order the shards will be read in, so that the next can be fetched while one is read."""
+
 
 class ShardReader:
     """A checkpoint's shards opened on demand, closed together: reads tensors by their header entries, from

@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,45 +153,84 @@ def download_shard(
 
 
 class ShardsOnDemand:
-    """A streamed repo's shards for a reader that goes in its own order (`fp8q verify`): each downloaded when it is
-    first read, into `staging` (a folder of the caller's own), at most `WINDOW` on disk: reading another deletes the
-    one read least recently (its reader's descriptor closed first: an open file keeps its space).
-    `close()` deletes the staging folder."""
+    """A streamed repo's shards for a reader that goes its own way (`fp8q verify`), at most `WINDOW` on disk, in
+    `staging` (a folder of the caller's own). A shard is downloaded when it is first read, and the next one in the
+    order the reader said it would go in (`expect`) is fetched meanwhile, in place of one before it in that order;
+    a shard read out of order is downloaded then, in place of the one read least recently. A shard's reader
+    descriptor is closed (`close`) before its file is deleted: an open file keeps its space. `close()` stops a
+    download in progress and deletes the staging folder."""
 
     def __init__(self, stream: HubStream, staging: Path, explain: Callable[[Exception], str]) -> None:
         self.stream = stream
         self.staging = staging
+        self.order: list[str] = []
         self.bytes_downloaded = 0
         self._explain = explain
         self._local: dict[str, Path] = {}  # downloaded, least recently read first
+        self._coming: dict[str, Future[Path]] = {}  # the one shard being fetched ahead
+        self._stop = threading.Event()
+        self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="fp8q-prefetch")
+
+    def expect(self, order: list[str]) -> None:
+        self.order = [name for name in dict.fromkeys(order) if name in self.stream.remote]
 
     def path(self, name: str, close: Callable[[str], None]) -> Path:
-        """Where shard `name` is, downloaded now if it is not on disk; `close(other)` is called before another
-        shard's download is deleted to make room.
+        """Where shard `name` is, once on disk.
 
         Raises:
             CheckpointError: the download failed, naming the shard.
         """
         if name not in self.stream.remote:
             return self.stream.folder / name  # in the cache before the run
-        if name in self._local:
+        if name in self._coming:
+            self._arrived(name, self._coming.pop(name).result())
+        elif name in self._local:
             self._local[name] = self._local.pop(name)  # read most recently now
-            return self._local[name]
-        while len(self._local) >= WINDOW:
-            oldest = next(iter(self._local))
-            close(oldest)
-            self._local.pop(oldest).unlink(missing_ok=True)
+        else:
+            self._make_room(close, lambda other: True)
+            self._arrived(name, self._download(name))
+        self._fetch_after(name, close)
+        return self._local[name]
+
+    def _fetch_after(self, name: str, close: Callable[[str], None]) -> None:
+        """Start fetching the shard after `name` in `order`, if there is one still to fetch and room can be made by
+        deleting a shard that comes before `name` in `order` (read, and not to be read again in order)."""
+        if name not in self.order or self._coming:
+            return
+        at = self.order.index(name)
+        after = next((n for n in self.order[at + 1 :] if n not in self._local), None)
+        if after is None:
+            return
+        before = set(self.order[:at])
+        if not self._make_room(close, lambda other: other in before):
+            return
+        self._coming[after] = self._fetcher.submit(self._download, after)
+
+    def _make_room(self, close: Callable[[str], None], may_go: Callable[[str], bool]) -> bool:
+        """Delete shards, least recently read first, among those `may_go` allows, until one more fits."""
+        while len(self._local) + len(self._coming) >= WINDOW:
+            gone = next((other for other in self._local if may_go(other)), None)
+            if gone is None:
+                return False
+            close(gone)
+            self._local.pop(gone).unlink(missing_ok=True)
+        return True
+
+    def _arrived(self, name: str, path: Path) -> None:
+        self._local[name] = path
+        self.bytes_downloaded += path.stat().st_size
+
+    def _download(self, name: str) -> Path:
         try:
-            path = download_shard(self.stream, name, None, self.staging, None)
+            return download_shard(self.stream, name, _progress(name, lambda *_: None, self._stop), self.staging, None)
         except CheckpointError:
             raise
         except HUB_ERRORS as e:
             raise CheckpointError(f"{self.stream.label}: downloading {name}: {self._explain(e)}") from None
-        self._local[name] = path
-        self.bytes_downloaded += path.stat().st_size
-        return path
 
     def close(self) -> None:
+        self._stop.set()  # a download in progress gives up at its next chunk
+        self._fetcher.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
@@ -307,26 +346,29 @@ class ShardDownloads:
             self._paths[name] = path
 
     def _progress(self, name: str) -> type[Any]:
-        """A stand-in for huggingface_hub's tqdm bar: counts the bytes, and stops the download when the run stops."""
-        on_bytes, stop = self._on_bytes, self._stop
+        return _progress(name, self._on_bytes, self._stop)
 
-        class Bytes:
-            def __init__(self, **kwargs: Any) -> None:
-                if kwargs.get("initial"):
-                    on_bytes(name, kwargs["initial"])
 
-            def __enter__(self) -> Bytes:
-                return self
+def _progress(name: str, on_bytes: Callable[[str, int], None], stop: threading.Event) -> type[Any]:
+    """A stand-in for huggingface_hub's tqdm bar: counts the bytes, and stops the download once `stop` is set."""
 
-            def __exit__(self, *exc: object) -> None:
-                pass
+    class Bytes:
+        def __init__(self, **kwargs: Any) -> None:
+            if kwargs.get("initial"):
+                on_bytes(name, kwargs["initial"])
 
-            def update(self, n: int | float = 1) -> None:
-                if stop.is_set():
-                    raise _Cancelled
-                on_bytes(name, int(n))
+        def __enter__(self) -> Bytes:
+            return self
 
-            def close(self) -> None:
-                pass
+        def __exit__(self, *exc: object) -> None:
+            pass
 
-        return Bytes
+        def update(self, n: int | float = 1) -> None:
+            if stop.is_set():
+                raise _Cancelled
+            on_bytes(name, int(n))
+
+        def close(self) -> None:
+            pass
+
+    return Bytes

@@ -201,6 +201,14 @@ def _check_values(
     sources = _source_tensors(src) if src is not None else {}
     exact = _exact_pairs(checkpoint, src, detected) if src is not None else []
     shards = sorted({qw.weight.shard for qw in usable} | {meta.shard for meta, _ in exact}, key=natural_key)
+    # The order each checkpoint's shards are read in: a streamed repo fetches the next while one is checked.
+    src_order = []
+    for shard in shards:
+        src_order += [origin.shard for meta, origin in exact if meta.shard == shard]
+        src_order += [s.source.shard for qw in usable if qw.weight.shard == shard if (s := _source_of(sources, qw))]
+    for reader, order in zip(readers, (shards, src_order), strict=True):
+        if reader.fetch is not None:
+            reader.fetch.expect(order)
     exact_problems: list[str] = []  # said before the values', as they were when read in a pass of their own
     value_problems: list[str] = []
     with readers[0] as reader, readers[1] as src_reader:
