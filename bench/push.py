@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.hub_server import HubServer  # noqa: E402
+from tests.hub_server import disk_bytes as _disk  # noqa: E402
 
 SRC = "org/model"
 TOKENS = {"hf_write": ("me", "write")}
@@ -55,23 +56,6 @@ def _source(folder: Path, shards: int, shard_mb: int) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False}
     (folder / "config.json").write_text(json.dumps(config))
-
-
-def _disk(*folders: Path) -> int:
-    """Bytes of the regular files under these folders, while a run changes them (what vanishes counts nothing)."""
-    total = 0
-    for folder in folders:
-        try:
-            paths = list(folder.rglob("*"))
-        except OSError:
-            continue
-        for path in paths:
-            try:
-                if not path.is_symlink() and path.is_file():
-                    total += path.stat().st_size
-            except OSError:
-                continue
-    return total
 
 
 def _env(hub: HubServer, home: Path) -> dict[str, str]:

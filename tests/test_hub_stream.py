@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard
 from fp8q import QuantizeOptions, quantize
 from fp8q.output.manifest import Progress
 from tests.hub_server import HubServer
+from tests.hub_server import disk_bytes as _disk
 from tests.test_resume import _big_source, _hashes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,24 +54,6 @@ def _fp8q(
     if stop_after:
         cmd = [sys.executable, str(ROOT / "tests" / "stopped_run.py"), stop_after, *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=clean, timeout=300)
-
-
-def _disk(*folders: Path) -> int:
-    """Bytes of the regular files under these folders (links count nothing: they point at blobs). The run goes on
-    while this looks: a file or folder that vanishes meanwhile counts nothing."""
-    total = 0
-    for folder in folders:
-        try:
-            paths = list(folder.rglob("*"))
-        except OSError:
-            continue
-        for path in paths:
-            try:
-                if not path.is_symlink():
-                    total += path.stat().st_size if path.is_file() else 0
-            except OSError:
-                continue
-    return total
 
 
 def _downloads(hub: HubServer) -> list[str]:

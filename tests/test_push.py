@@ -25,7 +25,7 @@ from safetensors.torch import load, save
 
 from fp8q import QuantizeOptions, quantize
 from tests.hub_server import HubServer
-from tests.test_hub_stream import _disk
+from tests.hub_server import disk_bytes as _disk
 from tests.test_resume import _big_source
 
 ROOT = Path(__file__).resolve().parents[1]
