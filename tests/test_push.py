@@ -535,3 +535,12 @@ def test_verify_a_branch_and_a_pull_request_by_revision(reference, hub, tmp_path
         assert json.loads(result.stdout)["tensors_checked"] == 12
     line = _one_line(_fp8q(tmp_path / "3", hub, "verify", "me/out", "--quiet"))
     assert "me/out" in line, line  # main holds nothing: no FP8 checkpoint there
+
+
+def test_a_run_refused_on_this_side_creates_no_repo(reference, hub, tmp_path):
+    """The repo is created only once every local check passed: a run refused for its staging folder (left by an
+    interrupted run, without --resume) leaves the Hub as it was."""
+    (tmp_path / "cache" / "fp8q" / "push" / "me--out.partial").mkdir(parents=True)
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu"))
+    assert "left by an interrupted run" in line, line
+    assert hub.repo("me/out") is None and not any(r.kind == "create" for r in hub.requests)

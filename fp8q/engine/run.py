@@ -132,6 +132,7 @@ def prepare(
         publisher = None
         if options.push is not None:
             # Under torchrun every process uploads the shards it makes; rank 0 checks the repo and commits them all.
+            # Checked here without changing anything on the Hub; the repo is created once OUT.partial/ is set up.
             publisher = _publisher(options, src, source, keep, check=lead)
             cleanup.callback(publisher.close)
         if lead:
@@ -245,8 +246,9 @@ def _report(
 
 
 def _publisher(options: Options, src: str | Path, source: Path | HubStream, keep: bool, check: bool) -> Publisher:
-    """The Hub repo to publish to, checked (token, write access, what it holds) before anything is converted, by
-    one process (`check`)."""
+    """The Hub repo to publish to, checked (token, write access, what it holds) by one process (`check`), changing
+    nothing on the Hub yet: a repo that does not exist is created by `_prepare_partial`, once every local check
+    passed, so that a run refused here leaves the Hub as it was."""
     from fp8q.output.publish import Publisher
 
     push = options.push
@@ -265,7 +267,7 @@ def _publisher(options: Options, src: str | Path, source: Path | HubStream, keep
         room=None if keep else ON_DISK_FOR_UPLOAD,
     )
     if check:
-        publisher.check()
+        publisher.check(create=False)
     return publisher
 
 
@@ -276,7 +278,7 @@ def check_push_target(options: Options, src: str | Path, source: Path | HubStrea
     Raises:
         OutputError, UsageError: in one line, as the run would.
     """
-    _publisher(options, src, source, keep=True, check=False).check(create=False)
+    _publisher(options, src, source, keep=True, check=True)
 
 
 # --push-to-hub with no OUT: output shards on local disk at once (the one being written, the one uploading).
@@ -329,6 +331,8 @@ def _prepare_partial(
         download = _download_space(source, reused, partial, options.keep_download)
         check_free_space(out, shards + metadata_sizes(plan), download)
         Progress(partial, fp).start(source_stat)
+        if publisher is not None:
+            publisher.check()  # again, creating the repo if it does not exist: every local check has passed
     except BaseException:
         os.close(lock)
         if fresh:
