@@ -2,10 +2,11 @@
 converted, each finished shard uploaded while the next converts (and, with no OUT, deleted once it is up), and every
 file committed at the end in one commit, so the repo shows nothing of the run until it is complete.
 
-Imports: errors, huggingface_hub (the Hub's own client: LFS or Xet as it and the Hub choose; HF_ENDPOINT, HF_TOKEN
-and the cache settings as everywhere). Uploads go through `preupload_lfs_files`, which stores the bytes but commits
-nothing; `create_commit` then names every file at once. A shard's sha256 is the one fp8q computed while writing it,
-handed to the client (`UploadInfo`), so no byte is hashed twice; the client reads each shard once, to send it.
+Imports: errors, huggingface_hub (the Hub's own client: Xet where hf_xet is installed and HF_HUB_DISABLE_XET unset,
+else classic LFS; HF_ENDPOINT, HF_TOKEN and the cache settings as everywhere). Uploads go through
+`preupload_lfs_files`, which stores the bytes but commits nothing; `create_commit` then names every file at once. A
+shard's sha256 is the one fp8q computed while writing it, handed to the client (`UploadInfo`; both paths use a known
+one instead of hashing again), so the client reads each shard once, to send it.
 """
 
 from __future__ import annotations
