@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load, save
 
 from fp8q import QuantizeOptions, quantize
+from fp8q.output.manifest import DONE_DIR
 from tests.hub_server import HubServer
 from tests.hub_server import disk_bytes as _disk
 from tests.test_resume import _big_source
@@ -544,3 +546,55 @@ def test_a_run_refused_on_this_side_creates_no_repo(reference, hub, tmp_path):
     line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu"))
     assert "left by an interrupted run" in line, line
     assert hub.repo("me/out") is None and not any(r.kind == "create" for r in hub.requests)
+
+
+def test_the_copier_running_ahead_never_takes_the_room_the_writer_needs(hub, tmp_path):
+    """Shard 1 keeps nothing whole, shards 2 and 3 do: the copier, which opens the shards it copies into ahead of
+    the writer, must not take the two shards' room (no OUT) before the writer has shard 1 (it hung here)."""
+    from tests.factories import write_shards
+
+    def weights(i: int) -> dict[str, torch.Tensor]:
+        return {
+            f"model.layers.{i}.mlp.up_proj.weight": torch.randn(256, 256).to(torch.bfloat16),
+            f"model.layers.{i}.mlp.down_proj.weight": torch.randn(256, 256).to(torch.bfloat16),
+        }
+
+    layout = {"model-00001-of-00004.safetensors": weights(0)}
+    for i in range(1, 4):
+        norm = {f"model.layers.{i}.input_layernorm.weight": torch.ones(256, dtype=torch.bfloat16)}
+        layout[f"model-{i + 1:05d}-of-00004.safetensors"] = {**weights(i), **norm}
+    src = write_shards(tmp_path / "src", layout, config={"architectures": ["LlamaForCausalLM"]})
+    quantize(src, tmp_path / "local", QuantizeOptions(device="cpu"))
+    result = _fp8q(tmp_path, hub, "quantize", str(src), "--push-to-hub", "me/out", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    tree = _tree(hub, "me/out")
+    assert {n: s for n, s in tree.items() if n not in NAMED} == {
+        n: s for n, s in _local(tmp_path / "local").items() if n not in NAMED
+    }
+
+
+def test_resume_commits_a_shard_as_last_made_not_an_earlier_upload_of_it(reference, hub, tmp_path):
+    """A shard uploaded, then made again (its source changed in place) by a run killed before the new one was
+    uploaded: the next --resume commits the new one, not the object the Hub holds from before."""
+    src = tmp_path / "src"
+    shutil.copytree(reference[0] / SRC, src)
+    args = ("quantize", str(src), "--push-to-hub", "me/out", "--device", "cpu")
+    hub.faults.refuse_upload_after = 3
+    assert _fp8q(tmp_path, hub, *args).returncode == 1  # shards 1-3 on the Hub, 4 finished here
+    hub.faults.refuse_upload_after = None
+    first = src / SHARDS[0]
+    with open(first, "r+b") as f:  # new values under the same header: the shard must be made again
+        f.seek(-4096, os.SEEK_END)
+        data = bytearray(f.read(4096))
+        f.seek(-4096, os.SEEK_END)
+        f.write(bytes(b ^ 0x01 for b in data))
+    partial = tmp_path / "cache" / "fp8q" / "push" / "me--out.partial"
+    finished = len(list((partial / DONE_DIR).glob("*.json")))
+    # Killed at the resumed run's first record: shard 1 made again (its record replaces the old one), not uploaded.
+    killed = _fp8q(tmp_path, hub, *args, "--resume", stop_after=f"{finished}:KILL")
+    assert killed.returncode == -9, killed.stderr
+    result = _fp8q(tmp_path, hub, *args, "--resume")
+    assert result.returncode == 0, result.stderr
+    quantize(src, tmp_path / "local", QuantizeOptions(device="cpu"))
+    expected = {n: s for n, s in _local(tmp_path / "local").items() if n not in NAMED}
+    assert {n: s for n, s in _tree(hub, "me/out").items() if n not in NAMED} == expected

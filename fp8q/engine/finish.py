@@ -63,9 +63,9 @@ def finish(
     from fp8q.plan.checks import run_findings
 
     plan, out, partial, publisher = ready.plan, ready.out, ready.partial, ready.publisher
-    if publisher is not None:
-        publisher.adopt(progress.uploads())  # the shards the other processes uploaded (under torchrun)
     done = progress.done()
+    if publisher is not None:
+        publisher.adopt(progress.uploads(), done)  # the shards the other processes uploaded (under torchrun)
     stats = {name: st for entry in done.values() for name, st in entry["tensors"].items()}
     card = card_input(plan, src, out, options, mode, stats, ready.source_card) if options.model_card else None
     said = [card.base_model_note] if card is not None and card.base_model_note else []

@@ -179,7 +179,7 @@ def convert(
             outlet = Outlet(progress, ready.publisher)
             run_plan(plan, ready.partial, device, workers, run_emit, stop, outlet, skip, files, options.load_check)
             if ready.publisher is not None:
-                ready.publisher.finish_uploads()  # this process's shards are all up (or it failed) before all agree
+                ready.publisher.finish_uploads(stop)  # this process's shards are up (or it failed) before all agree
     except BaseException as e:
         failure = e
         cluster.mark_failed()
@@ -320,9 +320,18 @@ def _prepare_partial(
             if publisher is not None:
                 from fp8q.output.publish import Uploaded
 
-                recorded = {name: Uploaded(**entry) for name, entry in Progress(partial, fp).uploads().items()}
+                # An upload counts only for the shard as last made: a shard made again after its upload (its source
+                # changed in place, say) has a done record of another sha256, and is sent again.
+                done = Progress(partial, fp).done()
+                recorded = {
+                    name: Uploaded(**entry)
+                    for name, entry in Progress(partial, fp).uploads().items()
+                    if name in done and done[name]["sha256"] == entry["sha256"]
+                }
                 held = publisher.confirmed(recorded)
             reused = reusable_shards(partial, fp, source_stat, held)
+            if publisher is not None:
+                publisher.uploaded = {name: recorded[name] for name in held if name in reused}
             for staging in partial.glob(f"{STAGING_DIR}-*"):  # downloads a killed run left (the lock is ours)
                 remove_tree(staging)
         shards = [s.size for s in plan.shards if s.name not in reused]

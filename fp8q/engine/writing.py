@@ -51,6 +51,12 @@ class Outlet:
         if self.publisher is not None:
             self.publisher.wait_for_room(stop)
 
+    def lost(self) -> None:
+        """A shard that could not be finished (its flush failed): its room is free again, so that the writer is not
+        held and reaches the failure."""
+        if self.publisher is not None:
+            self.publisher.release()
+
     def finished(self, name: str, path: Path, sha256: str, stats: dict[str, Any]) -> None:
         self.progress.record(name, sha256, stats)
         if self.publisher is not None:
@@ -71,13 +77,18 @@ class _OutShard:
 
 class _OutShards:
     """The output shards open now, each opened by whichever thread needs it first: the writer, or the copier
-    running ahead of it."""
+    running ahead of it. They are opened in the order the writer goes (`order`): the outlet's room (--push-to-hub,
+    no OUT) is taken shard after shard, so the copier can never hold it for later shards while the writer waits
+    for the one it is on."""
 
-    def __init__(self, plan: Plan, partial: Path, outlet: Outlet, stop: threading.Event) -> None:
+    def __init__(self, plan: Plan, partial: Path, outlet: Outlet, stop: threading.Event, order: list[int]) -> None:
         self.plan = plan
         self.partial = partial
         self.outlet = outlet
         self.stop = stop
+        self._order = order
+        self._turn = 0  # the position in `order` of the next shard to open
+        self._turned = threading.Condition()
         self._open: dict[int, _OutShard] = {}
         self._opening: dict[int, threading.Event] = {}
         self._failed: dict[int, BaseException] = {}  # why an opener could not open its shard (upload failed)
@@ -106,6 +117,7 @@ class _OutShards:
                     raise Stopped  # its opener was stopped, and so is the run
                 return self._open[index]
         try:
+            self._wait_for_turn(index)
             self.outlet.room(self.stop)
             if self.stop.is_set():
                 raise Stopped
@@ -122,7 +134,19 @@ class _OutShards:
                 self._failed[index] = e
             raise
         finally:
+            with self._turned:
+                self._turn += 1
+                self._turned.notify_all()
             opening.set()
+
+    def _wait_for_turn(self, index: int) -> None:
+        """Until every shard before `index` in the writer's order is opened (or its opener gave up)."""
+        position = self._order.index(index)
+        with self._turned:
+            while self._turn < position:
+                if self.stop.is_set():
+                    raise Stopped
+                self._turned.wait(0.1)
 
     def pop(self, index: int) -> _OutShard:
         with self._lock:
@@ -196,7 +220,8 @@ def write_shards(
     skip: set[str],
     serve_check: bool,
 ) -> None:
-    shards = _OutShards(plan, partial, outlet, stop)
+    todo = [index for index, shard in enumerate(plan.shards) if shard.name not in skip]
+    shards = _OutShards(plan, partial, outlet, stop, todo)
     stats: dict[str, Any] = {}
     src_fd = -1
     flushed: list[Future[None]] = []
@@ -204,7 +229,6 @@ def write_shards(
     # thread of their own, shard after shard, up to COPY_AHEAD shards ahead of the writer, so the weights
     # never queue behind them and a last shard that holds only lm_head is not left to the end; a shard is
     # finished once its copies are in.
-    todo = [index for index, shard in enumerate(plan.shards) if shard.name not in skip]
     writer_at = _Cursor(todo[0] if todo else 0)
     copier = ThreadPoolExecutor(1, thread_name_prefix="fp8q-copy")
     copies = {
@@ -229,6 +253,7 @@ def write_shards(
                             f"{shard.input.path}: changed while fp8q was converting it; run again once nothing "
                             "writes to the source"
                         )
+                    _raise_flush_failure(flushed, partial)  # an earlier shard's, as soon as it is known
                     done = shards.pop(item.shard)
                     flushed.append(done.syncer.submit(_finish_shard, done.file, done.hasher, shard.name, stats, outlet))
                     stats = {}
@@ -252,10 +277,8 @@ def write_shards(
                 raise write_error(path, e) from None
             emit(TensorDone(job.input.name, job.input.nbytes, shard.name))
         for future in flushed:
-            try:
-                future.result()
-            except OSError as e:
-                raise write_error(partial, e) from None
+            future.exception()  # wait for every flush
+        _raise_flush_failure(flushed, partial)
     except BaseException:
         stop.set()  # a copier waiting for a download gives up, instead of being waited for below
         raise
@@ -306,6 +329,16 @@ def _hash_in_background(syncer: ThreadPoolExecutor, hasher: FileHasher) -> Calla
     return submit
 
 
+def _raise_flush_failure(flushed: list[Future[None]], partial: Path) -> None:
+    """The first failure among the shard flushes done so far (an OSError said as one line naming OUT)."""
+    for future in flushed:
+        if future.done() and future.exception() is not None:
+            try:
+                future.result()
+            except OSError as e:
+                raise write_error(partial, e) from None
+
+
 def _finish_shard(shard: ShardFile, hasher: FileHasher, name: str, stats: dict[str, Any], outlet: Outlet) -> None:
     """On the fsync thread: make the shard durable and finish its hash (at once: the disk flushes
     while the CPU hashes from the page cache), then record it for --resume (and upload it)."""
@@ -324,6 +357,7 @@ def _finish_shard(shard: ShardFile, hasher: FileHasher, name: str, stats: dict[s
     finally:
         flushing.join()
     if failed:
+        outlet.lost()
         raise failed[0]
     outlet.finished(name, shard.path, digest, stats)
 

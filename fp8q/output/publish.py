@@ -2,11 +2,12 @@
 converted, each finished shard uploaded while the next converts (and, with no OUT, deleted once it is up), and every
 file committed at the end in one commit, so the repo shows nothing of the run until it is complete.
 
-Imports: errors, huggingface_hub (the Hub's own client: Xet where hf_xet is installed and HF_HUB_DISABLE_XET unset,
-else classic LFS; HF_ENDPOINT, HF_TOKEN and the cache settings as everywhere). Uploads go through
-`preupload_lfs_files`, which stores the bytes but commits nothing; `create_commit` then names every file at once. A
-shard's sha256 is the one fp8q computed while writing it, handed to the client (`UploadInfo`; both paths use a known
-one instead of hashing again), so the client reads each shard once, to send it.
+Imports: errors, httpx (what the client raises once its own retries are spent: not OSErrors), huggingface_hub (the
+Hub's own client: Xet where hf_xet is installed and HF_HUB_DISABLE_XET unset, else classic LFS; HF_ENDPOINT, HF_TOKEN
+and the cache settings as everywhere). Uploads go through `preupload_lfs_files`, which stores the bytes but commits
+nothing; `create_commit` then names every file at once. A shard's sha256 is the one fp8q computed while writing it,
+handed to the client (`UploadInfo`; both paths use a known one instead of hashing again), so the client reads each
+shard once, to send it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, RepoFile
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -29,7 +31,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 
-from fp8q.errors import OutputError, UsageError
+from fp8q.errors import OutputError, Stopped, UsageError
 
 SAMPLE_BYTES = 512  # what the Hub is shown of a file to choose how it is stored (UploadInfo.sample)
 MANIFEST = "fp8q.json"
@@ -143,7 +145,7 @@ class Publisher:
             raise UsageError(f"--push-to-hub {repo_id}: that is the source repo; push to another one")
         try:
             me = self.api.whoami()
-        except (HfHubHTTPError, LocalTokenNotFoundError) as e:
+        except (HfHubHTTPError, LocalTokenNotFoundError, httpx.HTTPError, OSError) as e:
             raise _hub_error(repo_id, "cannot publish", e) from None
         try:
             if create:
@@ -156,13 +158,13 @@ class Publisher:
                 self.branch_exists = False  # made from main just before the commit
             probe = CommitOperationAdd(path_in_repo=".fp8q-write-check", path_or_fileobj=b"fp8q")
             # Asks the Hub how it would store a file, which takes write access, and stores nothing.
-            self.api.preupload_lfs_files(repo_id, [probe], revision=self.revision if self.branch_exists else None)
+            self.api.preupload_lfs_files(repo_id, [probe], revision=self._target(), create_pr=self.create_pr)
         except RepositoryNotFoundError as e:
             if create:
                 raise _hub_error(repo_id, "cannot publish there", e) from None
             _check_namespace(repo_id, me)
             return  # a run would create it: nothing in it to check
-        except HfHubHTTPError as e:
+        except (HfHubHTTPError, httpx.HTTPError, OSError) as e:
             raise _hub_error(repo_id, "cannot publish there", e) from None
         if self.existing and not self.create_pr:
             if MANIFEST not in self.existing or not self._made_by_fp8q():
@@ -194,18 +196,20 @@ class Publisher:
         }
         try:
             actions, errors, _ = post_lfs_batch_info(infos.values(), None, "model", self.repo_id)
-        except (HfHubHTTPError, ValueError):
+        except (HfHubHTTPError, ValueError, httpx.HTTPError, OSError):
             return set()
         missing = {a["oid"] for a in actions if a.get("actions")} | {e.get("oid") for e in errors}
-        held = {name for name, u in recorded.items() if u.sha256 not in missing}
-        self.uploaded.update({name: recorded[name] for name in held})
-        return held
+        return {name for name, u in recorded.items() if u.sha256 not in missing}
 
-    def adopt(self, recorded: dict[str, dict[str, Any]]) -> None:
+    def adopt(self, recorded: dict[str, dict[str, Any]], done: dict[str, Any]) -> None:
         """Shards other processes of this run uploaded (their records, under torchrun): committed with the rest.
-        Each commit entry carries the object's sha256 and size, so the Hub's copy is used, whoever uploaded it."""
+        Each commit entry carries the object's sha256 and size, so the Hub's copy is used, whoever uploaded it. A
+        record counts only for the shard as last made (`done`, the shards' records): an upload of an earlier
+        making of it is not the shard any more."""
         for name, entry in recorded.items():
-            if name not in self.uploaded:
+            if name not in done or done[name]["sha256"] != entry["sha256"]:
+                continue
+            if name not in self.uploaded or self.uploaded[name].sha256 != entry["sha256"]:
                 self.uploaded[name] = Uploaded(**entry)
                 self.bytes_uploaded += int(entry["size"])
 
@@ -221,6 +225,17 @@ class Publisher:
                 self._changed.wait(0.1)
             self._raise_if_failed()
             self._on_disk += 1
+
+    def _target(self) -> str | None:
+        """The revision uploads are checked against: the branch, or main until a missing branch is made."""
+        return self.revision if self.branch_exists else None
+
+    def release(self) -> None:
+        """A shard given room will not be uploaded (it could not be finished): its room is free again."""
+        with self._changed:
+            if self._room is not None:
+                self._on_disk -= 1
+            self._changed.notify_all()
 
     def upload(self, name: str, path: Path, sha256: str, record: Callable[[str, Uploaded], None]) -> None:
         """Upload a finished shard on the upload thread; once the Hub has it, `record` it (for --resume) and, with
@@ -246,11 +261,10 @@ class Publisher:
                 with open(path, "rb") as f:
                     sample = f.read(SAMPLE_BYTES)
                 done = Uploaded(sha256, size, base64.b64encode(sample).decode("ascii"))
-                self.api.preupload_lfs_files(
-                    self.repo_id,
-                    [done.operation(name, path)],
-                    revision=self.revision if self.branch_exists else None,
-                )
+                op = done.operation(name, path)
+                self.api.preupload_lfs_files(self.repo_id, [op], revision=self._target(), create_pr=self.create_pr)
+                if op._upload_mode != "lfs":  # the repo's .gitattributes, say: it would go in the commit, not now
+                    raise OutputError(f"the Hub stores {name} as a regular file, not LFS (the repo's .gitattributes?)")
                 record(name, done)
                 if delete:
                     os.unlink(path)
@@ -271,13 +285,16 @@ class Publisher:
         if self._failure is not None:
             raise self._failure
 
-    def finish_uploads(self) -> None:
-        """Wait for every upload; raise the first failure (OutputError naming the shard)."""
+    def finish_uploads(self, stop: threading.Event) -> None:
+        """Wait for every upload (with OUT, conversion may be far ahead of them); raise the first failure
+        (OutputError naming the shard), or Stopped once `stop` is set (SIGINT, SIGTERM: the run ends now)."""
         with self._changed:
             self._closing = True
             self._changed.notify_all()
-        if self._thread is not None:
-            self._thread.join()
+        while self._thread is not None and self._thread.is_alive():
+            if stop.is_set():
+                raise Stopped
+            self._thread.join(0.1)
         self._raise_if_failed()
 
     def close(self) -> None:
@@ -317,7 +334,7 @@ class Publisher:
                 create_pr=self.create_pr,
                 parent_commit=self.parent if self.branch_exists else None,
             )
-        except (HfHubHTTPError, OSError, ValueError) as e:
+        except (HfHubHTTPError, ValueError, RuntimeError, httpx.HTTPError, OSError) as e:  # RuntimeError: hf_xet's
             raise _upload_error(self.repo_id, "the commit", e) from None
         self._check_committed(info.oid, [op for op in ops if isinstance(op, CommitOperationAdd)])
         return Published(self.repo_id, self.revision, info.oid, info.commit_url, info.pr_url)
@@ -336,7 +353,7 @@ class Publisher:
                 for entry in self.api.list_repo_tree(self.repo_id, revision=commit, recursive=True)
                 if isinstance(entry, RepoFile)
             }
-        except (HfHubHTTPError, OSError, ValueError) as e:
+        except (HfHubHTTPError, ValueError, httpx.HTTPError, OSError) as e:
             raise _hub_error(self.repo_id, f"reading back commit {commit[:12]}", e) from None
         for op in added:
             name, info = op.path_in_repo, op.upload_info
