@@ -598,3 +598,15 @@ def test_resume_commits_a_shard_as_last_made_not_an_earlier_upload_of_it(referen
     quantize(src, tmp_path / "local", QuantizeOptions(device="cpu"))
     expected = {n: s for n, s in _local(tmp_path / "local").items() if n not in NAMED}
     assert {n: s for n, s in _tree(hub, "me/out").items() if n not in NAMED} == expected
+
+
+def test_the_same_output_may_be_published_again_without_overwrite(reference, hub, tmp_path):
+    """A repo whose fp8q.json says it holds what this run makes (same fp8q, options and source: a job run again,
+    or a run that committed and then failed on this side) is published again; another output needs --overwrite."""
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert _fp8q(tmp_path / "1", hub, *args).returncode == 0
+    result = _fp8q(tmp_path / "2", hub, *args)
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", reference[1]["channel"])
+    line = _one_line(_fp8q(tmp_path / "3", hub, *args, *LAYOUTS["mx"]))
+    assert "already holds an fp8q output; pass --overwrite" in line, line

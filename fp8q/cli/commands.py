@@ -268,7 +268,7 @@ def _convert(
         if out is not None:
             check_output(source_folder(source), output_path(out), options.overwrite)
         if options.push is not None:
-            check_push_target(options, src, source)  # the token and the repo, as a run checks them first
+            check_push_target(options, src, source, plan, Mode(mode))  # the token and the repo, as a run does
         show_plan(plan, as_json, quiet)
         if plan.problems:
             raise typer.Exit(1)  # so that CI can gate on `--dry-run`; the problems are listed

@@ -133,7 +133,7 @@ def prepare(
         if options.push is not None:
             # Under torchrun every process uploads the shards it makes; rank 0 checks the repo and commits them all.
             # Checked here without changing anything on the Hub; the repo is created once OUT.partial/ is set up.
-            publisher = _publisher(options, src, source, keep, check=lead)
+            publisher = _publisher(options, src, source, keep, check=lead, fp=fp)
             cleanup.callback(publisher.close)
         if lead:
             reused, lock = _prepare_partial(plan, source, out, partial, fp, options, publisher, keep, cluster.world)
@@ -245,7 +245,9 @@ def _report(
     )
 
 
-def _publisher(options: Options, src: str | Path, source: Path | HubStream, keep: bool, check: bool) -> Publisher:
+def _publisher(
+    options: Options, src: str | Path, source: Path | HubStream, keep: bool, check: bool, fp: dict[str, Any]
+) -> Publisher:
     """The Hub repo to publish to, checked (token, write access, what it holds) by one process (`check`), changing
     nothing on the Hub yet: a repo that does not exist is created by `_prepare_partial`, once every local check
     passed, so that a run refused here leaves the Hub as it was."""
@@ -265,20 +267,22 @@ def _publisher(options: Options, src: str | Path, source: Path | HubStream, keep
         overwrite=options.overwrite,
         source_repo=source_repo,
         room=None if keep else ON_DISK_FOR_UPLOAD,
+        fingerprint=fp,
     )
     if check:
         publisher.check(create=False)
     return publisher
 
 
-def check_push_target(options: Options, src: str | Path, source: Path | HubStream) -> None:
+def check_push_target(options: Options, src: str | Path, source: Path | HubStream, plan: Plan, mode: Mode) -> None:
     """--dry-run --push-to-hub: the checks a run makes of the repo before anything is converted, changing nothing on
     the Hub (a repo that does not exist is not created).
 
     Raises:
         OutputError, UsageError: in one line, as the run would.
     """
-    _publisher(options, src, source, keep=True, check=True)
+    fp = fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__)
+    _publisher(options, src, source, keep=True, check=True, fp=fp)
 
 
 # --push-to-hub with no OUT: output shards on local disk at once (the one being written, the one uploading).

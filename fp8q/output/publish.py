@@ -108,8 +108,12 @@ class Publisher:
         overwrite: bool,
         source_repo: str | None,
         room: int | None,
+        fingerprint: dict[str, Any] | None = None,
     ) -> None:
         self.repo_id = repo_id
+        # What makes this run's output (the fingerprint --resume compares): a repo whose fp8q.json has the same holds
+        # this very output (a run that committed, then failed on this side), and may be published again.
+        self.fingerprint = fingerprint
         self.revision = revision or "main"  # a branch, created from main if missing
         self.create_pr = create_pr  # the commit opens a pull request instead of landing on the branch
         self.private = private  # for a repo created now
@@ -167,24 +171,37 @@ class Publisher:
         except (HfHubHTTPError, httpx.HTTPError, OSError) as e:
             raise _hub_error(repo_id, "cannot publish there", e) from None
         if self.existing and not self.create_pr:
-            if MANIFEST not in self.existing or not self._made_by_fp8q():
+            manifest = self._manifest() if MANIFEST in self.existing else None
+            if manifest is None or manifest.get("tool") != "fp8q":
                 raise OutputError(
                     f"{repo_id}: holds files ({len(self.existing)}) that fp8q did not publish; push to an empty or "
                     "new repo (or use --create-pr to propose the output instead)"
                 )
-            if not self.overwrite:
+            if not self.overwrite and not self._same_output(manifest):
                 raise OutputError(
                     f"{repo_id}: already holds an fp8q output; pass --overwrite to replace it in one commit, or "
                     "push elsewhere"
                 )
 
-    def _made_by_fp8q(self) -> bool:
+    def _manifest(self) -> dict[str, Any] | None:
+        """The repo's fp8q.json (at most 1 MB of it), or None when it cannot be read as one."""
         try:
             path = self.api.hf_hub_download(self.repo_id, MANIFEST, revision=self.revision)
             with open(path, "rb") as f:
-                return json.loads(f.read(1 << 20)).get("tool") == "fp8q"
-        except (HfHubHTTPError, OSError, ValueError, AttributeError):
+                manifest = json.loads(f.read(1 << 20))
+        except (HfHubHTTPError, OSError, ValueError, httpx.HTTPError):
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
+    def _same_output(self, manifest: dict[str, Any]) -> bool:
+        """Whether the repo's fp8q.json says it holds what this run makes: same fp8q version, options and source."""
+        fp = self.fingerprint
+        if fp is None:
             return False
+        ours = {"version": fp.get("version"), "options": fp.get("options"), "source": {"shards": fp.get("source"),
+                "config_sha256": fp.get("config_sha256")}}  # fmt: skip
+        theirs = {key: manifest.get(key) for key in ours}
+        return theirs == json.loads(json.dumps(ours))  # as fp8q.json writes it (tuples are lists there)
 
     def confirmed(self, recorded: dict[str, Uploaded]) -> set[str]:
         """Which shards an earlier run uploaded the Hub still holds (it offers no upload for them)."""
