@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,7 +127,7 @@ def prepare(
         if plan.problems:
             raise Fp8qError(refusal(plan.problems))
         card = source_card(plan) if options.model_card and lead else None
-        fp = fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__)
+        fp = _fingerprint(plan, options, mode)
         reused: dict[str, Any] = {}
         publisher = None
         if options.push is not None:
@@ -209,18 +209,9 @@ def _report(
             "scale_format": plan.layout.scale_format.value,
             "block_size": list(block) if block else None,
         }
-    pushed = None
-    if published is not None:
-        pushed = {
-            "repo_id": published.repo_id,
-            "revision": published.revision,
-            "commit": published.commit,
-            "url": published.url,
-            "pr_url": published.pr_url,
-        }
     return Report(
         out=str(ready.out) if ready.keep else "",
-        pushed=pushed,
+        pushed=asdict(published) if published is not None else None,
         bytes_uploaded=ready.publisher.bytes_uploaded if ready.publisher else 0,
         version=__version__,
         command=mode.value,
@@ -281,8 +272,12 @@ def check_push_target(options: Options, src: str | Path, source: Path | HubStrea
     Raises:
         OutputError, UsageError: in one line, as the run would.
     """
-    fp = fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__)
-    _publisher(options, src, source, keep=True, check=True, fp=fp)
+    _publisher(options, src, source, keep=True, check=True, fp=_fingerprint(plan, options, mode))
+
+
+def _fingerprint(plan: Plan, options: Options, mode: Mode) -> dict[str, Any]:
+    """What makes this run's output: what --resume and a repo's fp8q.json are compared with."""
+    return fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__)
 
 
 # --push-to-hub with no OUT: output shards on local disk at once (the one being written, the one uploading).
@@ -326,10 +321,11 @@ def _prepare_partial(
 
                 # An upload counts only for the shard as last made: a shard made again after its upload (its source
                 # changed in place, say) has a done record of another sha256, and is sent again.
-                done = Progress(partial, fp).done()
+                records = Progress(partial, fp)
+                done = records.done()
                 recorded = {
                     name: Uploaded(**entry)
-                    for name, entry in Progress(partial, fp).uploads().items()
+                    for name, entry in records.uploads().items()
                     if name in done and done[name]["sha256"] == entry["sha256"]
                 }
                 held = publisher.confirmed(recorded)
@@ -345,7 +341,7 @@ def _prepare_partial(
         check_free_space(out, shards + metadata_sizes(plan), download)
         Progress(partial, fp).start(source_stat)
         if publisher is not None:
-            publisher.check()  # again, creating the repo if it does not exist: every local check has passed
+            publisher.create()  # if it does not exist: every local check has passed
     except BaseException:
         os.close(lock)
         if fresh:

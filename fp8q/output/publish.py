@@ -61,6 +61,8 @@ class Uploaded:
 
 @dataclass(frozen=True)
 class Published:
+    """The one commit a run made: the --json result's `pushed`, field for field."""
+
     repo_id: str
     revision: str
     commit: str
@@ -123,6 +125,7 @@ class Publisher:
         self.parent: str | None = None  # the revision's commit when checked: the commit fails if it moved
         self.branch_exists = True
         self.existing: list[str] = []  # files the repo holds at the revision (replaced with --overwrite)
+        self.missing = False  # `check(create=False)` found no such repo: `create` makes it
         self.uploaded: dict[str, Uploaded] = {}
         self.bytes_uploaded = 0
         self._room = room
@@ -167,6 +170,7 @@ class Publisher:
             if create:
                 raise _hub_error(repo_id, "cannot publish there", e) from None
             _check_namespace(repo_id, me)
+            self.missing = True
             return  # a run would create it: nothing in it to check
         except (HfHubHTTPError, httpx.HTTPError, OSError) as e:
             raise _hub_error(repo_id, "cannot publish there", e) from None
@@ -182,6 +186,12 @@ class Publisher:
                     f"{repo_id}: already holds an fp8q output; pass --overwrite to replace it in one commit, or "
                     "push elsewhere"
                 )
+
+    def create(self) -> None:
+        """The repo `check` found missing, created now (and checked as a run checks an existing one)."""
+        if self.missing:
+            self.check()
+            self.missing = False
 
     def _manifest(self) -> dict[str, Any] | None:
         """The repo's fp8q.json (at most 1 MB of it), or None when it cannot be read as one."""

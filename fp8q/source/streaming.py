@@ -226,12 +226,22 @@ class ShardsOnDemand:
         except CheckpointError:
             raise
         except HUB_ERRORS as e:
-            raise CheckpointError(f"{self.stream.label}: downloading {name}: {self._explain(e)}") from None
+            raise _failure(self.stream, name, e, self._explain) from None
 
     def close(self) -> None:
         self._stop.set()  # a download in progress gives up at its next chunk
         self._fetcher.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _failure(stream: HubStream, name: str, error: Exception, explain: Callable[[Exception], str]) -> CheckpointError:
+    """A shard's failed download in one line: a connection that broke off, or what the Hub answered."""
+    if isinstance(error, NETWORK_ERRORS) and not isinstance(error, HfHubHTTPError):
+        first = (str(error).strip().splitlines() or ["no details"])[0]
+        why = f"the download broke off ({type(error).__name__}: {first}); check the network, or HF_ENDPOINT"
+    else:
+        why = explain(error)
+    return CheckpointError(f"{stream.label}: downloading {name}: {why}")
 
 
 class _Cancelled(Exception):
@@ -326,18 +336,12 @@ class ShardDownloads:
             except _Cancelled:
                 return
             except Exception as e:  # noqa: BLE001 - whatever stops a download is the reader's to raise, in one line
-                self._failed[name] = e if isinstance(e, CheckpointError) else self._failure(name, e)
+                self._failed[name] = (
+                    e if isinstance(e, CheckpointError) else _failure(self.stream, name, e, self._explain)
+                )
                 self._arrived[name].set()
                 return
             self._arrived[name].set()
-
-    def _failure(self, name: str, error: Exception) -> CheckpointError:
-        if isinstance(error, NETWORK_ERRORS) and not isinstance(error, HfHubHTTPError):
-            first = (str(error).strip().splitlines() or ["no details"])[0]
-            why = f"the download broke off ({type(error).__name__}: {first}); check the network, or HF_ENDPOINT"
-        else:
-            why = self._explain(error)
-        return CheckpointError(f"{self.stream.label}: downloading {name}: {why}")
 
     def _download(self, name: str) -> None:
         cache_dir = self.stream.cache_dir if self.keep else None

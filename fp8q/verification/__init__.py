@@ -3,7 +3,7 @@
 Imports: torch, errors, dtypes, events, source (checkpoint, reader; hub and streaming for a Hub repo, imported then),
 layouts (detect, numerics), models (architectures, experts, linear), plan (checks, selection). Reads headers first, then
 one tensor at a time, shard after shard, so it runs on checkpoints of any size; a Hub repo not in the cache is read as
-it downloads, each shard once, at most two of them on disk. What it checks:
+it downloads, at most two of its shards on disk (each downloaded once when read in the shards' order). What it checks:
 
 - structure: `read_checkpoint`'s validation (index and shard headers agree both ways, offsets tile each file);
 - config: compressed-tensors configs go through compressed-tensors' own `QuantizationConfig.model_validate`
