@@ -116,10 +116,13 @@ def _local(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): _sha(p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _same_as_local(hub: HubServer, repo_id: str, local: Path, revision: str = "main") -> None:
+def _same_as_local(
+    hub: HubServer, repo_id: str, local: Path, revision: str = "main", kept: set[str] = frozenset()
+) -> None:
     """The pushed tree holds the local run's files byte for byte (the card and fp8q.json apart, which name where the
-    run went and when), and its fp8q.json lists every file with the sha256 the Hub holds."""
-    tree = _tree(hub, repo_id, revision)
+    run went and when), and its fp8q.json lists every file with the sha256 the Hub holds; `kept`: files a person
+    added, which the push left there."""
+    tree = {name: sha for name, sha in _tree(hub, repo_id, revision).items() if name not in kept}
     expected = _local(local)
     assert set(tree) == set(expected)
     assert {n: s for n, s in tree.items() if n not in NAMED} == {n: s for n, s in expected.items() if n not in NAMED}
@@ -306,7 +309,7 @@ def test_the_source_repo_as_target_is_refused(reference, hub, tmp_path):
 
 
 def test_a_repo_fp8q_did_not_make_is_refused_but_a_pull_request_may_propose(reference, hub, tmp_path):
-    hub.create("me/taken", {"README.md": b"# mine\n"})
+    hub.create("me/taken", {"README.md": b"# mine\n\nMy notes.\n"})
     before = _tree(hub, "me/taken")
     line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/taken", "--device", "cpu"))
     assert "me/taken" in line and "fp8q did not publish" in line, line
@@ -336,8 +339,69 @@ def test_an_fp8q_repo_is_replaced_only_with_overwrite_in_one_commit(reference, h
 
     result = _fp8q(tmp_path / "3", hub, *args, *LAYOUTS["block-fp8"], "--overwrite")
     assert result.returncode == 0, result.stderr
-    _same_as_local(hub, "me/out", local["block-fp8"])  # notes/extra.txt, which the output lacks, is gone
+    # notes/extra.txt, which a person added (fp8q.json does not list it), stays, named in a note.
+    assert hub.read("me/out", "notes/extra.txt") == b"later\n"
+    assert "note: me/out: kept notes/extra.txt, which fp8q did not write" in result.stderr
+    _same_as_local(hub, "me/out", local["block-fp8"], kept={"notes/extra.txt"})
     assert len(hub.commits("me/out")) == 4  # creation, the first push, the extra file, the replacement
+
+
+def test_a_push_deletes_or_replaces_only_what_fp8q_wrote(reference, hub, tmp_path):
+    """A file a person added (evals.json) stays when the same push runs again and when --overwrite replaces the
+    output; a file the old fp8q.json lists and the new output lacks is deleted."""
+    _, local = reference
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert _fp8q(tmp_path / "1", hub, *args).returncode == 0
+    manifest = json.loads(hub.read("me/out", "fp8q.json"))
+    manifest["files"]["old-extra.json"] = _sha(b"{}")  # as if an earlier fp8q output had written it
+    hub.create("me/out", {"evals.json": b'{"mmlu": 0.7}', "old-extra.json": b"{}",
+                          "fp8q.json": json.dumps(manifest).encode()})  # fmt: skip
+    result = _fp8q(tmp_path / "2", hub, *args, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert hub.read("me/out", "evals.json") == b'{"mmlu": 0.7}'
+    assert "old-extra.json" not in _tree(hub, "me/out")
+    assert "note: me/out: kept evals.json, which fp8q did not write" in result.stderr
+    _same_as_local(hub, "me/out", local["channel"], kept={"evals.json"})
+    again = _fp8q(tmp_path / "3", hub, *args)  # the very same output again: no --overwrite needed
+    assert again.returncode == 0, again.stderr
+    assert hub.read("me/out", "evals.json") == b'{"mmlu": 0.7}'
+    assert "kept evals.json" in again.stderr
+
+
+def test_a_file_a_person_added_under_a_name_the_output_has_is_not_replaced(reference, hub, tmp_path):
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert _fp8q(tmp_path / "1", hub, *args).returncode == 0
+    manifest = json.loads(hub.read("me/out", "fp8q.json"))
+    del manifest["files"]["tokenizer.json"]  # a tokenizer the person put there, not fp8q
+    hub.create("me/out", {"fp8q.json": json.dumps(manifest).encode()})
+    before = _tree(hub, "me/out")
+    line = _one_line(_fp8q(tmp_path / "2", hub, *args, "--overwrite"))
+    assert "holds tokenizer.json, which fp8q did not write and the output has too" in line, line
+    assert _tree(hub, "me/out") == before
+
+
+def test_private_against_an_existing_public_repo_is_refused_before_any_download(reference, hub, tmp_path):
+    hub.create("me/public", {})
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/public", "--private"))
+    assert line.startswith("error: me/public: is public and --private was given"), line
+    assert _source_downloads(hub) == [] and _commits(hub, "me/public") == ["initial commit", "made by hand"]
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/public", "--private", "--dry-run"))
+    assert "is public and --private was given" in line, line
+
+
+def test_a_repo_as_the_hub_makes_it_new_is_a_target_without_overwrite(reference, hub, tmp_path):
+    """.gitattributes and a stub README (front matter, a title): taken, the README replaced by the model card;
+    a README with text of a person's in it is not a stub."""
+    stub = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n",
+            "README.md": b"---\nlicense: mit\n---\n# out\n"}  # fmt: skip
+    hub.create("me/out", stub)
+    result = _fp8q(tmp_path / "1", hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "note: me/out: its README.md, the stub the Hub made with the repo, is now the model card" in result.stderr
+    assert ModelCard(hub.read("me/out", "README.md").decode()).data.base_model == SRC
+    hub.create("me/mine", {**stub, "README.md": b"# mine\n\nMy results, kept here.\n"})
+    line = _one_line(_fp8q(tmp_path / "2", hub, "quantize", SRC, "--push-to-hub", "me/mine", "--device", "cpu"))
+    assert "fp8q did not publish" in line, line
 
 
 def test_a_branch_is_created_from_main_and_main_is_left_alone(reference, hub, tmp_path):
@@ -519,7 +583,7 @@ def test_dry_run_checks_the_target_as_a_run_does_and_changes_nothing(reference, 
     assert "write access" in line, line
     line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "other/out", "--dry-run"))
     assert "other is neither the token's user (me) nor one of their organizations" in line, line
-    hub.create("me/taken", {"README.md": b"# mine\n"})
+    hub.create("me/taken", {"README.md": b"# mine\n\nMy notes.\n"})
     line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/taken", "--dry-run"))
     assert "fp8q did not publish" in line, line
     assert [c.summary for c in hub.commits("me/taken")] == ["initial commit", "made by hand"]

@@ -77,6 +77,7 @@ def finish(
         assert push is not None
         message = push.commit_message or f"fp8q {mode.value}: {plan.layout.describe() if plan.layout else 'bf16'}"
         published = publisher.commit(partial, [*files, MANIFEST_FILE], message)
+        said += publisher.notes
         if not ready.keep:
             remove_tree(partial)  # the staging folder: everything in it is on the Hub now
             return [*said, *run_findings(stats)], files, published

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +36,11 @@ from fp8q.errors import OutputError, Stopped, UsageError
 
 SAMPLE_BYTES = 512  # what the Hub is shown of a file to choose how it is stored (UploadInfo.sample)
 MANIFEST = "fp8q.json"
+CARD = "README.md"
 # Files a repo holds from its creation, which say nothing of what is in it.
 _BORN_WITH = (".gitattributes",)
+_STUB_MAX_BYTES = 4096  # a README the Hub's "new repository" page makes is a few lines
+_FRONT_MATTER = re.compile(r"\A\s*---\r?\n.*?\r?\n---[ \t]*(\r?\n|\Z)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,13 @@ class Publisher:
         self.api = HfApi()
         self.parent: str | None = None  # the revision's commit when checked: the commit fails if it moved
         self.branch_exists = True
-        self.existing: list[str] = []  # files the repo holds at the revision (replaced with --overwrite)
+        self.existing: list[str] = []  # files the repo holds at the revision
+        # What fp8q wrote there before (the files its current fp8q.json lists, and fp8q.json): all a commit may
+        # replace or delete. Anything else (evals.json, a results table a person added) stays.
+        self.ours: set[str] = set()
+        self.stub_card = False  # the repo holds only a README the Hub made with it: the model card replaces it
+        self.notes: list[str] = []  # what the commit left alone or replaced that a person may have made
+        self.kept: list[str] = []  # files the commit left as they were: fp8q did not write them
         self.missing = False  # `check(create=False)` found no such repo: `create` makes it
         self.uploaded: dict[str, Uploaded] = {}
         self.bytes_uploaded = 0
@@ -157,6 +167,11 @@ class Publisher:
         try:
             if create:
                 self.api.create_repo(repo_id, private=self.private, exist_ok=True)
+            if self.private and self.api.model_info(repo_id).private is False:
+                raise OutputError(
+                    f"{repo_id}: is public and --private was given; fp8q does not change a repo's visibility: make "
+                    "it private on the Hub first, or push without --private"
+                )
             try:
                 info = self.api.model_info(repo_id, revision=self.revision)
                 self.parent = info.sha
@@ -174,18 +189,36 @@ class Publisher:
             return  # a run would create it: nothing in it to check
         except (HfHubHTTPError, httpx.HTTPError, OSError) as e:
             raise _hub_error(repo_id, "cannot publish there", e) from None
-        if self.existing and not self.create_pr:
-            manifest = self._manifest() if MANIFEST in self.existing else None
-            if manifest is None or manifest.get("tool") != "fp8q":
+        manifest = self._manifest() if MANIFEST in self.existing else None
+        if manifest is not None and manifest.get("tool") == "fp8q":
+            listed = manifest.get("files")
+            self.ours = {MANIFEST} | ({str(name) for name in listed} if isinstance(listed, dict) else set())
+        if self.existing == [CARD] and self._is_stub_card():
+            self.stub_card = True  # what the Hub's "new repository" page makes: nothing of anyone's to keep
+        elif self.existing and not self.create_pr:
+            if not self.ours:
                 raise OutputError(
                     f"{repo_id}: holds files ({len(self.existing)}) that fp8q did not publish; push to an empty or "
                     "new repo (or use --create-pr to propose the output instead)"
                 )
-            if not self.overwrite and not self._same_output(manifest):
+            if not self.overwrite and manifest is not None and not self._same_output(manifest):
                 raise OutputError(
                     f"{repo_id}: already holds an fp8q output; pass --overwrite to replace it in one commit, or "
                     "push elsewhere"
                 )
+
+    def _is_stub_card(self) -> bool:
+        """Whether the repo's README.md is the stub a new repo is made with: front matter and headings at most."""
+        try:
+            path = self.api.hf_hub_download(self.repo_id, CARD, revision=self.revision)
+            with open(path, "rb") as f:
+                text = f.read(_STUB_MAX_BYTES + 1).decode("utf-8")
+        except (HfHubHTTPError, OSError, UnicodeDecodeError, httpx.HTTPError):
+            return False
+        if len(text) > _STUB_MAX_BYTES:
+            return False
+        body = _FRONT_MATTER.sub("", text, count=1)
+        return all(not line.strip() or line.lstrip().startswith("#") for line in body.splitlines())
 
     def create(self) -> None:
         """The repo `check` found missing, created now (and checked as a run checks an existing one)."""
@@ -349,7 +382,25 @@ class Publisher:
             else:
                 ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)))
                 self.bytes_uploaded += (folder / name).stat().st_size
-        ops += [CommitOperationDelete(path_in_repo=name) for name in self.existing if name not in set(files)]
+        # Only what fp8q wrote there before goes (or is replaced); what a person added stays, said in a note.
+        new = set(files)
+        theirs = sorted(set(self.existing) & new - self.ours - ({CARD} if self.stub_card else set()))
+        if theirs and not self.create_pr:
+            raise OutputError(
+                f"{self.repo_id}: holds {theirs[0]}, which fp8q did not write and the output has too; fp8q replaces "
+                "nothing it did not write: move it aside on the Hub, or use --create-pr to propose the output"
+            )
+        ops += [CommitOperationDelete(path_in_repo=name) for name in self.existing if name in self.ours - new]
+        self.kept = sorted(set(self.existing) - self.ours - new)
+        if self.kept:
+            more = f" and {len(self.kept) - 1} more" if len(self.kept) > 1 else ""
+            self.notes.append(
+                f"{self.repo_id}: kept {self.kept[0]}{more}, which fp8q did not write (its fp8q.json does not list it)"
+            )
+        if self.stub_card and CARD in new:
+            self.notes.append(
+                f"{self.repo_id}: its README.md, the stub the Hub made with the repo, is now the model card"
+            )  # noqa: E501
         try:
             if not self.branch_exists and not self.create_pr:
                 self.api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
@@ -363,12 +414,13 @@ class Publisher:
             )
         except (HfHubHTTPError, ValueError, RuntimeError, httpx.HTTPError, OSError) as e:  # RuntimeError: hf_xet's
             raise _upload_error(self.repo_id, "the commit", e) from None
-        self._check_committed(info.oid, [op for op in ops if isinstance(op, CommitOperationAdd)])
+        self._check_committed(info.oid, [op for op in ops if isinstance(op, CommitOperationAdd)], set(self.kept))
         return Published(self.repo_id, self.revision, info.oid, info.commit_url, info.pr_url)
 
-    def _check_committed(self, commit: str, added: list[CommitOperationAdd]) -> None:
+    def _check_committed(self, commit: str, added: list[CommitOperationAdd], kept: set[str]) -> None:
         """Read back the commit's tree: every file there with the size (and, for the shards, the sha256) fp8q wrote,
-        and nothing else but what a repo is born with (unless a pull request, which shows the branch's files too).
+        and nothing else but what a repo is born with and what a person added (`kept`; a pull request shows the
+        branch's files too).
         One listing of the tree; the bytes are not read again.
 
         Raises:
@@ -395,7 +447,7 @@ class Publisher:
                     f"{self.repo_id}: commit {commit[:12]} holds {found} as {name}, not the {info.size} bytes fp8q "
                     "wrote; do not use that commit: revert it on the Hub and run again"
                 )
-        extra = sorted(set(tree) - {op.path_in_repo for op in added} - set(_BORN_WITH))
+        extra = sorted(set(tree) - {op.path_in_repo for op in added} - set(_BORN_WITH) - kept)
         if extra and not self.create_pr:
             raise OutputError(
                 f"{self.repo_id}: commit {commit[:12]} also holds {extra[0]} (and {len(extra) - 1} more), which the "
