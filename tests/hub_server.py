@@ -115,6 +115,9 @@ class Faults:
     delete_repo_after: int | None = None  # once this many LFS objects are stored, the repo is deleted
     fail_commit: bool = False  # every commit request gets a 500 and changes nothing
     lose_in_commit: str | None = None  # a commit answers success but leaves this file out (a Hub bug, say)
+    # Requests the stand-in takes and never answers (a proxy that black-holes, a stalled load balancer), by the name
+    # of the handler that would answer them: "whoami", "info", "tree", "preupload", "commit", "resolve", ...
+    silent: set[str] = field(default_factory=set)
     # A link this fast (bytes per second), each direction shared by all connections: download bodies (resolve) and
     # upload bodies (LFS PUTs) are paced as they stream. None: as fast as it goes.
     throttle_bytes_per_s: float | None = None
@@ -222,12 +225,14 @@ class HubServer:
         self._serial = 0
         self._lock = threading.RLock()
         self._down, self._up = _Link(), _Link()
+        self._closing = threading.Event()  # set by close(): requests held unanswered (faults.silent) end
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def close(self) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
         if self._own_store:
@@ -418,6 +423,9 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     for method, pattern, handle in routes:
                         if method == self.command or (method, self.command) == ("GET", "HEAD"):
                             if m := re.fullmatch(pattern, path):
+                                if handle.__name__.lstrip("_") in hub.faults.silent:
+                                    self._hold(handle.__name__.lstrip("_"))
+                                    return
                                 handle(*(unquote(g) if g is not None else None for g in m.groups()))
                                 return
                     print(f"hub_server: no route for {self.command} {self.path}")  # noqa: T201 - shown on failure
@@ -433,6 +441,13 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     self._error(500, "", f"hub_server: {type(e).__name__}: {e}")
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
+
+        def _hold(self, kind: str) -> None:
+            """Take the request and answer nothing until the stand-in closes (logged with status 0)."""
+            self._kind = kind
+            self._log(0)
+            hub._closing.wait(600)
+            self.close_connection = True
 
         # Bodies.
 

@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,14 +86,20 @@ def _env(tmp_path: Path, hub: HubServer, token: str | None = "hf_write") -> dict
 
 
 def _fp8q(
-    tmp_path: Path, hub: HubServer, *args: str, token: str | None = "hf_write", stop_after: str = ""
+    tmp_path: Path,
+    hub: HubServer,
+    *args: str,
+    token: str | None = "hf_write",
+    stop_after: str = "",
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """fp8q in a child process against the stand-in (`_env`); `stop_after` K:SIGNAL: stopped once K shards are
-    recorded."""
+    """fp8q in a child process against the stand-in (`_env`, plus `env`); `stop_after` K:SIGNAL: stopped once K
+    shards are recorded."""
     cmd = [sys.executable, "-m", "fp8q", *args]
     if stop_after:
         cmd = [sys.executable, str(ROOT / "tests" / "stopped_run.py"), stop_after, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path, hub, token), timeout=300)
+    full = _env(tmp_path, hub, token) | (env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=300)
 
 
 def _one_line(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
@@ -674,3 +682,54 @@ def test_the_same_output_may_be_published_again_without_overwrite(reference, hub
     _same_as_local(hub, "me/out", reference[1]["channel"])
     line = _one_line(_fp8q(tmp_path / "3", hub, *args, *LAYOUTS["mx"]))
     assert "already holds an fp8q output; pass --overwrite" in line, line
+
+
+@pytest.mark.parametrize(
+    ("silent", "command", "where"),
+    [
+        ("whoami", ("quantize", SRC, "--push-to-hub", "me/out"), "GET {url}/api/whoami-v2"),
+        ("info", ("quantize", SRC, "out"), "GET {url}/api/models/" + SRC + "/revision/main"),
+        ("info", ("verify", SRC), "GET {url}/api/models/" + SRC + "/revision/main"),
+        ("preupload", ("quantize", SRC, "--push-to-hub", "me/out"), "POST {url}/api/models/me/out/preupload/main"),
+        ("commit", ("quantize", SRC, "--push-to-hub", "me/out"), "POST {url}/api/models/me/out/commit/main"),
+    ],
+)
+def test_a_hub_that_never_answers_ends_the_run_in_one_line(reference, hub, tmp_path, silent, command, where):
+    """The stand-in takes the request and never answers (a black-holing proxy): every request has a bound
+    (FP8Q_HUB_TIMEOUT), and the run ends in one line naming the request, not in a hang."""
+    hub.faults.silent = {silent}
+    started = time.monotonic()
+    result = _fp8q(tmp_path, hub, *command, env={"FP8Q_HUB_TIMEOUT": "1"})
+    elapsed = time.monotonic() - started
+    line = _one_line(result)
+    assert f"no answer from {where.format(url=hub.url)} within 1 s" in line, line
+    assert "FP8Q_HUB_TIMEOUT" in line, line
+    if silent == "commit":
+        assert "it may have landed: check with `fp8q verify me/out --revision main`" in line, line
+    assert elapsed < 60, elapsed
+    assert any(r.kind == silent and r.status == 0 for r in hub.requests)  # the request was taken, not refused
+
+
+def test_a_timeout_that_is_not_a_number_is_a_usage_error(reference, hub, tmp_path):
+    line = _one_line(_fp8q(tmp_path, hub, "verify", SRC, env={"FP8Q_HUB_TIMEOUT": "soon"}), code=2)
+    assert "FP8Q_HUB_TIMEOUT='soon'" in line, line
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stalled_commit_ends_on_a_signal_saying_it_may_have_landed(reference, hub, tmp_path, sig, code):
+    hub.faults.silent = {"commit"}
+    cmd = [sys.executable, "-m", "fp8q", "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu"]
+    env = _env(tmp_path, hub) | {"FP8Q_HUB_TIMEOUT": "600"}
+    # Popen resets SIGINT to its default in the child, as a terminal does (a bash `&` job would ignore it).
+    child = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(r.kind == "commit" for r in hub.requests) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the commit request is out and waiting
+    sent = time.monotonic()
+    child.send_signal(sig)
+    _, stderr = child.communicate(timeout=60)
+    assert time.monotonic() - sent < 10
+    assert child.returncode == code, stderr
+    assert "it may have landed; check with `fp8q verify me/out --revision main`" in stderr, stderr
+    assert "Traceback" not in stderr

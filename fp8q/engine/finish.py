@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,11 +51,17 @@ class Prepared:
 
 
 def finish(
-    ready: Prepared, src: str | Path, options: Options, mode: Mode, progress: Progress, timings: dict[str, Any]
+    ready: Prepared,
+    src: str | Path,
+    options: Options,
+    mode: Mode,
+    progress: Progress,
+    timings: dict[str, Any],
+    stop: threading.Event,
 ) -> tuple[list[str], dict[str, str], Published | None]:
     """Write what goes beside the shards, publish (--push-to-hub: one commit of every file) and make OUT (or, with
     no OUT, delete the staging folder); returns what the quantized values tell (run_findings), every file of the
-    output but fp8q.json with its sha256, and the commit.
+    output but fp8q.json with its sha256, and the commit. `stop` (a signal) ends a wait on the Hub's commit.
 
     Raises:
         OSError: writing a file or the final rename failed (OUT.partial/ keeps its records for --resume).
@@ -76,7 +83,7 @@ def finish(
         push = options.push
         assert push is not None
         message = push.commit_message or f"fp8q {mode.value}: {plan.layout.describe() if plan.layout else 'bf16'}"
-        published = publisher.commit(partial, [*files, MANIFEST_FILE], message)
+        published = publisher.commit(partial, [*files, MANIFEST_FILE], message, stop)
         said += publisher.notes
         if not ready.keep:
             remove_tree(partial)  # the staging folder: everything in it is on the Hub now

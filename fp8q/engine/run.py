@@ -37,7 +37,7 @@ from fp8q.engine.distributed import Cluster, Watcher, assign
 from fp8q.engine.finish import Prepared, finish, metadata_sizes, source_card
 from fp8q.engine.stages import run_plan
 from fp8q.engine.writing import Outlet
-from fp8q.errors import Fp8qError, Interrupted, OutputError, UsageError, write_error
+from fp8q.errors import Fp8qError, Interrupted, OutputError, Stopped, UsageError, write_error
 from fp8q.events import Downloaded, DownloadStarted, Event, EventCallback, PlanReady, Report, TensorDone
 from fp8q.output.manifest import Progress, fingerprint, reusable_shards
 from fp8q.output.writer import (
@@ -94,7 +94,7 @@ def run(
                             },
                         }
                         try:
-                            findings, files_out, published = finish(ready, src, options, mode, progress, timings)
+                            findings, files_out, published = finish(ready, src, options, mode, progress, timings, stop)
                         except OSError as e:
                             raise write_error(ready.partial, e) from None
                 except BaseException as e:
@@ -400,9 +400,10 @@ def _failed(e: BaseException, caught: list[int], partial: Path, progress: Progre
     interrupted = caught or isinstance(e, Interrupted)
     if interrupted:
         what = e if isinstance(e, Interrupted) else _interrupted(caught)
+        said = f" {e}" if isinstance(e, Stopped) and str(e) else ""  # what the run was doing: a commit under way
         if done:
             return Interrupted(
-                f"{what}: {len(done)} finished shard(s) kept in {partial}; run again with --resume to continue",
+                f"{what}{said}: {len(done)} finished shard(s) kept in {partial}; run again with --resume to continue",
                 what.exit_code,
             )
         remove_tree(partial)

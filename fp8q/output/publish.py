@@ -2,12 +2,12 @@
 converted, each finished shard uploaded while the next converts (and, with no OUT, deleted once it is up), and every
 file committed at the end in one commit, so the repo shows nothing of the run until it is complete.
 
-Imports: errors, httpx (what the client raises once its own retries are spent: not OSErrors), huggingface_hub (the
-Hub's own client: Xet where hf_xet is installed and HF_HUB_DISABLE_XET unset, else classic LFS; HF_ENDPOINT, HF_TOKEN
-and the cache settings as everywhere). Uploads go through `preupload_lfs_files`, which stores the bytes but commits
-nothing; `create_commit` then names every file at once. A shard's sha256 is the one fp8q computed while writing it,
-handed to the client (`UploadInfo`; both paths use a known one instead of hashing again), so the client reads each
-shard once, to send it.
+Imports: errors, source.network (a bound on every request), httpx (what the client raises once its own retries are
+spent: not OSErrors), huggingface_hub (the Hub's own client: Xet where hf_xet is installed and HF_HUB_DISABLE_XET
+unset, else classic LFS; HF_ENDPOINT, HF_TOKEN and the cache settings as everywhere). Uploads go through
+`preupload_lfs_files`, which stores the bytes but commits nothing; `create_commit` then names every file at once. A
+shard's sha256 is the one fp8q computed while writing it, handed to the client (`UploadInfo`; both paths use a known
+one instead of hashing again), so the client reads each shard once, to send it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 
 from fp8q.errors import OutputError, Stopped, UsageError
+from fp8q.source.network import bound_requests, no_answer
 
 SAMPLE_BYTES = 512  # what the Hub is shown of a file to choose how it is stored (UploadInfo.sample)
 MANIFEST = "fp8q.json"
@@ -90,7 +91,10 @@ def _cause(error: BaseException) -> tuple[int | None, str]:
 
 def _hub_error(repo_id: str, what: str, error: Exception) -> OutputError:
     status, first = _cause(error)
-    if status == 401 or isinstance(error, LocalTokenNotFoundError):
+    silent = no_answer(error)
+    if silent is not None:
+        why = silent
+    elif status == 401 or isinstance(error, LocalTokenNotFoundError):
         why = "the Hub does not accept the token: set HF_TOKEN to a token that can write to it"
     elif status == 403:
         why = "the token may not write to it: use a token with write access to its namespace"
@@ -125,6 +129,7 @@ class Publisher:
         self.private = private  # for a repo created now
         self.overwrite = overwrite  # replace what fp8q published there before (its fp8q.json says so)
         self.source_repo = source_repo
+        bound_requests()
         self.api = HfApi()
         self.parent: str | None = None  # the revision's commit when checked: the commit fails if it moved
         self.branch_exists = True
@@ -368,12 +373,14 @@ class Publisher:
 
     # ── at the end ──
 
-    def commit(self, folder: Path, files: list[str], message: str) -> Published:
+    def commit(self, folder: Path, files: list[str], message: str, stop: threading.Event | None = None) -> Published:
         """One commit of every file of the output (shards uploaded already, the rest from `folder`), replacing
-        what the repo held (--overwrite); nothing of the run is visible before it.
+        what the repo held (--overwrite); nothing of the run is visible before it. The request runs on a thread of
+        its own, so that a signal (`stop`) ends the wait for a Hub that does not answer.
 
         Raises:
-            OutputError: the Hub refused it (the one line says to run again with --resume).
+            OutputError: the Hub refused it (the one line says to run again with --resume), or did not answer.
+            Stopped: `stop` was set while the commit was under way (its words say it may have landed).
         """
         ops: list[CommitOperationAdd | CommitOperationDelete] = []
         for name in files:
@@ -401,21 +408,61 @@ class Publisher:
             self.notes.append(
                 f"{self.repo_id}: its README.md, the stub the Hub made with the repo, is now the model card"
             )  # noqa: E501
-        try:
-            if not self.branch_exists and not self.create_pr:
-                self.api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
-            info = self.api.create_commit(
-                self.repo_id,
-                ops,
-                commit_message=message,
-                revision=self.revision,
-                create_pr=self.create_pr,
-                parent_commit=self.parent if self.branch_exists else None,
-            )
-        except (HfHubHTTPError, ValueError, RuntimeError, httpx.HTTPError, OSError) as e:  # RuntimeError: hf_xet's
-            raise _upload_error(self.repo_id, "the commit", e) from None
+        answer: list[Any] = []
+
+        def send() -> None:
+            try:
+                if not self.branch_exists and not self.create_pr:
+                    self.api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
+                answer.append(
+                    self.api.create_commit(
+                        self.repo_id,
+                        ops,
+                        commit_message=message,
+                        revision=self.revision,
+                        create_pr=self.create_pr,
+                        parent_commit=self.parent if self.branch_exists else None,
+                    )
+                )
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+                answer.append(e)
+
+        sender = threading.Thread(target=send, name="fp8q-commit", daemon=True)
+        sender.start()
+        while sender.is_alive():
+            if stop is not None and stop.is_set():
+                raise Stopped(f"while the commit to {self._where()} was under way: it may have landed; {self._check()}")
+            sender.join(0.1)
+        info = answer[0]
+        if isinstance(info, BaseException):
+            raise self._commit_error(info) from None
         self._check_committed(info.oid, [op for op in ops if isinstance(op, CommitOperationAdd)], set(self.kept))
         return Published(self.repo_id, self.revision, info.oid, info.commit_url, info.pr_url)
+
+    def _where(self) -> str:
+        return f"{self.repo_id} ({'a pull request on ' if self.create_pr else ''}{self.revision})"
+
+    def _check(self) -> str:
+        """How a user tells whether a commit whose answer never came landed."""
+        revision = "refs/pr/N" if self.create_pr else self.revision
+        return f"check with `fp8q verify {self.repo_id} --revision {revision}`"
+
+    def _commit_error(self, error: BaseException) -> BaseException:
+        """A failed commit in one line that says what happened to the repo and what to do."""
+        if not isinstance(error, (HfHubHTTPError, ValueError, RuntimeError, httpx.HTTPError, OSError)):
+            return error  # a bug: its traceback is worth more (RuntimeError: hf_xet's errors)
+        status, _ = _cause(error)
+        lost = no_answer(error) is not None or isinstance(error, httpx.RemoteProtocolError)
+        if status is None and lost:  # the request went out; its answer did not come back
+            why = no_answer(error) or "the connection closed before the Hub answered"
+            return OutputError(f"{self.repo_id}: the commit was sent but {why}; it may have landed: {self._check()}")
+        if status == 412:
+            return OutputError(
+                f"{self.repo_id}: {self.revision} moved while this run went on (another push to it?), so the commit "
+                "was refused and the repo is as that push left it; check what it holds, then rerun with --resume to "
+                "commit on top of it"
+            )
+        return _upload_error(self.repo_id, "the commit", error)
 
     def _check_committed(self, commit: str, added: list[CommitOperationAdd], kept: set[str]) -> None:
         """Read back the commit's tree: every file there with the size (and, for the shards, the sha256) fp8q wrote,
@@ -475,7 +522,7 @@ def _check_namespace(repo_id: str, me: dict[str, Any]) -> None:
 def _upload_error(repo_id: str, what: str, error: BaseException) -> OutputError:
     """One line naming the file; the run adds where its finished shards are kept for --resume."""
     status, first = _cause(error)
-    why = f"HTTP {status}: {first}" if status else first
+    why = no_answer(error) or (f"HTTP {status}: {first}" if status else first)
     return OutputError(f"{repo_id}: uploading {what} failed ({why}); what the Hub took is kept")
 
 

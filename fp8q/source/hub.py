@@ -1,13 +1,13 @@
 """Turn the `src` argument into a local path: a checkpoint on disk as it is, or a Hub repo id as a snapshot folder
 (or, for a repo not in the cache, a HubStream that fetches its shards as the run goes: fp8q.source.streaming).
 
-Imports: errors, checkpoint, streaming, huggingface_hub (which only this module and streaming talk to). A repo id
-is looked up in the local Hugging Face cache first, so a cached model converts with no network at all (and under
-HF_HUB_OFFLINE=1); only a cache miss downloads. Only what a conversion reads or copies is fetched: safetensors
+Imports: errors, checkpoint, network, streaming, huggingface_hub (which only this module and streaming talk to). A
+repo id is looked up in the local Hugging Face cache first, so a cached model converts with no network at all (and
+under HF_HUB_OFFLINE=1); only a cache miss downloads. Only what a conversion reads or copies is fetched: safetensors
 weights and small side files, never pickles (`*.bin`, `*.pt`, ... can run code when unpickled) nor other weight
 formats. When the repo has an index, only the shards it lists are fetched: some repos (Mistral's) also ship a
-`consolidated.safetensors` that would double the download. Every failure is one `CheckpointError` line naming
-the repo, with no traceback.
+`consolidated.safetensors` that would double the download. Every failure is one `CheckpointError` line naming the
+repo, with no traceback.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from huggingface_hub.utils import tqdm as hf_tqdm
 
 from fp8q.errors import CheckpointError, UsageError
 from fp8q.source.checkpoint import INDEX_FILE, WEIGHT_SUFFIXES, index_shards
+from fp8q.source.network import bound_requests, no_answer
 from fp8q.source.streaming import HUB_ERRORS, NETWORK_ERRORS, HubStream, open_stream
 
 # Side files a conversion copies: config, tokenizer, chat template, sentencepiece/tiktoken vocab, custom code, card.
@@ -72,6 +73,7 @@ def resolve_source(
         raise CheckpointError(
             f"{src}: no such file or folder; give a checkpoint folder, a .safetensors file or a Hub repo id"
         )
+    bound_requests()
     label = f"Hub repo {src}" + (f" at revision {revision}" if revision else "")
     # Said too: a typo of a local folder (`lama`) reads as a repo id.
     local = f" (and no file or folder {src!r} here)"
@@ -177,6 +179,9 @@ def _has_weights(folder: Path, shards: list[str] | None) -> bool:
 
 def explain(error: Exception) -> str:
     """What went wrong and what to do, in one line, for an exception out of snapshot_download."""
+    silent = no_answer(error)
+    if silent is not None:
+        return silent
     if isinstance(error, GatedRepoError):
         return "the repo is gated; accept its terms on huggingface.co, then log in (`hf auth login` or HF_TOKEN)"
     if isinstance(error, RepositoryNotFoundError):

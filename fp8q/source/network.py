@@ -1,0 +1,83 @@
+"""No request to the Hub waits forever: a bound on every request huggingface_hub's shared client sends (fp8q's own
+range requests, downloads, whoami, repo info, trees, preuploads, LFS uploads, commits), and the words for a Hub
+that did not answer within it.
+
+Imports: errors, httpx, huggingface_hub. huggingface_hub's client has no timeout of its own (`timeout=None`), and
+many of its calls pass `timeout=None` explicitly, which overrides a client default: so the bound is set on each
+request as it leaves (a request hook), replacing only what is unbounded (a finite timeout a call chose stays). It
+bounds connecting and each wait for bytes, not a whole transfer: a slow link that keeps sending never times out.
+The client's own retries still apply (downloads and uploads retry a timed-out request up to 5 times).
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+from huggingface_hub.utils import get_session
+
+from fp8q.errors import UsageError
+
+TIMEOUT_ENV = "FP8Q_HUB_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def hub_timeout() -> float:
+    """Seconds a request to the Hub may wait to connect, or for its next bytes ($FP8Q_HUB_TIMEOUT, default 60).
+
+    Raises:
+        UsageError: the variable is not a positive number.
+    """
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise UsageError(f"{TIMEOUT_ENV}={text!r}: give the seconds a Hub request may wait, a positive number")
+    return value
+
+
+def _bounded(request: httpx.Request) -> None:
+    limit = hub_timeout()
+    chosen = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {
+        key: limit if chosen.get(key) is None else chosen[key] for key in ("connect", "read", "write", "pool")
+    }
+
+
+def bound_requests() -> None:
+    """Bound every request of huggingface_hub's shared client from now on (idempotent; checks FP8Q_HUB_TIMEOUT).
+
+    Raises:
+        UsageError: FP8Q_HUB_TIMEOUT is not a positive number.
+    """
+    hub_timeout()
+    session = get_session()
+    hooks = session.event_hooks
+    if _bounded not in hooks["request"]:
+        session.event_hooks = {**hooks, "request": [*hooks["request"], _bounded]}
+
+
+def no_answer(error: BaseException) -> str | None:
+    """'no answer from GET https://.../api/whoami-v2 within 60 s ...' when a timeout ended `error` (anywhere in its
+    chain: huggingface_hub wraps some), else None."""
+    seen: BaseException | None = error
+    while seen is not None and not isinstance(seen, httpx.TimeoutException):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    try:
+        request = seen.request
+        where = f"{request.method} {request.url.copy_with(query=None)}"
+    except RuntimeError:  # a timeout raised without its request
+        where = "the Hub"
+    return (
+        f"no answer from {where} within {hub_timeout():g} s ({type(seen).__name__}): the Hub or a proxy on the way "
+        f"is stalled; try again later, or raise {TIMEOUT_ENV}"
+    )
+
+
+__all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "bound_requests", "hub_timeout", "no_answer"]
