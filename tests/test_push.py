@@ -498,7 +498,10 @@ def test_verify_a_broken_pushed_repo_names_the_tensor(reference, hub, tmp_path):
     result = _fp8q(tmp_path / "verify", hub, "verify", "me/out", "--json")
     assert result.returncode == 1
     report = json.loads(result.stdout)
-    assert report["ok"] is False and scale in report["error"], report["error"]
+    assert report["ok"] is False and "2 problem(s)" in report["error"], report["error"]
+    # The bytes are not those fp8q.json lists (the tree's sha256 says so), and the scale is named.
+    assert report["problems"][0].startswith(f"{name}: its sha256 is "), report["problems"]
+    assert scale in report["problems"][1], report["problems"]
     assert not list((tmp_path / "verify" / "tmp").glob("fp8q-*"))  # (torch keeps a folder of its own there)
 
 
@@ -733,3 +736,23 @@ def test_a_stalled_commit_ends_on_a_signal_saying_it_may_have_landed(reference, 
     assert child.returncode == code, stderr
     assert "it may have landed; check with `fp8q verify me/out --revision main`" in stderr, stderr
     assert "Traceback" not in stderr
+
+
+def test_verify_of_a_hub_repo_names_a_flipped_bit_from_the_tree_without_another_download(reference, hub, tmp_path):
+    """One FP8 value with one bit flipped (still a valid value, the scale valid): the tree's LFS sha256 differs from
+    what fp8q.json lists; each shard is downloaded once all the same (for the values), nothing more."""
+    assert _fp8q(tmp_path / "push", hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu").returncode == 0
+    name = SHARDS[4]
+    data = bytearray(hub.read("me/out", name))
+    header_len = int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8 : 8 + header_len])["model.layers.4.mlp.up_proj.weight"]["data_offsets"]
+    data[8 + header_len + start] ^= 0x40  # one FP8 value's bit 6: header and size unchanged
+    hub.create("me/out", {name: bytes(data)})
+    hub.requests.clear()
+    result = _fp8q(tmp_path / "verify", hub, "verify", "me/out", "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["problems"][0].startswith(f"{name}: its sha256 is "), report["problems"]
+    assert report["files_checked"] == len(json.loads(hub.read("me/out", "fp8q.json"))["files"])
+    shards = sorted(r.file for r in hub.requests if r.downloads and r.file.endswith(".safetensors"))
+    assert shards == sorted(SHARDS)

@@ -4,6 +4,7 @@ source) a weight's values are wrong."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -105,6 +106,15 @@ def edit(folder: Path, name: str, change: Callable[[dict[str, torch.Tensor]], No
     weight_map = {k: v for k, v in index["weight_map"].items() if v != shard}
     weight_map.update(dict.fromkeys(tensors, shard))
     (folder / INDEX).write_text(json.dumps({"metadata": index["metadata"], "weight_map": weight_map}))
+    relist(folder)
+
+
+def relist(folder: Path) -> None:
+    """fp8q.json lists every file with its sha256 as it is now: the output as a tool that wrote these very bytes
+    would list it, so that what verify finds is the values' problem alone (the files' own check: below)."""
+    manifest = json.loads((folder / "fp8q.json").read_text())
+    manifest["files"] = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in manifest["files"]}
+    (folder / "fp8q.json").write_text(json.dumps(manifest))
 
 
 def copy(folder: Path, tmp_path: Path) -> Path:
@@ -281,3 +291,65 @@ def test_source_mismatches_are_named(outputs, tmp_path):
     assert any("tensor model.extra.bias in" in p and "is not in the source" in p for p in problems), problems
     assert any("tensor model.layers.0.input_layernorm.weight of the source" in p and "missing" in p for p in problems)
     assert len(problems) == 3, problems
+
+
+def _flip_one_fp8_value(folder: Path, tensor: str) -> str:
+    """One bit of one FP8 value of `tensor` flipped in place (192 = 0x74 becomes 0.75 = 0x34, else the first value's
+    bit 6), header and size unchanged; returns the shard's name."""
+    index = json.loads((folder / INDEX).read_text())
+    shard = index["weight_map"][tensor]
+    with open(folder / shard, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    start = 8 + header_len + header[tensor]["data_offsets"][0]
+    data = bytearray((folder / shard).read_bytes())
+    end = 8 + header_len + header[tensor]["data_offsets"][1]
+    at = data.find(0x74, start, end)
+    at = start if at < 0 else at
+    data[at] ^= 0x40
+    (folder / shard).write_bytes(bytes(data))
+    return shard
+
+
+def test_one_flipped_bit_in_an_fp8_value_is_named_with_and_without_the_source(outputs, tmp_path):
+    """The value is still a valid FP8 number with a valid scale: only fp8q.json's sha256 tells. The shard is named."""
+    out = copy(outputs["ct-channel"], tmp_path)
+    shard = _flip_one_fp8_value(out, "model.layers.1.mlp.down_proj.weight")
+    for report in (verify(out), verify(out, outputs["src"])):
+        assert not report.ok
+        assert report.problems[0].startswith(f"{shard}: its sha256 is "), report.problems
+        assert "changed after fp8q wrote it" in report.problems[0]
+
+
+def test_a_file_the_output_lacks_is_a_problem_and_an_extra_one_a_note(outputs, tmp_path):
+    out = copy(outputs["ct-channel"], tmp_path)
+    listed = json.loads((out / "fp8q.json").read_text())["files"]
+    report = verify(out)
+    assert report.ok and report.files_checked == len(listed) and report.notes == [], report.problems
+    (out / "tokenizer.json").unlink()
+    (out / "evals.json").write_text("{}")
+    report = verify(out)
+    assert report.problems == [
+        "tokenizer.json: listed in fp8q.json but not in the output; it is incomplete: restore the file, or make the "
+        "output again"
+    ]
+    assert report.notes == ["evals.json: not listed in fp8q.json (added after fp8q wrote the output)"]
+
+
+def test_a_changed_config_is_named_by_its_hash(outputs, tmp_path):
+    out = copy(outputs["fp8-block"], tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    config["max_position_embeddings"] = 1  # any edit: verify's config rules would let this one pass
+    (out / "config.json").write_text(json.dumps(config))
+    assert [p.split(":")[0] for p in verify(out).problems] == ["config.json"]
+
+
+def test_the_cli_names_the_changed_file(outputs, tmp_path):
+    import subprocess
+    import sys
+
+    out = copy(outputs["ct-channel"], tmp_path)
+    shard = _flip_one_fp8_value(out, "model.layers.0.self_attn.q_proj.weight")
+    result = subprocess.run([sys.executable, "-m", "fp8q", "verify", str(out)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"{shard}: its sha256 is" in result.stderr.strip().splitlines()[-1], result.stderr

@@ -169,12 +169,15 @@ def show_verify(report: VerifyReport, top: int) -> None:
                 ]
             table.add_row(row.name, *cells, row.flagged or "")
         err.print(table)
+    notes(report.notes)
     if len(report.problems) > 1:  # a single one is the error line's
         for problem in report.problems:
             say("problem:", "red", problem)
     if report.bytes_downloaded:
         streamed = f"{size_text(report.bytes_downloaded)} streamed from the Hub, each shard deleted once read"
         err.print(f"  hub:     {streamed}", soft_wrap=True)
+    if report.files_checked:
+        err.print(f"  files:   {report.files_checked} checked against the sha256 fp8q.json lists", soft_wrap=True)
     if report.ok:
         say("ok:", "green", f"no problems ({report.seconds:.1f} s)")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+from huggingface_hub import HfApi, RepoFile, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.utils import HfHubHTTPError, build_hf_headers, get_session, hf_raise_for_status
 
 from fp8q.errors import CheckpointError
@@ -150,6 +150,32 @@ def download_shard(
             "the repo changed on the Hub at the same commit (or a proxy altered it): run again"
         )
     return path
+
+
+def repo_files(stream: HubStream, explain: Callable[[Exception], str]) -> dict[str, str | None]:
+    """Every file of the repo at the stream's commit (one tree listing): its LFS sha256, or None for a regular
+    file (whose bytes are in `stream.folder` when a side file, else fetched with `fetch_file`).
+
+    Raises:
+        CheckpointError: the listing cannot be had, in one line.
+    """
+    try:
+        entries = HfApi().list_repo_tree(stream.repo_id, revision=stream.commit, recursive=True)
+        return {e.path: (e.lfs.sha256 if e.lfs else None) for e in entries if isinstance(e, RepoFile)}
+    except HUB_ERRORS as e:
+        raise CheckpointError(f"{stream.label}: cannot list its files: {explain(e)}") from None
+
+
+def fetch_file(stream: HubStream, name: str, explain: Callable[[Exception], str]) -> Path:
+    """A regular (small) file of the repo at the stream's commit, from the cache or downloaded into it.
+
+    Raises:
+        CheckpointError: it cannot be had, in one line.
+    """
+    try:
+        return Path(hf_hub_download(stream.repo_id, name, revision=stream.commit, cache_dir=stream.cache_dir))
+    except HUB_ERRORS as e:
+        raise CheckpointError(f"{stream.label}: {name}: {explain(e)}") from None
 
 
 class ShardsOnDemand:

@@ -1,10 +1,12 @@
 """Check an FP8 checkpoint before it is shipped: will the engines load it, and (given the source) is it close?
 
-Imports: torch, errors, dtypes, events, source (checkpoint, reader; hub and streaming for a Hub repo, imported then),
-layouts (detect, numerics), models (architectures, experts, linear), plan (checks, selection). Reads headers first, then
-one tensor at a time, shard after shard, so it runs on checkpoints of any size; a Hub repo not in the cache is read as
-it downloads, at most two of its shards on disk (each downloaded once when read in the shards' order). What it checks:
+Imports: torch, errors, dtypes, events, verification.integrity, source (checkpoint, reader; hub and streaming for a
+Hub repo, imported then), layouts (detect, numerics), models (architectures, experts, linear), plan (checks,
+selection). Reads headers first, then one tensor at a time, shard after shard, so it runs on checkpoints of any size;
+a Hub repo not in the cache is read as it downloads, at most two of its shards on disk (each downloaded once when read
+in the shards' order). What it checks:
 
+- files: in an fp8q output, every file against the sha256 its fp8q.json lists (verification.integrity);
 - structure: `read_checkpoint`'s validation (index and shard headers agree both ways, offsets tile each file);
 - config: compressed-tensors configs go through compressed-tensors' own `QuantizationConfig.model_validate`
   (what vLLM and transformers run), when that library is installed; fp8 configs get vLLM's key rules;
@@ -52,6 +54,7 @@ from fp8q.plan.checks import MAX_REL_ERROR
 from fp8q.plan.selection import natural_key
 from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint, TensorMeta, read_checkpoint
 from fp8q.source.reader import ShardReader
+from fp8q.verification.integrity import FileHashes
 
 if TYPE_CHECKING:
     from fp8q.source.streaming import HubStream, ShardsOnDemand
@@ -95,6 +98,8 @@ class VerifyReport:
     rows: list[TensorCheck] = field(default_factory=list)
     seconds: float = 0.0
     bytes_downloaded: int = 0  # a streamed Hub repo's shards, downloaded as they were read and deleted
+    files_checked: int = 0  # files whose sha256 matched or not what the output's fp8q.json lists
+    notes: list[str] = field(default_factory=list)  # worth knowing, not a problem (a file fp8q.json does not list)
 
     @property
     def ok(self) -> bool:
@@ -133,11 +138,14 @@ def verify(
         except CheckpointError as e:
             report.problems.append(str(e))
         else:
+            # A folder or a Hub repo fp8q made: every file against fp8q.json, on a thread beside the checks below.
+            is_folder = not isinstance(path, (str, Path)) or Path(path).is_dir()
+            stream = None if isinstance(path, (str, Path)) else path
+            hashes = FileHashes(checkpoint, stream) if is_folder else None
             if detected.weights:
                 report.format = detected.format.value
                 for qw in detected.weights:
                     report.layouts[layout_words(qw.layout)] = report.layouts.get(layout_words(qw.layout), 0) + 1
-                is_folder = not isinstance(path, (str, Path)) or Path(path).is_dir()
                 report.problems += _check_config(checkpoint, detected, is_folder)
                 report.problems += detected.problems
                 report.problems += _check_coverage(checkpoint, detected)
@@ -148,6 +156,11 @@ def verify(
                 _check_values(report, checkpoint, detected, src, readers, on_event or (lambda event: None))
             else:
                 report.problems.append(f"{checkpoint.root}: no FP8 weights; this is not an FP8 checkpoint")
+            if hashes is not None:
+                files = hashes.result()
+                report.problems[:0] = files.problems  # before what the values tell: the bytes are not fp8q's
+                report.notes += files.notes
+                report.files_checked = files.checked
         report.bytes_downloaded = sum(f.bytes_downloaded for f in (fetch, src_fetch) if f is not None)
     report.seconds = time.perf_counter() - started
     return report
