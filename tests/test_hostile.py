@@ -470,14 +470,24 @@ def test_free_space_is_counted_in_filesystem_blocks(tmp_path, monkeypatch):
 # ── 9. what fp8q's own verify would flag is said by quantize: a note, or a problem where no engine could serve it ──
 
 
-def test_weights_that_all_quantize_to_zero_get_a_note(tmp_path):
+def test_weights_that_all_quantize_to_zero_are_refused_or_noted(tmp_path):
+    """float32 weights too small for FP8 (1e-44: all become 0, relative error 1.0): what `verify --source` flags
+    stops the run naming the tensor, as a client overflow does; --no-load-check writes it, with a note."""
     tensors = {
         "model.layers.0.mlp.up_proj.weight": torch.full((64, 128), 1e-44, dtype=torch.float32),
         "model.layers.0.mlp.down_proj.weight": torch.randn(128, 64) * 0.05,
     }
     src = write_shards(tmp_path / "src", {"model.safetensors": tensors}, index=False, config=CONFIG)
+    _refused(
+        _cli("quantize", src, tmp_path / "out", "--device", "cpu"),
+        "tensor model.layers.0.mlp.up_proj.weight in model.safetensors: its FP8 form is far from it (relative error "
+        "1.0000",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     result = CliRunner().invoke(
-        app, ["quantize", str(src), str(tmp_path / "out"), "--device", "cpu", "--json", "--base-model", "org/m"]
+        app,
+        ["quantize", str(src), str(tmp_path / "out"), "--device", "cpu", "--json", "--base-model", "org/m"]
+        + ["--no-load-check"],
     )
     assert result.exit_code == 0, result.output
     notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]

@@ -178,6 +178,10 @@ def nan_weight(d: Path) -> Path:
     return write_shards(d / "src", {"model.safetensors": tensors}, index=False, config={"model_type": "llama"})
 
 
+def one_shard_of_several(tmp: Path) -> Path:
+    return _good(tmp / "src") / "model-00001-of-00002.safetensors"
+
+
 CASES = [
     Case(missing_src, "no such file or folder"),
     Case(empty_folder, "not a safetensors checkpoint"),
@@ -205,6 +209,7 @@ CASES = [
     Case(f64_linear, "tensor a.q_proj.weight in model.safetensors has dtype F64"),
     Case(unknown_dtype, "tensor a.q_proj.weight has dtype 'F7'"),
     Case(nan_weight, "tensor layers.0.mlp.up_proj.weight in model.safetensors holds NaN or inf"),
+    Case(one_shard_of_several, "one of the 2 shards model.safetensors.index.json beside it lists, not a whole "),
 ]
 
 
@@ -350,3 +355,12 @@ def test_disk_full_copying_a_kept_tensor(tmp_path, monkeypatch):
     assert run_cli(src, tmp_path / "clean").exit_code == 0
     for shard in src.glob("*.safetensors"):
         assert (tmp_path / "out" / shard.name).read_bytes() == (tmp_path / "clean" / shard.name).read_bytes()
+
+
+def test_verify_of_one_shard_of_several_names_the_folder(tmp_path):
+    src = _good(tmp_path / "src")
+    out = tmp_path / "out"
+    assert run_cli(src, out).exit_code == 0
+    result = CliRunner().invoke(app, ["verify", str(out / "model-00001-of-00002.safetensors")])
+    assert result.exit_code == 1
+    assert f"give the folder instead: {out}" in result.stderr.strip().splitlines()[-1], result.stderr

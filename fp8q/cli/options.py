@@ -110,7 +110,7 @@ LoadCheckOpt = Annotated[
         "--no-load-check",
         metavar="",
         help="Write anyway what no engine could load or serve: block layers vLLM refuses at --tp, a layout an "
-        "engine refuses for the model, weights whose client overflows.",
+        "engine refuses for the model, weights whose client overflows or that come out far from their source.",
     ),
 ]
 ScaleFormatOpt = Annotated[

@@ -173,6 +173,17 @@ def overflowing(name: str, job: Job, client: torch.dtype) -> UnsupportedTensorEr
     )
 
 
+def far_from_source(name: str, job: Job, rel_error: float) -> UnsupportedTensorError:
+    module = name.removesuffix(".weight")
+    src = job.input
+    where = f"tensor {name} in {src.shard}" if name == src.name else f"tensor {name} (from {src.name} in {src.shard})"
+    return UnsupportedTensorError(
+        f"{where}: its FP8 form is far from it (relative error {rel_error:.4f} in the rows fp8q samples: values too "
+        "small for FP8 at the smallest scale the layout allows become 0), so `fp8q verify --source` would flag it: "
+        f"keep it in high precision with --ignore '^{re.escape(module)}$' (--no-load-check writes it anyway)"
+    )
+
+
 def open_shard(files: ShardFiles, shard: Shard, stop: threading.Event) -> tuple[Path, int]:
     """Where a source shard is (once downloaded, for a streamed one), open for reading."""
     path = files.ready(shard, stop)
@@ -211,6 +222,7 @@ __all__ = [
     "non_finite",
     "open_shard",
     "overflowing",
+    "far_from_source",
     "pool_sizes",
     "put",
     "typed_view",

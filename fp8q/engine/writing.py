@@ -24,7 +24,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fp8q.engine.buffers import Item, Pools, ShardFiles, get, non_finite, open_shard, overflowing
+from fp8q.engine.buffers import (
+    Item,
+    Pools,
+    ShardFiles,
+    far_from_source,
+    get,
+    non_finite,
+    open_shard,
+    overflowing,
+)
 from fp8q.errors import CheckpointError, Stopped, write_error
 from fp8q.events import EventCallback, TensorDone
 from fp8q.layouts import numerics
@@ -32,6 +41,7 @@ from fp8q.layouts.base import Layout
 from fp8q.layouts.numerics import NonFiniteWeight
 from fp8q.output.manifest import FileHasher, Progress
 from fp8q.output.writer import ShardFile
+from fp8q.plan.checks import MAX_REL_ERROR
 from fp8q.plan.planner import Job, Plan
 from fp8q.source.checkpoint import changed_since_read
 
@@ -296,7 +306,8 @@ def _write_quantized(
 
     Raises:
         UnsupportedTensorError: NaN or inf in the weight; or (`serve_check`) its FP8 form overflows to inf in the
-            dtype its client computes in, so no engine could serve it (without the check it is recorded instead).
+            dtype its client computes in, so no engine could serve it, or is far from it in the rows sampled (values
+            too small for FP8): without the check either is recorded instead.
     """
     for piece, done in zip(job.pieces, item.data, strict=True):
         assert piece.scale is not None
@@ -307,9 +318,12 @@ def _write_quantized(
         overflows = numerics.client_overflows(done.q, done.s, layout)
         if overflows and serve_check:
             raise overflowing(piece.out.name, job, layout.client_dtype(done.s.dtype))
+        figures = done.stats()
+        if serve_check and figures["rel_error"] > MAX_REL_ERROR:  # what verify --source flags (its SNR limit too)
+            raise far_from_source(piece.out.name, job, figures["rel_error"])
         shard.write(piece.out, done.q)
         shard.write(piece.scale, done.s)
-        stats[piece.out.name] = {"shape": list(piece.out.shape), **done.stats()}
+        stats[piece.out.name] = {"shape": list(piece.out.shape), **figures}
         if overflows:
             stats[piece.out.name]["client_overflow"] = True
     item.data = None

@@ -128,6 +128,7 @@ def read_checkpoint(src: Path, remote: Mapping[str, Shard] | None = None) -> Che
         # The file the user named is read even through a link; the config.json beside it (which engines need)
         # only where it stays inside its folder.
         folder = src.parent
+        _refuse_one_of_several(src, folder)
         shard = read_shard(folder, src.name)
         config_path = folder / CONFIG_FILE
         config = read_config(inside(config_path, allowed_link_root(folder))) if config_path.is_file() else None
@@ -305,6 +306,27 @@ def _list_files(root: Path, allowed: Path) -> tuple[list[str], list[tuple[str, P
         else:
             outside.append((rel.as_posix(), target))
     return found, outside
+
+
+def _refuse_one_of_several(src: Path, folder: Path) -> None:
+    """A file the index beside it lists among other shards is part of a model, not one: converting it alone would
+    make a model of one shard under the whole model's config.
+
+    Raises:
+        CheckpointError: naming the folder to give instead.
+    """
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return
+    try:
+        listed = read_index(inside(index, allowed_link_root(folder)))
+    except CheckpointError:
+        return  # an index that cannot be read says nothing of this file, which is read as it is
+    if src.name in listed and len(listed) > 1:
+        raise CheckpointError(
+            f"{src}: one of the {len(listed)} shards {INDEX_FILE} beside it lists, not a whole checkpoint; give the "
+            f"folder instead: {folder}"
+        )
 
 
 def index_shards(folder: Path) -> list[str] | None:
