@@ -571,7 +571,7 @@ def test_verify_of_a_plain_folder_says_its_problem_once(tmp_path):
     code, lines = _cli("verify", src)
     assert code == 1 and sum("no FP8 weights" in line for line in lines) == 1, lines
     assert lines[-1] == f"error: {src}: 1 problem(s), first: {src}: no FP8 weights; this is not an FP8 checkpoint"
-    fp8 = tmp_path / "fp8"  # two problems: each listed once, the last line counts them
+    fp8 = tmp_path / "fp8"  # four problems: each listed once, the last line counts them
     quantize(src, fp8, QuantizeOptions(device="cpu"))
     (fp8 / "config.json").unlink()
     shard = fp8 / "model-00001-of-00002.safetensors"
@@ -580,7 +580,8 @@ def test_verify_of_a_plain_folder_says_its_problem_once(tmp_path):
     save_file(tensors, shard, metadata={"format": "pt"})
     code, lines = _cli("verify", fp8)
     problems = [line for line in lines if line.startswith("problem: ")]
-    assert code == 1 and len(problems) == 2 and lines[-1] == f"error: {fp8}: 2 problem(s), listed above", lines
+    # The two files fp8q.json lists that changed (config.json gone, the shard's sha256), the config, the scale.
+    assert code == 1 and len(problems) == 4 and lines[-1] == f"error: {fp8}: 4 problem(s), listed above", lines
     assert not any(problems[0].removeprefix("problem: ") in line for line in lines if line not in problems)
     code, lines = _cli("verify", src, "-q")
     assert code == 1 and lines == [
@@ -701,6 +702,14 @@ def test_a_moe_layout_transformers_cannot_load_is_said_in_the_note_and_the_card(
     assert code == 0, lines
     notes = [line for line in lines if line.startswith("note: ")]
     assert any(f"--scheme {scheme} --format {fmt} on a MoE model: transformers 5.17 cannot load it" in n for n in notes)
+    # What the run writes that vLLM refuses (block tiles it cannot split) is said, from the check that refuses it
+    # without --no-load-check; no note says vLLM loads it.
+    refused = _cli("inspect", src, "--scheme", scheme, "--format", fmt)[1]
+    problems = [line.removeprefix("problem: ") for line in refused if line.startswith("problem: ")]
+    written = [n.removeprefix("note: written anyway (--no-load-check): ") for n in notes if "written anyway" in n]
+    assert [p.removesuffix(" (--no-load-check writes it anyway)") for p in problems] == written, (problems, notes)
+    if written:
+        assert not any("vLLM and SGLang load it" in n or "vLLM and SGLang can" in n for n in notes), notes
     card = (tmp_path / "out" / "README.md").read_text()
     assert "transformers cannot run this layout for a MoE model" in card and "from_pretrained" not in card
 

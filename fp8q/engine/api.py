@@ -152,7 +152,7 @@ def plan_conversion(src: str | Path | HubStream, options: Options, mode: Mode = 
     if remote:
         _check_streamable(plan, remote)
     problems = plan_problems(plan, options.tp, options.load_check)
-    return replace(plan, problems=tuple(problems), notes=tuple(plan_notes(plan, options.load_check)))
+    return replace(plan, problems=tuple(problems), notes=tuple(plan_notes(plan, options.load_check, options.tp)))
 
 
 def _check_streamable(plan: Plan, remote: dict[str, Any]) -> None:

@@ -170,8 +170,9 @@ class Layout:
         """The layers (module, rows, cols) vLLM could not load in this layout at tensor-parallel size `tp`."""
         return []
 
-    def dims_note(self, pieces: list[tuple[str, tuple[int, int]]]) -> str | None:
-        """Something about these weights (name, shape) in this layout that a user should know, or None."""
+    def dims_note(self, pieces: list[tuple[str, tuple[int, int]]], vllm_refuses: bool = False) -> str | None:
+        """Something about these weights (name, shape) in this layout that a user should know, or None;
+        `vllm_refuses`: the run writes some that vLLM refuses (--no-load-check), said in notes of their own."""
         return None
 
     # ── reading a checkpoint back ──

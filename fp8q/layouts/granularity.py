@@ -125,7 +125,7 @@ class Tiled(Layout):
                 )
         return problems
 
-    def dims_note(self, pieces: list[tuple[str, tuple[int, int]]]) -> str | None:
+    def dims_note(self, pieces: list[tuple[str, tuple[int, int]]], vllm_refuses: bool = False) -> str | None:
         """Block weights whose dims are not whole tiles: transformers cannot run them."""
         bh, bw = self.block
         odd = [(name, shape) for name, shape in pieces if shape[0] % bh or shape[1] % bw]
@@ -134,7 +134,8 @@ class Tiled(Layout):
         name, shape = odd[0]
         return (
             f"{len(odd)} block-quantized weight(s) have dims that are not multiples of {bh}x{bw} "
-            f"(first: {name} {list(shape)}): transformers cannot run them, vLLM and SGLang can"
+            f"(first: {name} {list(shape)}): transformers cannot run them, "
+            + ("and vLLM refuses some of them (each said)" if vllm_refuses else "vLLM and SGLang can")
         )
 
 

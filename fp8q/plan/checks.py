@@ -45,10 +45,19 @@ def plan_problems(plan: Plan, tp: int | None, load_check: bool) -> list[str]:
     quantized = _weights(plan, requantized=True)
     problems += [problem for module, (rows, cols) in quantized if (problem := layout.shape_problem(module, rows, cols))]
     problems += layout.size_problems([shape for _, shape in quantized])
-    if load_check:  # what no engine loads at all first, then what vLLM cannot load at --tp
-        problems += _engine_refusals(plan)
-        problems += layout.tp_problems([(module, *shape) for module, shape in _weights(plan)], tp or 1)
+    if load_check:
+        problems += load_refusals(plan, tp)
     return problems
+
+
+def load_refusals(plan: Plan, tp: int | None) -> list[str]:
+    """What an engine would refuse to load: the output no engine loads at all first, then each layer vLLM cannot
+    load at --tp. The one check behind both the problems (a run refuses) and, with --no-load-check, the notes (a
+    run writes them anyway, and says so)."""
+    assert plan.layout is not None
+    found = _engine_refusals(plan)
+    found += plan.layout.tp_problems([(module, *shape) for module, shape in _weights(plan)], tp or 1)
+    return found
 
 
 def _weights(plan: Plan, requantized: bool = False) -> list[tuple[str, tuple[int, int]]]:
@@ -61,7 +70,7 @@ def _weights(plan: Plan, requantized: bool = False) -> list[tuple[str, tuple[int
     ]
 
 
-def plan_notes(plan: Plan, load_check: bool = True) -> list[str]:
+def plan_notes(plan: Plan, load_check: bool = True, tp: int | None = None) -> list[str]:
     """One line per thing worth knowing about the output that does not stop the run."""
     notes = list(plan.checkpoint.notes)
     layout = plan.layout
@@ -70,10 +79,11 @@ def plan_notes(plan: Plan, load_check: bool = True) -> list[str]:
     unknown = unknown_architecture_note(plan.config, plan.architecture)
     if unknown:
         notes.append(unknown)
-    notes += _client_notes(plan, layout)
-    if not load_check:
-        notes += [f"written anyway (--no-load-check): {line}" for line in _engine_refusals(plan)]
-    odd = layout.dims_note([(f"{module}.weight", shape) for module, shape in _weights(plan)])
+    refused = [] if load_check else load_refusals(plan, tp)
+    notes += _client_notes(plan, layout, vllm_refuses_some=bool(refused))
+    suffix = " (--no-load-check writes it anyway)"
+    notes += [f"written anyway (--no-load-check): {line.removesuffix(suffix)}" for line in refused]
+    odd = layout.dims_note([(f"{module}.weight", shape) for module, shape in _weights(plan)], bool(refused))
     if odd:
         notes.append(odd)
     return notes
@@ -111,8 +121,9 @@ def _engine_refusals(plan: Plan) -> list[str]:
     return found
 
 
-def _client_notes(plan: Plan, layout: Layout) -> list[str]:
-    """What transformers does with the output where it does not run it (the layout's cells: measured by tests)."""
+def _client_notes(plan: Plan, layout: Layout, vllm_refuses_some: bool = False) -> list[str]:
+    """What transformers does with the output where it does not run it (the layout's cells: measured by tests);
+    `vllm_refuses_some`: the run writes what vLLM refuses (--no-load-check), so the layout's cell is not said."""
     moe = is_moe_plan(plan)
     cell = layout.transformers[moe]
     if cell.outcome is Outcome.GARBAGE:
@@ -124,8 +135,10 @@ def _client_notes(plan: Plan, layout: Layout) -> list[str]:
         kind = "MoE" if moe else "dense"
         return [
             f"{layout.option_words()} on a {kind} model: transformers {TRANSFORMERS_MEASURED} cannot load it "
-            f"({cell.why}); vLLM and SGLang {_vllm_words(layout, moe)}"
-        ]
+            f"({cell.why}); "
+            + ("vLLM refuses parts of this output too (below)" if vllm_refuses_some else
+               f"vLLM and SGLang {_vllm_words(layout, moe)}")
+        ]  # fmt: skip
     return []
 
 
