@@ -114,6 +114,8 @@ class Faults:
     stored: int = 0  # LFS objects stored
     delete_repo_after: int | None = None  # once this many LFS objects are stored, the repo is deleted
     fail_commit: bool = False  # every commit request gets a 500 and changes nothing
+    lose_commit_answer: bool = False  # a commit lands, then its connection closes with no answer (a proxy's reset)
+    before_commit: Callable[[], None] | None = None  # called as a commit comes in: a concurrent push, say
     lose_in_commit: str | None = None  # a commit answers success but leaves this file out (a Hub bug, say)
     # Requests the stand-in takes and never answers (a proxy that black-holes, a stalled load balancer), by the name
     # of the handler that would answer them: "whoami", "info", "tree", "preupload", "commit", "resolve", ...
@@ -872,6 +874,8 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     raise HTTPError(400, "", f"hub_server: unknown commit line {key!r}")
             if hub.faults.fail_commit:
                 raise HTTPError(500, "", "Internal Error (faults.fail_commit)")
+            if hub.faults.before_commit is not None:
+                hub.faults.before_commit()
             with hub._lock:
                 # A commit goes to a branch or a pull request's ref; a pull request is opened against a branch.
                 base = hub._commit(repo, revision)
@@ -905,6 +909,10 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     pr_url = f"{hub.url}/{repo_id}/discussions/{repo.prs}"
                 else:
                     repo.refs[revision] = commit.id
+            if hub.faults.lose_commit_answer:
+                self._log(0)
+                self.close_connection = True
+                return
             body = {"success": True, "commitOid": commit.id, "commitUrl": f"{hub.url}/{repo_id}/commit/{commit.id}"}
             self._send_json(body | {"hookOutput": "", "pullRequestUrl": pr_url})
 

@@ -285,7 +285,7 @@ def test_killed_run_resumes_without_uploading_twice(reference, hub, tmp_path):
 @pytest.mark.parametrize(
     ("token", "expected"),
     [
-        (None, "set HF_TOKEN to a token that can write"),
+        (None, "no Hugging Face token found: log in with `hf auth login`, or set HF_TOKEN"),
         ("hf_unknown", "set HF_TOKEN to a token that can write"),
         ("hf_read", "use a token with write access"),
     ],
@@ -756,3 +756,69 @@ def test_verify_of_a_hub_repo_names_a_flipped_bit_from_the_tree_without_another_
     assert report["files_checked"] == len(json.loads(hub.read("me/out", "fp8q.json"))["files"])
     shards = sorted(r.file for r in hub.requests if r.downloads and r.file.endswith(".safetensors"))
     assert shards == sorted(SHARDS)
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (("--push-to-hub", "me/naïve"), "--push-to-hub 'me/naïve': not a Hub repo id"),
+        (("--push-to-hub", "me/x.git"), "--push-to-hub 'me/x.git': not a Hub repo id"),
+        (("--push-to-hub", "me/out", "--push-revision", "refs/pr/9"), "--push-revision refs/pr/9: takes a branch"),
+    ],
+)
+def test_a_target_that_cannot_be_is_a_usage_error_before_any_work(reference, hub, tmp_path, args, expect):
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, *args, "--device", "cpu"), code=2)
+    assert expect in line and "internal error" not in line, line
+    assert hub.requests == []  # not even the source's side files
+
+
+def test_a_pull_request_against_a_missing_branch_is_refused_before_any_download(reference, hub, tmp_path):
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--create-pr", "--push-revision", "nobranch", "--device", "cpu")
+    line = _one_line(_fp8q(tmp_path, hub, *args))
+    assert "has no branch nobranch for --create-pr" in line, line
+    assert _source_downloads(hub) == [] and not any(r.kind == "upload" for r in hub.requests)
+
+
+def test_a_commit_whose_answer_was_lost_says_it_may_have_landed(reference, hub, tmp_path):
+    hub.faults.lose_commit_answer = True
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    line = _one_line(_fp8q(tmp_path, hub, *args))
+    assert "the commit was sent but" in line and "it may have landed: check with `fp8q verify me/out" in line, line
+    assert len(hub.commits("me/out")) == 2  # it had landed
+    hub.faults.lose_commit_answer = False
+    result = _fp8q(tmp_path, hub, *args, "--resume")  # the very same output: published again, nothing converted
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", reference[1]["channel"])
+
+
+def test_a_concurrent_push_is_one_line_and_the_repo_is_as_it_left_it(reference, hub, tmp_path):
+    hub.faults.before_commit = lambda: hub.create("me/out", {"theirs.txt": b"pushed meanwhile\n"})
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu"))
+    assert "main moved while this run went on (another push to it?)" in line, line
+    assert "rerun with --resume" in line, line
+    assert _commits(hub, "me/out") == ["initial commit", "made by hand"]
+
+
+def test_a_disk_that_fills_mid_run_is_said_to_be_full(reference, hub, tmp_path):
+    """The output's disk (where the shards are downloaded too) fills up while a shard downloads: the line says the
+    disk is full, not to check the network. A tmpfs of 64 MB, filled by another writer once the run is under way."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("no tmpfs can be mounted here")
+    try:
+        downloads = []
+
+        def fill(file: str, phase: str) -> None:
+            downloads.append((file, phase))
+            if file == SHARDS[2] and phase == "start":
+                free = shutil.disk_usage(disk).free
+                with open(disk / "someone-else.bin", "wb") as f:
+                    f.write(b"\0" * (free - 64 * 1024))
+
+        hub.on_download = fill
+        line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, str(disk / "out"), "--device", "cpu"))
+        assert "disk is full" in line or "disk full" in line, line
+        assert "check the network" not in line, line
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -480,7 +480,26 @@ def test_float16_extremes_dequantize_finite_and_verify_does_not_crash(tmp_path):
     back = load_all(tmp_path / "bf16")["model.layers.0.mlp.up_proj.weight"]
     assert back.dtype == torch.bfloat16 and bool(torch.isfinite(back).all()) and float(back[0, 0]) == 65536.0
     code, lines = _cli("dequantize", tmp_path / "fp8", tmp_path / "f16", "--dtype", "float16")
-    assert code == 1 and "exceeds what F16 holds" in lines[0] and "--dtype bfloat16" in lines[0], lines
+    assert code == 1 and "exceeds what F16 holds" in lines[0] and "--dtype bfloat16 or float32" in lines[0], lines
+
+
+def test_a_scale_no_dtype_holds_gets_no_advice_to_dequantize_to_a_wider_one(tmp_path):
+    """Dequantizing to bfloat16 a weight times a scale beyond any float: no advice of --dtype bfloat16 (what was
+    asked) nor float32 (which cannot hold it either)."""
+    src = write_shards(
+        tmp_path / "src",
+        {"model.safetensors": {"model.layers.0.mlp.up_proj.weight": torch.randn(128, 128).to(torch.bfloat16)}},
+        index=False,
+        config=CONFIG,
+    )
+    fp8 = tmp_path / "fp8"
+    quantize(src, fp8, QuantizeOptions(device="cpu", scheme="block", format="fp8"))
+    tensors = load_file(fp8 / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight_scale_inv"] = torch.full((1, 1), 1e37)
+    save_file(tensors, fp8 / "model.safetensors", metadata={"format": "pt"})
+    code, lines = _cli("dequantize", fp8, tmp_path / "bf16", "--dtype", "bfloat16")
+    assert code == 1 and "exceeds what BF16 holds" in lines[0], lines
+    assert "--dtype" not in lines[0] and lines[0].endswith("quantize it again"), lines
 
 
 # ── 9. malformed input is named, not an internal error ──

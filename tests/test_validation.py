@@ -256,7 +256,7 @@ def test_not_enough_disk(tmp_path, monkeypatch):
     src = _good(tmp_path / "src")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
     result = run_cli(src, tmp_path / "out")
-    assert result.exit_code == 1 and "only 0.00 GB are free" in result.stderr
+    assert result.exit_code == 1 and "but only 100 bytes are free" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -27,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from fp8q.units import size_text
+from fp8q.units import rate_text, size_text
 
 if TYPE_CHECKING:
     from fp8q.events import Report
@@ -218,7 +218,7 @@ def show_report(report: Report, as_json: bool, quiet: bool) -> None:
         f"  size:    {size_text(report.bytes_in)} in, {size_text(report.bytes_out)} out{resumed}{downloaded}"
         f"{published}\n"
         f"  time:    {_elapsed():.1f} s in all ({report.seconds:.1f} s converting, "
-        f"{report.gb_per_s:.2f} GB/s on {report.device})",
+        f"{rate_text(report.gb_per_s * 1e9)} on {report.device})",
     )
 
 

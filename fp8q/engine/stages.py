@@ -47,7 +47,7 @@ from fp8q.errors import CheckpointError, Stopped, read_error
 from fp8q.events import EventCallback
 from fp8q.layouts import default
 from fp8q.layouts.detect import QuantizedWeight, value_problem
-from fp8q.layouts.numerics import FP8, NonFiniteWeight
+from fp8q.layouts.numerics import FP8, FP8_MAX, NonFiniteWeight
 from fp8q.plan.planner import Action, Job, Plan
 from fp8q.source.reader import ShardReader, read_ahead, read_tensor
 
@@ -201,10 +201,16 @@ def _dequantized(
         # The client would spread it over a whole row, tile or tensor, silently; refuse instead.
         raise CheckpointError(f"{problem} (`fp8q verify` lists every such problem)")
     if not dequantize_into(q, scale, job.input_layout, out, quantizer.pool):
+        # The largest value a code can dequantize to (scales decode monotonically: MX exponents too).
+        ends = job.input_layout.decode_scale(torch.stack([scale.min(), scale.max()]).reshape(-1))
+        largest = float(ends.double().abs().max()) * FP8_MAX
+        wider = [
+            str(dt).removeprefix("torch.") for dt in (torch.bfloat16, torch.float32) if torch.finfo(dt).max >= largest
+        ]
+        advice = f"dequantize it to a wider dtype (--dtype {' or '.join(wider)}), or " if wider else ""
         raise CheckpointError(
             f"tensor {job.input.name} in {job.input.shard} times its scale {job.scale.name} (up to "
-            f"{float(scale.float().max()):.4g}) exceeds what {NAME_OF[out.dtype]} holds; dequantize it to a "
-            "wider dtype (--dtype bfloat16 or float32), or quantize it again"
+            f"{float(scale.float().max()):.4g}) exceeds what {NAME_OF[out.dtype]} holds; {advice}quantize it again"
         )
     return out
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, RepoFile
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, RepoFile, get_token
 from huggingface_hub.errors import (
     HfHubHTTPError,
     LocalTokenNotFoundError,
@@ -94,7 +94,11 @@ def _hub_error(repo_id: str, what: str, error: Exception) -> OutputError:
     silent = no_answer(error)
     if silent is not None:
         why = silent
-    elif status == 401 or isinstance(error, LocalTokenNotFoundError):
+    elif get_token() is None or isinstance(error, LocalTokenNotFoundError):
+        why = (
+            "no Hugging Face token found: log in with `hf auth login`, or set HF_TOKEN to a token that can write to it"
+        )
+    elif status == 401:
         why = "the Hub does not accept the token: set HF_TOKEN to a token that can write to it"
     elif status == 403:
         why = "the token may not write to it: use a token with write access to its namespace"
@@ -182,6 +186,11 @@ class Publisher:
                 self.parent = info.sha
                 self.existing = [s.rfilename for s in info.siblings or [] if s.rfilename not in _BORN_WITH]
             except RevisionNotFoundError:
+                if self.create_pr:
+                    raise OutputError(
+                        f"{repo_id}: has no branch {self.revision} for --create-pr to open a pull request against; "
+                        "push to it without --create-pr (it is then created from main), or name an existing branch"
+                    ) from None
                 self.branch_exists = False  # made from main just before the commit
             probe = CommitOperationAdd(path_in_repo=".fp8q-write-check", path_or_fileobj=b"fp8q")
             # Asks the Hub how it would store a file, which takes write access, and stores nothing.

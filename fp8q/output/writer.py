@@ -1,9 +1,9 @@
 """The output folder: streaming shard files, JSON side files, copies, and the atomic rename.
 
-Imports: torch, errors, output.shard_io, plan (types), source (checkpoint, files). All work happens in `OUT.partial/`
-beside OUT, locked by the run that writes it; only a complete result is renamed to OUT, so a crash or kill never leaves
-a folder that looks finished. fp8q deletes only what it made: its own `OUT.partial/`, and with `--overwrite` an OUT
-whose fp8q.json lists every file in it.
+Imports: torch, errors, units, output.shard_io, plan (types), source (checkpoint, files). All work happens in
+`OUT.partial/` beside OUT, locked by the run that writes it; only a complete result is renamed to OUT, so a crash or
+kill never leaves a folder that looks finished. fp8q deletes only what it made: its own `OUT.partial/`, and with
+`--overwrite` an OUT whose fp8q.json lists every file in it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fp8q.output.shard_io import copy_range, start_writeback, write_at
 from fp8q.plan.planner import OutTensor, ShardPlan
 from fp8q.source.checkpoint import RECORD_PREFIX
 from fp8q.source.files import FileId, allowed_link_root, check_planned, read_bounded
+from fp8q.units import size_text
 
 # In OUT: fp8q's manifest; in OUT.partial/: the record of the run that writes it (see manifest.py).
 MANIFEST_FILE = "fp8q.json"
@@ -287,14 +288,14 @@ def check_free_space(out: Path, files: list[int], download: tuple[Path, list[int
             needed += size
         elif shutil.disk_usage(cache_probe).free < size:
             raise OutputError(
-                f"{cache}: the Hugging Face cache needs {size / 1e9:.2f} GB for the two shards being streamed but "
-                f"only {shutil.disk_usage(cache_probe).free / 1e9:.2f} GB are free there; free some space or set "
+                f"{cache}: the Hugging Face cache needs {size_text(size)} for the two shards being streamed but "
+                f"only {size_text(shutil.disk_usage(cache_probe).free)} are free there; free some space or set "
                 "HF_HUB_CACHE to a larger disk"
             )
     free = shutil.disk_usage(probe).free
     if free < needed:
         raise OutputError(
-            f"{out}: needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free on that disk; "
+            f"{out}: needs {size_text(needed)} but only {size_text(free)} are free on that disk; "
             "free some space or write elsewhere"
         )
 

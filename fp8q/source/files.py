@@ -49,8 +49,9 @@ def allowed_link_root(folder: Path) -> Path:
     return real.parent.parent if hub_snapshot(real) else real
 
 
-# A Hub model id as `base_model` takes it: `org/name` (letters, digits, `-_.`; no `--` or `..`, at most 96 characters).
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# A Hub model id as `base_model` takes it: `org/name` (ASCII letters, digits, `-_.`; no `--` or `..`, no `.git` at the
+# end, at most 96 characters).
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", re.ASCII)
 
 
 def is_model_id(text: object) -> bool:
@@ -61,7 +62,7 @@ def is_model_id(text: object) -> bool:
         and _REPO_ID.fullmatch(text) is not None
         and "--" not in text
         and ".." not in text
-        and not text.endswith((".", "-"))
+        and not text.endswith((".", "-", ".git"))
     )
 
 

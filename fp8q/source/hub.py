@@ -33,7 +33,7 @@ from huggingface_hub.utils import tqdm as hf_tqdm
 
 from fp8q.errors import CheckpointError, UsageError
 from fp8q.source.checkpoint import INDEX_FILE, WEIGHT_SUFFIXES, index_shards
-from fp8q.source.network import bound_requests, no_answer
+from fp8q.source.network import bound_requests, disk_full, no_answer
 from fp8q.source.streaming import HUB_ERRORS, NETWORK_ERRORS, HubStream, open_stream
 
 # Side files a conversion copies: config, tokenizer, chat template, sentencepiece/tiktoken vocab, custom code, card.
@@ -182,6 +182,9 @@ def explain(error: Exception) -> str:
     silent = no_answer(error)
     if silent is not None:
         return silent
+    full = disk_full(error)
+    if full is not None:
+        return full
     if isinstance(error, GatedRepoError):
         return "the repo is gated; accept its terms on huggingface.co, then log in (`hf auth login` or HF_TOKEN)"
     if isinstance(error, RepositoryNotFoundError):

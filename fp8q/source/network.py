@@ -1,6 +1,6 @@
 """No request to the Hub waits forever: a bound on every request huggingface_hub's shared client sends (fp8q's own
 range requests, downloads, whoami, repo info, trees, preuploads, LFS uploads, commits), and the words for a Hub
-that did not answer within it.
+that did not answer within it, and for a disk that filled while a file downloaded.
 
 Imports: errors, httpx, huggingface_hub. huggingface_hub's client has no timeout of its own (`timeout=None`), and
 many of its calls pass `timeout=None` explicitly, which overrides a client default: so the bound is set on each
@@ -11,6 +11,7 @@ The client's own retries still apply (downloads and uploads retry a timed-out re
 
 from __future__ import annotations
 
+import errno
 import os
 
 import httpx
@@ -80,4 +81,15 @@ def no_answer(error: BaseException) -> str | None:
     )
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "bound_requests", "hub_timeout", "no_answer"]
+def disk_full(error: BaseException) -> str | None:
+    """'the disk is full ...' when a full disk (ENOSPC, anywhere in the chain) ended a download, else None."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            where = f" at {seen.filename}" if seen.filename else ""
+            return f"the disk is full{where}: free some space there, then run again"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+__all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "bound_requests", "disk_full", "hub_timeout", "no_answer"]

@@ -1,14 +1,15 @@
 """A Hub repo converted as it downloads: plan from the shards' headers, then fetch a shard, convert it, drop it.
 
-Imports: errors, source.checkpoint, huggingface_hub, httpx (its transport). Used when SRC is a repo id whose weights are
-not all in the local cache and the repo has an index (a one-shard repo is simply downloaded). Planning reads each
-missing shard's header with two small range requests, so every check runs before any weight is downloaded. The run then
-downloads shard k+1 while shard k converts, with huggingface_hub's own client (same HF_ENDPOINT, HF_TOKEN, revision),
-into a staging folder of the run's own inside `OUT.partial/`, and deletes each shard once it is written: the disk holds
-the output, at most two source shards and the side files. The shared Hugging Face cache is left alone: another process
-(a second fp8q, `snapshot_download`) may be reading or writing the very same files there, so fp8q never deletes anything
-in it. With `--keep-download` the shards are downloaded into the cache instead, as huggingface_hub itself would, and
-kept. Shards that were in the cache before the run are read where they are.
+Imports: errors, source.checkpoint, source.network, huggingface_hub, httpx (its transport). Used when SRC is a repo id
+whose weights are not all in the local cache and the repo has an index (a one-shard repo is simply downloaded).
+Planning reads each missing shard's header with two small range requests, so every check runs before any weight is
+downloaded. The run then downloads shard k+1 while shard k converts, with huggingface_hub's own client (same
+HF_ENDPOINT, HF_TOKEN, revision), into a staging folder of the run's own inside `OUT.partial/`, and deletes each shard
+once it is written: the disk holds the output, at most two source shards and the side files. The shared Hugging Face
+cache is left alone: another process (a second fp8q, `snapshot_download`) may be reading or writing the very same
+files there, so fp8q never deletes anything in it. With `--keep-download` the shards are downloaded into the cache
+instead, as huggingface_hub itself would, and kept. Shards that were in the cache before the run are read where they
+are.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from huggingface_hub.utils import HfHubHTTPError, build_hf_headers, get_session,
 
 from fp8q.errors import CheckpointError
 from fp8q.source.checkpoint import Shard, header_length, index_shards, parse_shard, read_shard
+from fp8q.source.network import disk_full, no_answer
 
 # What talking to the Hub raises: HTTP and connection errors (httpx's are not OSErrors), Hub errors, cache errors.
 NETWORK_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, OSError)
@@ -261,8 +263,12 @@ class ShardsOnDemand:
 
 
 def _failure(stream: HubStream, name: str, error: Exception, explain: Callable[[Exception], str]) -> CheckpointError:
-    """A shard's failed download in one line: a connection that broke off, or what the Hub answered."""
-    if isinstance(error, NETWORK_ERRORS) and not isinstance(error, HfHubHTTPError):
+    """A shard's failed download in one line: a full disk, a Hub that stopped answering, a connection that broke
+    off, or what the Hub answered."""
+    said = disk_full(error) or no_answer(error)
+    if said is not None:
+        why = said
+    elif isinstance(error, NETWORK_ERRORS) and not isinstance(error, HfHubHTTPError):
         first = (str(error).strip().splitlines() or ["no details"])[0]
         why = f"the download broke off ({type(error).__name__}: {first}); check the network, or HF_ENDPOINT"
     else:
