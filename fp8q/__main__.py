@@ -10,7 +10,8 @@ def main() -> None:
     try:
         from fp8q.cli import main as cli_main
     except KeyboardInterrupt:  # Ctrl-C while Python is still importing the command line
-        sys.stderr.write("interrupted: nothing was written\n")
+        reads_only = sys.argv[1:2] in (["inspect"], ["verify"])
+        sys.stderr.write(f"interrupted: {'stopped before it began' if reads_only else 'nothing was written'}\n")
         sys.exit(130)
     cli_main()
 

@@ -105,7 +105,9 @@ def test_verify_and_dequantize_commands(tmp_path):
     save_file(tensors, shard, metadata={"format": "pt"})
     bad = runner.invoke(app, ["verify", str(tmp_path / "fp8")])
     assert bad.exit_code == 1
-    assert "model.layers.1.mlp.up_proj" in bad.stderr.strip().splitlines()[-1]
+    # Two problems: the shard is not the one fp8q.json lists, and the scale, by name.
+    assert bad.stderr.strip().splitlines()[-1].endswith("2 problem(s), listed above")
+    assert any("model.layers.1.mlp.up_proj" in line for line in bad.stderr.splitlines() if "problem:" in line)
 
 
 def _sha256(path: Path) -> str:
@@ -171,3 +173,36 @@ def test_json_failure_for_a_usage_error_of_the_console_script(tmp_path):
     data = json.loads(result.stdout)
     assert data["ok"] is False and data["exit_code"] == 2 and "bogus" in data["error"]
     assert result.stderr.strip() == f"error: {data['error']}"
+
+
+def test_fp8q_alone_shows_the_help_without_an_empty_error_and_h_is_help():
+    alone = subprocess.run([sys.executable, "-m", "fp8q"], capture_output=True, text=True, cwd=ROOT)
+    assert "Usage: python -m fp8q [OPTIONS] COMMAND" in alone.stdout + alone.stderr
+    assert "error:" not in alone.stdout + alone.stderr, alone.stderr
+    for args in (["-h"], ["quantize", "-h"], ["verify", "-h"]):
+        shown = subprocess.run([sys.executable, "-m", "fp8q", *args], capture_output=True, text=True, cwd=ROOT)
+        assert shown.returncode == 0 and "Usage: python -m fp8q" in shown.stdout, shown.stderr
+
+
+def test_ctrl_c_during_verify_does_not_speak_of_an_output_folder(tmp_path):
+    """verify writes nothing: a Ctrl-C at any point says it stopped, never that nothing was written to an output
+    folder. SIGINT at its default in the child (Popen), as a terminal sends it."""
+    import signal
+    import time
+
+    from fp8q import QuantizeOptions, quantize
+    from tests.test_resume import _big_source
+
+    src = _big_source(tmp_path / "src", shards=6)
+    quantize(src, tmp_path / "out", QuantizeOptions(device="cpu"))
+    cmd = [sys.executable, "-m", "fp8q", "verify", str(tmp_path / "out"), "--source", str(src)]
+    for delay in (0.1, 0.3, 0.6, 2.5):  # while Python imports, while typer parses, while it checks
+        child = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        time.sleep(delay)
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=60)
+        if child.returncode == 0:
+            continue  # it finished first: nothing to say
+        assert child.returncode == 130, stderr
+        line = stderr.strip().splitlines()[-1]
+        assert line.startswith("interrupted: stopped before it") and "written" not in line, stderr

@@ -547,8 +547,9 @@ def test_a_file_swapped_for_a_link_after_planning_is_not_read(tmp_path, name):
 def test_a_typo_of_a_local_folder_says_so_before_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for command in (["quantize", "lama", "out"], ["verify", "lama"]):
-        _refused(_cli(*command), "Hub repo lama is not in the local Hugging Face cache")
-        _refused(_cli(*command), "(and no file or folder 'lama' here)")
+        _refused(_cli(*command), "error: lama: no such file or folder here, and as a Hub repo: Hub repo lama is not in")
+    _refused(_cli("verify", "org/lama"), "Hub repo org/lama is not in the local Hugging Face cache")
+    _refused(_cli("verify", "org/lama"), "(and no file or folder 'org/lama' here)")
 
 
 def test_a_misspelled_command_points_at_the_commands():

@@ -120,7 +120,13 @@ def test_plan_reads_headers_only(reference, hub, tmp_path):
     """inspect and --dry-run of a repo not in the cache fetch the side files and each shard's header: no weights."""
     result = _fp8q(tmp_path, hub, "inspect", REPO, "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["tensors_quantized"] == 16
+    plan = json.loads(result.stdout)
+    assert plan["tensors_quantized"] == 16
+    commit = hub.repo(REPO)[0]
+    assert plan["source"] == f"{REPO}@{commit}"  # the repo id a user gave, at the commit read; not the cache path
+    assert plan["source_folder"].endswith(f"snapshots/{commit}")
+    shown = _fp8q(tmp_path, hub, "inspect", REPO)
+    assert f"fp8q plan for {REPO}@{commit}" in " ".join(shown.stderr.split()), shown.stderr
     assert _downloads(hub) == [] and _cached_shards(tmp_path) == []
     ranged = {r.file for r in hub.requests if r.method == "GET" and r.range and not r.range.endswith("-")}
     assert ranged == set(SHARDS)

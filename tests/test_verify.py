@@ -353,3 +353,18 @@ def test_the_cli_names_the_changed_file(outputs, tmp_path):
     result = subprocess.run([sys.executable, "-m", "fp8q", "verify", str(out)], capture_output=True, text=True)
     assert result.returncode == 1
     assert f"{shard}: its sha256 is" in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def test_a_wrong_source_is_summarized_not_listed_line_by_line(outputs, tmp_path):
+    import subprocess
+    import sys
+
+    other = tiny_llama(tmp_path / "other", hidden=96, intermediate=160)  # another model: every shape differs
+    problems = verify(outputs["ct-channel"], other).problems
+    assert len(problems) > 10
+    cmd = [sys.executable, "-m", "fp8q", "verify", str(outputs["ct-channel"]), "--source", str(other), "--top", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    listed = [line for line in result.stderr.splitlines() if line.startswith("problem: ")]
+    assert listed[:10] == [f"problem: {p}" for p in problems[:10]], result.stderr
+    assert listed[10:] == [f"problem: ... and {len(problems) - 10} more ({len(problems)} in all; --json lists every one)"]
+    assert result.returncode == 1

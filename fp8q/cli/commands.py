@@ -91,6 +91,7 @@ app = typer.Typer(
     name="fp8q",
     help="Stream a Hugging Face safetensors checkpoint into an FP8 checkpoint for vLLM, SGLang and transformers.",
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -108,6 +109,8 @@ def main() -> None:
         code = app(standalone_mode=False)
     except TyperException as e:
         message = e.format_message().replace("Value error, ", "")
+        if not message.strip():  # `fp8q` alone: the help was shown, and there is no error to say
+            sys.exit(e.exit_code)
         # The help of the command given, where there is such a command (a misspelled one has none).
         command = next((a for a in sys.argv[1:2] if a in _COMMANDS), "")
         line = f"{one_line(message)} (see `fp8q {command} --help`)".replace("  ", " ")
@@ -116,9 +119,14 @@ def main() -> None:
         if "--json" in sys.argv:
             JSON.failure(line, code)
     except KeyboardInterrupt:
-        say("interrupted:", "red", "nothing was written")
         code = 130
+    if code == 130 and not _SAID:  # Ctrl-C before a command's own boundary (typer answers it with a bare 130)
+        reads_only = sys.argv[1:2] in (["inspect"], ["verify"])
+        say("interrupted:", "red", "stopped before it finished" if reads_only else "nothing was written")
     sys.exit(code or 0)
+
+
+_SAID: list[str] = []  # what the error boundary (`_guarded`) said: main() adds nothing then
 
 
 _COMMANDS = ("quantize", "convert", "inspect", "verify", "dequantize")
@@ -307,7 +315,7 @@ def inspect_command(
         if plan.problems:
             raise typer.Exit(1)  # so that CI can gate on `inspect`; the problems are listed
 
-    _guarded(run, as_json=as_json)
+    _guarded(run, as_json=as_json, writes=False)
 
 
 @app.command("verify", cls=_Command)
@@ -368,7 +376,7 @@ def verify_command(
         if not report.ok:
             raise Fp8qError(error)
 
-    _guarded(run, as_json=as_json)
+    _guarded(run, as_json=as_json, writes=False)
 
 
 @app.command("dequantize", cls=_Command)
@@ -430,10 +438,10 @@ def _engine_imports() -> Iterator[None]:
         gc.enable()
 
 
-def _guarded(fn: Callable[[], None], out: Path | None = None, as_json: bool = False) -> None:
+def _guarded(fn: Callable[[], None], out: Path | None = None, as_json: bool = False, writes: bool = True) -> None:
     """The error boundary: known errors become one line and an exit code, and with `--json` the failure object on
     stdout too. `out`: the command's output folder, whose OUT.partial/ (an earlier run's) a Ctrl-C before the run
-    takes it over leaves as it was."""
+    takes it over leaves as it was; `writes` False: a command that only reads (inspect, verify)."""
     JSON.written = False
     debug = os.environ.get("FP8Q_DEBUG", "") not in ("", "0")
     if not debug:
@@ -457,13 +465,15 @@ def _guarded(fn: Callable[[], None], out: Path | None = None, as_json: bool = Fa
             if partial and partial.is_dir()
             else ""
         )
-        label, line, code = "interrupted:", f"nothing was written to the output folder{kept}", 130
+        said = f"nothing was written to the output folder{kept}" if writes else "stopped before it finished"
+        label, line, code = "interrupted:", said, 130
     except Exception as e:
         if debug:
             raise
         label, code = "internal error:", 1
         line = f"{type(e).__name__}: {one_line(str(e))} (set FP8Q_DEBUG=1 for the traceback, and please report it)"
     say(label, "red", line)
+    _SAID.append(line)
     if as_json and _RANK == 0:
         JSON.failure(line, code)
     raise typer.Exit(code) from None

@@ -95,7 +95,9 @@ def show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
     if as_json:
         JSON.write({"ok": not plan.problems, "exit_code": 1 if plan.problems else 0, **data})
     if not quiet:
-        table = Table(title=f"fp8q plan for {plan.checkpoint.root}", show_header=False, title_justify="left")
+        table = Table(
+            title=f"fp8q plan for {plan.source or plan.checkpoint.root}", show_header=False, title_justify="left"
+        )
         layout = f"{plan.layout.scheme.value} / {plan.layout.format.value}" if plan.layout else "none (dequantize)"
         table.add_row("layout", layout)
         table.add_row("tensors", f"{plan.n_quantized} quantized, {plan.n_kept} kept")
@@ -146,6 +148,10 @@ def _decisions(plan: Plan, data: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+# Problems `verify` lists one a line; past that many, a count (all of them are in --json).
+SHOWN_PROBLEMS = 10
+
+
 def show_verify(report: VerifyReport, top: int) -> None:
     layouts = ", ".join(f"{n} {name}" for name, n in report.layouts.items()) or "none"
     err.print(f"{report.path}: {report.tensors_checked} quantized weights ({layouts})", soft_wrap=True)
@@ -171,8 +177,11 @@ def show_verify(report: VerifyReport, top: int) -> None:
         err.print(table)
     notes(report.notes)
     if len(report.problems) > 1:  # a single one is the error line's
-        for problem in report.problems:
+        for problem in report.problems[:SHOWN_PROBLEMS]:
             say("problem:", "red", problem)
+        if len(report.problems) > SHOWN_PROBLEMS:  # a wrong --source differs everywhere: its first lines tell why
+            rest = len(report.problems) - SHOWN_PROBLEMS
+            say("problem:", "red", f"... and {rest} more ({len(report.problems)} in all; --json lists every one)")
     if report.bytes_downloaded:
         streamed = f"{size_text(report.bytes_downloaded)} streamed from the Hub, each shard deleted once read"
         err.print(f"  hub:     {streamed}", soft_wrap=True)
@@ -242,9 +251,10 @@ class ProgressView:
     def __init__(self, quiet: bool, verb: str = "quantizing") -> None:
         self.verb = verb
         self.quiet = quiet
+        # Only on a terminal: piped (a CI log) a bar cannot redraw, and would leave an empty line above the notes.
         self.progress = (
             None
-            if quiet
+            if quiet or not err.is_terminal
             else Progress(
                 TextColumn("{task.description}", style="bold", markup=False),
                 BarColumn(),

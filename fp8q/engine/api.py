@@ -22,7 +22,7 @@ from fp8q.plan.checks import plan_notes, plan_problems
 from fp8q.plan.fp8_source import check_convertible, detect_fp8, output_dtype
 from fp8q.plan.planner import Plan, make_plan
 from fp8q.source.checkpoint import read_checkpoint
-from fp8q.source.files import read_config
+from fp8q.source.files import hub_snapshot, read_config
 
 if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
     from fp8q.source.streaming import HubStream
@@ -131,6 +131,12 @@ def source_folder(source: Path | HubStream) -> Path:
     return source if isinstance(source, Path) else source.folder
 
 
+def source_label(source: Path | HubStream) -> str:
+    """SRC as a user names it: a Hub repo (streamed, or a cache snapshot) as `org/name@commit`, a path as it is."""
+    snapshot = hub_snapshot(source) if isinstance(source, Path) else (source.repo_id, source.commit)
+    return f"{snapshot[0]}@{snapshot[1]}" if snapshot else str(source)
+
+
 def plan_conversion(src: str | Path | HubStream, options: Options, mode: Mode = Mode.QUANTIZE) -> Plan:
     """Read and validate SRC and plan the conversion, reading no tensor data (of a Hub repo not in the local
     cache, only the side files and the shards' headers are fetched). `plan.problems` lists why the output could
@@ -152,7 +158,8 @@ def plan_conversion(src: str | Path | HubStream, options: Options, mode: Mode = 
     if remote:
         _check_streamable(plan, remote)
     problems = plan_problems(plan, options.tp, options.load_check)
-    return replace(plan, problems=tuple(problems), notes=tuple(plan_notes(plan, options.load_check, options.tp)))
+    notes = tuple(plan_notes(plan, options.load_check, options.tp))
+    return replace(plan, problems=tuple(problems), notes=notes, source=source_label(source))
 
 
 def _check_streamable(plan: Plan, remote: dict[str, Any]) -> None:

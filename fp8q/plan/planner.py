@@ -112,6 +112,7 @@ class Plan:
     kept: tuple[tuple[str, str], ...] = ()  # (module, why) for each Linear a rule kept
     detected: DetectedLayout | None = None  # an FP8 source's layout (dequantize, convert)
     dtype: str | None = None  # the high-precision dtype FP8 source weights are dequantized to
+    source: str = ""  # SRC as a user names it: a Hub repo as `org/name@commit`, else the folder ("": the folder)
 
     @property
     def jobs(self) -> list[Job]:
@@ -373,7 +374,8 @@ def build_header(tensors: list[OutTensor], metadata: dict[str, str] | None) -> t
 def as_data(plan: Plan) -> dict[str, Any]:
     """The plan as plain data, for `inspect --json` and the manifest."""
     return {
-        "source": str(plan.checkpoint.root),
+        "source": plan.source or str(plan.checkpoint.root),
+        "source_folder": str(plan.checkpoint.root),
         "scheme": plan.layout.scheme.value if plan.layout else None,
         "format": plan.layout.format.value if plan.layout else None,
         "block_size": list(plan.layout.block) if plan.layout and plan.layout.block else None,

@@ -75,8 +75,10 @@ def resolve_source(
         )
     bound_requests()
     label = f"Hub repo {src}" + (f" at revision {revision}" if revision else "")
-    # Said too: a typo of a local folder (`lama`) reads as a repo id.
+    # Said too: a typo of a local folder (`lama`) reads as a repo id. A bare name is more likely a typo: said first.
     local = f" (and no file or folder {src!r} here)"
+    if "/" not in src:
+        label, local = f"{src}: no such file or folder here, and as a Hub repo: {label}", ""
     try:
         try:
             return _snapshot(src, revision, cache_dir, local_only=True)
