@@ -366,5 +366,6 @@ def test_a_wrong_source_is_summarized_not_listed_line_by_line(outputs, tmp_path)
     result = subprocess.run(cmd, capture_output=True, text=True)
     listed = [line for line in result.stderr.splitlines() if line.startswith("problem: ")]
     assert listed[:10] == [f"problem: {p}" for p in problems[:10]], result.stderr
-    assert listed[10:] == [f"problem: ... and {len(problems) - 10} more ({len(problems)} in all; --json lists every one)"]
+    rest = f"problem: ... and {len(problems) - 10} more ({len(problems)} in all; --json lists every one)"
+    assert listed[10:] == [rest]
     assert result.returncode == 1
