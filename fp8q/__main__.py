@@ -3,10 +3,13 @@
 Imports: cli.
 """
 
+import os
 import sys
 
 
 def main() -> None:
+    if "RANK" in os.environ:  # under torchrun: the launcher, known before the imports (seconds) in case it dies then
+        os.environ["FP8Q_LAUNCHER_PID"] = str(os.getppid())
     try:
         from fp8q.cli import main as cli_main
     except KeyboardInterrupt:  # Ctrl-C while Python is still importing the command line

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fp8q import QuantizeOptions, quantize
@@ -96,3 +97,53 @@ def test_resume_with_another_process_count(tmp_path):
     result = _torchrun(src, tmp_path / "out", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert _hashes(tmp_path / "out") == _hashes(tmp_path / "single")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                    found.append(int(entry))
+            except (OSError, IndexError):
+                pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("after", [0.3, 2.0])  # in the workers' start-up and rendezvous, and in the run
+def test_no_worker_outlives_its_launcher(tmp_path, after):
+    """torchrun's launcher killed (SIGKILL: it cannot pass anything on): every worker ends within 60 s (torch's own
+    process-group timeout would hold them for days)."""
+    import signal
+    import time
+
+    src = _source(tmp_path / "src")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        "-m", "fp8q", "quantize", str(src), str(tmp_path / "out"), "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(_children(launcher.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    time.sleep(after)
+    launcher.kill()
+    launcher.wait()
+    died = time.monotonic()
+    while any(_alive(w) for w in workers) and time.monotonic() - died < 60:
+        time.sleep(0.1)
+    left = [w for w in workers if _alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert left == [], f"workers still running 60 s after their launcher died: {left}"

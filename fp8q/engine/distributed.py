@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,28 @@ from fp8q.errors import Stopped
 
 _FAILED = "fp8q/failed"
 _BYTES = "fp8q/bytes"
+# A worker whose launcher (torchrun) is gone is stopped as SIGTERM stops a run; one stuck waiting on the others (in the
+# rendezvous, in a collective: torch's own timeout is days) cannot hear it, and ends this long after all the same.
+LAUNCHER_GRACE_S = 20.0
+LAUNCHER_ENV = "FP8Q_LAUNCHER_PID"  # set by `python -m fp8q` first thing, before its imports take seconds
+
+
+def _end_with_launcher() -> None:
+    """No worker outlives its launcher: a thread watches the parent process (torchrun's agent, which started this
+    one) and, once it is gone (this process re-parented), stops the run (SIGTERM: finished shards are kept for
+    --resume), then ends the process within LAUNCHER_GRACE_S if it could not stop (waiting on the others)."""
+    launcher = int(os.environ.get(LAUNCHER_ENV) or os.getppid())
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(LAUNCHER_GRACE_S)
+        rank = os.environ.get("RANK", "?")
+        os.write(2, f"fp8q: rank {rank}: its launcher (torchrun) is gone; ending\n".encode())
+        os._exit(143)
+
+    threading.Thread(target=watch, name="fp8q-launcher", daemon=True).start()
 
 
 @dataclass
@@ -45,6 +69,7 @@ class Cluster:
             return cls.single()
         import torch.distributed as dist
 
+        _end_with_launcher()  # before the rendezvous, which waits on the launcher's store
         if not dist.is_initialized():
             # Long runs: the final agreement waits for the slowest process, however long it takes.
             dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=2))
