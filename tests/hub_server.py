@@ -114,6 +114,7 @@ class Faults:
     stored: int = 0  # LFS objects stored
     delete_repo_after: int | None = None  # once this many LFS objects are stored, the repo is deleted
     fail_commit: bool = False  # every commit request gets a 500 and changes nothing
+    lagging_commits: int = 0  # this many commits are answered as the Hub does while its storage lags an upload
     lose_commit_answer: bool = False  # a commit lands, then its connection closes with no answer (a proxy's reset)
     before_commit: Callable[[], None] | None = None  # called as a commit comes in: a concurrent push, say
     lose_in_commit: str | None = None  # a commit answers success but leaves this file out (a Hub bug, say)
@@ -874,6 +875,11 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     raise HTTPError(400, "", f"hub_server: unknown commit line {key!r}")
             if hub.faults.fail_commit:
                 raise HTTPError(500, "", "Internal Error (faults.fail_commit)")
+            if hub.faults.lagging_commits > 0:
+                hub.faults.lagging_commits -= 1
+                raise HTTPError(
+                    400, "", "Your push was rejected because an LFS pointer pointed to a file that does not exist"
+                )
             if hub.faults.before_commit is not None:
                 hub.faults.before_commit()
             with hub._lock:

@@ -822,3 +822,21 @@ def test_a_disk_that_fills_mid_run_is_said_to_be_full(reference, hub, tmp_path):
         assert "check the network" not in line, line
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_commit_the_hub_answers_while_its_storage_lags_is_sent_again(reference, hub, tmp_path):
+    hub.faults.lagging_commits = 2  # the first two tries: "an LFS pointer pointed to a file that does not exist"
+    result = _fp8q(tmp_path / "1", hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert [r.status for r in hub.requests if r.kind == "commit"] == [400, 400, 200]
+    _same_as_local(hub, "me/out", reference[1]["channel"])
+
+
+def test_a_storage_that_never_catches_up_is_one_line_after_bounded_tries(reference, hub, tmp_path):
+    from fp8q.output.publish import STORAGE_LAG_WAITS_S
+
+    hub.faults.lagging_commits = 100
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/mine", "--device", "cpu"))
+    assert "the Hub does not show the shards this run uploaded" in line and "rerun with --resume" in line, line
+    assert sum(r.kind == "commit" for r in hub.requests) == len(STORAGE_LAG_WAITS_S) + 1
+    assert _commits(hub, "me/mine") == ["initial commit"]

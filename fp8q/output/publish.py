@@ -17,6 +17,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ MANIFEST = "fp8q.json"
 CARD = "README.md"
 # Files a repo holds from its creation, which say nothing of what is in it.
 _BORN_WITH = (".gitattributes",)
+# A commit answered "LFS pointer pointed to a file that does not exist" right after the upload (the Hub's storage
+# lagging behind) is sent again after these waits; then the answer stands.
+STORAGE_LAG_WAITS_S = (1.0, 2.0, 4.0, 8.0)
+_LAG_WORDS = "pointed to a file that does not exist"
 _STUB_MAX_BYTES = 4096  # a README the Hub's "new repository" page makes is a few lines
 _FRONT_MATTER = re.compile(r"\A\s*---\r?\n.*?\r?\n---[ \t]*(\r?\n|\Z)", re.DOTALL)
 
@@ -416,23 +421,30 @@ class Publisher:
         if self.stub_card and CARD in new:
             self.notes.append(
                 f"{self.repo_id}: its README.md, the stub the Hub made with the repo, is now the model card"
-            )  # noqa: E501
+            )
         answer: list[Any] = []
 
         def send() -> None:
             try:
                 if not self.branch_exists and not self.create_pr:
                     self.api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
-                answer.append(
-                    self.api.create_commit(
-                        self.repo_id,
-                        ops,
-                        commit_message=message,
-                        revision=self.revision,
-                        create_pr=self.create_pr,
-                        parent_commit=self.parent if self.branch_exists else None,
-                    )
-                )
+                for wait in (*STORAGE_LAG_WAITS_S, None):
+                    try:
+                        answer.append(
+                            self.api.create_commit(
+                                self.repo_id,
+                                ops,
+                                commit_message=message,
+                                revision=self.revision,
+                                create_pr=self.create_pr,
+                                parent_commit=self.parent if self.branch_exists else None,
+                            )
+                        )
+                        return
+                    except HfHubHTTPError as e:
+                        if wait is None or not _storage_lag(e):
+                            raise
+                        time.sleep(wait)  # an object just uploaded, not yet seen by the commit's side of the Hub
             except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
                 answer.append(e)
 
@@ -465,6 +477,12 @@ class Publisher:
         if status is None and lost:  # the request went out; its answer did not come back
             why = no_answer(error) or "the connection closed before the Hub answered"
             return OutputError(f"{self.repo_id}: the commit was sent but {why}; it may have landed: {self._check()}")
+        if isinstance(error, HfHubHTTPError) and _storage_lag(error):
+            return OutputError(
+                f"{self.repo_id}: the Hub does not show the shards this run uploaded (its answer to the commit, after "
+                f"{len(STORAGE_LAG_WAITS_S) + 1} tries over {sum(STORAGE_LAG_WAITS_S):g} s: {_cause(error)[1]}); "
+                "the repo is as it was: rerun with --resume"
+            )
         if status == 412:
             return OutputError(
                 f"{self.repo_id}: {self.revision} moved while this run went on (another push to it?), so the commit "
@@ -509,6 +527,11 @@ class Publisher:
                 f"{self.repo_id}: commit {commit[:12]} also holds {extra[0]} (and {len(extra) - 1} more), which the "
                 "output does not have; do not use that commit: revert it on the Hub and run again"
             )
+
+
+def _storage_lag(error: HfHubHTTPError) -> bool:
+    """The Hub's answer to a commit naming an object its storage does not show yet (right after an upload)."""
+    return _LAG_WORDS in str(error) or _LAG_WORDS in getattr(getattr(error, "response", None), "text", "")
 
 
 def _check_namespace(repo_id: str, me: dict[str, Any]) -> None:
