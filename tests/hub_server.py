@@ -114,6 +114,7 @@ class Faults:
     stored: int = 0  # LFS objects stored
     delete_repo_after: int | None = None  # once this many LFS objects are stored, the repo is deleted
     fail_commit: bool = False  # every commit request gets a 500 and changes nothing
+    misreport: dict[str, str] = field(default_factory=dict)  # file -> "size" | "sha256": the tree lists it wrong
     lagging_commits: int = 0  # this many commits are answered as the Hub does while its storage lags an upload
     lose_commit_answer: bool = False  # a commit lands, then its connection closes with no answer (a proxy's reset)
     before_commit: Callable[[], None] | None = None  # called as a commit comes in: a concurrent push, say
@@ -286,6 +287,18 @@ class HubServer:
             if commit is None:
                 raise KeyError(f"{repo_id}@{revision}")
             return commit.files[path].path.read_bytes()
+
+    def forget_uncommitted(self) -> int:
+        """Drop every object no commit of its repo names (the Hub does not keep uploads nobody committed forever);
+        returns how many went."""
+        dropped = 0
+        with self._lock:
+            for repo in self._repos.values():
+                named = {f.sha256 for c in repo.commits.values() for f in c.files.values() if f.lfs}
+                for sha in [sha for sha in repo.lfs if sha not in named]:
+                    del repo.lfs[sha]
+                    dropped += 1
+        return dropped
 
     def is_private(self, repo_id: str) -> bool:
         found = self._get(repo_id)
@@ -578,9 +591,12 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     entries.append({"type": "directory", "oid": oid, "size": 0, "path": name})
             for name, f in under.items():
                 if recursive or name.count("/") == depth:
-                    entry: dict[str, Any] = {"type": "file", "oid": f.oid, "size": f.size, "path": name}
+                    wrong = hub.faults.misreport.get(name)
+                    size = f.size + 1 if wrong == "size" else f.size
+                    sha = hashlib.sha256(f.sha256.encode()).hexdigest() if wrong == "sha256" else f.sha256
+                    entry: dict[str, Any] = {"type": "file", "oid": f.oid, "size": size, "path": name}
                     if f.lfs:
-                        entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": len(_pointer(f.sha256, f.size))}
+                        entry["lfs"] = {"oid": sha, "size": size, "pointerSize": len(_pointer(sha, size))}
                     entries.append(entry)
             self._send_json(entries)
 

@@ -840,3 +840,28 @@ def test_a_storage_that_never_catches_up_is_one_line_after_bounded_tries(referen
     assert "the Hub does not show the shards this run uploaded" in line and "rerun with --resume" in line, line
     assert sum(r.kind == "commit" for r in hub.requests) == len(STORAGE_LAG_WAITS_S) + 1
     assert _commits(hub, "me/mine") == ["initial commit"]
+
+
+@pytest.mark.parametrize("wrong", ["size", "sha256"])
+def test_a_commit_whose_tree_lists_another_size_or_sha256_fails_the_run(reference, hub, tmp_path, wrong):
+    """The read-back checks what the tree says of each file, not only that it is there."""
+    hub.faults.misreport = {SHARDS[3]: wrong}
+    line = _one_line(_fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu"))
+    assert line.startswith("error: me/out: commit ") and f"as {SHARDS[3]}, not the " in line, line
+    assert "do not use that commit" in line, line
+
+
+def test_resume_sends_again_what_the_hub_no_longer_holds(reference, hub, tmp_path):
+    """Uploads nobody committed expire on the Hub: a resume asks, and sends again those its records list but the
+    Hub no longer holds (trusting the records would make a commit the Hub refuses)."""
+    hub.faults.refuse_upload_after = 3
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert _fp8q(tmp_path, hub, *args).returncode == 1
+    first = _uploads(hub)
+    assert len(first) == 3 and hub.forget_uncommitted() == 3
+    hub.faults.refuse_upload_after = None
+    hub.requests.clear()
+    result = _fp8q(tmp_path, hub, *args, "--resume")
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", reference[1]["channel"])
+    assert set(first) <= set(_uploads(hub))  # the three expired ones, sent again
