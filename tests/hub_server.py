@@ -1,9 +1,10 @@
 """A stand-in for the Hugging Face Hub on 127.0.0.1, for tests: it serves folders as model repos the way the Hub
 answers the requests huggingface_hub makes (repo info, the file tree, `resolve` with ETag / X-Repo-Commit / sizes,
-range requests), takes uploads the way huggingface_hub's own client makes them with the classic LFS protocol
-(HF_HUB_DISABLE_XET=1: create_repo, preupload, the LFS batch API, a PUT per object, create_commit, create_branch,
-pull requests), and breaks on order: a gated repo, a file that is gone, a connection dropped mid-file, an upload
-refused, a commit that fails, a slow link.
+range requests), takes uploads the way huggingface_hub's own client makes them, by classic LFS
+(HF_HUB_DISABLE_XET=1: the LFS batch API, a PUT per object) and by Xet (hf_xet installed: a write token whose CAS is
+the repo's own folder, as hf_xet's local:// store; a commit's file is rebuilt from it with hf_xet and checked), with
+create_repo, preupload, create_commit, create_branch and pull requests, and breaks on order: a gated repo, a file
+that is gone, a connection dropped mid-file, an upload refused, a commit that fails, a slow link.
 
 Layout: ROOT/<org>/<name>/ is the repo `org/name`, at one commit (a hash of its files) that `main` names too.
 Weights (`*.safetensors`) are LFS files: their ETag is their sha256, as on the Hub.
@@ -28,6 +29,7 @@ import os
 import re
 import secrets
 import shutil
+import struct
 import tempfile
 import threading
 import time
@@ -97,6 +99,7 @@ class _Repo:
     refs: dict[str, str]  # "main", other branches, "refs/pr/N" -> commit id
     lfs: dict[str, Path] = field(default_factory=dict)  # sha256 -> bytes: the LFS objects this repo holds
     prs: int = 0
+    xet: Path | None = None  # this repo's Xet store (hf_xet's local:// CAS): what was uploaded by Xet, uncommitted
 
 
 @dataclass
@@ -169,6 +172,36 @@ def _now() -> str:
 def _must_be_lfs(path: str, size: int) -> bool:
     """What the preupload endpoint answers: weights and big files go by LFS (an empty file never does)."""
     return size > 0 and (path.endswith(".safetensors") or size > LFS_THRESHOLD)
+
+
+def _xet_hex(raw: bytes) -> str:
+    """A Xet hash as hf_xet prints it: four little-endian u64s, each in hex."""
+    return "".join(raw[i : i + 8][::-1].hex() for i in range(0, 32, 8))
+
+
+def xet_files(store: Path) -> dict[str, tuple[str, int]]:
+    """sha256 -> (Xet file hash, size) of every file the shards in a local:// Xet store record (hf_xet 1.x's shard
+    format: a 48-byte header, then per file a 48-byte record (hash, flags, segment count), its segments (48 bytes
+    each, the u32 at 36 their unpacked size), verification entries (flag bit 31) and a metadata entry holding the
+    sha256 (bit 30), up to a record of all-0xff)."""
+    found = {}
+    for path in sorted((store / "xet" / "xorbs" / "shards").glob("*.mdb")):
+        data = path.read_bytes()
+        if not data.startswith(b"HFRepoMetaData"):
+            continue
+        at = 48
+        while at + 48 <= len(data) and data[at : at + 32] != b"\xff" * 32:
+            file_hash = _xet_hex(data[at : at + 32])
+            flags, n = struct.unpack_from("<II", data, at + 32)
+            at += 48
+            size = sum(struct.unpack_from("<I", data, at + 48 * i + 36)[0] for i in range(n))
+            at += 48 * n
+            if flags & (1 << 31):
+                at += 48 * n
+            if flags & (1 << 30):
+                found[_xet_hex(data[at : at + 32])] = (file_hash, size)
+                at += 48
+    return found
 
 
 def disk_bytes(*folders: Path) -> int:
@@ -288,12 +321,50 @@ class HubServer:
                 raise KeyError(f"{repo_id}@{revision}")
             return commit.files[path].path.read_bytes()
 
+    def xet_uploads(self, repo_id: str) -> dict[str, tuple[str, int]]:
+        """What was uploaded to a repo by Xet and not committed yet: sha256 -> (Xet file hash, size), read from the
+        shards hf_xet wrote to the repo's store (their file records)."""
+        found = self._get(repo_id)
+        return xet_files(found.xet) if found is not None and found.xet is not None else {}
+
+    def xet_bytes(self) -> int:
+        """Bytes of chunk data (xorbs) every Xet store holds: what clients sent by Xet, deduplicated."""
+        return sum(p.stat().st_size for p in (self.store / "xet").glob("*/xet/xorbs/xorbs/*") if p.is_file())
+
+    def _from_xet(self, repo: _Repo, sha256: str) -> Path | None:
+        """The object of this sha256, rebuilt from the repo's Xet store with hf_xet and checked (sha256, size), then
+        kept as the repo's LFS object; None when the store has no file of that sha256."""
+        entry = xet_files(repo.xet).get(sha256) if repo.xet is not None else None
+        if entry is None:
+            return None
+        import hf_xet
+
+        xet_hash, size = entry
+        tmp = self.store / "tmp" / secrets.token_hex(8)
+        with hf_xet.XetSession().new_file_download_group(endpoint=f"local://{repo.xet}") as group:
+            group.start_download_file(hf_xet.XetFileInfo(xet_hash, size), str(tmp))
+        digest = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        if tmp.stat().st_size != size or digest.hexdigest() != sha256:
+            tmp.unlink()
+            raise HTTPError(400, "", f"BadDigest: the Xet store's file for {sha256} rebuilds as {digest.hexdigest()}")
+        path = self.store / "objects" / sha256
+        os.replace(tmp, path)
+        repo.lfs[sha256] = path
+        return path
+
     def forget_uncommitted(self) -> int:
-        """Drop every object no commit of its repo names (the Hub does not keep uploads nobody committed forever);
-        returns how many went."""
+        """Drop every object no commit of its repo names (the Hub does not keep uploads nobody committed forever),
+        Xet stores included; returns how many went."""
         dropped = 0
         with self._lock:
             for repo in self._repos.values():
+                if repo.xet is not None:
+                    dropped += len(xet_files(repo.xet))
+                    shutil.rmtree(repo.xet)
+                    repo.xet = None
                 named = {f.sha256 for c in repo.commits.values() for f in c.files.values() if f.lfs}
                 for sha in [sha for sha in repo.lfs if sha not in named]:
                     del repo.lfs[sha]
@@ -427,6 +498,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 ("GET", rf"/api/models/{repo}/refs", self._refs),
                 ("GET", rf"/api/models/{repo}/commits/([^/]+)", self._commits),
                 ("POST", rf"/api/models/{repo}/preupload/([^/]+)", self._preupload),
+                ("GET", rf"/api/models/{repo}/xet-write-token/([^/]+)", self._xet_token),
                 ("POST", rf"/api/models/{repo}/commit/([^/]+)", self._commit),
                 ("POST", rf"/api/models/{repo}/branch/([^/]+)", self._branch),
                 ("POST", rf"/{repo}\.git/info/lfs/objects/batch", self._batch),
@@ -772,6 +844,25 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 answer.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
             self._send_json({"files": answer, "commitOid": commit.id})
 
+        def _xet_token(self, repo_id: str, revision: str) -> None:
+            """What hf_xet asks before each upload: where the CAS is (this repo's folder, as hf_xet's local://
+            store) and a token for it; counted as an upload by faults.refuse_upload_after."""
+            repo, _ = self._writable(repo_id, "xet-token")
+            self._revision = revision
+            with hub._lock:
+                refuse = hub.faults.refuse_upload_after
+                if refuse is not None and hub.faults.uploads >= refuse:
+                    hub.faults.refused += 1
+                    raise HTTPError(403, "", "AccessDenied: upload refused (faults.refuse_upload_after)")
+                hub.faults.uploads += 1
+                if repo.xet is None:
+                    repo.xet = hub.store / "xet" / secrets.token_hex(8)  # a repo made again starts empty
+                    repo.xet.mkdir(parents=True)
+            cas, exp = f"local://{repo.xet}", str(int(time.time()) + 3600)
+            headers = {"X-Xet-Cas-Url": cas, "X-Xet-Access-Token": "xet-token", "X-Xet-Token-Expiration": exp}
+            self._send(200, json.dumps({"casUrl": cas, "accessToken": "xet-token", "exp": int(exp)}).encode(),
+                       {"Content-Type": "application/json", **headers})  # fmt: skip
+
         def _batch(self, repo_id: str) -> None:
             repo, _ = self._writable(repo_id, "batch")
             payload = self._json()
@@ -877,7 +968,7 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 elif key == "lfsFile":
                     oid = str(value.get("oid"))
                     with hub._lock:
-                        stored_lfs = repo.lfs.get(oid)
+                        stored_lfs = repo.lfs.get(oid) or hub._from_xet(repo, oid)
                     if stored_lfs is None:
                         raise HTTPError(400, "", f"{path}: LFS object {oid} was never uploaded to {repo_id}")
                     size = stored_lfs.stat().st_size

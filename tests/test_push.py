@@ -68,6 +68,10 @@ def hub(reference):
     server.close()
 
 
+# The two transports huggingface_hub uploads by: classic LFS, and Xet (hf_xet installed, as by default).
+TRANSPORTS = {"lfs": {"HF_HUB_DISABLE_XET": "1"}, "xet": {"HF_HUB_DISABLE_XET": "0"}}
+
+
 def _env(tmp_path: Path, hub: HubServer, token: str | None = "hf_write") -> dict[str, str]:
     """What a user's shell gives fp8q: the stand-in as HF_ENDPOINT, classic LFS, the token; staging under
     tmp_path/cache (XDG_CACHE_HOME), temporary files under tmp_path/tmp."""
@@ -79,7 +83,8 @@ def _env(tmp_path: Path, hub: HubServer, token: str | None = "hf_write") -> dict
         "HF_HOME": str(tmp_path / "hf"),
         "HF_HUB_DISABLE_XET": "1",
         "XDG_CACHE_HOME": str(tmp_path / "cache"),
-        "PYTHONPATH": str(ROOT),
+        # What the tests themselves run with ahead of ROOT (another huggingface_hub, say), then ROOT.
+        "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p),
         "OMP_NUM_THREADS": "1",
     }
     return env | ({"HF_TOKEN": token} if token is not None else {})
@@ -176,19 +181,27 @@ def _uploads(hub: HubServer) -> list[str]:
 
 
 def _sent_with_the_commit(hub: HubServer) -> int:
-    """LFS objects the final commit had to upload itself (PUTs after its own preupload request): none when every
-    shard was uploaded as it was finished."""
+    """Objects the final commit had to upload itself (LFS PUTs, or Xet uploads, after its own preupload request):
+    none when every shard was uploaded as it was finished."""
     kinds = [r.kind for r in hub.requests if r.status == 200]
     last = len(kinds) - 1 - kinds[::-1].index("preupload")
-    return kinds[last:].count("upload")
+    return kinds[last:].count("upload") + kinds[last:].count("xet-token")
+
+
+def _upload_calls(hub: HubServer) -> int:
+    """Uploads the stand-in let in: LFS PUTs, and Xet uploads (each asks for a write token first)."""
+    return sum(r.kind in ("upload", "xet-token") and r.status == 200 for r in hub.requests)
 
 
 def _commits(hub: HubServer, repo_id: str) -> list[str]:
     return [c.summary for c in hub.commits(repo_id)]
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_pushed_tree_equals_local_run_in_one_commit_shown_only_when_complete(reference, hub, tmp_path, layout):
+def test_pushed_tree_equals_local_run_in_one_commit_shown_only_when_complete(
+    reference, hub, tmp_path, layout, transport
+):
     _, local = reference
     final = set(_local(local[layout]))
     seen: list[frozenset[str]] = []  # what `main` showed, sampled while the run went on
@@ -202,7 +215,8 @@ def test_pushed_tree_equals_local_run_in_one_commit_shown_only_when_complete(ref
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        result = _fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu", *LAYOUTS[layout])
+        args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu", *LAYOUTS[layout])
+        result = _fp8q(tmp_path, hub, *args, env=TRANSPORTS[transport])
     finally:
         stop.set()
         sampler.join()
@@ -216,7 +230,11 @@ def test_pushed_tree_equals_local_run_in_one_commit_shown_only_when_complete(ref
     # Each source shard downloaded once, each output shard uploaded once, and the staging folder gone.
     assert _source_downloads(hub) == SHARDS
     shards = {_sha((local[layout] / n).read_bytes()) for n in final if n.endswith(".safetensors")}
-    assert sorted(_uploads(hub)) == sorted(shards)
+    if transport == "lfs":
+        assert sorted(_uploads(hub)) == sorted(shards)
+    else:  # by Xet: one upload a shard, no LFS request at all; the commit rebuilt each from the store and checked it
+        assert _upload_calls(hub) == len(SHARDS) and _uploads(hub) == []
+        assert not any(r.kind == "batch" for r in hub.requests)
     assert _sent_with_the_commit(hub) == 0
     assert not any((tmp_path / "cache" / "fp8q" / "push").rglob("*.safetensors"))
     assert "pushed:  me/out (main)" in result.stderr
@@ -230,10 +248,14 @@ def _describe(local: Path) -> str:
     return find(options["scheme"], options["format"], options["scale_format"]).describe()
 
 
-def test_disk_holds_at_most_two_source_and_two_output_shards(reference, hub, tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_disk_holds_at_most_two_source_and_two_output_shards(reference, hub, tmp_path, transport):
+    """Everything the run keeps on local disk counts: the staging folder and HF_HOME, where huggingface_hub keeps its
+    metadata and hf_xet its logs and caches (its shard cache and staging too, against a CAS server)."""
     repos, local = reference
     with _peak_disk(hub, tmp_path / "cache", tmp_path / "hf") as peak:
-        result = _fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+        args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+        result = _fp8q(tmp_path, hub, *args, env=TRANSPORTS[transport] | {"HF_XET_CACHE": str(tmp_path / "hf" / "xet")})
     assert result.returncode == 0, result.stderr
     source = sorted(((repos / SRC / n).stat().st_size for n in SHARDS), reverse=True)
     out = local["channel"]
@@ -242,7 +264,7 @@ def test_disk_holds_at_most_two_source_and_two_output_shards(reference, hub, tmp
     records = 64 * 1024  # the run record: a few hundred bytes a shard, and huggingface_hub's metadata
     bound = source[0] + source[1] + written[0] + written[1] + side + records
     assert written[0] < peak[0] <= bound, (peak[0], bound)
-    assert peak[0] < sum(written)  # the whole output never sat on disk
+    assert peak[0] < sum(written) + source[-1]  # never the whole output and a source shard, as a local run holds
 
 
 def test_refused_upload_then_resume_uploads_only_the_rest(reference, hub, tmp_path):
@@ -269,14 +291,21 @@ def test_refused_upload_then_resume_uploads_only_the_rest(reference, hub, tmp_pa
     assert "reused" in result.stderr
 
 
-def test_killed_run_resumes_without_uploading_twice(reference, hub, tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_killed_run_resumes_without_uploading_twice(reference, hub, tmp_path, transport):
     _, local = reference
     args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
-    killed = _fp8q(tmp_path, hub, *args, stop_after="4:KILL")
+    killed = _fp8q(tmp_path, hub, *args, stop_after="4:KILL", env=TRANSPORTS[transport])
     assert killed.returncode == -9, killed.stderr
     assert _commits(hub, "me/out") == ["initial commit"]
-    result = _fp8q(tmp_path, hub, *args, "--resume")
+    sent = hub.xet_bytes()
+    result = _fp8q(tmp_path, hub, *args, "--resume", env=TRANSPORTS[transport])
     assert result.returncode == 0, result.stderr
+    if transport == "xet":  # what the killed run sent is not sent again: chunk data for the rest only
+        _same_as_local(hub, "me/out", local["channel"])
+        shards = [(local["channel"] / n).stat().st_size for n in SHARDS]
+        assert hub.xet_bytes() - sent < 1.1 * sum(shards) - 0.9 * sent, (hub.xet_bytes(), sent, shards)
+        return
     _same_as_local(hub, "me/out", local["channel"])
     uploads = _uploads(hub)
     assert len(uploads) == len(set(uploads)) == len(SHARDS)  # every shard once, over both runs
@@ -505,19 +534,28 @@ def test_verify_a_broken_pushed_repo_names_the_tensor(reference, hub, tmp_path):
     assert not list((tmp_path / "verify" / "tmp").glob("fp8q-*"))  # (torch keeps a folder of its own there)
 
 
-def test_under_torchrun_each_process_uploads_its_shards_and_rank_0_commits_them_all(reference, hub, tmp_path):
+# Over LFS only: over Xet, the stand-in's local:// store is one folder both processes open, and hf_xet's store lock
+# lets one process at a time (a real Hub's CAS is a server: each process keeps its own cache).
+@pytest.mark.parametrize("transport", ["lfs"])
+def test_under_torchrun_each_process_uploads_its_shards_and_rank_0_commits_them_all(
+    reference, hub, tmp_path, transport
+):
     from tests.test_distributed import _free_port
 
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
         "-m", "fp8q", "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu",
     ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path, hub), timeout=300)
+    env = _env(tmp_path, hub) | TRANSPORTS[transport]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     _same_as_local(hub, "me/out", reference[1]["channel"])
     assert len(hub.commits("me/out")) == 2 and sum(r.kind == "commit" for r in hub.requests) == 1
     uploads = _uploads(hub)
-    assert len(uploads) == len(set(uploads)) == len(SHARDS)  # each shard once, by the process that made it
+    if transport == "lfs":
+        assert len(uploads) == len(set(uploads)) == len(SHARDS)  # each shard once, by the process that made it
+    else:  # each shard once; the commit took the other process's uploads from the store by their sha256
+        assert uploads == [] and _upload_calls(hub) == len(SHARDS)
     assert _sent_with_the_commit(hub) == 0
     ranks = json.loads(hub.read("me/out", "fp8q.json"))["timings"]["shards"]
     assert {entry["rank"] for entry in ranks.values()} == {0, 1}
@@ -865,3 +903,45 @@ def test_resume_sends_again_what_the_hub_no_longer_holds(reference, hub, tmp_pat
     assert result.returncode == 0, result.stderr
     _same_as_local(hub, "me/out", reference[1]["channel"])
     assert set(first) <= set(_uploads(hub))  # the three expired ones, sent again
+
+
+def test_over_xet_a_resume_sends_only_what_the_store_lacks(reference, hub, tmp_path):
+    """Over Xet the client never asks the LFS batch endpoint: a resume does not either. Shards uploaded and deleted
+    are made again, and their chunks, which the store holds, are not sent again: the resume sends the missing
+    shards' bytes (measured: the chunk data the store gained), and the commit checks every file."""
+    _, local = reference
+    hub.faults.refuse_upload_after = 3
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    line = _one_line(_fp8q(tmp_path, hub, *args, env=TRANSPORTS["xet"]))
+    assert line.startswith("error: me/out: uploading model-00004-of-00006.safetensors failed (HTTP 403"), line
+    assert len(hub.xet_uploads("me/out")) == 3 and _commits(hub, "me/out") == ["initial commit"]
+    before = hub.xet_bytes()
+    hub.faults.refuse_upload_after = None
+    hub.requests.clear()
+    result = _fp8q(tmp_path, hub, *args, "--resume", env=TRANSPORTS["xet"])
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", local["channel"])
+    assert not any(r.kind == "batch" for r in hub.requests)
+    sent = hub.xet_bytes() - before
+    shards = [(local["channel"] / n).stat().st_size for n in SHARDS]
+    # The three shards the store lacked, give or take Xet's framing; not the three it held.
+    assert 0.9 * sum(shards[3:]) < sent < 1.1 * sum(shards[3:]) < sum(shards), (sent, shards)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_lowest_huggingface_hub_pyproject_admits_publishes(reference, hub, tmp_path, transport):
+    """The floor pyproject.toml declares, installed apart (pip, from the package index) and put first on the path of
+    the fp8q it runs: the push works with it, over both transports."""
+    import re
+
+    floor = re.search(r'"huggingface_hub>=([0-9.]+)', (ROOT / "pyproject.toml").read_text())[1]
+    target = tmp_path / "floor"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target)]
+    if subprocess.run([*pip, f"huggingface_hub=={floor}"], capture_output=True).returncode:
+        pytest.skip(f"huggingface_hub=={floor} cannot be installed here")
+    env = TRANSPORTS[transport] | {"PYTHONPATH": os.pathsep.join((str(target), str(ROOT)))}
+    probe = [sys.executable, "-c", "import huggingface_hub; print(huggingface_hub.__version__)"]
+    assert subprocess.run(probe, capture_output=True, text=True, env=_env(tmp_path, hub) | env).stdout.strip() == floor
+    result = _fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu", env=env)
+    assert result.returncode == 0, result.stderr
+    _same_as_local(hub, "me/out", reference[1]["channel"])

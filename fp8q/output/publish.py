@@ -32,6 +32,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
+from huggingface_hub.utils._runtime import is_xet_available
 
 from fp8q.errors import OutputError, Stopped, UsageError
 from fp8q.source.network import bound_requests, no_answer
@@ -45,6 +46,7 @@ _BORN_WITH = (".gitattributes",)
 # lagging behind) is sent again after these waits; then the answer stands.
 STORAGE_LAG_WAITS_S = (1.0, 2.0, 4.0, 8.0)
 _LAG_WORDS = "pointed to a file that does not exist"
+_XET_STATUS = re.compile(r"HTTP status (?:client|server) error \((\d{3}) ")  # in hf_xet's RuntimeError text
 _STUB_MAX_BYTES = 4096  # a README the Hub's "new repository" page makes is a few lines
 _FRONT_MATTER = re.compile(r"\A\s*---\r?\n.*?\r?\n---[ \t]*(\r?\n|\Z)", re.DOTALL)
 
@@ -91,6 +93,8 @@ def _cause(error: BaseException) -> tuple[int | None, str]:
         seen = seen.__cause__ or seen.__context__
     found = seen or error
     text = str(found).strip()
+    if status is None and (xet := _XET_STATUS.search(text)):  # hf_xet's errors say the status in their text
+        status = int(xet[1])
     return status, text.splitlines()[0] if text else type(found).__name__
 
 
@@ -140,6 +144,7 @@ class Publisher:
         self.source_repo = source_repo
         bound_requests()
         self.api = HfApi()
+        self.xet = is_xet_available()  # how the client uploads: Xet (hf_xet installed, not disabled), else LFS
         self.parent: str | None = None  # the revision's commit when checked: the commit fails if it moved
         self.branch_exists = True
         self.existing: list[str] = []  # files the repo holds at the revision
@@ -266,8 +271,11 @@ class Publisher:
         return theirs == json.loads(json.dumps(ours))  # as fp8q.json writes it (tuples are lists there)
 
     def confirmed(self, recorded: dict[str, Uploaded]) -> set[str]:
-        """Which shards an earlier run uploaded the Hub still holds (it offers no upload for them)."""
-        if not recorded:
+        """Which shards an earlier run uploaded the Hub still holds (it offers no upload for them). Over Xet, none:
+        the client never asks the LFS batch endpoint there, and what it answers of objects uploaded by Xet is not
+        the Xet store's word. A shard still on disk is then committed from it (its chunks, in the store already, are
+        not sent again: the commit is the check), and one deleted after its upload is made again."""
+        if not recorded or self.xet:
             return set()
         infos = {
             name: UploadInfo(u.size, base64.b64decode(u.sample), sha256=bytes.fromhex(u.sha256))
