@@ -38,6 +38,10 @@ demo: $(DEMO)
 	$(BIN)/fp8q quantize examples/tiny-llama examples/tiny-llama-fp8 --overwrite
 	$(BIN)/fp8q verify examples/tiny-llama-fp8 --source examples/tiny-llama --top 3
 	$(BIN)/python examples/run_with_transformers.py examples/tiny-llama examples/tiny-llama-fp8
+	$(BIN)/fp8q quantize examples/tiny-llama examples/tiny-llama-fp8-block --scheme block --format fp8 --overwrite -q
+	$(BIN)/fp8q verify examples/tiny-llama-fp8-block --source examples/tiny-llama --top 0
+	$(BIN)/fp8q quantize examples/tiny-llama examples/tiny-llama-fp8-mx --scheme mx --overwrite -q
+	$(BIN)/fp8q verify examples/tiny-llama-fp8-mx --source examples/tiny-llama --top 0
 
 test: $(TESTS) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
@@ -70,4 +74,4 @@ engines: $(TESTS)
 	$(ENGINES)/bin/python bench/engines.py load build/engines
 
 clean:
-	rm -rf $(VENV) $(ENGINES) build examples/tiny-llama examples/tiny-llama-fp8 .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ENGINES) build examples/tiny-llama examples/tiny-llama-fp8* .pytest_cache .ruff_cache

@@ -27,10 +27,12 @@ def main(out: Path) -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=192,
-        intermediate_size=520,
+        # Whole 128x128 tiles everywhere (q 256 rows, k and v 2 heads of 64 = 128, MLP 512): the demo shows every
+        # scheme, block and MXFP8 included, as vLLM loads them.
+        hidden_size=256,
+        intermediate_size=512,
         num_hidden_layers=4,
-        num_attention_heads=6,
+        num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,

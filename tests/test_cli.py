@@ -206,3 +206,19 @@ def test_ctrl_c_during_verify_does_not_speak_of_an_output_folder(tmp_path):
         assert child.returncode == 130, stderr
         line = stderr.strip().splitlines()[-1]
         assert line.startswith("interrupted: stopped before it") and "written" not in line, stderr
+
+
+def test_the_ci_examples_pass_inputs_as_variables_and_install_fp8q_as_the_card_says():
+    """A `${{ inputs.* }}` pasted into a `run:` script is code injection (a quote in an input ends the string): every
+    workflow passes inputs as environment variables. fp8q is installed the way the model card points to (PyPI)."""
+    import yaml
+
+    card = (ROOT / "fp8q" / "output" / "model_card.py").read_text()
+    assert "https://pypi.org/project/fp8q/" in card
+    workflows = sorted((ROOT / "examples" / "ci").glob("*.yml"))
+    assert workflows
+    for path in workflows:
+        flow = yaml.safe_load(path.read_text())
+        runs = [step["run"] for job in flow["jobs"].values() for step in job["steps"] if "run" in step]
+        assert runs and not [run for run in runs if "${{" in run], path.name
+        assert any("pip install fp8q" in run for run in runs), path.name
