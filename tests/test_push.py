@@ -945,3 +945,16 @@ def test_the_lowest_huggingface_hub_pyproject_admits_publishes(reference, hub, t
     result = _fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu", env=env)
     assert result.returncode == 0, result.stderr
     _same_as_local(hub, "me/out", reference[1]["channel"])
+
+
+def test_a_silent_xet_token_endpoint_ends_the_run_in_one_line(reference, hub, tmp_path):
+    """hf_xet asks the Hub for its write token itself (its own HTTP client, not huggingface_hub's): a Hub that never
+    answers it ends the run too."""
+    hub.faults.silent = {"xet_token"}
+    started = time.monotonic()
+    env = TRANSPORTS["xet"] | {"FP8Q_HUB_TIMEOUT": "2"}
+    result = _fp8q(tmp_path, hub, "quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu", env=env)
+    elapsed = time.monotonic() - started
+    line = _one_line(result)
+    assert "uploading model-00001-of-00006.safetensors failed" in line and "/xet-write-token/main" in line, line
+    assert elapsed < 60, elapsed

@@ -6,7 +6,9 @@ Imports: errors, httpx, huggingface_hub. huggingface_hub's client has no timeout
 many of its calls pass `timeout=None` explicitly, which overrides a client default: so the bound is set on each
 request as it leaves (a request hook), replacing only what is unbounded (a finite timeout a call chose stays). It
 bounds connecting and each wait for bytes, not a whole transfer: a slow link that keeps sending never times out.
-The client's own retries still apply (downloads and uploads retry a timed-out request up to 5 times).
+The client's own retries still apply (downloads and uploads retry a timed-out request up to 5 times). hf_xet's client
+(Xet uploads) gets the same bound through its environment (HF_XET_CLIENT_CONNECT_TIMEOUT, HF_XET_CLIENT_READ_TIMEOUT,
+and its retries at most 6 bounds in all), unless the user set those.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fp8q.errors import UsageError
 
 TIMEOUT_ENV = "FP8Q_HUB_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
+XET_TRIES = 6
 
 
 def hub_timeout() -> float:
@@ -55,7 +58,15 @@ def bound_requests() -> None:
     Raises:
         UsageError: FP8Q_HUB_TIMEOUT is not a positive number.
     """
-    hub_timeout()
+    limit = hub_timeout()
+    # hf_xet (the Xet uploads, and the write tokens it asks for itself) has an HTTP client of its own, read from the
+    # environment when its first session starts: the same bound, unless the user set hf_xet's own.
+    for name, seconds in (
+        ("HF_XET_CLIENT_CONNECT_TIMEOUT", limit),
+        ("HF_XET_CLIENT_READ_TIMEOUT", limit),
+        ("HF_XET_CLIENT_RETRY_MAX_DURATION", XET_TRIES * limit),  # its retries, as huggingface_hub's: 6 tries
+    ):
+        os.environ.setdefault(name, f"{seconds:g}s")
     session = get_session()
     hooks = session.event_hooks
     if _bounded not in hooks["request"]:
