@@ -958,3 +958,20 @@ def test_a_silent_xet_token_endpoint_ends_the_run_in_one_line(reference, hub, tm
     line = _one_line(result)
     assert "uploading model-00001-of-00006.safetensors failed" in line and "/xet-write-token/main" in line, line
     assert elapsed < 60, elapsed
+
+
+def test_a_file_fp8q_wrote_that_someone_changed_since_is_theirs(reference, hub, tmp_path):
+    """A model card edited on the Hub after the push: the same push again does not overwrite the edit unasked (it is
+    refused before any download, naming the file); --overwrite replaces it, said in a note."""
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert _fp8q(tmp_path / "1", hub, *args).returncode == 0
+    edited = hub.read("me/out", "README.md") + b"\nEvaluated by a person: see evals.\n"
+    hub.create("me/out", {"README.md": edited})
+    hub.requests.clear()
+    line = _one_line(_fp8q(tmp_path / "2", hub, *args))
+    assert "me/out: README.md changed on the Hub since fp8q published it" in line and "--overwrite" in line, line
+    assert _source_downloads(hub) == [] and hub.read("me/out", "README.md") == edited
+    result = _fp8q(tmp_path / "3", hub, *args, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert "note: me/out: replaced README.md, changed on the Hub since fp8q published it (--overwrite)" in result.stderr
+    _same_as_local(hub, "me/out", reference[1]["channel"])

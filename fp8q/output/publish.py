@@ -13,6 +13,7 @@ one instead of hashing again), so the client reads each shard once, to send it.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -151,6 +152,7 @@ class Publisher:
         # What fp8q wrote there before (the files its current fp8q.json lists, and fp8q.json): all a commit may
         # replace or delete. Anything else (evals.json, a results table a person added) stays.
         self.ours: set[str] = set()
+        self.changed: list[str] = []  # files fp8q published there that someone changed since (theirs now)
         self.stub_card = False  # the repo holds only a README the Hub made with it: the model card replaces it
         self.notes: list[str] = []  # what the commit left alone or replaced that a person may have made
         self.kept: list[str] = []  # files the commit left as they were: fp8q did not write them
@@ -216,7 +218,17 @@ class Publisher:
         manifest = self._manifest() if MANIFEST in self.existing else None
         if manifest is not None and manifest.get("tool") == "fp8q":
             listed = manifest.get("files")
-            self.ours = {MANIFEST} | ({str(name) for name in listed} if isinstance(listed, dict) else set())
+            listed = {str(k): str(v) for k, v in listed.items()} if isinstance(listed, dict) else {}
+            # A file fp8q wrote that someone changed since (a model card edited on the Hub) is theirs now.
+            self.changed = self._changed_since(listed)
+            self.ours = ({MANIFEST} | set(listed)) - set(self.changed)
+            if self.changed and not self.overwrite and not self.create_pr:
+                more = f" (and {len(self.changed) - 1} more)" if len(self.changed) > 1 else ""
+                raise OutputError(
+                    f"{repo_id}: {self.changed[0]}{more} changed on the Hub since fp8q published it, and fp8q "
+                    "replaces nothing it did not write: pass --overwrite to replace it with this run's, or move it "
+                    "aside (or --create-pr)"
+                )
         if self.existing == [CARD] and self._is_stub_card():
             self.stub_card = True  # what the Hub's "new repository" page makes: nothing of anyone's to keep
         elif self.existing and not self.create_pr:
@@ -230,6 +242,31 @@ class Publisher:
                     f"{repo_id}: already holds an fp8q output; pass --overwrite to replace it in one commit, or "
                     "push elsewhere"
                 )
+
+    def _changed_since(self, listed: dict[str, str]) -> list[str]:
+        """The files fp8q.json lists whose bytes on the Hub are not the ones it lists: an LFS file's sha256 from the
+        tree (one listing), a regular (small) one hashed once downloaded. A file gone counts as unchanged."""
+        try:
+            tree = {
+                e.path: e
+                for e in self.api.list_repo_tree(self.repo_id, revision=self.parent, recursive=True)
+                if isinstance(e, RepoFile)
+            }
+            changed = []
+            for name, sha256 in sorted(listed.items()):
+                entry = tree.get(name)
+                if entry is None:
+                    continue
+                if entry.lfs is not None:
+                    now = entry.lfs.sha256
+                else:
+                    path = self.api.hf_hub_download(self.repo_id, name, revision=self.parent)
+                    now = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                if now != sha256:
+                    changed.append(name)
+            return changed
+        except (HfHubHTTPError, httpx.HTTPError, OSError) as e:
+            raise _hub_error(self.repo_id, "reading what fp8q published there", e) from None
 
     def _is_stub_card(self) -> bool:
         """Whether the repo's README.md is the stub a new repo is made with: front matter and headings at most."""
@@ -413,13 +450,19 @@ class Publisher:
                 self.bytes_uploaded += (folder / name).stat().st_size
         # Only what fp8q wrote there before goes (or is replaced); what a person added stays, said in a note.
         new = set(files)
-        theirs = sorted(set(self.existing) & new - self.ours - ({CARD} if self.stub_card else set()))
+        replaced = set(self.changed) & new if self.overwrite else set()  # changed since, and --overwrite says so
+        theirs = sorted(set(self.existing) & new - self.ours - replaced - ({CARD} if self.stub_card else set()))
         if theirs and not self.create_pr:
             raise OutputError(
                 f"{self.repo_id}: holds {theirs[0]}, which fp8q did not write and the output has too; fp8q replaces "
                 "nothing it did not write: move it aside on the Hub, or use --create-pr to propose the output"
             )
         ops += [CommitOperationDelete(path_in_repo=name) for name in self.existing if name in self.ours - new]
+        if replaced:
+            self.notes.append(
+                f"{self.repo_id}: replaced {', '.join(sorted(replaced))}, changed on the Hub since fp8q published it "
+                "(--overwrite)"
+            )
         self.kept = sorted(set(self.existing) - self.ours - new)
         if self.kept:
             more = f" and {len(self.kept) - 1} more" if len(self.kept) > 1 else ""
