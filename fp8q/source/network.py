@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 import httpx
 from huggingface_hub.utils import get_session
@@ -76,10 +77,8 @@ def bound_requests() -> None:
 def no_answer(error: BaseException) -> str | None:
     """'no answer from GET https://.../api/whoami-v2 within 60 s ...' when a timeout ended `error` (anywhere in its
     chain: huggingface_hub wraps some), else None."""
-    seen: BaseException | None = error
-    while seen is not None and not isinstance(seen, httpx.TimeoutException):
-        seen = seen.__cause__ or seen.__context__
-    if seen is None:
+    seen = _in_chain(error, lambda e: isinstance(e, httpx.TimeoutException))
+    if not isinstance(seen, httpx.TimeoutException):
         return None
     try:
         request = seen.request
@@ -94,13 +93,19 @@ def no_answer(error: BaseException) -> str | None:
 
 def disk_full(error: BaseException) -> str | None:
     """'the disk is full ...' when a full disk (ENOSPC, anywhere in the chain) ended a download, else None."""
+    seen = _in_chain(error, lambda e: isinstance(e, OSError) and e.errno == errno.ENOSPC)
+    if not isinstance(seen, OSError):
+        return None
+    where = f" at {seen.filename}" if seen.filename else ""
+    return f"the disk is full{where}: free some space there, then run again"
+
+
+def _in_chain(error: BaseException, matches: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception in `error`'s chain (itself, then what caused it) that `matches`, or None."""
     seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            where = f" at {seen.filename}" if seen.filename else ""
-            return f"the disk is full{where}: free some space there, then run again"
+    while seen is not None and not matches(seen):
         seen = seen.__cause__ or seen.__context__
-    return None
+    return seen
 
 
 __all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "bound_requests", "disk_full", "hub_timeout", "no_answer"]
