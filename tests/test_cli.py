@@ -196,7 +196,7 @@ def test_ctrl_c_during_verify_does_not_speak_of_an_output_folder(tmp_path):
     src = _big_source(tmp_path / "src", shards=6)
     quantize(src, tmp_path / "out", QuantizeOptions(device="cpu"))
     cmd = [sys.executable, "-m", "fp8q", "verify", str(tmp_path / "out"), "--source", str(src)]
-    for delay in (0.1, 0.3, 0.6, 2.5):  # while Python imports, while typer parses, while it checks
+    for delay in (0.1, 0.3, 0.5, 0.7, 0.9, 1.2, 1.6, 2.0, 2.5):  # imports, typer parsing, the checks
         child = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         time.sleep(delay)
         child.send_signal(signal.SIGINT)
