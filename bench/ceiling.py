@@ -27,7 +27,9 @@ class CeilingQuantizer(CpuQuantizer):
     def __init__(self, layout: Layout) -> None:
         super().__init__(layout, workers=1)
 
-    def start(self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
+    def start(
+        self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None, whole: bool = False
+    ) -> Quantized:
         w = handle.host if part is None else part.take(handle.host)
         q, s = numerics.empty_outputs(w, self.layout, q=q)
         s.fill_(1)

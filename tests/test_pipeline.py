@@ -274,16 +274,16 @@ class _Deferred(quantizer_module.CpuQuantizer):
 
     in_flight = 3
 
-    def start(self, handle, q=None, part=None):
+    def start(self, handle, q=None, part=None, whole=False):
         def run():
-            done = quantizer_module.CpuQuantizer.start(self, handle, q, part)
+            done = quantizer_module.CpuQuantizer.start(self, handle, q, part, whole)
             promise.q.copy_(done.q)
             promise.s.copy_(done.s)
             promise.sums = done.sums
 
         w = handle.host if part is None else part.take(handle.host)
         q_out, s_out = numerics_module.empty_outputs(w, self.layout, q=torch.empty_like(q) if q is not None else None)
-        promise = quantizer_module.Quantized(q_out, s_out, torch.zeros(5, dtype=torch.float64), pending=run)
+        promise = quantizer_module.Quantized(q_out, s_out, torch.zeros(6, dtype=torch.float64), pending=run)
         return promise
 
 

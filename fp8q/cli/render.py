@@ -207,7 +207,7 @@ def show_report(report: Report, as_json: bool, quiet: bool) -> None:
     if report.tensors_dequantized:
         layouts = ", ".join(f"{n} {name}" for name, n in report.layouts.items())
         tensors += (
-            f"; {report.tensors_dequantized} FP8 weights ({layouts}) dequantized to {report.dtype}, "
+            f"; {report.tensors_dequantized} source weights ({layouts}) dequantized to {report.dtype}, "
             f"{report.tensors_dropped} scales dropped"
         )
     downloaded = ""

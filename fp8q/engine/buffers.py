@@ -100,7 +100,8 @@ class Item:
     buffer: torch.Tensor | None = None  # the pool buffer behind the input `data`, handed back once used
     pool: BufferPool | None = None  # where `buffer` goes back to (None: the input pool)
     out_buffers: list[torch.Tensor] = field(default_factory=list)  # pool buffers behind quantized outputs
-    scale: torch.Tensor | None = None  # an FP8 source weight's scale
+    scale: torch.Tensor | None = None  # a quantized source weight's scale
+    second: torch.Tensor | None = None  # and its second scale (FP4's global scale), where it has one
 
 
 def pool_sizes(plan: Plan, in_flight: int) -> list[tuple[int, int]]:
@@ -111,7 +112,7 @@ def pool_sizes(plan: Plan, in_flight: int) -> list[tuple[int, int]]:
     largest_weight = max((p.out.nbytes for j in quantized for p in j.pieces), default=0)
     pieces = max((len(j.pieces) for j in quantized), default=1)
     dequantized = max(
-        (math.prod(j.input.shape) * ITEMSIZE[plan.dtype] for j in plan.jobs if j.action.dequantizes and plan.dtype),
+        (math.prod(j.decoded_shape) * ITEMSIZE[plan.dtype] for j in plan.jobs if j.action.dequantizes and plan.dtype),
         default=0,
     )
     return [

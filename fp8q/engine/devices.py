@@ -56,7 +56,7 @@ class Quantized:
             if not numerics.scale_is_finite(self.s):
                 raise numerics.NonFiniteWeight("holds NaN or inf values")
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | int | bool]:
         return numerics.error_stats(self.sums.tolist())
 
 
@@ -83,15 +83,20 @@ def resolve_device(device: str) -> torch.device:
 
 
 def dequantize_into(
-    q: torch.Tensor, scale: torch.Tensor, layout: Layout, out: torch.Tensor, pool: ThreadPoolExecutor | None = None
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    layout: Layout,
+    out: torch.Tensor,
+    pool: ThreadPoolExecutor | None = None,
+    second: torch.Tensor | None = None,
 ) -> bool:
-    """Dequantize an FP8 weight into `out` (its dtype) band by band, on `pool`'s threads when given; returns
-    whether every value is finite (a value `out`'s dtype cannot hold is inf)."""
+    """Dequantize a quantized weight into `out` (its dtype) band by band, on `pool`'s threads when given; returns
+    whether every value is finite (a value `out`'s dtype cannot hold is inf). `second`: FP4's global scale."""
     rows, cols = q.shape
 
     def band(r: tuple[int, int, Any]) -> bool:
         r0, r1, scale_rows = r
-        out[r0:r1] = numerics.dequantize(q[r0:r1], scale[scale_rows], layout, out.dtype)
+        out[r0:r1] = layout.dequantize(q[r0:r1], scale[scale_rows], out.dtype, second)
         return bool(torch.isfinite(out[r0:r1]).all())
 
     bands = list(numerics.row_bands(rows, cols, layout))
@@ -120,7 +125,9 @@ class Quantizer(Protocol):
 
     def submit(self, w: torch.Tensor) -> Submitted: ...
 
-    def start(self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized: ...
+    def start(
+        self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None, whole: bool = False
+    ) -> Quantized: ...
 
     def close(self) -> None: ...
 
@@ -128,7 +135,9 @@ class Quantizer(Protocol):
 class _Quantizer:
     """What every quantizer has: `result`, which starts a weight and waits for it."""
 
-    def start(self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
+    def start(
+        self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None, whole: bool = False
+    ) -> Quantized:
         raise NotImplementedError
 
     def result(
@@ -155,9 +164,12 @@ class CpuQuantizer(_Quantizer):
     def submit(self, w: torch.Tensor) -> Submitted:
         return Submitted(w)
 
-    def start(self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
+    def start(
+        self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None, whole: bool = False
+    ) -> Quantized:
         """Quantize the submitted weight (or the `part` of it one output takes) into `q` when given
-        (a pool buffer), else into new memory. May be called once per part of the same handle.
+        (a pool buffer), else into new memory. May be called once per part of the same handle. `whole`: its
+        statistics over every value, exactness too (numerics.error_sums).
 
         Raises:
             NonFiniteWeight: NaN or inf in the weight.
@@ -171,7 +183,7 @@ class CpuQuantizer(_Quantizer):
         if amaxes and amaxes[0] is not None:
             tensor_scale = layout.tensor_scale(torch.stack(amaxes).amax(), w.dtype)
         self._map(lambda r: _chunked_quantize(w, q, s, r, self._chunk_rows(w), layout, tensor_scale), ranges)
-        return Quantized(q, s, numerics.error_sums(w, q, s, layout))
+        return Quantized(q, s, numerics.error_sums(w, q, s, layout, whole=whole))
 
     def close(self) -> None:
         if self.pool:
@@ -242,7 +254,9 @@ class CudaQuantizer(_Quantizer):
         # Keep the pinned source alive until its copy has run.
         return Submitted(w, dev, uploaded)
 
-    def start(self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None) -> Quantized:
+    def start(
+        self, handle: Submitted, q: torch.Tensor | None = None, part: Part | None = None, whole: bool = False
+    ) -> Quantized:
         dev, uploaded = handle.device, handle.uploaded
         assert dev is not None and uploaded is not None
         with torch.cuda.stream(self.compute):
@@ -250,7 +264,7 @@ class CudaQuantizer(_Quantizer):
             dev.record_stream(self.compute)  # the upload stream's memory, read here
             x = dev if part is None else part.take(dev)
             q_dev, s_dev = numerics.quantize(x, self.layout)  # NaN or inf: a non-finite scale, seen in wait()
-            sums = numerics.error_sums(x, q_dev, s_dev, self.layout)
+            sums = numerics.error_sums(x, q_dev, s_dev, self.layout, whole=whole)
             computed = torch.cuda.Event()
             computed.record(self.compute)
         with torch.cuda.stream(self.download):

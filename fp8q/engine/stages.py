@@ -146,7 +146,9 @@ def _quantize_loop(
                 out = pools.outputs.take(stop)
                 item.out_buffers.append(out)
                 try:
-                    results.append(quantizer.start(item.data, typed_view(out, FP8, piece.out.shape), piece.part))
+                    q = typed_view(out, FP8, piece.out.shape)
+                    # A conversion's weights are compared value by value with their source: exact or not.
+                    results.append(quantizer.start(item.data, q, piece.part, whole=job.action is Action.REQUANTIZE))
                 except NonFiniteWeight:
                     raise non_finite(job) from None
             item.data = results
@@ -164,12 +166,11 @@ def _quantize_loop(
             assert dtype is not None
             into = pools.dequantized.take(stop)
             try:
-                item.data = _dequantized(
-                    job, item.data, item.scale, typed_view(into, TORCH_DTYPE[dtype], job.input.shape), quantizer
-                )
+                decoded = typed_view(into, TORCH_DTYPE[dtype], job.decoded_shape)
+                item.data = _dequantized(job, item.data, item.scale, item.second, decoded, quantizer)
             finally:
-                pools.inputs.give(item.buffer)  # the FP8 bytes are done with
-            item.buffer, item.pool, item.scale = into, pools.dequantized, None
+                pools.inputs.give(item.buffer)  # the quantized bytes are done with
+            item.buffer, item.pool, item.scale, item.second = into, pools.dequantized, None, None
             if job.action is Action.DEQUANTIZE:
                 item.data = [item.data]  # written as it is
         if job is not None and job.action.quantizes:
@@ -186,7 +187,7 @@ def _quantize_loop(
 
 
 def _dequantized(
-    job: Job, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, quantizer: Quantizer
+    job: Job, q: torch.Tensor, scale: torch.Tensor, second: torch.Tensor | None, out: torch.Tensor, quantizer: Quantizer
 ) -> torch.Tensor:
     """An FP8 source weight in `out` (of the dtype asked for), as its format's client computes it (see
     numerics.dequantize).
@@ -195,12 +196,12 @@ def _dequantized(
         CheckpointError: a scale no client can use, NaN codes, or values `dtype` cannot hold; naming the tensor.
     """
     assert job.scale is not None and job.input_layout is not None
-    weight = QuantizedWeight(job.input, job.scale, job.input_layout)
-    problem = value_problem(weight, q, scale)
+    weight = QuantizedWeight(job.input, job.scale, job.input_layout, second=job.second)
+    problem = value_problem(weight, q, scale, second)
     if problem:
         # The client would spread it over a whole row, tile or tensor, silently; refuse instead.
         raise CheckpointError(f"{problem} (`fp8q verify` lists every such problem)")
-    if not dequantize_into(q, scale, job.input_layout, out, quantizer.pool):
+    if not dequantize_into(q, scale, job.input_layout, out, quantizer.pool, second):
         # The largest value a code can dequantize to (scales decode monotonically: MX exponents too).
         ends = job.input_layout.decode_scale(torch.stack([scale.min(), scale.max()]).reshape(-1))
         largest = float(ends.double().abs().max()) * FP8_MAX
@@ -245,6 +246,8 @@ def _read(
                             raise read_error(path, job.input.name, e) from None
                     if job.scale is not None:
                         item.scale = scales.read(job.scale)
+                    if job.second is not None:
+                        item.second = scales.read(job.second)
                     put(outbox, item, stop)
             finally:
                 os.close(fd)

@@ -8,6 +8,7 @@ registry for one (`find`) and then asks the codec.
     clients.py             what an engine does with a layout: the types of each codec's cells
     granularity.py         per-tensor and per-tile scales, shared (and vLLM's tensor-parallel rules for tiles)
     compressed_tensors.py  what the compressed-tensors layouts share (config, client arithmetic, scale rules)
+    fp4.py                 what the FP4 layouts fp8q reads share (E2M1 codes, E8M0 scales); ct_mxfp4.py, ct_nvfp4.py
     fp8.py                 what vLLM's fp8 layouts share
     ct_channel.py, ct_tensor.py, ct_block.py, ct_mx.py, fp8_tensor.py, fp8_block.py: one layout each
     detect.py              the layout of a checkpoint read back (fp8q's, llm-compressor's, DeepSeek's)
@@ -15,8 +16,8 @@ registry for one (`find`) and then asks the codec.
 A new layout is a new module here, `@register`ed, and its tests: it is found by the registry, listed by `layouts()`,
 and tested against transformers by tests/test_layouts_load.py from its own cells.
 
-Imports: errors, layouts.vocabulary; layouts.base (and with it the codecs and torch) only on the first lookup. That
-keeps `import fp8q.cli` light.
+Imports: errors, layouts.vocabulary; layouts (base, fp4; with them the codecs and torch) only on the first lookup.
+That keeps `import fp8q.cli` light.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from fp8q.layouts.base import Layout
 
 # Modules of this package that are not one layout's codec.
-_SHARED = {"base", "clients", "compressed_tensors", "detect", "fp8", "granularity", "numerics", "vocabulary"}
+_SHARED = {"base", "clients", "compressed_tensors", "detect", "fp4", "fp8", "granularity", "numerics", "vocabulary"}
 DEFAULT_BLOCK = (128, 128)
 
 
@@ -81,6 +82,14 @@ def of_format(format: Format) -> list[type[Layout]]:
     return sorted(classes, key=lambda cls: cls.detect_order)
 
 
+def readers(format: Format) -> list[type[Layout]]:
+    """The layouts of one format a checkpoint is read in: the FP8 layouts fp8q writes, then the FP4 ones it only
+    reads (fp4.py), each module's class found by the registry's import."""
+    from fp8q.layouts.fp4 import INPUTS
+
+    return [*of_format(format), *(cls for cls in INPUTS if cls.format is format)]
+
+
 def _choices() -> str:
     return ", ".join(layout.name for layout in layouts())
 
@@ -101,4 +110,4 @@ def _no_such_layout(scheme: Scheme, format: Format, scale_format: ScaleFormat) -
     return f"--scheme {scheme.value} --format {format.value}: {why}; use {', or '.join(uses)}"
 
 
-__all__ = ["DEFAULT_BLOCK", "Format", "ScaleFormat", "Scheme", "default", "find", "layouts", "of_format"]
+__all__ = ["DEFAULT_BLOCK", "Format", "ScaleFormat", "Scheme", "default", "find", "layouts", "of_format", "readers"]

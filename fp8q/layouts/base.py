@@ -22,6 +22,7 @@ import torch
 from fp8q.dtypes import NAME_OF, TORCH_DTYPE
 from fp8q.layouts.clients import Cell
 from fp8q.layouts.numerics import BAND_ROWS, float_scale_problem
+from fp8q.layouts.numerics import dequantize as client_product
 from fp8q.layouts.vocabulary import Format, ScaleFormat, Scheme
 
 if TYPE_CHECKING:
@@ -140,6 +141,13 @@ class Layout:
         """The scale values as the client multiplies by them (MX: E8M0 exponents decoded)."""
         return scale
 
+    def dequantize(
+        self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, second: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows of a weight as its client computes them from their stored form and scale, in `dtype`; `second`: a
+        per-tensor scale beside the group scale, for the input layouts that have one (FP4's global scale)."""
+        return client_product(q, scale, self, dtype)
+
     def broadcast(self, scale: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """The scale spread over the weight's shape: one per tensor, row, group or tile."""
         raise NotImplementedError
@@ -186,6 +194,14 @@ class Layout:
     def claims(cls, scale_dtype: str) -> bool:
         """Whether a scale of this dtype is this layout's whatever its shape first suggested (MX's uint8)."""
         return False
+
+    def output_name(self, name: str) -> str:
+        """The name of a stored weight once decoded (FP4 codecs rename `weight_packed`); FP8 keeps it."""
+        return name
+
+    def decoded_shape(self, rows: int, cols: int) -> tuple[int, int]:
+        """The shape of a stored rows x cols weight once decoded (FP4 packs two values a byte); FP8 keeps it."""
+        return rows, cols
 
     def fits_scale(self, shape: tuple[int, ...], rows: int, cols: int) -> bool:
         """Whether a scale of this shape is this layout's for a rows x cols weight."""

@@ -19,18 +19,19 @@ problem at once while `dequantize` refuses on the first.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from fp8q.dtypes import FP8_NAMES
 from fp8q.errors import CheckpointError
-from fp8q.layouts import of_format
+from fp8q.layouts import of_format, readers
 from fp8q.layouts.base import Layout
 from fp8q.layouts.compressed_tensors import CompressedTensorsLayout, match_name
+from fp8q.layouts.fp4 import Fp4Input
 from fp8q.layouts.fp8 import Fp8Layout
-from fp8q.layouts.numerics import nan_codes
+from fp8q.layouts.numerics import float_scale_problem, nan_codes
 from fp8q.layouts.vocabulary import Format
 from fp8q.models.linear import is_linear_weight
 from fp8q.source.checkpoint import TensorMeta
@@ -47,6 +48,8 @@ AUX_SUFFIXES = (
     "k_scale",
     "v_scale",
     "kv_scale",
+    "weight_global_scale",  # NVFP4's per-tensor scale (paired with its weight where it has one)
+    "input_global_scale",  # NVFP4's static activation scale, for FP4 activations: nothing to carry into FP8
 )
 # Every tensor that only serves quantization, by the last part of its name.
 QUANTIZATION_ONLY = (*SCALE_SUFFIXES, *AUX_SUFFIXES)
@@ -65,6 +68,19 @@ class QuantizedWeight:
     scale: TensorMeta | None
     layout: Layout | None
     problem: str | None = None
+    second: TensorMeta | None = None  # FP4's per-tensor scale beside its group scale (NVFP4's global scale)
+
+    @property
+    def name(self) -> str:
+        """The weight's name once decoded (`X.weight`)."""
+        return self.weight.name if self.layout is None else self.layout.output_name(self.weight.name)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape once decoded."""
+        if self.layout is None or len(self.weight.shape) != 2:
+            return self.weight.shape
+        return self.layout.decoded_shape(*self.weight.shape)
 
 
 @dataclass(frozen=True)
@@ -100,7 +116,8 @@ class DetectedLayout:
     @property
     def dropped(self) -> set[str]:
         """Names of every tensor that only serves quantization (what a dequantized checkpoint leaves out)."""
-        return {w.scale.name for w in self.weights if w.scale is not None} | {m.name for m in self.extras}
+        scales = {s.name for w in self.weights for s in (w.scale, w.second) if s is not None}
+        return scales | {m.name for m in self.extras}
 
     @property
     def family(self) -> type[CompressedTensorsLayout] | type[Fp8Layout]:
@@ -151,15 +168,17 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
     weights: list[QuantizedWeight] = []
     used: set[str] = set()
     for meta in tensors.values():
-        if meta.dtype not in FP8_NAMES or meta.name.rpartition(".")[2] in QUANTIZATION_ONLY:
+        suffix = meta.name.rpartition(".")[2]
+        # A packed weight (`X.weight_packed`, U8) is targeted as the Linear weight it decodes to.
+        probe = meta if suffix == "weight" else replace(meta, name=f"{meta.module}.weight", dtype="BF16")
+        expected = _ct_expected(probe, rules) if fmt is Format.COMPRESSED_TENSORS else expected_fp8
+        if isinstance(expected, Fp4Input) and suffix == expected.weight_suffix:
+            qw = _pair_packed(meta, tensors, expected)
+        elif meta.dtype not in FP8_NAMES or suffix in QUANTIZATION_ONLY:
             continue  # FP8 zero points or KV scales are not weights
-        if fmt is Format.COMPRESSED_TENSORS:
-            expected = _ct_expected(meta, rules)
         else:
-            expected = expected_fp8
-        qw = _pair(meta, tensors, fmt, expected)
-        if qw.scale is not None:
-            used.add(qw.scale.name)
+            qw = _pair(meta, tensors, fmt, None if isinstance(expected, Fp4Input) else expected)
+        used.update(s.name for s in (qw.scale, qw.second) if s is not None)
         weights.append(qw)
     extras = tuple(m for m in tensors.values() if m.name not in used and m.name.rpartition(".")[2] in QUANTIZATION_ONLY)
     ignore = qc.get("ignore") if fmt is Format.COMPRESSED_TENSORS else qc.get("ignored_layers")
@@ -193,13 +212,15 @@ _Rule = tuple[tuple[str, ...], Layout | None]
 def _ct_rules(qc: Mapping[str, Any]) -> list[_Rule]:
     rules: list[_Rule] = []
     groups = qc.get("config_groups") or {}
-    codecs = of_format(Format.COMPRESSED_TENSORS)
+    codecs = readers(Format.COMPRESSED_TENSORS)
     for group in groups.values() if isinstance(groups, dict) else ():
         if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
             continue
         args = group["weights"]
-        # The first codec, in their order, whose layout the group's weight arguments describe.
-        layout = next((found for cls in codecs if (found := cls.from_args(args)) is not None), None)  # type: ignore[attr-defined]
+        # The first codec, in their order, whose layout the group's weight arguments describe; the FP8 codecs read
+        # their strategy only, so a group of other widths is for the FP4 ones alone.
+        bits_codecs = codecs if args.get("num_bits", 8) == 8 else [c for c in codecs if issubclass(c, Fp4Input)]
+        layout = next((found for cls in bits_codecs if (found := cls.from_args(args)) is not None), None)  # type: ignore[attr-defined]
         rules.append((tuple(group.get("targets") or ()), layout))
     return rules
 
@@ -266,6 +287,34 @@ def _pair(meta: TensorMeta, tensors: Mapping[str, TensorMeta], fmt: Format, expe
     return QuantizedWeight(meta, scale, layout, problem)
 
 
+def _pair_packed(meta: TensorMeta, tensors: Mapping[str, TensorMeta], layout: Fp4Input) -> QuantizedWeight:
+    """Find a packed FP4 weight's group scale (and its second scale, where the layout has one), or say what is
+    missing."""
+    where = f"tensor {meta.name} in {meta.shard}"
+    if len(meta.shape) != 2:
+        return QuantizedWeight(meta, None, None, f"{where} has shape {list(meta.shape)}; fp8q reads 2-D FP4 weights")
+    module = meta.module
+    scale = tensors.get(f"{module}.weight_scale")
+    second = tensors.get(f"{module}.{layout.second_suffix}") if layout.second_suffix else None
+    if scale is None:
+        return QuantizedWeight(meta, None, None, f"{where} is {layout.describe()} but {module}.weight_scale is missing")
+    if layout.second_suffix and second is None:
+        missing = f"{module}.{layout.second_suffix}"
+        return QuantizedWeight(meta, scale, None, f"{where} is {layout.describe()} but {missing} is missing")
+    rows, cols = meta.shape
+    if not layout.fits_scale(scale.shape, rows, cols):
+        want = list(layout.scale_shape(*layout.decoded_shape(rows, cols)))
+        return QuantizedWeight(
+            meta,
+            scale,
+            None,
+            f"tensor {scale.name} in {scale.shard} has shape {list(scale.shape)}; {layout.describe()} needs {want} "
+            f"for its {rows}x{cols} packed weight",
+            second,
+        )
+    return QuantizedWeight(meta, scale, layout, layout.rule_problem(meta, scale), second)
+
+
 def _from_shape(shape: tuple[int, ...], rows: int, cols: int, fmt: Format, expected: Layout | None) -> Layout | None:
     """The layout a scale of this shape gives a rows x cols weight, the config's own first."""
     candidates = [*([expected] if expected else [])]
@@ -274,9 +323,11 @@ def _from_shape(shape: tuple[int, ...], rows: int, cols: int, fmt: Format, expec
     return next((layout for layout in candidates if layout.fits_scale(shape, rows, cols)), None)
 
 
-def value_problem(qw: QuantizedWeight, q: torch.Tensor, scale: torch.Tensor) -> str | None:
-    """What makes an FP8 weight's values unusable, as one line naming the tensor, or None: a scale no client can
-    use (integer, NaN, inf, zero or negative), or NaN codes in the weight itself."""
+def value_problem(
+    qw: QuantizedWeight, q: torch.Tensor, scale: torch.Tensor, second: torch.Tensor | None = None
+) -> str | None:
+    """What makes a quantized weight's values unusable, as one line naming the tensor, or None: a scale no client
+    can use (integer, NaN, inf, zero or negative; a NaN E8M0 byte), or NaN codes in an FP8 weight itself."""
     assert qw.scale is not None and qw.layout is not None
     bad_scale = qw.layout.scale_problem(scale)
     if bad_scale:
@@ -284,6 +335,12 @@ def value_problem(qw: QuantizedWeight, q: torch.Tensor, scale: torch.Tensor) -> 
             f"tensor {qw.scale.name} in {qw.scale.shard} has {bad_scale}; {qw.weight.name} cannot be dequantized, "
             "quantize it again"
         )
+    if second is not None and qw.second is not None:
+        bad_second = float_scale_problem(second)
+        if bad_second:
+            return f"tensor {qw.second.name} in {qw.second.shard} has {bad_second}; {qw.weight.name} cannot be decoded"
+    if isinstance(qw.layout, Fp4Input):
+        return None  # every FP4 code is a number
     nans = nan_codes(q)
     if nans:
         return (

@@ -38,6 +38,8 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448.0
 # Elements dequantized at a time: bounds the float64 temporaries of a band (8 MB) whatever the weight size.
 BAND_ELEMENTS = 1 << 20
+# Elements compared at a time when every value of a weight is checked (error_sums' `whole`).
+CHECK_ELEMENTS = 1 << 17
 # Rows per band that error_sums samples.
 BAND_ROWS = 16
 
@@ -176,11 +178,13 @@ def client_overflows(q: torch.Tensor, scale: torch.Tensor, layout: Layout) -> bo
     )
 
 
-def row_bands(rows: int, cols: int, layout: Layout) -> Iterator[tuple[int, int, slice | EllipsisType]]:
-    """Row ranges [r0, r1) of about `BAND_ELEMENTS` elements, whole block rows each, with the scale rows they
-    use (all of a per-tensor scale)."""
+def row_bands(
+    rows: int, cols: int, layout: Layout, elements: int = BAND_ELEMENTS
+) -> Iterator[tuple[int, int, slice | EllipsisType]]:
+    """Row ranges [r0, r1) of about `elements` elements, whole block rows each, with the scale rows they use (all of
+    a per-tensor scale)."""
     step = layout.row_step
-    band = max(step, BAND_ELEMENTS // max(cols, 1) // step * step)
+    band = max(step, elements // max(cols, 1) // step * step)
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
         yield r0, r1, layout.scale_rows(r0, r1)
@@ -198,22 +202,32 @@ def nan_codes(q: torch.Tensor) -> int:
     return int(((q.view(torch.uint8) & 0x7F) == 0x7F).sum())
 
 
-def error_sums(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout, bands: int = 2) -> torch.Tensor:
+def error_sums(
+    w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout, bands: int = 2, whole: bool = False
+) -> torch.Tensor:
     """What the manifest's statistics are made of, as one float64 vector on the weight's device (so that a GPU
     computes them without stopping): squared error and squared weight summed over a few bands of rows spread
-    over the tensor, the largest error there, and the smallest and largest scale. `error_stats` reads them."""
-    rows = w.shape[0]
-    # Bands of 16 rows, starting on a tile row for block scales (whose 128-row tiles would cost 8x as much).
-    step = layout.sample_step
-    starts = sorted({(rows * i // bands) // step * step for i in range(bands)})
+    over the tensor, the largest error there, the smallest and largest scale, and -1. `whole`: over every row
+    instead, and the last the number of values the client does not get back bit for bit (a conversion's exactness
+    check: its source values came from a quantized checkpoint, and may all come through). `error_stats` reads them."""
+    rows, cols = w.shape
+    if whole:
+        # Small bands: the float64 temporaries of each stay a few MB, so the check adds nothing to the peak memory.
+        ranges = [(a, b) for a, b, _ in row_bands(rows, cols, layout, CHECK_ELEMENTS)]
+    else:
+        # Bands of 16 rows, starting on a tile row for block scales (whose 128-row tiles would cost 8x as much).
+        step = layout.sample_step
+        starts = sorted({(rows * i // bands) // step * step for i in range(bands)})
+        ranges = [(a, min(rows, a + BAND_ROWS)) for a in starts]
     zero = torch.zeros((), dtype=torch.float64, device=w.device)
-    diff_sq, ref_sq, max_abs = zero, zero, zero
-    for a in starts:
-        b = min(rows, a + BAND_ROWS)
+    diff_sq, ref_sq, max_abs, inexact = zero, zero, zero, zero - (0 if whole else 1)
+    for a, b in ranges:
         # In float64: the squares of float32 weights near their maximum would overflow in float32.
         diff = dequantize(q[a:b], s[layout.scale_rows(a, b)], layout, torch.float64) - w[a:b].double()
         diff_sq = diff_sq + diff.square().sum()
         ref_sq = ref_sq + w[a:b].double().square().sum()
+        if whole:
+            inexact = inexact + (diff != 0).sum()
         if diff.numel():
             max_abs = torch.maximum(max_abs, diff.abs().max())
     # Scales decode monotonically (MX exponents too): decode only the smallest and the largest.
@@ -221,18 +235,22 @@ def error_sums(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout
     scale = layout.decode_scale(scale).double()
     if not scale.numel():
         scale = zero.reshape(1)
-    return torch.stack([diff_sq, ref_sq, max_abs, scale.min(), scale.max()])
+    return torch.stack([diff_sq, ref_sq, max_abs, scale.min(), scale.max(), inexact])
 
 
-def error_stats(sums: list[float]) -> dict[str, float]:
-    """Scale range and the dequantization error, from `error_sums` (read back to the host)."""
-    diff_sq, ref_sq, max_abs, scale_min, scale_max = sums
-    return {
+def error_stats(sums: list[float]) -> dict[str, float | int | bool]:
+    """Scale range and the dequantization error, from `error_sums` (read back to the host); where every value was
+    compared, whether all came through (`exact`) and how many did not."""
+    diff_sq, ref_sq, max_abs, scale_min, scale_max, inexact = sums
+    stats: dict[str, float | int | bool] = {
         "scale_min": scale_min,
         "scale_max": scale_max,
         "rel_error": (diff_sq / ref_sq) ** 0.5 if ref_sq > 0 else 0.0,
         "max_abs_error": max_abs,
     }
+    if inexact >= 0:
+        stats.update(exact=inexact == 0, inexact_values=int(inexact))
+    return stats
 
 
 def scale_is_finite(scale: torch.Tensor) -> bool:

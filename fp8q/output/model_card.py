@@ -1,7 +1,7 @@
 """The output's README.md: a model card for the converted model, in place of the source's.
 
-Imports: dtypes, units, layouts (base, clients, detect), PyYAML (the YAML front matter, both ways). The card
-says what the output is (layout, scales, what was quantized and kept), the exact command that makes it
+Imports: dtypes, units, layouts (base, clients, detect), plan.checks, PyYAML (the YAML front matter, both ways).
+The card says what the output is (layout, scales, what was quantized and kept), the exact command that makes it
 again, the quantization error summarised from the same per-tensor figures `fp8q.json` records, and how
 to serve it. The source's card follows below a rule, its own front matter removed: it still describes the
 model (its training, its intended use, its licence terms), and a second README beside the first would not
@@ -20,6 +20,7 @@ from fp8q.dtypes import config_name
 from fp8q.layouts.base import Layout
 from fp8q.layouts.clients import Outcome
 from fp8q.layouts.detect import layout_words
+from fp8q.plan.checks import exactness
 from fp8q.units import size_text
 
 CARD_FILE = "README.md"
@@ -148,9 +149,9 @@ def _body(card: CardInput) -> str:
     at = f" at revision `{card.revision}`" if card.revision else ""
     made = f"made with [fp8q](https://pypi.org/project/fp8q/) {card.version}"
     if card.command == "dequantize":
-        intro = f"{config_name(card.dtype or 'BF16')} weights of the FP8 model {link}{at}, dequantized: {made}."
+        intro = f"{config_name(card.dtype or 'BF16')} weights of the quantized model {link}{at}, dequantized: {made}."
     elif card.command == "convert":
-        intro = f"FP8 (`float8_e4m3fn`) weights of the FP8 model {link}{at} in another layout, {made}."
+        intro = f"FP8 (`float8_e4m3fn`) weights of the quantized model {link}{at} in another layout, {made}."
     else:
         intro = f"FP8 (`float8_e4m3fn`) weights of {link}{at}, {made}."
     lines = [f"# {card.out_name}", "", intro, "", "## What was converted", "", "| | |", "|---|---|"]
@@ -186,6 +187,8 @@ def _facts(card: CardInput) -> list[tuple[str, str]]:
     facts = [("layout", f"{layout_words(layout)} (`quantization_config` in config.json)")]
     if card.source_layouts:
         facts.append(("source layout", ", ".join(card.source_layouts)))
+    if (compared := exactness(card.stats)) is not None:
+        facts.append(("compared with the source", compared.removeprefix("exact: ")))
     facts += [
         ("weight scales", layout.scales_text()),
         ("activations", layout.activations_text(card.quantization_config)),

@@ -7,6 +7,7 @@ writing, and `inspect` / `--dry-run` can exit 1 for CI to gate on.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fp8q.layouts.base import Layout
@@ -156,11 +157,29 @@ def _vllm_words(layout: Layout, moe: bool) -> str:
 MAX_REL_ERROR = 0.1
 
 
+def exactness(stats: dict[str, dict[str, Any]]) -> str | None:
+    """A conversion's weights compared value by value with their source (fp8q.json's `exact`), in a line: how many
+    came through bit for bit, and the bound on the rest's relative error; None where none was compared (quantize)."""
+    checked = {name: s for name, s in stats.items() if "exact" in s}
+    if not checked:
+        return None
+    inexact = sorted(((float(s["rel_error"]), name) for name, s in checked.items() if not s["exact"]), reverse=True)
+    line = f"exact: {len(checked) - len(inexact):,} of {len(checked):,} weights came through bit for bit"
+    if inexact:
+        worst, name = inexact[0]
+        bound = f"2^{math.ceil(math.log2(worst))}" if worst > 0 else "0"
+        line += (
+            f"; {len(inexact):,} within {bound} relative error (worst {name}, {worst:.3g}): "
+            "each listed in fp8q.json (`exact`, `inexact_values`)"
+        )
+    return line
+
+
 def run_findings(stats: dict[str, dict[str, Any]]) -> list[str]:
     """What the quantized values tell that the plan could not, from the statistics fp8q.json records: weights far
     from their source (values too small for FP8 at their scales, say: all of them zero), and weights whose client
     overflows to inf (written only with --no-load-check)."""
-    found = []
+    found = [line] if (line := exactness(stats)) else []
     far = sorted(
         ((float(s["rel_error"]), name) for name, s in stats.items() if float(s.get("rel_error", 0)) > MAX_REL_ERROR),
         reverse=True,

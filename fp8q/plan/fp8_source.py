@@ -1,6 +1,6 @@
 """An FP8 checkpoint as the source of a conversion (dequantize, convert): its layout, checked, and what it turns into.
 
-Imports: errors, source.checkpoint, layouts (base, detect). Pure: everything here is decided from
+Imports: errors, source.checkpoint, layouts (base, detect, fp4). Pure: everything here is decided from
 config and headers, before any data is read.
 """
 
@@ -12,6 +12,7 @@ from typing import Any
 from fp8q.errors import CheckpointError, UsageError
 from fp8q.layouts.base import Layout
 from fp8q.layouts.detect import DetectedLayout, detect_layout, layout_words
+from fp8q.layouts.fp4 import Fp4Input
 from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint
 
 # The --dtype choices, by the names configs use, and their safetensors names.
@@ -39,7 +40,7 @@ def detect_fp8(checkpoint: Checkpoint) -> DetectedLayout:
     for qw in detected.weights:
         if qw.layout is None:
             raise CheckpointError(f"{checkpoint.root}: {qw.problem}")
-        if qw.weight.dtype != "F8_E4M3":
+        if qw.weight.dtype != "F8_E4M3" and not isinstance(qw.layout, Fp4Input):
             raise CheckpointError(
                 f"tensor {qw.weight.name} in {qw.weight.shard} is {qw.weight.dtype}; fp8q reads float8_e4m3fn weights"
             )

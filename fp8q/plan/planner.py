@@ -69,9 +69,16 @@ class Job:
     input: TensorMeta  # the source tensor it reads (or one expert's slice of it)
     action: Action
     pieces: tuple[Piece, ...]
-    # An FP8 source weight's scale (in whichever shard holds it) and the layout they are in.
+    # A quantized source weight's scale (in whichever shard holds it) and the layout they are in; FP4's second,
+    # per-tensor scale where it has one.
     scale: TensorMeta | None = None
     input_layout: Layout | None = None
+    second: TensorMeta | None = None
+
+    @property
+    def decoded_shape(self) -> tuple[int, ...]:
+        """The source weight's shape once decoded (FP4 packs two values a byte)."""
+        return self.pieces[0].out.shape if self.action.dequantizes else self.input.shape
 
     @property
     def outputs(self) -> tuple[OutTensor, ...]:
@@ -181,7 +188,11 @@ def make_plan(
         assert dtype is not None
         fp8 = {qw.weight.name: qw for qw in detected.weights}
         config = plain_config(config, dtype) if config is not None else None
-        tensors = [replace(m, dtype=dtype) if m.name in fp8 else m for m in tensors if m.name not in detected.dropped]
+        tensors = [
+            replace(m, name=fp8[m.name].name, dtype=dtype, shape=fp8[m.name].shape) if m.name in fp8 else m
+            for m in tensors
+            if m.name not in detected.dropped
+        ]
     if layout is None:
         selection = Selection((), ())
     else:
@@ -241,13 +252,13 @@ def _plan_jobs(
         qw = fp8.get(meta.name)
         if qw is not None:
             assert dtype is not None
-            if meta.name in to_quantize:
+            if qw.name in to_quantize:
                 assert layout is not None
-                pieces: tuple[Piece, ...] = (_quantized(meta.name, dtype, meta.shape, layout),)
+                pieces: tuple[Piece, ...] = (_quantized(qw.name, dtype, qw.shape, layout),)
                 action = Action.REQUANTIZE
             else:
-                pieces, action = (Piece(OutTensor(meta.name, dtype, meta.shape)),), Action.DEQUANTIZE
-            jobs.append(Job(meta, action, pieces, qw.scale, qw.layout))
+                pieces, action = (Piece(OutTensor(qw.name, dtype, qw.shape)),), Action.DEQUANTIZE
+            jobs.append(Job(meta, action, pieces, qw.scale, qw.layout, qw.second))
         elif meta.name in to_quantize and is_fused_expert_weight(meta):
             assert layout is not None
             for piece in split(meta, config):

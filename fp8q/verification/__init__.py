@@ -349,8 +349,14 @@ class _SourceTensor:
     dtype: str
     part: Part | None = None
     fused: str | None = None  # the fused source tensor it was split from
+    coded: QuantizedWeight | None = None  # a quantized source weight (convert's source): compared decoded
 
-    def take(self, w: torch.Tensor) -> torch.Tensor:
+    def load(self, reader: ShardReader) -> torch.Tensor:
+        """Its values: read, decoded as its format's client decodes them (float32) where the source is quantized."""
+        w = reader.read(self.source)
+        if self.coded is not None and self.coded.scale is not None and self.coded.layout is not None:
+            second = reader.read(self.coded.second) if self.coded.second is not None else None
+            w = self.coded.layout.dequantize(w, reader.read(self.coded.scale), torch.float32, second)
         return w if self.part is None else self.part.take(w)
 
 
@@ -358,6 +364,12 @@ def _source_tensors(src: Checkpoint) -> dict[str, _SourceTensor]:
     """Every tensor name a conversion of `src` can write, with where it comes from: each source tensor by
     its own name, and fused 3-D experts (and their biases) also by the per-expert names fp8q splits them into."""
     found = {name: _SourceTensor(meta, meta.shape, meta.dtype) for name, meta in src.tensors.items()}
+    coded = _quantized_source(src)
+    if coded is not None:  # a conversion's source: its weights by the names they decode to, its scales gone
+        for name in coded.dropped | {qw.weight.name for qw in coded.weights}:
+            found.pop(name, None)
+        for qw in coded.weights:
+            found[qw.name] = _SourceTensor(qw.weight, qw.shape, "F32", coded=qw)
     for meta in src.tensors.values():
         if not (is_fused_expert_weight(meta) or fused_weight_of(meta)):
             continue
@@ -370,6 +382,18 @@ def _source_tensors(src: Checkpoint) -> dict[str, _SourceTensor]:
                 shape = part.shape(piece.input.shape)
                 found[part.name] = _SourceTensor(piece.input, shape, meta.dtype, part, meta.name)
     return found
+
+
+def _quantized_source(src: Checkpoint) -> DetectedLayout | None:
+    """A source with a `quantization_config` (an FP8 or FP4 checkpoint `convert` read): its weights, each with a
+    scale to decode it by; None for a plain source, or one whose quantization fp8q cannot read."""
+    if not quantization_config(src.config):
+        return None
+    try:
+        detected = detect_layout(src.config, src.tensors)
+    except CheckpointError:
+        return None
+    return replace(detected, weights=tuple(qw for qw in detected.weights if qw.layout is not None))
 
 
 def _check_against_source(checkpoint: Checkpoint, src: Checkpoint, detected: DetectedLayout) -> list[str]:
@@ -422,7 +446,7 @@ def _check_weight(
     problem = value_problem(qw, q, scale)
     if problem:
         return row, problem
-    w = src_reader.read(src_meta.source) if src_meta is not None else None
+    w = src_meta.load(src_reader) if src_meta is not None else None
     diff_sq = ref_sq = 0.0
     max_abs = 0.0
     rows, cols = q.shape
@@ -436,7 +460,7 @@ def _check_weight(
             )
         if w is None or src_meta is None:
             continue
-        ref = src_meta.take(w)[r0:r1].double()
+        ref = w[r0:r1].double()
         diff = deq - ref
         diff_sq += float(diff.square().sum())
         ref_sq += float(ref.square().sum())

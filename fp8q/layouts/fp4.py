@@ -1,0 +1,120 @@
+"""What every FP4 input codec shares: E2M1 codes two to a byte, one scale per group of inputs along a row, and how a
+checkpoint in such a layout is read back and decoded. fp8q reads these layouts (dequantize, convert); it writes none.
+
+Imports: torch, layouts (base, numerics), source.checkpoint (types).
+
+An E2M1 nibble is a sign bit and an index into 0, 0.5, 1, 1.5, 2, 3, 4, 6; the low nibble of a byte is the even
+element along the input dimension (compressed-tensors' `unpack_fp4_from_uint8`, transformers'
+`convert_moe_packed_tensors`, vLLM's loaders agree). A value is its code times its group's multiplier, which each
+codec decodes from its scales as its own library does (`group_values`); the product is taken in float32, as the
+libraries take it, and rounded once to the dtype asked for. Exact for bfloat16 output where the multiplier is a power
+of two (MXFP4): a code has two significant bits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from fp8q.layouts.base import Layout
+from fp8q.layouts.numerics import pow2
+
+if TYPE_CHECKING:
+    from fp8q.source.checkpoint import TensorMeta
+
+# E2M1 nibble -> value (8..15: the same magnitudes negated; 8 is -0).
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_VALUES = torch.tensor([*_E2M1, *(-v for v in _E2M1)], dtype=torch.float32)
+E8M0_NAN = 255  # the E8M0 byte that stands for NaN
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The FP4 values of a [rows, cols/2] uint8 (or int8) tensor as a [rows, cols] float32 tensor."""
+    as_bytes = packed.view(torch.uint8)
+    nibbles = torch.stack((as_bytes & 0x0F, as_bytes >> 4), dim=-1).reshape(packed.shape[0], -1)
+    return E2M1_VALUES.to(packed.device)[nibbles.long()]
+
+
+def e8m0_values(scale: torch.Tensor) -> torch.Tensor:
+    """E8M0 bytes (uint8, or float8_e8m0fnu) as the float32 powers of two they stand for: 2^(byte - 127)."""
+    return pow2(scale.view(torch.uint8).to(torch.int32) - 127)
+
+
+def e8m0_problem(scale: torch.Tensor) -> str | None:
+    """An E8M0 scale's NaN bytes (255) in words, or None: every value of their group would be NaN."""
+    nans = int((scale.view(torch.uint8) == E8M0_NAN).sum())
+    return f"{nans} NaN (byte 255) of its {scale.numel()} E8M0 scale values" if nans else None
+
+
+class Fp4Input(Layout):
+    """An FP4 layout a checkpoint is read in: packed codes, a group scale, perhaps a second (global) scale."""
+
+    group: ClassVar[int]
+    weight_suffix: ClassVar[str] = "weight"  # the packed tensor's last name part
+    packed_dtypes: ClassVar[tuple[str, ...]] = ("U8",)
+    scale_dtypes: ClassVar[tuple[str, ...]]
+    second_suffix: ClassVar[str | None] = None  # a per-tensor scale beside the group scale (NVFP4's global scale)
+
+    def decoded_shape(self, rows: int, packed_cols: int) -> tuple[int, int]:
+        """The weight's shape once decoded: two values a byte."""
+        return rows, packed_cols * 2
+
+    def scale_shape(self, rows: int, cols: int) -> tuple[int, ...]:
+        """The group scale of a rows x cols (decoded) weight."""
+        return rows, cols // self.group
+
+    def fits_scale(self, shape: tuple[int, ...], rows: int, cols: int) -> bool:
+        """Whether a group scale of this shape fits a packed weight of rows x cols bytes."""
+        decoded = self.decoded_shape(rows, cols)
+        return decoded[1] % self.group == 0 and shape == self.scale_shape(*decoded)
+
+    def output_name(self, name: str) -> str:
+        """The decoded weight's name: `X.weight`."""
+        return name.removesuffix(self.weight_suffix) + "weight"
+
+    def group_values(self, scale: torch.Tensor, second: torch.Tensor | None) -> torch.Tensor:
+        """Each group's multiplier, [rows, groups] float32, as the format's own library computes it."""
+        raise NotImplementedError
+
+    def dequantize(
+        self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, second: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        codes = unpack_codes(q)
+        rows, cols = codes.shape
+        grouped = codes.view(rows, cols // self.group, self.group) * self.group_values(scale, second).unsqueeze(-1)
+        return grouped.view(rows, cols).to(dtype)
+
+    def decode_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        return self.group_values(scale, None)
+
+    def client_dtype(self, scale_dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16  # what the libraries decode FP4 to
+
+    def rule_problem(self, weight: TensorMeta, scale: TensorMeta) -> str | None:
+        if weight.dtype not in self.packed_dtypes:
+            return f"tensor {weight.name} in {weight.shard} is {weight.dtype}; {self.describe()} packs codes in U8"
+        if scale.dtype not in self.scale_dtypes:
+            want = " or ".join(self.scale_dtypes)
+            return f"tensor {scale.name} in {scale.shard} is {scale.dtype}; {self.describe()} scales are {want}"
+        return None
+
+    words: ClassVar[str]  # the layout in words: `compressed-tensors mxfp4-pack-quantized`
+
+    def describe(self) -> str:
+        return self.words
+
+    def granularity(self) -> str:
+        return f"one per {self.group} inputs of a row"
+
+
+INPUTS: list[type[Fp4Input]] = []  # every FP4 input codec, in the order their modules registered
+
+
+def register_input(cls: type[Fp4Input]) -> type[Fp4Input]:
+    """Class decorator: an input codec joins the list `detect` tries."""
+    INPUTS.append(cls)
+    return cls
+
+
+__all__ = ["E2M1_VALUES", "INPUTS", "Fp4Input", "e8m0_problem", "e8m0_values", "register_input", "unpack_codes"]

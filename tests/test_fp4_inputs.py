@@ -1,0 +1,192 @@
+"""FP4 checkpoints in: compressed-tensors MXFP4 and NVFP4 as llm-compressor's `model_free_ptq` writes them (its
+MXFP4A16 and NVFP4A16 presets, on a tiny Llama whose dims are whole groups). `dequantize` gives the bits
+compressed-tensors' own decompression gives under transformers; `convert` requantizes every weight and records,
+weight by weight, whether each value came through bit for bit.
+
+The exactness rule checked at the end (MXFP4 into 128x128 E4M3 tiles with power-of-two scales) is the one in
+../shared/docs/FORMATS.md section 8: a tile whose largest group scale is 2^a holds a group of scale 2^(a-d) exactly
+for every code when d <= 14; at 15 all but +-0.5 and +-1.5; at 16 only 0, 2, 4, 6; at 17 only 0 and 4; from 18 only 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fp8q import QuantizeOptions
+from fp8q.engine.api import convert, dequantize
+from fp8q.errors import CheckpointError
+from fp8q.layouts import find, layouts
+from fp8q.layouts.ct_mxfp4 import CtMxfp4
+from fp8q.layouts.fp4 import E2M1_VALUES
+from fp8q.layouts.numerics import error_sums
+from fp8q.layouts.numerics import quantize as quantize_tensor
+from fp8q.verification import verify
+from tests.factories import load_all, tiny_llama
+
+SCHEMES = {"mxfp4": "MXFP4A16", "nvfp4": "NVFP4A16"}
+KEPT = ["lm_head", "model.embed_tokens"]
+LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down)
+
+
+@pytest.fixture(scope="module")
+def fp4(tmp_path_factory) -> dict[str, Path]:
+    llmcompressor = pytest.importorskip("llmcompressor")
+    root = tmp_path_factory.mktemp("fp4")
+    made = {"bf16": tiny_llama(root / "bf16", hidden=128, intermediate=256, shard_kb=400)}
+    for name, scheme in SCHEMES.items():
+        llmcompressor.model_free_ptq(str(made["bf16"]), str(root / name), scheme=scheme, ignore=KEPT)
+        made[name] = root / name
+    return made
+
+
+@pytest.fixture(scope="module")
+def dequantized(fp4, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fp4-bf16")
+    return {name: _dequantize(fp4[name], root / name) for name in SCHEMES}
+
+
+def _dequantize(src: Path, out: Path, dtype: str = "bfloat16") -> Path:
+    dequantize(src, out, dtype=dtype)
+    return out
+
+
+def _config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_the_source_is_what_llm_compressor_writes(fp4, name):
+    qc = _config(fp4[name])["quantization_config"]
+    assert qc["format"] == f"{name}-pack-quantized"
+    tensors = load_all(fp4[name])
+    packed = tensors["model.layers.0.mlp.down_proj.weight_packed"]
+    assert packed.dtype == torch.uint8 and packed.shape == (128, 128)  # [out, in / 2]
+    scale = tensors["model.layers.0.mlp.down_proj.weight_scale"]
+    assert scale.dtype == (torch.uint8 if name == "mxfp4" else torch.float8_e4m3fn)
+    assert ("model.layers.0.mlp.down_proj.weight_global_scale" in tensors) == (name == "nvfp4")
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_dequantize_gives_the_bits_compressed_tensors_gives_under_transformers(fp4, dequantized, name):
+    """transformers' `CompressedTensorsConfig(dequantize=True)` (the `run_compressed=False` of older releases) runs
+    compressed-tensors' own decompression of each Linear: its weights are the reference, bit for bit."""
+    hf = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    model = hf.AutoModelForCausalLM.from_pretrained(
+        fp4[name], quantization_config=hf.CompressedTensorsConfig(dequantize=True)
+    )
+    reference = model.state_dict()
+    ours = load_all(dequantized[name])
+    compared = [k for k in ours if k.endswith("proj.weight")]
+    assert len(compared) == LINEARS
+    for key in compared:
+        assert reference[key].dtype == ours[key].dtype == torch.bfloat16, key
+        assert torch.equal(reference[key].view(torch.int16), ours[key].view(torch.int16)), key
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_the_dequantized_model_is_a_plain_bf16_llama(fp4, dequantized, name):
+    hf = pytest.importorskip("transformers")
+    config = _config(dequantized[name])
+    assert "quantization_config" not in config
+    names = set(load_all(dequantized[name]))
+    assert names == set(load_all(fp4["bf16"])), names ^ set(load_all(fp4["bf16"]))
+    model, info = hf.AutoModelForCausalLM.from_pretrained(dequantized[name], output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        logits = model(torch.arange(3, 30).reshape(1, -1)).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_float32_output_is_the_product_before_its_last_rounding(fp4, dequantized, name, tmp_path):
+    """--dtype float32: the float32 product the library rounds to bfloat16. MXFP4's is exact (a code has two
+    significant bits, its scale one), so both agree; NVFP4's quotient scale has 24 bits, so some values differ."""
+    wide = load_all(_dequantize(fp4[name], tmp_path / "f32", dtype="float32"))
+    narrow = load_all(dequantized[name])
+    rounded_differs = 0
+    for key in (k for k in narrow if k.endswith("proj.weight")):
+        assert wide[key].dtype == torch.float32
+        assert torch.equal(wide[key].to(torch.bfloat16).view(torch.int16), narrow[key].view(torch.int16)), key
+        rounded_differs += int((wide[key] != narrow[key].float()).sum())
+    assert (rounded_differs == 0) == (name == "mxfp4")
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+@pytest.mark.parametrize("target", [layout.name for layout in layouts()])
+def test_convert_checks_every_value_of_every_weight(fp4, dequantized, name, target, tmp_path):
+    """Into each FP8 layout fp8q writes: each weight's `exact` in fp8q.json is what its values say (an exact weight's
+    FP8 values times their scales are the decoded source, bit for bit), and the summary counts them."""
+    layout = next(layout for layout in layouts() if layout.name == target)
+    options = QuantizeOptions(
+        device="cpu", load_check=False, scheme=layout.scheme, format=layout.format, scale_format=layout.scale_format
+    )
+    report = convert(fp4[name], tmp_path / "out", options)
+    stats = json.loads((tmp_path / "out" / "fp8q.json").read_text())["tensors"]
+    assert len(stats) == LINEARS
+    out, source = load_all(tmp_path / "out"), load_all(dequantized[name])
+    for key, figures in stats.items():
+        q, scale = out[key], out[f"{key}_scale_inv" if layout.scale_suffix.endswith("inv") else f"{key}_scale"]
+        back = layout.dequantize(q, scale, torch.float64)
+        differs = int((back != source[key].double()).sum())
+        assert figures["inexact_values"] == differs and figures["exact"] == (differs == 0), key
+    exact = sum(figures["exact"] for figures in stats.values())
+    line = next(f for f in report.findings if f.startswith("exact:"))
+    assert line.startswith(f"exact: {exact} of {LINEARS} weights came through bit for bit")
+    if name == "mxfp4" and target in ("fp8-block-ue8m0", "ct-mx"):
+        assert exact == LINEARS  # power-of-two scales on whole groups: every MXFP4 code fits E4M3
+    if name == "nvfp4":
+        assert exact < LINEARS and "within 2^" in line
+    # verify compares with the decoded source: an exact weight's error is 0, the others' what fp8q.json says.
+    checked = verify(tmp_path / "out", source=fp4[name])
+    assert checked.ok and len(checked.rows) == LINEARS, checked.problems
+    for row in checked.rows:
+        assert (row.rel_error == 0) == stats[row.name]["exact"], row
+
+
+def test_a_nan_e8m0_scale_is_refused_naming_the_tensor(fp4, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in fp4["mxfp4"].iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    name = "model.layers.1.self_attn.o_proj.weight_scale"
+    shard = broken / json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][3, 1] = 255
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor {name} in {shard.name} has 1 NaN \(byte 255\)"):
+        dequantize(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ── when MXFP4 goes into E4M3 tiles exactly ──
+
+
+def _rule(spread: int, code: float) -> bool:
+    """FORMATS.md section 8: whether a code of a group 2^spread below its tile's largest group scale is exact."""
+    allowed = {15: {0, 1, 2, 3, 4, 6}, 16: {0, 2, 4, 6}, 17: {0, 4}}
+    return spread <= 14 or abs(code) in allowed.get(spread, {0})
+
+
+@pytest.mark.parametrize("spread", [14, 15, 16, 17, 18])
+def test_the_exactness_check_agrees_with_the_rule_at_each_group_scale_spread(spread):
+    """One 128x128 tile: its first group holds a 6 at scale 2^a (the tile's largest), every other group one code at
+    2^(a - spread). The check (the one a conversion runs) against the rule, code by code."""
+    mx, target = CtMxfp4(), find("block", "fp8", "ue8m0")
+    a = 127 + 3
+    for nibble in range(16):
+        code = float(E2M1_VALUES[nibble])
+        packed = torch.full((128, 64), nibble | nibble << 4, dtype=torch.uint8)
+        packed[0, 0] = 0x07  # 6 (low nibble) beside a 0
+        scale = torch.full((128, 4), a - spread, dtype=torch.uint8)
+        scale[0, 0] = a
+        w = mx.dequantize(packed, scale, torch.bfloat16)
+        q, s = quantize_tensor(w, target)
+        inexact = int(error_sums(w, q, s, target, whole=True)[5])
+        assert (inexact == 0) == _rule(spread, code), (spread, code, inexact)
