@@ -190,3 +190,137 @@ def test_the_exactness_check_agrees_with_the_rule_at_each_group_scale_spread(spr
         q, s = quantize_tensor(w, target)
         inexact = int(error_sums(w, q, s, target, whole=True)[5])
         assert (inexact == 0) == _rule(spread, code), (spread, code, inexact)
+
+
+# ── ModelOpt ──
+
+
+def _modelopt(ct_nvfp4: Path, out: Path, *, beside: bool) -> Path:
+    """A ModelOpt NVFP4 checkpoint in ModelOpt's names and dtypes, from the NVFP4 data llm-compressor wrote: `weight`
+    U8 (the same packing), `weight_scale` F8_E4M3 (the same), `weight_scale_2` F32 [] (a multiplier: 1 / the global
+    scale), `input_scale` F32 []. `beside`: the quantization in hf_quant_config.json (ModelOpt's exports), else in
+    config.json (`quant_method: modelopt`)."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    weight_map = {}
+    for f in ct_nvfp4.iterdir():
+        if f.suffix != ".safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+            continue
+        tensors = {}
+        for key, value in load_file(f).items():
+            module, _, suffix = key.rpartition(".")
+            if suffix == "weight_packed":
+                tensors[f"{module}.weight"] = value
+            elif suffix == "weight_global_scale":
+                tensors[f"{module}.weight_scale_2"] = (1 / value.float()).reshape(())
+                tensors[f"{module}.input_scale"] = torch.tensor(0.02)
+            else:
+                tensors[key] = value
+        save_file(tensors, out / f.name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, f.name))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    (out / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+    config = _config(out)
+    section = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": ["lm_head"]}
+    if beside:
+        del config["quantization_config"]
+        producer = {"name": "modelopt", "version": "0.37.0"}
+        (out / "hf_quant_config.json").write_text(json.dumps({"producer": producer, "quantization": section}))
+    else:
+        config["quantization_config"] = {"quant_method": "modelopt", **section}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _modelopt_reference(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """FORMATS.md section 8 (from vLLM's quantization/modelopt.py): w = code * weight_scale * weight_scale_2, the
+    low nibble first, taken left to right in float32 and rounded once to bfloat16. Written out here on its own."""
+    table = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    lut = torch.tensor(table + [-v for v in table])
+    packed = tensors[f"{module}.weight"]
+    codes = lut[torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1).long()]
+    scale = tensors[f"{module}.weight_scale"].float().repeat_interleave(16, dim=1)
+    return (codes * scale * tensors[f"{module}.weight_scale_2"].float()).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("beside", [True, False], ids=["hf_quant_config", "config"])
+def test_modelopt_nvfp4_dequantizes_to_a_plain_bf16_llama(fp4, tmp_path, beside):
+    hf = pytest.importorskip("transformers")
+    src = _modelopt(fp4["nvfp4"], tmp_path / "modelopt", beside=beside)
+    out = _dequantize(src, tmp_path / "bf16")
+    assert not (out / "hf_quant_config.json").exists()  # engines would read the bf16 output as ModelOpt's
+    assert "quantization_config" not in _config(out)
+    source, ours = load_all(src), load_all(out)
+    compared = [k for k in ours if k.endswith("proj.weight")]
+    assert len(compared) == LINEARS
+    for key in compared:
+        expected = _modelopt_reference(source, key.removesuffix(".weight"))
+        assert torch.equal(ours[key].view(torch.int16), expected.view(torch.int16)), key
+    _, info = hf.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_modelopt_nvfp4_converts_with_its_fp4_activation_scales_left_behind(fp4, tmp_path):
+    """Its `input_scale`s are for FP4 activations, nothing an FP8 layer could use: converting drops them (where an
+    FP8 checkpoint's calibrated ones are refused), and every weight is checked."""
+    src = _modelopt(fp4["nvfp4"], tmp_path / "modelopt", beside=True)
+    report = convert(src, tmp_path / "out", QuantizeOptions(device="cpu", scheme="block", format="fp8"))
+    assert not any(k.endswith("input_scale") for k in load_all(tmp_path / "out"))
+    assert any(f.startswith(f"exact: 0 of {LINEARS} weights") for f in report.findings), report.findings
+    assert verify(tmp_path / "out", source=src).ok
+
+
+def _modelopt_fp8(bf16: Path, out: Path, algo: str) -> Path:
+    """ModelOpt FP8 from the spec: `weight` F8_E4M3 with `weight_scale` F32 [] (FP8) or [out/128, in/128] (FP8_PB_WO,
+    weights only), `input_scale` F32 [] for FP8 only."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in bf16.iterdir():
+        if f.suffix != ".safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+            continue
+        tensors = {}
+        for key, value in load_file(f).items():
+            if not key.endswith("proj.weight"):
+                tensors[key] = value
+                continue
+            layout = find("tensor", "fp8") if algo == "FP8" else find("block", "fp8")
+            q, scale = quantize_tensor(value, layout)
+            module = key.removesuffix(".weight")
+            tensors.update({key: q, f"{module}.weight_scale": scale.reshape(() if algo == "FP8" else scale.shape)})
+            if algo == "FP8":
+                tensors[f"{module}.input_scale"] = torch.tensor(0.05)
+        save_file(tensors, out / f.name, metadata={"format": "pt"})
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    weight_map = {}
+    for f in out.glob("*.safetensors"):
+        weight_map.update(dict.fromkeys(_names(f), f.name))
+    (out / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+    config = _config(out)
+    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": algo, "exclude_modules": ["lm_head"]}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _names(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return list(f.keys())
+
+
+@pytest.mark.parametrize("algo", ["FP8", "FP8_PB_WO"])
+def test_modelopt_fp8_dequantizes_as_w_times_its_scale(fp4, tmp_path, algo):
+    src = _modelopt_fp8(fp4["bf16"], tmp_path / "modelopt", algo)
+    out = load_all(_dequantize(src, tmp_path / "bf16"))
+    source = load_all(src)
+    layout = find("tensor", "fp8") if algo == "FP8" else find("block", "fp8")
+    for key in (k for k in out if k.endswith("proj.weight")):
+        expected = layout.dequantize(source[key], source[key.replace("weight", "weight_scale")], torch.bfloat16)
+        assert torch.equal(out[key].view(torch.int16), expected.view(torch.int16)), key
+    if algo == "FP8":  # calibrated FP8 activation scales: converting would drop them, so it is refused
+        with pytest.raises(CheckpointError, match="input_scale"):
+            convert(src, tmp_path / "out", QuantizeOptions(device="cpu"))

@@ -83,11 +83,12 @@ def of_format(format: Format) -> list[type[Layout]]:
 
 
 def readers(format: Format) -> list[type[Layout]]:
-    """The layouts of one format a checkpoint is read in: the FP8 layouts fp8q writes, then the FP4 ones it only
-    reads (fp4.py), each module's class found by the registry's import."""
+    """The layouts of one format a checkpoint is read in, in the order a config is tried against them: the FP4 ones
+    fp8q only reads (fp4.py; each claims only its own bit width or algorithm), then the FP8 layouts it writes."""
     from fp8q.layouts.fp4 import INPUTS
 
-    return [*of_format(format), *(cls for cls in INPUTS if cls.format is format)]
+    of_format(format)  # the registry's import of every module
+    return [*(cls for cls in INPUTS if cls.format is format), *of_format(format)]
 
 
 def _choices() -> str:

@@ -1,7 +1,7 @@
 """compressed-tensors NVFP4 (`nvfp4-pack-quantized`, llm-compressor's NVFP4 and NVFP4A16): `weight_packed` U8
 [out, in/2], `weight_scale` F8_E4M3 [out, in/16], `weight_global_scale` F32 [1], which DIVIDES. Read only.
 
-Imports: torch, layouts (ct_mxfp4, fp4, numerics). Decoding as compressed-tensors' `NVFP4PackedCompressor.decompress`
+Imports: torch, layouts (ct_mxfp4, fp4). Decoding as compressed-tensors' `NVFP4PackedCompressor.decompress`
 runs it: the E4M3 scale in bfloat16 (exact), divided by the global scale in float32 (a tensor division, correctly
 rounded on every device), times the code in float32, rounded once to bfloat16. Not exact in general: the quotient has
 24 significant bits.
@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from fp8q.layouts.ct_mxfp4 import CtFp4
-from fp8q.layouts.fp4 import register_input
-from fp8q.layouts.numerics import float_scale_problem
+from fp8q.layouts.fp4 import e4m3_problem, register_input
 
 
 @register_input
@@ -31,4 +30,4 @@ class CtNvfp4(CtFp4):
         return values if second is None else values / second.float().reshape(1, 1)
 
     def scale_problem(self, scale: torch.Tensor) -> str | None:
-        return float_scale_problem(scale)
+        return e4m3_problem(scale)

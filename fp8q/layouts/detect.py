@@ -172,7 +172,7 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
         # A packed weight (`X.weight_packed`, U8) is targeted as the Linear weight it decodes to.
         probe = meta if suffix == "weight" else replace(meta, name=f"{meta.module}.weight", dtype="BF16")
         expected = _ct_expected(probe, rules) if fmt is Format.COMPRESSED_TENSORS else expected_fp8
-        if isinstance(expected, Fp4Input) and suffix == expected.weight_suffix:
+        if isinstance(expected, Fp4Input) and suffix == expected.weight_suffix and meta.dtype in expected.packed_dtypes:
             qw = _pair_packed(meta, tensors, expected)
         elif meta.dtype not in FP8_NAMES or suffix in QUANTIZATION_ONLY:
             continue  # FP8 zero points or KV scales are not weights
@@ -182,8 +182,8 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
         weights.append(qw)
     extras = tuple(m for m in tensors.values() if m.name not in used and m.name.rpartition(".")[2] in QUANTIZATION_ONLY)
     ignore = qc.get("ignore") if fmt is Format.COMPRESSED_TENSORS else qc.get("ignored_layers")
-    if fmt is Format.FP8 and not ignore:
-        ignore = qc.get("modules_to_not_convert")
+    if fmt is Format.FP8 and not ignore:  # transformers' name, then ModelOpt's
+        ignore = qc.get("modules_to_not_convert") or qc.get("exclude_modules") or qc.get("ignore")
     targets = tuple(t for rule in rules for t in rule[0])
     return DetectedLayout(fmt, dict(qc), tuple(weights), extras, tuple(ignore or ()), targets)
 
@@ -192,11 +192,12 @@ def _format(qc: Mapping[str, Any], tensors: Mapping[str, TensorMeta]) -> Format:
     method = qc.get("quant_method")
     if method == "compressed-tensors":
         return Format.COMPRESSED_TENSORS
-    if method == "fp8":
+    if method in ("fp8", "modelopt"):  # ModelOpt's FP8 is fp8's per-tensor and block layouts; its NVFP4 an input codec
         return Format.FP8
     if method is not None:
         raise CheckpointError(
-            f"quantization_config has quant_method {method!r}; fp8q reads compressed-tensors and fp8 checkpoints"
+            f"quantization_config has quant_method {method!r}; fp8q reads compressed-tensors, fp8 and modelopt "
+            "checkpoints"
         )
     # No config: DeepSeek/transformers name the scale `_inv`, AutoFP8 writes 0-d F32 scales.
     scales = [m for m in tensors.values() if m.name.rpartition(".")[2] in SCALE_SUFFIXES]
@@ -242,7 +243,7 @@ def _targets(meta: TensorMeta, target: str) -> bool:
 
 def _fp8_expected(qc: Mapping[str, Any]) -> Layout | None:
     """vLLM reads a missing `weight_block_size` as per-tensor, transformers as 128x128: then the scale decides."""
-    codecs = of_format(Format.FP8)
+    codecs = readers(Format.FP8)
     return next((found for cls in codecs if (found := cls.from_config(dict(qc))) is not None), None)  # type: ignore[attr-defined]
 
 

@@ -47,6 +47,14 @@ def e8m0_problem(scale: torch.Tensor) -> str | None:
     return f"{nans} NaN (byte 255) of its {scale.numel()} E8M0 scale values" if nans else None
 
 
+def e4m3_problem(scale: torch.Tensor) -> str | None:
+    """An NVFP4 group scale's unusable values (NaN, negative) in words, or None. A zero is a group of zeros."""
+    values = scale.float()
+    found = [(int(mask.sum()), what) for mask, what in ((torch.isnan(values), "NaN"), (values < 0, "negative"))]
+    said = [f"{n} {what}" for n, what in found if n]
+    return f"{', '.join(said)} of its {values.numel()} scale values" if said else None
+
+
 class Fp4Input(Layout):
     """An FP4 layout a checkpoint is read in: packed codes, a group scale, perhaps a second (global) scale."""
 
@@ -117,4 +125,13 @@ def register_input(cls: type[Fp4Input]) -> type[Fp4Input]:
     return cls
 
 
-__all__ = ["E2M1_VALUES", "INPUTS", "Fp4Input", "e8m0_problem", "e8m0_values", "register_input", "unpack_codes"]
+__all__ = [
+    "E2M1_VALUES",
+    "INPUTS",
+    "Fp4Input",
+    "e4m3_problem",
+    "e8m0_problem",
+    "e8m0_values",
+    "register_input",
+    "unpack_codes",
+]

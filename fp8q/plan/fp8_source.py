@@ -70,7 +70,9 @@ def check_convertible(checkpoint: Checkpoint, source: DetectedLayout, layout: La
             they would be dropped: calibrated values lost, and the engine's behaviour changed).
         UsageError: every weight is already in the target layout.
     """
-    static = [m for m in source.extras if m.name.rpartition(".")[2] in STATIC_SUFFIXES]
+    # An FP4 layer's activation scales are for FP4 activations: nothing an FP8 layer could use, so not lost.
+    fp4 = {qw.weight.module for qw in source.weights if isinstance(qw.layout, Fp4Input)}
+    static = [m for m in source.extras if m.name.rpartition(".")[2] in STATIC_SUFFIXES and m.module not in fp4]
     if static:
         first = static[0]
         raise CheckpointError(

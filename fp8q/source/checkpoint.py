@@ -36,6 +36,8 @@ from fp8q.source.files import (
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# ModelOpt writes its quantization here, beside a config.json that may have none (vLLM reads it from here then).
+MODELOPT_FILE = "hf_quant_config.json"
 # safetensors' own reader refuses headers above 100 MB; nothing legitimate comes close.
 MAX_HEADER_BYTES = 100_000_000
 # The longest file name most filesystems take, in bytes.
@@ -112,6 +114,15 @@ class Checkpoint:
         return sum(shard.size for shard in self.shards)
 
 
+def with_modelopt_config(config: dict[str, Any] | None, modelopt: dict[str, Any]) -> dict[str, Any] | None:
+    """config.json with ModelOpt's hf_quant_config.json as its `quantization_config` (`quant_method: modelopt`), where
+    it has none of its own."""
+    section = modelopt.get("quantization")
+    if config is None or "quantization_config" in config or not isinstance(section, dict):
+        return config
+    return {**config, "quantization_config": {"quant_method": "modelopt", **section}}
+
+
 def read_checkpoint(src: Path, remote: Mapping[str, Shard] | None = None) -> Checkpoint:
     """Validate a checkpoint folder (or one `.safetensors` file) from its headers alone. `remote`: shards of a
     Hub snapshot folder that are still on the Hub, their headers read by range requests (fp8q.source.streaming).
@@ -157,6 +168,10 @@ def read_checkpoint(src: Path, remote: Mapping[str, Shard] | None = None) -> Che
     config_path = src / CONFIG_FILE
     config = read_config(inside(config_path, allowed)) if config_path.is_file() else None
     used = set(shard_names) | {INDEX_FILE, CONFIG_FILE}
+    if (src / MODELOPT_FILE).is_file():
+        # Never copied: beside a dequantized or converted output it would make engines read it as ModelOpt's.
+        used.add(MODELOPT_FILE)
+        config = with_modelopt_config(config, read_config(inside(src / MODELOPT_FILE, allowed)))
     own = [f for f in files if f.startswith(RECORD_PREFIX)]  # would land on fp8q's records: never copied
     side = tuple(f for f in files if f not in used and f not in own and not f.endswith(WEIGHT_SUFFIXES))
     skipped = tuple(f for f in files if f not in used and (f in own or f.endswith(WEIGHT_SUFFIXES)))
