@@ -91,7 +91,12 @@ def dequantize_into(
     second: torch.Tensor | None = None,
 ) -> bool:
     """Dequantize a quantized weight into `out` (its dtype) band by band, on `pool`'s threads when given; returns
-    whether every value is finite (a value `out`'s dtype cannot hold is inf). `second`: FP4's global scale."""
+    whether every value is finite (a value `out`'s dtype cannot hold is inf). `second`: FP4's global scale. Fused
+    experts (gpt-oss's [E, out, groups, 16] blocks) go expert by expert."""
+    if q.dim() > 2:
+        for expert in range(q.shape[0]):
+            out[expert] = layout.dequantize(q[expert], scale[expert], out.dtype, second)
+        return bool(torch.isfinite(out).all())
     rows, cols = q.shape
 
     def band(r: tuple[int, int, Any]) -> bool:

@@ -199,9 +199,9 @@ class Layout:
         """The name of a stored weight once decoded (FP4 codecs rename `weight_packed`); FP8 keeps it."""
         return name
 
-    def decoded_shape(self, rows: int, cols: int) -> tuple[int, int]:
-        """The shape of a stored rows x cols weight once decoded (FP4 packs two values a byte); FP8 keeps it."""
-        return rows, cols
+    def decoded_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of a stored weight once decoded (FP4 packs two values a byte); FP8 keeps it."""
+        return shape
 
     def fits_scale(self, shape: tuple[int, ...], rows: int, cols: int) -> bool:
         """Whether a scale of this shape is this layout's for a rows x cols weight."""

@@ -78,9 +78,7 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, ...]:
         """The weight's shape once decoded."""
-        if self.layout is None or len(self.weight.shape) != 2:
-            return self.weight.shape
-        return self.layout.decoded_shape(*self.weight.shape)
+        return self.weight.shape if self.layout is None else self.layout.decoded_shape(self.weight.shape)
 
 
 @dataclass(frozen=True)
@@ -172,7 +170,7 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
         # A packed weight (`X.weight_packed`, U8) is targeted as the Linear weight it decodes to.
         probe = meta if suffix == "weight" else replace(meta, name=f"{meta.module}.weight", dtype="BF16")
         expected = _ct_expected(probe, rules) if fmt is Format.COMPRESSED_TENSORS else expected_fp8
-        if isinstance(expected, Fp4Input) and suffix == expected.weight_suffix and meta.dtype in expected.packed_dtypes:
+        if isinstance(expected, Fp4Input) and expected.is_packed(meta):
             qw = _pair_packed(meta, tensors, expected)
         elif meta.dtype not in FP8_NAMES or suffix in QUANTIZATION_ONLY:
             continue  # FP8 zero points or KV scales are not weights
@@ -192,12 +190,14 @@ def _format(qc: Mapping[str, Any], tensors: Mapping[str, TensorMeta]) -> Format:
     method = qc.get("quant_method")
     if method == "compressed-tensors":
         return Format.COMPRESSED_TENSORS
-    if method in ("fp8", "modelopt"):  # ModelOpt's FP8 is fp8's per-tensor and block layouts; its NVFP4 an input codec
+    # Read as the fp8 family: ModelOpt's FP8 is fp8's per-tensor and block layouts, its NVFP4 and gpt-oss's MXFP4 input
+    # codecs of that family (layouts/modelopt_nvfp4.py, layouts/gpt_oss_mxfp4.py) found from the config.
+    if method in ("fp8", "modelopt", "mxfp4"):
         return Format.FP8
     if method is not None:
         raise CheckpointError(
-            f"quantization_config has quant_method {method!r}; fp8q reads compressed-tensors, fp8 and modelopt "
-            "checkpoints"
+            f"quantization_config has quant_method {method!r}; fp8q reads compressed-tensors, fp8, modelopt and "
+            "mxfp4 (gpt-oss) checkpoints"
         )
     # No config: DeepSeek/transformers name the scale `_inv`, AutoFP8 writes 0-d F32 scales.
     scales = [m for m in tensors.values() if m.name.rpartition(".")[2] in SCALE_SUFFIXES]
@@ -292,25 +292,22 @@ def _pair_packed(meta: TensorMeta, tensors: Mapping[str, TensorMeta], layout: Fp
     """Find a packed FP4 weight's group scale (and its second scale, where the layout has one), or say what is
     missing."""
     where = f"tensor {meta.name} in {meta.shard}"
-    if len(meta.shape) != 2:
-        return QuantizedWeight(meta, None, None, f"{where} has shape {list(meta.shape)}; fp8q reads 2-D FP4 weights")
-    module = meta.module
-    scale = tensors.get(f"{module}.weight_scale")
-    second = tensors.get(f"{module}.{layout.second_suffix}") if layout.second_suffix else None
+    scale_name, second_name = layout.scale_name(meta.name), layout.second_name(meta.name)
+    scale = tensors.get(scale_name)
+    second = tensors.get(second_name) if second_name else None
     if scale is None:
-        return QuantizedWeight(meta, None, None, f"{where} is {layout.describe()} but {module}.weight_scale is missing")
-    if layout.second_suffix and second is None:
-        missing = f"{module}.{layout.second_suffix}"
-        return QuantizedWeight(meta, scale, None, f"{where} is {layout.describe()} but {missing} is missing")
-    rows, cols = meta.shape
-    if not layout.fits_scale(scale.shape, rows, cols):
-        want = list(layout.scale_shape(*layout.decoded_shape(rows, cols)))
+        return QuantizedWeight(meta, None, None, f"{where} is {layout.describe()} but {scale_name} is missing")
+    if second_name and second is None:
+        return QuantizedWeight(meta, scale, None, f"{where} is {layout.describe()} but {second_name} is missing")
+    want = layout.expected_scale(meta.shape)
+    if scale.shape != want:
+        needs = f"needs {list(want)}" if want else "needs inputs in whole groups"
         return QuantizedWeight(
             meta,
             scale,
             None,
-            f"tensor {scale.name} in {scale.shard} has shape {list(scale.shape)}; {layout.describe()} needs {want} "
-            f"for its {rows}x{cols} packed weight",
+            f"tensor {scale.name} in {scale.shard} has shape {list(scale.shape)}; {layout.describe()} {needs} "
+            f"for its {list(meta.shape)} packed weight",
             second,
         )
     return QuantizedWeight(meta, scale, layout, layout.rule_problem(meta, scale), second)

@@ -63,23 +63,36 @@ class Fp4Input(Layout):
     packed_dtypes: ClassVar[tuple[str, ...]] = ("U8",)
     scale_dtypes: ClassVar[tuple[str, ...]]
     second_suffix: ClassVar[str | None] = None  # a per-tensor scale beside the group scale (NVFP4's global scale)
+    # Why `convert` refuses it, where no engine loads what it would make (gpt-oss); None: it converts.
+    convert_refusal: ClassVar[str | None] = None
 
-    def decoded_shape(self, rows: int, packed_cols: int) -> tuple[int, int]:
-        """The weight's shape once decoded: two values a byte."""
-        return rows, packed_cols * 2
+    # ── its tensors, by name and shape ──
 
-    def scale_shape(self, rows: int, cols: int) -> tuple[int, ...]:
-        """The group scale of a rows x cols (decoded) weight."""
-        return rows, cols // self.group
+    def is_packed(self, meta: TensorMeta) -> bool:
+        """Whether a tensor is one of its packed weights: `X.<weight_suffix>`, 2-D, of a packed dtype."""
+        suffix = meta.name.rpartition(".")[2]
+        return suffix == self.weight_suffix and meta.dtype in self.packed_dtypes and len(meta.shape) == 2
 
-    def fits_scale(self, shape: tuple[int, ...], rows: int, cols: int) -> bool:
-        """Whether a group scale of this shape fits a packed weight of rows x cols bytes."""
-        decoded = self.decoded_shape(rows, cols)
-        return decoded[1] % self.group == 0 and shape == self.scale_shape(*decoded)
+    def scale_name(self, name: str) -> str:
+        """The group scale's name, for a packed weight's."""
+        return name.rpartition(".")[0] + ".weight_scale"
+
+    def second_name(self, name: str) -> str | None:
+        """The second scale's name, where the layout has one."""
+        return f"{name.rpartition('.')[0]}.{self.second_suffix}" if self.second_suffix else None
 
     def output_name(self, name: str) -> str:
         """The decoded weight's name: `X.weight`."""
         return name.removesuffix(self.weight_suffix) + "weight"
+
+    def decoded_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The weight's shape once decoded: two values a byte."""
+        return *shape[:-1], shape[-1] * 2
+
+    def expected_scale(self, packed: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The group scale's shape for a packed weight of this shape; None where its inputs are no whole groups."""
+        rows, cols = self.decoded_shape(packed)
+        return (rows, cols // self.group) if cols % self.group == 0 else None
 
     def group_values(self, scale: torch.Tensor, second: torch.Tensor | None) -> torch.Tensor:
         """Each group's multiplier, [rows, groups] float32, as the format's own library computes it."""

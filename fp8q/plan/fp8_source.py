@@ -73,6 +73,9 @@ def check_convertible(checkpoint: Checkpoint, source: DetectedLayout, layout: La
     # An FP4 layer's activation scales are for FP4 activations: nothing an FP8 layer could use, so not lost.
     fp4 = {qw.weight.module for qw in source.weights if isinstance(qw.layout, Fp4Input)}
     static = [m for m in source.extras if m.name.rpartition(".")[2] in STATIC_SUFFIXES and m.module not in fp4]
+    for qw in source.weights:
+        if isinstance(qw.layout, Fp4Input) and qw.layout.convert_refusal:
+            raise UsageError(f"{checkpoint.root}: {qw.layout.describe()}: {qw.layout.convert_refusal}")
     if static:
         first = static[0]
         raise CheckpointError(
