@@ -16,6 +16,7 @@ _TABLE: dict[str, tuple[torch.dtype, int]] = {
     "I8": (torch.int8, 1),
     "F8_E5M2": (torch.float8_e5m2, 1),
     "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E8M0": (torch.float8_e8m0fnu, 1),  # power-of-two scales (DeepSeek-V4's)
     "I16": (torch.int16, 2),
     "U16": (torch.uint16, 2),
     "F16": (torch.float16, 2),

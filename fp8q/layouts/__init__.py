@@ -8,7 +8,9 @@ registry for one (`find`) and then asks the codec.
     clients.py             what an engine does with a layout: the types of each codec's cells
     granularity.py         per-tensor and per-tile scales, shared (and vLLM's tensor-parallel rules for tiles)
     compressed_tensors.py  what the compressed-tensors layouts share (config, client arithmetic, scale rules)
-    fp4.py                 what the FP4 layouts fp8q reads share (E2M1 codes, E8M0 scales); ct_mxfp4.py, ct_nvfp4.py
+    inputs.py              the layouts fp8q reads and never writes, and their registry; fp4.py: what the FP4 ones
+                           share (E2M1 codes, E8M0 scales); ct_mxfp4.py, ct_nvfp4.py, modelopt_nvfp4.py,
+                           gpt_oss_mxfp4.py, deepseek_v4.py: one input format each
     fp8.py                 what vLLM's fp8 layouts share
     ct_channel.py, ct_tensor.py, ct_block.py, ct_mx.py, fp8_tensor.py, fp8_block.py: one layout each
     detect.py              the layout of a checkpoint read back (fp8q's, llm-compressor's, DeepSeek's)
@@ -16,7 +18,7 @@ registry for one (`find`) and then asks the codec.
 A new layout is a new module here, `@register`ed, and its tests: it is found by the registry, listed by `layouts()`,
 and tested against transformers by tests/test_layouts_load.py from its own cells.
 
-Imports: errors, layouts.vocabulary; layouts (base, fp4; with them the codecs and torch) only on the first lookup.
+Imports: errors, layouts.vocabulary; layouts (base, inputs; with them the codecs and torch) only on the first lookup.
 That keeps `import fp8q.cli` light.
 """
 
@@ -33,7 +35,10 @@ if TYPE_CHECKING:
     from fp8q.layouts.base import Layout
 
 # Modules of this package that are not one layout's codec.
-_SHARED = {"base", "clients", "compressed_tensors", "detect", "fp4", "fp8", "granularity", "numerics", "vocabulary"}
+_SHARED = {
+    *("base", "clients", "compressed_tensors", "detect", "fp4", "fp8", "granularity", "inputs", "numerics"),
+    "vocabulary",
+}
 DEFAULT_BLOCK = (128, 128)
 
 
@@ -83,9 +88,9 @@ def of_format(format: Format) -> list[type[Layout]]:
 
 
 def readers(format: Format) -> list[type[Layout]]:
-    """The layouts of one format a checkpoint is read in, in the order a config is tried against them: the FP4 ones
-    fp8q only reads (fp4.py; each claims only its own bit width or algorithm), then the FP8 layouts it writes."""
-    from fp8q.layouts.fp4 import INPUTS
+    """The layouts of one format a checkpoint is read in, in the order a config is tried against them: the ones fp8q
+    only reads (inputs.py; each claims only its own bit width or algorithm), then the FP8 layouts it writes."""
+    from fp8q.layouts.inputs import INPUTS
 
     of_format(format)  # the registry's import of every module
     return [*(cls for cls in INPUTS if cls.format is format), *of_format(format)]

@@ -29,8 +29,8 @@ from fp8q.errors import CheckpointError
 from fp8q.layouts import of_format, readers
 from fp8q.layouts.base import Layout
 from fp8q.layouts.compressed_tensors import CompressedTensorsLayout, match_name
-from fp8q.layouts.fp4 import Fp4Input
 from fp8q.layouts.fp8 import Fp8Layout
+from fp8q.layouts.inputs import InputLayout
 from fp8q.layouts.numerics import float_scale_problem, nan_codes
 from fp8q.layouts.vocabulary import Format
 from fp8q.models.linear import is_linear_weight
@@ -163,6 +163,7 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
     fmt = _format(qc, tensors)
     rules = _ct_rules(qc) if fmt is Format.COMPRESSED_TENSORS else []
     expected_fp8 = _fp8_expected(qc) if fmt is Format.FP8 else None
+    claimed = _claimed(qc) if fmt is Format.FP8 else []
     weights: list[QuantizedWeight] = []
     used: set[str] = set()
     for meta in tensors.values():
@@ -170,12 +171,14 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
         # A packed weight (`X.weight_packed`, U8) is targeted as the Linear weight it decodes to.
         probe = meta if suffix == "weight" else replace(meta, name=f"{meta.module}.weight", dtype="BF16")
         expected = _ct_expected(probe, rules) if fmt is Format.COMPRESSED_TENSORS else expected_fp8
-        if isinstance(expected, Fp4Input) and expected.is_packed(meta):
-            qw = _pair_packed(meta, tensors, expected)
+        inputs = [expected] if isinstance(expected, InputLayout) else claimed
+        codec = next((c for c in inputs if c.is_packed(meta, tensors)), None)
+        if codec is not None:
+            qw = _pair_packed(meta, tensors, codec)
         elif meta.dtype not in FP8_NAMES or suffix in QUANTIZATION_ONLY:
             continue  # FP8 zero points or KV scales are not weights
         else:
-            qw = _pair(meta, tensors, fmt, None if isinstance(expected, Fp4Input) else expected)
+            qw = _pair(meta, tensors, fmt, None if isinstance(expected, InputLayout) else expected)
         used.update(s.name for s in (qw.scale, qw.second) if s is not None)
         weights.append(qw)
     extras = tuple(m for m in tensors.values() if m.name not in used and m.name.rpartition(".")[2] in QUANTIZATION_ONLY)
@@ -220,7 +223,7 @@ def _ct_rules(qc: Mapping[str, Any]) -> list[_Rule]:
         args = group["weights"]
         # The first codec, in their order, whose layout the group's weight arguments describe; the FP8 codecs read
         # their strategy only, so a group of other widths is for the FP4 ones alone.
-        bits_codecs = codecs if args.get("num_bits", 8) == 8 else [c for c in codecs if issubclass(c, Fp4Input)]
+        bits_codecs = codecs if args.get("num_bits", 8) == 8 else [c for c in codecs if issubclass(c, InputLayout)]
         layout = next((found for cls in bits_codecs if (found := cls.from_args(args)) is not None), None)  # type: ignore[attr-defined]
         rules.append((tuple(group.get("targets") or ()), layout))
     return rules
@@ -243,8 +246,15 @@ def _targets(meta: TensorMeta, target: str) -> bool:
 
 def _fp8_expected(qc: Mapping[str, Any]) -> Layout | None:
     """vLLM reads a missing `weight_block_size` as per-tensor, transformers as 128x128: then the scale decides."""
-    codecs = readers(Format.FP8)
+    codecs = of_format(Format.FP8)
     return next((found for cls in codecs if (found := cls.from_config(dict(qc))) is not None), None)  # type: ignore[attr-defined]
+
+
+def _claimed(qc: Mapping[str, Any]) -> list[InputLayout]:
+    """The input codecs a config of the fp8 family (fp8, modelopt, mxfp4) may hold weights in, each found by the
+    codec's own reading of it; which tensors are theirs their names and dtypes then tell (`is_packed`)."""
+    found = (cls.from_config(dict(qc)) for cls in readers(Format.FP8) if issubclass(cls, InputLayout))
+    return [codec for codec in found if codec is not None]
 
 
 def _pair(meta: TensorMeta, tensors: Mapping[str, TensorMeta], fmt: Format, expected: Layout | None) -> QuantizedWeight:
@@ -288,7 +298,7 @@ def _pair(meta: TensorMeta, tensors: Mapping[str, TensorMeta], fmt: Format, expe
     return QuantizedWeight(meta, scale, layout, problem)
 
 
-def _pair_packed(meta: TensorMeta, tensors: Mapping[str, TensorMeta], layout: Fp4Input) -> QuantizedWeight:
+def _pair_packed(meta: TensorMeta, tensors: Mapping[str, TensorMeta], layout: InputLayout) -> QuantizedWeight:
     """Find a packed FP4 weight's group scale (and its second scale, where the layout has one), or say what is
     missing."""
     where = f"tensor {meta.name} in {meta.shard}"
@@ -337,7 +347,7 @@ def value_problem(
         bad_second = float_scale_problem(second)
         if bad_second:
             return f"tensor {qw.second.name} in {qw.second.shard} has {bad_second}; {qw.weight.name} cannot be decoded"
-    if isinstance(qw.layout, Fp4Input):
+    if isinstance(qw.layout, InputLayout):
         return None  # every FP4 code is a number
     nans = nan_codes(q)
     if nans:

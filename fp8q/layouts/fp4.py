@@ -1,7 +1,8 @@
 """What every FP4 input codec shares: E2M1 codes two to a byte, one scale per group of inputs along a row, and how a
-checkpoint in such a layout is read back and decoded. fp8q reads these layouts (dequantize, convert); it writes none.
+checkpoint in such a layout is read back and decoded. fp8q reads these layouts (dequantize, convert); it writes none
+(inputs.py).
 
-Imports: torch, layouts (base, numerics), source.checkpoint (types).
+Imports: torch, layouts (inputs, numerics), source.checkpoint (types).
 
 An E2M1 nibble is a sign bit and an index into 0, 0.5, 1, 1.5, 2, 3, 4, 6; the low nibble of a byte is the even
 element along the input dimension (compressed-tensors' `unpack_fp4_from_uint8`, transformers'
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from fp8q.layouts.base import Layout
+from fp8q.layouts.inputs import InputLayout
 from fp8q.layouts.numerics import pow2
 
 if TYPE_CHECKING:
@@ -55,42 +56,16 @@ def e4m3_problem(scale: torch.Tensor) -> str | None:
     return f"{', '.join(said)} of its {values.numel()} scale values" if said else None
 
 
-class Fp4Input(Layout):
-    """An FP4 layout a checkpoint is read in: packed codes, a group scale, perhaps a second (global) scale."""
+class Fp4Input(InputLayout):
+    """An FP4 layout: codes two to a byte, one scale per `group` inputs of a row."""
 
     group: ClassVar[int]
-    weight_suffix: ClassVar[str] = "weight"  # the packed tensor's last name part
-    packed_dtypes: ClassVar[tuple[str, ...]] = ("U8",)
-    scale_dtypes: ClassVar[tuple[str, ...]]
-    second_suffix: ClassVar[str | None] = None  # a per-tensor scale beside the group scale (NVFP4's global scale)
-    # Why `convert` refuses it, where no engine loads what it would make (gpt-oss); None: it converts.
-    convert_refusal: ClassVar[str | None] = None
-
-    # ── its tensors, by name and shape ──
-
-    def is_packed(self, meta: TensorMeta) -> bool:
-        """Whether a tensor is one of its packed weights: `X.<weight_suffix>`, 2-D, of a packed dtype."""
-        suffix = meta.name.rpartition(".")[2]
-        return suffix == self.weight_suffix and meta.dtype in self.packed_dtypes and len(meta.shape) == 2
-
-    def scale_name(self, name: str) -> str:
-        """The group scale's name, for a packed weight's."""
-        return name.rpartition(".")[0] + ".weight_scale"
-
-    def second_name(self, name: str) -> str | None:
-        """The second scale's name, where the layout has one."""
-        return f"{name.rpartition('.')[0]}.{self.second_suffix}" if self.second_suffix else None
-
-    def output_name(self, name: str) -> str:
-        """The decoded weight's name: `X.weight`."""
-        return name.removesuffix(self.weight_suffix) + "weight"
 
     def decoded_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The weight's shape once decoded: two values a byte."""
         return *shape[:-1], shape[-1] * 2
 
     def expected_scale(self, packed: tuple[int, ...]) -> tuple[int, ...] | None:
-        """The group scale's shape for a packed weight of this shape; None where its inputs are no whole groups."""
         rows, cols = self.decoded_shape(packed)
         return (rows, cols // self.group) if cols % self.group == 0 else None
 
@@ -109,9 +84,6 @@ class Fp4Input(Layout):
     def decode_scale(self, scale: torch.Tensor) -> torch.Tensor:
         return self.group_values(scale, None)
 
-    def client_dtype(self, scale_dtype: torch.dtype) -> torch.dtype:
-        return torch.bfloat16  # what the libraries decode FP4 to
-
     def rule_problem(self, weight: TensorMeta, scale: TensorMeta) -> str | None:
         if weight.dtype not in self.packed_dtypes:
             return f"tensor {weight.name} in {weight.shard} is {weight.dtype}; {self.describe()} packs codes in U8"
@@ -120,31 +92,8 @@ class Fp4Input(Layout):
             return f"tensor {scale.name} in {scale.shard} is {scale.dtype}; {self.describe()} scales are {want}"
         return None
 
-    words: ClassVar[str]  # the layout in words: `compressed-tensors mxfp4-pack-quantized`
-
-    def describe(self) -> str:
-        return self.words
-
     def granularity(self) -> str:
         return f"one per {self.group} inputs of a row"
 
 
-INPUTS: list[type[Fp4Input]] = []  # every FP4 input codec, in the order their modules registered
-
-
-def register_input(cls: type[Fp4Input]) -> type[Fp4Input]:
-    """Class decorator: an input codec joins the list `detect` tries."""
-    INPUTS.append(cls)
-    return cls
-
-
-__all__ = [
-    "E2M1_VALUES",
-    "INPUTS",
-    "Fp4Input",
-    "e4m3_problem",
-    "e8m0_problem",
-    "e8m0_values",
-    "register_input",
-    "unpack_codes",
-]
+__all__ = ["E2M1_VALUES", "Fp4Input", "e4m3_problem", "e8m0_problem", "e8m0_values", "unpack_codes"]

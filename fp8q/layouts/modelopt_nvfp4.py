@@ -2,7 +2,7 @@
 hf_quant_config.json): `weight` U8 [out, in/2], `weight_scale` F8_E4M3 [out, in/16], `weight_scale_2` F32 [], which
 MULTIPLIES (unlike compressed-tensors' global scale, a divisor), and `input_scale` F32 for FP4 activations. Read only.
 
-Imports: torch, layouts (fp4, fp8). ModelOpt's FP8 (`quant_algo: FP8`, per tensor, `weight_scale` F32 []) and
+Imports: torch, layouts (fp4, fp8, inputs). ModelOpt's FP8 (`quant_algo: FP8`, per tensor, `weight_scale` F32 []) and
 `FP8_PB_WO` (128x128 blocks) are the fp8 layouts fp8q reads already, found by their scales' shapes.
 
 Decoding: w = code * weight_scale * weight_scale_2, taken left to right in float32 (vLLM's modelopt.py applies the
@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from fp8q.layouts.fp4 import Fp4Input, e4m3_problem, register_input, unpack_codes
+from fp8q.layouts.fp4 import Fp4Input, e4m3_problem, unpack_codes
 from fp8q.layouts.fp8 import Fp8Layout
+from fp8q.layouts.inputs import register_input
 
 
 @register_input

@@ -1,6 +1,6 @@
 """An FP8 checkpoint as the source of a conversion (dequantize, convert): its layout, checked, and what it turns into.
 
-Imports: errors, source.checkpoint, layouts (base, detect, fp4). Pure: everything here is decided from
+Imports: errors, source.checkpoint, layouts (base, detect, inputs). Pure: everything here is decided from
 config and headers, before any data is read.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 from fp8q.errors import CheckpointError, UsageError
 from fp8q.layouts.base import Layout
 from fp8q.layouts.detect import DetectedLayout, detect_layout, layout_words
-from fp8q.layouts.fp4 import Fp4Input
+from fp8q.layouts.inputs import InputLayout
 from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint
 
 # The --dtype choices, by the names configs use, and their safetensors names.
@@ -40,7 +40,7 @@ def detect_fp8(checkpoint: Checkpoint) -> DetectedLayout:
     for qw in detected.weights:
         if qw.layout is None:
             raise CheckpointError(f"{checkpoint.root}: {qw.problem}")
-        if qw.weight.dtype != "F8_E4M3" and not isinstance(qw.layout, Fp4Input):
+        if qw.weight.dtype != "F8_E4M3" and not isinstance(qw.layout, InputLayout):
             raise CheckpointError(
                 f"tensor {qw.weight.name} in {qw.weight.shard} is {qw.weight.dtype}; fp8q reads float8_e4m3fn weights"
             )
@@ -71,10 +71,10 @@ def check_convertible(checkpoint: Checkpoint, source: DetectedLayout, layout: La
         UsageError: every weight is already in the target layout.
     """
     # An FP4 layer's activation scales are for FP4 activations: nothing an FP8 layer could use, so not lost.
-    fp4 = {qw.weight.module for qw in source.weights if isinstance(qw.layout, Fp4Input)}
+    fp4 = {qw.weight.module for qw in source.weights if isinstance(qw.layout, InputLayout)}
     static = [m for m in source.extras if m.name.rpartition(".")[2] in STATIC_SUFFIXES and m.module not in fp4]
     for qw in source.weights:
-        if isinstance(qw.layout, Fp4Input) and qw.layout.convert_refusal:
+        if isinstance(qw.layout, InputLayout) and qw.layout.convert_refusal:
             raise UsageError(f"{checkpoint.root}: {qw.layout.describe()}: {qw.layout.convert_refusal}")
     if static:
         first = static[0]

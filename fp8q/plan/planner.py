@@ -1,8 +1,8 @@
 """The pure planner: from a validated `Checkpoint` and the options, the complete output.
 
-Imports: errors, dtypes, source.checkpoint, plan.selection, layouts (base, detect), models (architectures, experts).
-Before any tensor data is read the plan fixes every output tensor's name, dtype, shape and byte offset, every shard
-header, the index and the config, so the writer can stream and `inspect` can show the whole result.
+Imports: errors, dtypes, source.checkpoint, plan.selection, layouts (base, detect, inputs), models (architectures,
+experts). Before any tensor data is read the plan fixes every output tensor's name, dtype, shape and byte offset,
+every shard header, the index and the config, so the writer can stream and `inspect` can show the whole result.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from fp8q.dtypes import ITEMSIZE, ORDER, config_name
 from fp8q.errors import CheckpointError
 from fp8q.layouts.base import Layout
 from fp8q.layouts.detect import QUANTIZATION_ONLY, DetectedLayout, QuantizedWeight
+from fp8q.layouts.inputs import InputLayout
 from fp8q.models.architectures import GENERIC, Architecture, groups
 from fp8q.models.experts import Part, fused_weight_of, is_fused_expert_weight, split
 from fp8q.plan.selection import Selection, check_not_quantized, natural_key, select
@@ -188,6 +189,10 @@ def make_plan(
         assert dtype is not None
         fp8 = {qw.weight.name: qw for qw in detected.weights}
         config = plain_config(config, dtype) if config is not None else None
+        # What a read-only format keeps beside its quantization_config (DeepSeek-V4's expert_dtype), set for the output.
+        codecs = {type(qw.layout): qw.layout for qw in detected.weights if isinstance(qw.layout, InputLayout)}
+        for codec in codecs.values():
+            config = codec.output_config(config, layout is not None) if config is not None else None
         tensors = [
             replace(m, name=fp8[m.name].name, dtype=dtype, shape=fp8[m.name].shape) if m.name in fp8 else m
             for m in tensors
@@ -196,7 +201,11 @@ def make_plan(
     if layout is None:
         selection = Selection((), ())
     else:
-        selection = select(tensors, config, ignore, targets)
+        # From a format fp8q only reads (FP4, DeepSeek-V4's), what its source quantized and nothing else: the rest
+        # the release keeps in high precision for a reason (DeepSeek-V4's compressors and indexers, say).
+        read_only = detected is not None and any(isinstance(qw.layout, InputLayout) for qw in detected.weights)
+        only = {qw.name.rpartition(".")[0] for qw in fp8.values()} if read_only else None
+        selection = select(tensors, config, ignore, targets, only)
     to_quantize = set(selection.quantize)
     jobs = [
         (shard, _plan_jobs(shard, layout, to_quantize, config, fp8, dtype, detected)) for shard in checkpoint.shards

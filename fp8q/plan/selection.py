@@ -49,8 +49,10 @@ def select(
     config: Mapping[str, object] | None,
     ignore: Iterable[str] = (),
     targets: Iterable[str] = (),
+    only: set[str] | None = None,
 ) -> Selection:
-    """Decide, for every tensor, whether it is a Linear weight to quantize.
+    """Decide, for every tensor, whether it is a Linear weight to quantize; `only`: the modules that may be (a
+    conversion of a format fp8q only reads requantizes what its source quantized, and keeps what it kept).
 
     Raises:
         CheckpointError: the input is already quantized.
@@ -81,6 +83,7 @@ def select(
             reason is None
             and not any(r.search(module) for r in ignore_res)
             and (not target_res or any(r.search(module) for r in target_res))
+            and (only is None or module in only)
         )
         if not wanted:
             if not fused:  # kept fused, it is no Linear module an engine would look up
