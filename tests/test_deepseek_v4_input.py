@@ -12,7 +12,6 @@ The decoding the test holds fp8q to is written out below (FORMATS.md section 8, 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -22,79 +21,9 @@ from safetensors.torch import load_file, save_file
 from fp8q import QuantizeOptions
 from fp8q.engine.api import convert, dequantize
 from fp8q.errors import CheckpointError
-from fp8q.layouts import find
-from fp8q.layouts.numerics import quantize as quantize_tensor
-from tests.factories import load_all
+from tests.factories import DEEPSEEK_V4_FP4, DEEPSEEK_V4_FP8, load_all, tiny_deepseek_v4
 
-QUANTIZATION = {
-    "quant_method": "fp8",
-    "fmt": "e4m3",
-    "activation_scheme": "dynamic",
-    "scale_fmt": "ue8m0",
-    "weight_block_size": [128, 128],
-}
-FP8_LINEAR = re.compile(r"\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|ffn\.shared_experts\.w[123])\.weight$")
-ROUTED = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$")
-
-
-def _native(name: str) -> str:
-    """transformers' saved name -> the release's (its conversion mapping takes either)."""
-    name = name.removeprefix("model.")
-    name = {"embed_tokens.weight": "embed.weight", "lm_head.weight": "head.weight"}.get(name, name)
-    return re.sub(r"^hc_head\.hc_", "hc_head_", name)
-
-
-def tiny_deepseek_v4(folder: Path) -> Path:
-    hf = pytest.importorskip("transformers")
-    if not hasattr(hf, "DeepseekV4ForCausalLM"):
-        pytest.skip("this transformers has no DeepseekV4")
-    config = hf.DeepseekV4Config(
-        vocab_size=256,
-        hidden_size=256,
-        moe_intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        head_dim=128,
-        q_lora_rank=128,
-        o_lora_rank=128,
-        o_groups=2,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        index_n_heads=2,
-        index_head_dim=64,
-        index_topk=8,
-        layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
-        mlp_layer_types=["moe", "moe"],
-        qk_rope_head_dim=64,
-        sliding_window=16,
-        max_position_embeddings=256,
-        num_nextn_predict_layers=0,
-    )
-    torch.manual_seed(0)
-    hf.DeepseekV4ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    ue8m0 = find("block", "fp8", "ue8m0")
-    generator = torch.Generator().manual_seed(1)
-    tensors = {}
-    for name, value in load_file(folder / "model.safetensors").items():
-        name = _native(name)
-        module = name.removesuffix(".weight")
-        if FP8_LINEAR.search(name):
-            q, scale = quantize_tensor(value, ue8m0)  # power-of-two float32 scales
-            exponent = torch.frexp(scale)[1].to(torch.int32) - 1 + 127
-            tensors[name], tensors[f"{module}.scale"] = q, exponent.to(torch.uint8).view(torch.float8_e8m0fnu)
-        elif ROUTED.search(name):
-            rows, cols = value.shape
-            tensors[name] = torch.randint(-128, 128, (rows, cols // 2), dtype=torch.int8, generator=generator)
-            exponents = torch.randint(118, 126, (rows, cols // 32), dtype=torch.uint8, generator=generator)
-            tensors[f"{module}.scale"] = exponents.view(torch.float8_e8m0fnu)
-        else:
-            tensors[name] = value
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    saved = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(
-        json.dumps({**saved, "expert_dtype": "fp4", "quantization_config": QUANTIZATION})
-    )
-    return folder
+FP8_LINEAR, ROUTED = DEEPSEEK_V4_FP8, DEEPSEEK_V4_FP4
 
 
 def _reference(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -113,6 +42,8 @@ def _reference(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def deepseek_v4(tmp_path_factory) -> Path:
+    if not hasattr(pytest.importorskip("transformers"), "DeepseekV4ForCausalLM"):
+        pytest.skip("this transformers has no DeepseekV4")
     return tiny_deepseek_v4(tmp_path_factory.mktemp("dsv4") / "release")
 
 

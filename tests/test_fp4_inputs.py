@@ -25,7 +25,7 @@ from fp8q.layouts.fp4 import E2M1_VALUES
 from fp8q.layouts.numerics import error_sums
 from fp8q.layouts.numerics import quantize as quantize_tensor
 from fp8q.verification import verify
-from tests.factories import load_all, tiny_llama
+from tests.factories import load_all, modelopt_nvfp4, tiny_llama
 
 SCHEMES = {"mxfp4": "MXFP4A16", "nvfp4": "NVFP4A16"}
 KEPT = ["lm_head", "model.embed_tokens"]
@@ -195,45 +195,6 @@ def test_the_exactness_check_agrees_with_the_rule_at_each_group_scale_spread(spr
 # ── ModelOpt ──
 
 
-def _modelopt(ct_nvfp4: Path, out: Path, *, beside: bool) -> Path:
-    """A ModelOpt NVFP4 checkpoint in ModelOpt's names and dtypes, from the NVFP4 data llm-compressor wrote: `weight`
-    U8 (the same packing), `weight_scale` F8_E4M3 (the same), `weight_scale_2` F32 [] (a multiplier: 1 / the global
-    scale), `input_scale` F32 []. `beside`: the quantization in hf_quant_config.json (ModelOpt's exports), else in
-    config.json (`quant_method: modelopt`)."""
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir()
-    weight_map = {}
-    for f in ct_nvfp4.iterdir():
-        if f.suffix != ".safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-            continue
-        tensors = {}
-        for key, value in load_file(f).items():
-            module, _, suffix = key.rpartition(".")
-            if suffix == "weight_packed":
-                tensors[f"{module}.weight"] = value
-            elif suffix == "weight_global_scale":
-                tensors[f"{module}.weight_scale_2"] = (1 / value.float()).reshape(())
-                tensors[f"{module}.input_scale"] = torch.tensor(0.02)
-            else:
-                tensors[key] = value
-        save_file(tensors, out / f.name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, f.name))
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    (out / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
-    config = _config(out)
-    section = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": ["lm_head"]}
-    if beside:
-        del config["quantization_config"]
-        producer = {"name": "modelopt", "version": "0.37.0"}
-        (out / "hf_quant_config.json").write_text(json.dumps({"producer": producer, "quantization": section}))
-    else:
-        config["quantization_config"] = {"quant_method": "modelopt", **section}
-    (out / "config.json").write_text(json.dumps(config))
-    return out
-
-
 def _modelopt_reference(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
     """FORMATS.md section 8 (from vLLM's quantization/modelopt.py): w = code * weight_scale * weight_scale_2, the
     low nibble first, taken left to right in float32 and rounded once to bfloat16. Written out here on its own."""
@@ -248,7 +209,7 @@ def _modelopt_reference(tensors: dict[str, torch.Tensor], module: str) -> torch.
 @pytest.mark.parametrize("beside", [True, False], ids=["hf_quant_config", "config"])
 def test_modelopt_nvfp4_dequantizes_to_a_plain_bf16_llama(fp4, tmp_path, beside):
     hf = pytest.importorskip("transformers")
-    src = _modelopt(fp4["nvfp4"], tmp_path / "modelopt", beside=beside)
+    src = modelopt_nvfp4(fp4["nvfp4"], tmp_path / "modelopt", beside=beside)
     out = _dequantize(src, tmp_path / "bf16")
     assert not (out / "hf_quant_config.json").exists()  # engines would read the bf16 output as ModelOpt's
     assert "quantization_config" not in _config(out)
@@ -265,7 +226,7 @@ def test_modelopt_nvfp4_dequantizes_to_a_plain_bf16_llama(fp4, tmp_path, beside)
 def test_modelopt_nvfp4_converts_with_its_fp4_activation_scales_left_behind(fp4, tmp_path):
     """Its `input_scale`s are for FP4 activations, nothing an FP8 layer could use: converting drops them (where an
     FP8 checkpoint's calibrated ones are refused), and every weight is checked."""
-    src = _modelopt(fp4["nvfp4"], tmp_path / "modelopt", beside=True)
+    src = modelopt_nvfp4(fp4["nvfp4"], tmp_path / "modelopt", beside=True)
     report = convert(src, tmp_path / "out", QuantizeOptions(device="cpu", scheme="block", format="fp8"))
     assert not any(k.endswith("input_scale") for k in load_all(tmp_path / "out"))
     assert any(f.startswith(f"exact: 0 of {LINEARS} weights") for f in report.findings), report.findings

@@ -11,51 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from fp8q import QuantizeOptions
 from fp8q.engine.api import convert, dequantize
 from fp8q.errors import UsageError
-from tests.factories import load_all
+from tests.factories import load_all, tiny_gpt_oss_mxfp4
 
 HIDDEN, INTERMEDIATE, EXPERTS = 64, 96, 4
-KEPT = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
-
-
-def tiny_gpt_oss_mxfp4(folder: Path) -> Path:
-    hf = pytest.importorskip("transformers")
-    config = hf.GptOssConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_local_experts=EXPERTS,
-        num_experts_per_tok=2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=320,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    hf.GptOssForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    tensors = load_file(folder / "model.safetensors")
-    generator = torch.Generator().manual_seed(1)
-    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        experts, inputs, outputs = tensors.pop(name).shape  # the bf16 model's [E, in, out]
-        blocks = torch.randint(0, 256, (experts, outputs, inputs // 32, 16), dtype=torch.uint8, generator=generator)
-        scales = torch.randint(120, 128, (experts, outputs, inputs // 32), dtype=torch.uint8, generator=generator)
-        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
-        tensors[f"{name}_bias"] = torch.randn(experts, outputs, generator=generator).to(torch.bfloat16)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    saved = json.loads((folder / "config.json").read_text())
-    saved["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": KEPT}
-    (folder / "config.json").write_text(json.dumps(saved))
-    return folder
 
 
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory) -> Path:
-    return tiny_gpt_oss_mxfp4(tmp_path_factory.mktemp("gpt-oss") / "mxfp4")
+    return tiny_gpt_oss_mxfp4(tmp_path_factory.mktemp("gpt-oss") / "mxfp4", HIDDEN, INTERMEDIATE, EXPERTS)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
