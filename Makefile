@@ -11,7 +11,7 @@ BASE   := $(VENV)/.base-stamp
 DEMO   := $(VENV)/.demo-stamp
 TESTS  := $(VENV)/.test-stamp
 
-.PHONY: install demo test lint bench bench-push engines clean
+.PHONY: install demo test lint bench bench-inputs bench-push engines clean
 
 install: $(BASE)
 
@@ -56,6 +56,10 @@ bench: $(TESTS)
 
 # Hub in, Hub out through the stand-in Hub (tests/hub_server.py), both directions paced to one rate: the push against
 # a download alone and an upload alone, its peak local disk, and a refused upload's --resume. About 4 minutes.
+# One measured conversion of each input format fp8q reads (README, "FP4 and mixed FP4/FP8 releases"). About 3 minutes.
+bench-inputs: $(TESTS)
+	$(BIN)/python bench/inputs.py
+
 bench-push: $(TESTS)
 	$(BIN)/python bench/push.py --shard-mb 96
 

@@ -285,3 +285,61 @@ def test_modelopt_fp8_dequantizes_as_w_times_its_scale(fp4, tmp_path, algo):
     if algo == "FP8":  # calibrated FP8 activation scales: converting would drop them, so it is refused
         with pytest.raises(CheckpointError, match="input_scale"):
             convert(src, tmp_path / "out", QuantizeOptions(device="cpu"))
+
+
+def test_inspect_names_the_input_format_and_what_each_target_keeps(fp4):
+    """Before any weight is read: the source's format and, per target layout, whether it can come through exactly
+    (MXFP4 into MXFP8 always; into power-of-two 128x128 tiles within a group-scale spread of 2^14)."""
+    from typer.testing import CliRunner
+
+    from fp8q.cli import app
+
+    def outlook(name: str, *options: str) -> dict:
+        result = CliRunner().invoke(app, ["inspect", str(fp4[name]), *options, "--json", "-q"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["source_layouts"]
+
+    mx = outlook("mxfp4", "--scheme", "mx")["compressed-tensors mxfp4-pack-quantized"]
+    assert mx["weights"] == LINEARS and mx["exact"].startswith("exact: every MXFP4 group fits")
+    tiles = outlook("mxfp4", "--scheme", "block", "--format", "fp8", "--scale-format", "ue8m0")
+    assert "within 2^14" in tiles["compressed-tensors mxfp4-pack-quantized"]["exact"]
+    nv = outlook("nvfp4", "--scheme", "block", "--format", "fp8")["compressed-tensors nvfp4-pack-quantized"]
+    assert nv["exact"].startswith("not exact in general")
+
+
+def test_a_layout_fp8q_does_not_read_is_named(fp4, tmp_path):
+    """INT4 `pack-quantized` (Kimi-K2.5's experts, llm-compressor's W4A16): one line naming the group and its format,
+    not "no FP8 tensors"."""
+    llmcompressor = pytest.importorskip("llmcompressor")
+    llmcompressor.model_free_ptq(str(fp4["bf16"]), str(tmp_path / "int4"), scheme="W4A16", ignore=KEPT)
+    with pytest.raises(CheckpointError, match=r"group W4A16 \(pack-quantized, 4-bit int\) is a layout fp8q does not"):
+        dequantize(tmp_path / "int4", tmp_path / "out")
+
+
+# ── no special path: the Hub, --resume ──
+
+
+def test_an_fp4_repo_streams_from_the_hub_and_a_stopped_run_resumes(fp4, tmp_path):
+    """convert of an NVFP4 repo not in the cache: planned from headers, each shard downloaded, converted, deleted;
+    a run stopped after its first shard (SIGTERM) resumes to the very bytes of a local conversion."""
+    from tests.hub_server import HubServer
+    from tests.test_hub_stream import _fp8q
+    from tests.test_resume import _hashes
+
+    repos = tmp_path / "repos"
+    (repos / "org").mkdir(parents=True)
+    (repos / "org" / "nvfp4").symlink_to(fp4["nvfp4"], target_is_directory=True)
+    convert(fp4["nvfp4"], tmp_path / "local", QuantizeOptions(device="cpu", scheme="block", format="fp8"))
+    server = HubServer(repos)
+    try:
+        args = ("convert", "org/nvfp4", str(tmp_path / "out"), "--scheme", "block", "--format", "fp8")
+        stopped = _fp8q(tmp_path, server, *args, "-q", stop_after="1:TERM")
+        assert stopped.returncode == 143, stopped.stderr
+        assert (tmp_path / "out.partial").is_dir() and not (tmp_path / "out").exists()
+        resumed = _fp8q(tmp_path, server, *args, "--resume", "-q")
+        assert resumed.returncode == 0, resumed.stderr
+    finally:
+        server.close()
+    assert _hashes(tmp_path / "out") == _hashes(tmp_path / "local")
+    stats = json.loads((tmp_path / "out" / "fp8q.json").read_text())["tensors"]
+    assert len(stats) == LINEARS and all("exact" in s for s in stats.values())

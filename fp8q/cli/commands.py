@@ -295,6 +295,7 @@ def inspect_command(
     scheme: SchemeOpt = Scheme.CHANNEL,
     format: FormatOpt = Format.COMPRESSED_TENSORS,
     block_size: BlockOpt = "128x128",
+    scale_format: ScaleFormatOpt = "float",
     ignore: IgnoreOpt = None,
     targets: TargetsOpt = None,
     tp: TpOpt = None,
@@ -303,14 +304,17 @@ def inspect_command(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Show what `quantize` would do with SRC: tensors, sizes, memory, problems. Reads headers only;
-    exits 1 when the plan has problems, so CI can gate on it."""
+    """Show what `quantize` would do with SRC (with a quantized SRC, what `convert` would: its format, and which
+    weights can come through exactly): tensors, sizes, memory, problems. Reads headers only; exits 1 when the plan
+    has problems, so CI can gate on it."""
 
     def run() -> None:
         with _engine_imports():
             from fp8q.engine.api import plan_conversion
-        options = make_options(scheme, format, block_size, ignore, targets, tp, no_load_check, config, revision)
-        plan = plan_conversion(src, options)
+        options = make_options(
+            scheme, format, block_size, ignore, targets, tp, no_load_check, config, revision, scale_format=scale_format
+        )
+        plan = plan_conversion(src, options, None)
         show_plan(plan, as_json, quiet)
         if plan.problems:
             raise typer.Exit(1)  # so that CI can gate on `inspect`; the problems are listed

@@ -98,8 +98,13 @@ def show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
         table = Table(
             title=f"fp8q plan for {plan.source or plan.checkpoint.root}", show_header=False, title_justify="left"
         )
-        layout = f"{plan.layout.scheme.value} / {plan.layout.format.value}" if plan.layout else "none (dequantize)"
+        layout = plan.layout.describe() if plan.layout else "none (dequantize)"
         table.add_row("layout", layout)
+        # A quantized source (`convert`): its layouts, and what the target keeps of each.
+        for words, entry in data.get("source_layouts", {}).items():
+            table.add_row("source", f"{entry['weights']} weights in {words}")
+            if "exact" in entry:
+                table.add_row("  into the layout", entry["exact"])
         table.add_row("tensors", f"{plan.n_quantized} quantized, {plan.n_kept} kept")
         # Modules a rule kept get a row of their own below, with why; the others (--ignore, --targets) are here.
         by_rule = {module for module, _ in plan.kept}

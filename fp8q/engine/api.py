@@ -13,15 +13,16 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fp8q.dtypes import config_name
+from fp8q.dtypes import FP8_NAMES, config_name
 from fp8q.errors import CheckpointError
 from fp8q.events import EventCallback, Report
 from fp8q.layouts import DEFAULT_BLOCK, find
 from fp8q.layouts.base import Layout
+from fp8q.layouts.detect import quantization_config
 from fp8q.plan.checks import plan_notes, plan_problems
 from fp8q.plan.fp8_source import check_convertible, detect_fp8, output_dtype
 from fp8q.plan.planner import Plan, make_plan
-from fp8q.source.checkpoint import read_checkpoint
+from fp8q.source.checkpoint import Checkpoint, read_checkpoint
 from fp8q.source.files import hub_snapshot, read_config
 
 if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
@@ -137,15 +138,19 @@ def source_label(source: Path | HubStream) -> str:
     return f"{snapshot[0]}@{snapshot[1]}" if snapshot else str(source)
 
 
-def plan_conversion(src: str | Path | HubStream, options: Options, mode: Mode = Mode.QUANTIZE) -> Plan:
+def plan_conversion(src: str | Path | HubStream, options: Options, mode: Mode | None = Mode.QUANTIZE) -> Plan:
     """Read and validate SRC and plan the conversion, reading no tensor data (of a Hub repo not in the local
     cache, only the side files and the shards' headers are fetched). `plan.problems` lists why the output could
-    not be served (a run refuses them), `plan.notes` what else to know."""
+    not be served (a run refuses them), `plan.notes` what else to know. `mode` None (`inspect`): decided by SRC,
+    the conversion of a quantized one into the layout asked for (unless it is in that layout already: then
+    quantize's refusal, which says what to do with it), else its quantization."""
     source = open_source(src, options.revision)
     remote = None if isinstance(source, Path) else source.remote
     checkpoint = read_checkpoint(source_folder(source), remote)
     if options.config is not None:
         checkpoint = replace(checkpoint, config=read_config(Path(options.config)))
+    if mode is None:
+        mode = Mode.CONVERT if _convertible(checkpoint, options.layout) else Mode.QUANTIZE
     if mode is Mode.QUANTIZE:
         plan = make_plan(checkpoint, options.layout, options.ignore, options.targets)
     else:
@@ -160,6 +165,19 @@ def plan_conversion(src: str | Path | HubStream, options: Options, mode: Mode = 
     problems = plan_problems(plan, options.tp, options.load_check)
     notes = tuple(plan_notes(plan, options.load_check, options.tp))
     return replace(plan, problems=tuple(problems), notes=notes, source=source_label(source))
+
+
+def _convertible(checkpoint: Checkpoint, layout: Layout) -> bool:
+    """Whether a checkpoint holds weights fp8q reads as quantized, not all of them already in `layout`."""
+    if not quantization_config(checkpoint.config) and not any(
+        m.dtype in FP8_NAMES for m in checkpoint.tensors.values()
+    ):
+        return False
+    try:
+        detected = detect_fp8(checkpoint)
+    except CheckpointError:
+        return False  # quantize's refusal says what the input is and what to do
+    return not all(qw.layout == layout for qw in detected.weights)
 
 
 def _check_streamable(plan: Plan, remote: dict[str, Any]) -> None:

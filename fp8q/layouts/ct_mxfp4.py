@@ -1,7 +1,7 @@
 """compressed-tensors MXFP4 (`mxfp4-pack-quantized`, as llm-compressor writes MXFP4 and Kimi-K3 ships its experts):
 `weight_packed` U8 [out, in/2], `weight_scale` U8 [out, in/32] E8M0 exponents. Read only (dequantize, convert).
 
-Imports: torch, layouts (compressed_tensors, fp4, inputs). Decoding as compressed-tensors'
+Imports: torch, layouts (base, compressed_tensors, fp4, inputs). Decoding as compressed-tensors'
 `MXFP4PackedCompressor.decompress` runs it (transformers with `run_compressed=False`): codes in bfloat16, the scale
 2^(byte - 127) in bfloat16, their product in bfloat16, which is exact short of under- and overflow: the same bits as
 the float32 product rounded once.
@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from fp8q.layouts.base import Layout
 from fp8q.layouts.compressed_tensors import CompressedTensorsLayout
-from fp8q.layouts.fp4 import Fp4Input, e8m0_problem, e8m0_values
+from fp8q.layouts.fp4 import Fp4Input, e8m0_problem, e8m0_values, mxfp4_outlook
 from fp8q.layouts.inputs import register_input
 
 
@@ -47,3 +48,6 @@ class CtMxfp4(CtFp4):
 
     def scale_problem(self, scale: torch.Tensor) -> str | None:
         return e8m0_problem(scale)
+
+    def outlook(self, target: Layout) -> str:
+        return mxfp4_outlook(target)

@@ -3,7 +3,7 @@ its linears and shared experts F8_E4M3 with an F8_E8M0 `.scale` per 128x128 tile
 [out, in/2] with an F8_E8M0 `.scale` per 32 inputs; `quant_method: fp8` with `scale_fmt: ue8m0`, and a top-level
 `expert_dtype` (`fp4`; vLLM reads a missing one as fp4 too). Read only.
 
-Imports: torch, layouts (fp4, fp8, inputs), source.checkpoint (types). Decoding, as vLLM's deepseek_v4 loader and
+Imports: torch, layouts (base, fp4, fp8, inputs), source.checkpoint (types). Decoding, as vLLM's deepseek_v4 loader and
 DeepSeek's own inference code compute it (FORMATS.md section 8): an FP8 weight times 2^(byte - 127) of its tile, an
 FP4 code times 2^(byte - 127) of its group, both exact in float32 (and in bfloat16 short of under- and overflow). Its
 bf16 form keeps the release's names, which transformers' DeepseekV4ForCausalLM loads through its conversion mapping
@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fp8q.layouts.fp4 import Fp4Input, e8m0_problem, e8m0_values
+from fp8q.layouts.base import Layout
+from fp8q.layouts.fp4 import Fp4Input, e8m0_problem, e8m0_values, mxfp4_outlook
 from fp8q.layouts.fp8 import Fp8Layout
 from fp8q.layouts.inputs import InputLayout, register_input
 
@@ -93,6 +94,11 @@ class DeepseekV4Fp8(DeepseekV4Tensors, Fp8Layout):
     def granularity(self) -> str:
         return f"one per {TILE}x{TILE} tile, a power of two in one byte (E8M0)"
 
+    def outlook(self, target: Layout) -> str:
+        if target.block == (TILE, TILE) and target.scale_format.value == "ue8m0":
+            return "exact: the layout it is in (its power-of-two tile scales found again), each weight checked"
+        return super().outlook(target)
+
 
 @register_input
 class DeepseekV4Fp4(DeepseekV4Tensors, Fp4Input, Fp8Layout):
@@ -110,3 +116,6 @@ class DeepseekV4Fp4(DeepseekV4Tensors, Fp4Input, Fp8Layout):
 
     def group_values(self, scale: torch.Tensor, second: torch.Tensor | None) -> torch.Tensor:
         return e8m0_values(scale)
+
+    def outlook(self, target: Layout) -> str:
+        return mxfp4_outlook(target)

@@ -96,6 +96,8 @@ class DetectedLayout:
     ignore: tuple[str, ...]
     # compressed-tensors group targets (class names like "Linear", module names, `re:` patterns); empty for fp8.
     targets: tuple[str, ...]
+    # compressed-tensors config groups in a layout no codec reads, in words: `group_0 (pack-quantized, 4-bit int)`.
+    unread: tuple[str, ...] = ()
 
     @property
     def problems(self) -> list[str]:
@@ -186,7 +188,8 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
     if fmt is Format.FP8 and not ignore:  # transformers' name, then ModelOpt's
         ignore = qc.get("modules_to_not_convert") or qc.get("exclude_modules") or qc.get("ignore")
     targets = tuple(t for rule in rules for t in rule[0])
-    return DetectedLayout(fmt, dict(qc), tuple(weights), extras, tuple(ignore or ()), targets)
+    unread = tuple(_unread_groups(qc)) if fmt is Format.COMPRESSED_TENSORS else ()
+    return DetectedLayout(fmt, dict(qc), tuple(weights), extras, tuple(ignore or ()), targets, unread)
 
 
 def _format(qc: Mapping[str, Any], tensors: Mapping[str, TensorMeta]) -> Format:
@@ -216,17 +219,34 @@ _Rule = tuple[tuple[str, ...], Layout | None]
 def _ct_rules(qc: Mapping[str, Any]) -> list[_Rule]:
     rules: list[_Rule] = []
     groups = qc.get("config_groups") or {}
-    codecs = readers(Format.COMPRESSED_TENSORS)
     for group in groups.values() if isinstance(groups, dict) else ():
         if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
             continue
         args = group["weights"]
-        # The first codec, in their order, whose layout the group's weight arguments describe; the FP8 codecs read
-        # their strategy only, so a group of other widths is for the FP4 ones alone.
-        bits_codecs = codecs if args.get("num_bits", 8) == 8 else [c for c in codecs if issubclass(c, InputLayout)]
-        layout = next((found for cls in bits_codecs if (found := cls.from_args(args)) is not None), None)  # type: ignore[attr-defined]
+        # The first codec, in their order, whose layout the group's weight arguments describe.
+        layout = next((found for cls in _group_codecs(args) if (found := cls.from_args(args)) is not None), None)  # type: ignore[attr-defined]
         rules.append((tuple(group.get("targets") or ()), layout))
     return rules
+
+
+def _unread_groups(qc: Mapping[str, Any]) -> list[str]:
+    """The config groups whose weights no codec reads (INT4 `pack-quantized`, say), in words."""
+    groups = qc.get("config_groups") or {}
+    unread = []
+    for name, group in groups.items() if isinstance(groups, dict) else ():
+        args = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(args, dict) or any(cls.from_args(args) for cls in _group_codecs(args)):  # type: ignore[attr-defined]
+            continue
+        fmt = group.get("format") or qc.get("format") or "?"
+        unread.append(f"{name} ({fmt}, {args.get('num_bits')}-bit {args.get('type')})")
+    return unread
+
+
+def _group_codecs(args: Mapping[str, Any]) -> list[type[Layout]]:
+    """The codecs a config group's weight arguments are tried against: the FP8 codecs read their strategy only, so
+    a group of other widths is for the input codecs alone."""
+    codecs = readers(Format.COMPRESSED_TENSORS)
+    return codecs if args.get("num_bits", 8) == 8 else [c for c in codecs if issubclass(c, InputLayout)]
 
 
 def _ct_expected(meta: TensorMeta, rules: list[_Rule]) -> Layout | None:

@@ -2,7 +2,7 @@
 checkpoint in such a layout is read back and decoded. fp8q reads these layouts (dequantize, convert); it writes none
 (inputs.py).
 
-Imports: torch, layouts (inputs, numerics), source.checkpoint (types).
+Imports: torch, layouts (base, inputs, numerics), source.checkpoint (types).
 
 An E2M1 nibble is a sign bit and an index into 0, 0.5, 1, 1.5, 2, 3, 4, 6; the low nibble of a byte is the even
 element along the input dimension (compressed-tensors' `unpack_fp4_from_uint8`, transformers'
@@ -22,6 +22,7 @@ from fp8q.layouts.inputs import InputLayout
 from fp8q.layouts.numerics import pow2
 
 if TYPE_CHECKING:
+    from fp8q.layouts.base import Layout
     from fp8q.source.checkpoint import TensorMeta
 
 # E2M1 nibble -> value (8..15: the same magnitudes negated; 8 is -0).
@@ -54,6 +55,18 @@ def e4m3_problem(scale: torch.Tensor) -> str | None:
     found = [(int(mask.sum()), what) for mask, what in ((torch.isnan(values), "NaN"), (values < 0, "negative"))]
     said = [f"{n} {what}" for n, what in found if n]
     return f"{', '.join(said)} of its {values.numel()} scale values" if said else None
+
+
+def mxfp4_outlook(target: Layout) -> str:
+    """What MXFP4 (E2M1 codes, power-of-two scales per 32 inputs) keeps in an FP8 layout (FORMATS.md section 8)."""
+    if target.scheme.value == "mx":
+        return "exact: every MXFP4 group fits an MXFP8 group of the same scale"
+    if target.block is not None and target.scale_format.value == "ue8m0":
+        return (
+            "exact in tiles whose group scales lie within 2^14 of each other; beyond, only some codes are: each "
+            "weight is checked"
+        )
+    return "not exact in general (a scale of amax / 448 is no power of two): each weight's error is measured"
 
 
 class Fp4Input(InputLayout):
@@ -96,4 +109,4 @@ class Fp4Input(InputLayout):
         return f"one per {self.group} inputs of a row"
 
 
-__all__ = ["E2M1_VALUES", "Fp4Input", "e4m3_problem", "e8m0_problem", "e8m0_values", "unpack_codes"]
+__all__ = ["E2M1_VALUES", "Fp4Input", "e4m3_problem", "e8m0_problem", "e8m0_values", "mxfp4_outlook", "unpack_codes"]

@@ -64,6 +64,11 @@ class InputLayout(Layout):
         right: for bf16 (`converted` False) or for an FP8 layout fp8q writes."""
         return config
 
+    def outlook(self, target: Layout) -> str:
+        """What a conversion into `target` can keep, in words, before any value is read (every value is then
+        compared with its source, and the count said)."""
+        return "not exact in general: each weight's error is measured"
+
     def describe(self) -> str:
         return self.words
 

@@ -36,6 +36,11 @@ def detect_fp8(checkpoint: Checkpoint) -> DetectedLayout:
     except CheckpointError as e:
         raise CheckpointError(f"{checkpoint.root / CONFIG_FILE}: {e}") from None
     if not detected.weights:
+        if detected.unread:
+            raise CheckpointError(
+                f"{checkpoint.root / CONFIG_FILE}: quantization_config group {', '.join(detected.unread)} is a layout "
+                "fp8q does not read (it reads FP8, MXFP4 and NVFP4 weights); nothing to dequantize or convert"
+            )
         raise CheckpointError(f"{checkpoint.root}: no FP8 tensors, nothing to dequantize or convert")
     for qw in detected.weights:
         if qw.layout is None:

@@ -415,7 +415,25 @@ def as_data(plan: Plan) -> dict[str, Any]:
         "split_experts": split_experts(plan),
         "fused_groups": fused_groups(plan),
         "mtp": mtp_summary(plan),
+        **({"source_layouts": source_outlook(plan)} if plan.detected is not None else {}),
     }
+
+
+def source_outlook(plan: Plan) -> dict[str, dict[str, Any]]:
+    """A quantized source's layouts in words: how many weights each, and (converted) what the target keeps of them."""
+    assert plan.detected is not None
+    found: dict[str, dict[str, Any]] = {}
+    for qw in plan.detected.weights:
+        if qw.layout is None:
+            continue
+        entry = found.setdefault(qw.layout.describe(), {"weights": 0})
+        entry["weights"] += 1
+        if plan.layout is not None:
+            if isinstance(qw.layout, InputLayout):
+                entry["exact"] = qw.layout.outlook(plan.layout)
+            else:  # an FP8 layout fp8q writes, read back
+                entry["exact"] = "each weight checked value by value"
+    return found
 
 
 def fused_groups(plan: Plan) -> dict[str, int]:
