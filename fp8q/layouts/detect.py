@@ -194,16 +194,18 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
 
 def _format(qc: Mapping[str, Any], tensors: Mapping[str, TensorMeta]) -> Format:
     method = qc.get("quant_method")
-    if method == "compressed-tensors":
-        return Format.COMPRESSED_TENSORS
-    # Read as the fp8 family: ModelOpt's FP8 is fp8's per-tensor and block layouts, its NVFP4 and gpt-oss's MXFP4 input
-    # codecs of that family (layouts/modelopt_nvfp4.py, layouts/gpt_oss_mxfp4.py) found from the config.
-    if method in ("fp8", "modelopt", "mxfp4"):
-        return Format.FP8
+    # The format's own method, or one an input codec of its family reads (ModelOpt's, gpt-oss's `mxfp4`).
+    methods: dict[Format, set[str]] = {}
+    for fmt in Format:
+        codecs = [c for c in readers(fmt) if issubclass(c, InputLayout)]
+        methods[fmt] = {fmt.value, *(c.quant_method for c in codecs if c.quant_method)}
+    found = next((fmt for fmt, names in methods.items() if method in names), None)
+    if found is not None:
+        return found
     if method is not None:
+        known = sorted(name for names in methods.values() for name in names)
         raise CheckpointError(
-            f"quantization_config has quant_method {method!r}; fp8q reads compressed-tensors, fp8, modelopt and "
-            "mxfp4 (gpt-oss) checkpoints"
+            f"quantization_config has quant_method {method!r}; fp8q reads {', '.join(known)} checkpoints"
         )
     # No config: DeepSeek/transformers name the scale `_inv`, AutoFP8 writes 0-d F32 scales.
     scales = [m for m in tensors.values() if m.name.rpartition(".")[2] in SCALE_SUFFIXES]

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 @register_input
 class GptOssMxfp4(Fp4Input, Fp8Layout):
     key = "gpt-oss-mxfp4"
+    quant_method = "mxfp4"
     words = "gpt-oss mxfp4 experts"
     group = 32
     weight_suffix = "_blocks"

@@ -30,6 +30,8 @@ class InputLayout(Layout):
     # Why `convert` refuses it, where no engine loads what it would make (gpt-oss); None: it converts.
     convert_refusal: ClassVar[str | None] = None
     words: ClassVar[str]  # the layout in words: `compressed-tensors mxfp4-pack-quantized`
+    # The `quant_method` of the configs it is read from, where its family's own (the format's name) is not it.
+    quant_method: ClassVar[str | None] = None
 
     @classmethod
     def from_config(cls, quantization_config: dict[str, Any]) -> InputLayout | None:

@@ -24,6 +24,7 @@ from fp8q.layouts.inputs import register_input
 @register_input
 class ModelOptNvfp4(Fp4Input, Fp8Layout):
     key = "modelopt-nvfp4"
+    quant_method = "modelopt"  # ModelOpt's FP8 and FP8_PB_WO are then read as the fp8 family's layouts
     words = "modelopt nvfp4"
     group = 16
     weight_suffix = "weight"
