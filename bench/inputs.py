@@ -3,10 +3,10 @@
 Each source is built in a temp folder (or `--keep DIR`) the way its release family writes it: compressed-tensors MXFP4
 and NVFP4 by llm-compressor's `model_free_ptq` (MXFP4A16, NVFP4A16) from a bf16 Llama (hidden 2048, intermediate 5632,
 2 layers; llm-compressor 0.14 trips over 4); ModelOpt NVFP4 from that NVFP4 data in ModelOpt's names; gpt-oss and
-DeepSeek-V4 from their specs on tiny transformers models (tests/factories.py). Each then goes through `fp8q
-dequantize` (bf16) and `fp8q convert --scheme block --format fp8 --scale-format ue8m0` (gpt-oss: refused, no engine
-loads it), each its own process: wall time, peak RSS, and of the conversion how many weights came through bit for bit
-(fp8q.json).
+DeepSeek-V4 from their specs on tiny transformers models, AutoRound FP8 from its spec on that Llama's shape
+(tests/factories.py). Each then goes through `fp8q dequantize` (bf16) and `fp8q convert --scheme block --format fp8
+--scale-format ue8m0` (gpt-oss: refused, no engine loads it), each its own process: wall time, peak RSS, and of the
+conversion how many weights came through bit for bit (fp8q.json).
 
     python bench/inputs.py [--keep DIR] [--json]
 """
@@ -26,7 +26,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from tests.factories import modelopt_nvfp4, tiny_deepseek_v4, tiny_gpt_oss_mxfp4, tiny_llama  # noqa: E402
+from tests.factories import (  # noqa: E402
+    auto_round_fp8,
+    modelopt_nvfp4,
+    tiny_deepseek_v4,
+    tiny_gpt_oss_mxfp4,
+    tiny_llama,
+)
 
 CONVERT = ["--scheme", "block", "--format", "fp8", "--scale-format", "ue8m0"]
 
@@ -49,6 +55,9 @@ def build(root: Path) -> dict[str, Path]:
     made["gpt-oss-mxfp4"] = root / "gpt-oss-mxfp4"
     if not made["gpt-oss-mxfp4"].exists():
         tiny_gpt_oss_mxfp4(made["gpt-oss-mxfp4"], hidden=1024, intermediate=1024, experts=16, layers=4)
+    made["auto-round-fp8"] = root / "auto-round-fp8"
+    if not made["auto-round-fp8"].exists():
+        auto_round_fp8(made["auto-round-fp8"], hidden=2048, intermediate=5632, layers=2)
     made["deepseek-v4"] = root / "deepseek-v4"
     if not made["deepseek-v4"].exists():
         tiny_deepseek_v4(made["deepseek-v4"], layers=4, experts=64)

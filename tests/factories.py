@@ -288,3 +288,39 @@ def modelopt_nvfp4(ct_nvfp4: Path, out: Path, *, beside: bool) -> Path:
         config["quantization_config"] = {"quant_method": "modelopt", **section}
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+AUTO_ROUND_FP8 = {
+    "quant_method": "auto-round",
+    "packing_format": "auto_round:fp8",
+    "group_size": [128, 128],
+    "bits": 8,
+    "data_type": "fp",
+    "sym": True,
+}
+
+
+def auto_round_fp8(folder: Path, hidden: int = 128, intermediate: int = 256, layers: int = 2) -> Path:
+    """AutoRound's FP8 from the spec (FORMATS.md section 8, from vLLM's loader): a tiny Llama's Linear weights in
+    F8_E4M3 with an F32 `weight_scale_inv` per 128x128 tile."""
+    from fp8q.layouts import find
+    from fp8q.layouts.numerics import quantize as quantize_tensor
+
+    tiny_llama(folder, hidden=hidden, intermediate=intermediate, layers=layers, shard_kb=400)
+    block = find("block", "fp8")
+    weight_map = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = {}
+        for name, value in load_file(shard).items():
+            if name.endswith("proj.weight"):
+                q, scale = quantize_tensor(value, block)
+                tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = q, scale
+            else:
+                tensors[name] = value
+        save_file(tensors, shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard.name))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": AUTO_ROUND_FP8}))
+    return folder

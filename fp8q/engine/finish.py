@@ -87,7 +87,7 @@ def finish(
         said += publisher.notes
         if not ready.keep:
             remove_tree(partial)  # the staging folder: everything in it is on the Hub now
-            return [*said, *run_findings(stats)], files, published
+            return [*said, *run_findings(stats, plan.n_copied)], files, published
     # The run's records leave OUT.partial/ just before it becomes OUT, and come back if that fails.
     aside = progress.set_aside()
     try:
@@ -96,7 +96,7 @@ def finish(
         progress.put_back(aside)
         raise
     remove_tree(aside)
-    return [*said, *run_findings(stats)], files, published
+    return [*said, *run_findings(stats, plan.n_copied)], files, published
 
 
 def write_metadata_files(plan: Plan, partial: Path, card: CardInput | None) -> None:
@@ -169,6 +169,7 @@ def card_input(
         tensors_quantized=plan.n_quantized,
         tensors_kept=plan.n_kept,
         tensors_dequantized=plan.n_dequantized,
+        weights_copied=plan.n_copied,
         bytes_in=plan.bytes_in,
         bytes_out=plan.bytes_out,
         stats=stats,

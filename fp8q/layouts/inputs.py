@@ -66,6 +66,10 @@ class InputLayout(Layout):
         right: for bf16 (`converted` False) or for an FP8 layout fp8q writes."""
         return config
 
+    def same_as(self, target: Layout) -> bool:
+        """Whether its stored weights and scales are what `target` writes, byte for byte (then copied)."""
+        return False
+
     def outlook(self, target: Layout) -> str:
         """What a conversion into `target` can keep, in words, before any value is read (every value is then
         compared with its source, and the count said)."""

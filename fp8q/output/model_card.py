@@ -63,6 +63,7 @@ class CardInput:
     tensors_quantized: int
     tensors_kept: int
     tensors_dequantized: int
+    weights_copied: int  # quantized source weights already in the layout, copied (convert)
     bytes_in: int
     bytes_out: int
     stats: dict[str, dict[str, Any]]  # per quantized weight, as fp8q.json's "tensors"
@@ -187,7 +188,7 @@ def _facts(card: CardInput) -> list[tuple[str, str]]:
     facts = [("layout", f"{layout_words(layout)} (`quantization_config` in config.json)")]
     if card.source_layouts:
         facts.append(("source layout", ", ".join(card.source_layouts)))
-    if (compared := exactness(card.stats)) is not None:
+    if (compared := exactness(card.stats, card.weights_copied)) is not None:
         facts.append(("compared with the source", compared.removeprefix("exact: ")))
     facts += [
         ("weight scales", layout.scales_text()),

@@ -36,7 +36,7 @@ def plan_problems(plan: Plan, tp: int | None, load_check: bool) -> list[str]:
             f"{root / CONFIG_FILE}: missing; engines read the quantization_config from it, so the FP8 weights "
             "would load as plain ones: add the model's config.json to the source folder, or pass --config FILE"
         )
-    if plan.n_quantized == 0:
+    if plan.n_quantized + plan.n_copied == 0:
         linear = sum(1 for meta in plan.checkpoint.tensors.values() if is_linear_weight(meta))
         problems.append(
             f"{plan.checkpoint.root}: nothing to quantize: none of its {linear} Linear weight(s) is left after "
@@ -157,14 +157,18 @@ def _vllm_words(layout: Layout, moe: bool) -> str:
 MAX_REL_ERROR = 0.1
 
 
-def exactness(stats: dict[str, dict[str, Any]]) -> str | None:
+def exactness(stats: dict[str, dict[str, Any]], copied: int = 0) -> str | None:
     """A conversion's weights compared value by value with their source (fp8q.json's `exact`), in a line: how many
-    came through bit for bit, and the bound on the rest's relative error; None where none was compared (quantize)."""
+    came through bit for bit (`copied`: those already in the layout, copied), and the bound on the rest's relative
+    error; None where none was compared or copied (quantize)."""
     checked = {name: s for name, s in stats.items() if "exact" in s}
-    if not checked:
+    if not checked and not copied:
         return None
     inexact = sorted(((float(s["rel_error"]), name) for name, s in checked.items() if not s["exact"]), reverse=True)
-    line = f"exact: {len(checked) - len(inexact):,} of {len(checked):,} weights came through bit for bit"
+    total = len(checked) + copied
+    line = f"exact: {total - len(inexact):,} of {total:,} weights came through bit for bit"
+    if copied:
+        line += f" ({copied:,} already in the layout, copied)"
     if inexact:
         worst, name = inexact[0]
         bound = f"2^{math.ceil(math.log2(worst))}" if worst > 0 else "0"
@@ -175,11 +179,11 @@ def exactness(stats: dict[str, dict[str, Any]]) -> str | None:
     return line
 
 
-def run_findings(stats: dict[str, dict[str, Any]]) -> list[str]:
+def run_findings(stats: dict[str, dict[str, Any]], copied: int = 0) -> list[str]:
     """What the quantized values tell that the plan could not, from the statistics fp8q.json records: weights far
     from their source (values too small for FP8 at their scales, say: all of them zero), and weights whose client
     overflows to inf (written only with --no-load-check)."""
-    found = [line] if (line := exactness(stats)) else []
+    found = [line] if (line := exactness(stats, copied)) else []
     far = sorted(
         ((float(s["rel_error"]), name) for name, s in stats.items() if float(s.get("rel_error", 0)) > MAX_REL_ERROR),
         reverse=True,

@@ -141,6 +141,12 @@ class Plan:
         return sum(1 for job in self.jobs if job.action.dequantizes)
 
     @property
+    def n_copied(self) -> int:
+        """Quantized source weights already in the target layout, copied with their scales byte for byte."""
+        quantized = {qw.weight.name for qw in self.detected.weights} if self.detected else set()
+        return sum(1 for job in self.jobs if job.action is Action.KEEP and job.input.name in quantized)
+
+    @property
     def bytes_in(self) -> int:
         return self.checkpoint.total_bytes
 
@@ -207,8 +213,10 @@ def make_plan(
         only = {qw.name.rpartition(".")[0] for qw in fp8.values()} if read_only else None
         selection = select(tensors, config, ignore, targets, only)
     to_quantize = set(selection.quantize)
+    copied = {name for name, qw in fp8.items() if qw.name in to_quantize and _already(qw, layout, dtype)}
     jobs = [
-        (shard, _plan_jobs(shard, layout, to_quantize, config, fp8, dtype, detected)) for shard in checkpoint.shards
+        (shard, _plan_jobs(shard, layout, to_quantize, config, fp8, dtype, detected, copied))
+        for shard in checkpoint.shards
     ]
     check_output_names([job for _, shard_jobs in jobs for job in shard_jobs])
     # A shard of nothing but scales has nothing left to write.
@@ -251,15 +259,20 @@ def _plan_jobs(
     fp8: dict[str, QuantizedWeight],
     dtype: str | None,
     detected: DetectedLayout | None,
+    copied: set[str],
 ) -> list[Job]:
-    """What becomes of each tensor of one source shard, in file order; no offsets yet."""
+    """What becomes of each tensor of one source shard, in file order; no offsets yet. `copied`: quantized source
+    weights already in the target layout, kept with their scales as they are."""
     jobs: list[Job] = []
+    kept_scales = {s.name for name in copied if (s := fp8[name].scale) is not None}
     for meta in shard.tensors:
-        if detected is not None and meta.name in detected.dropped:
+        if detected is not None and meta.name in detected.dropped and meta.name not in kept_scales:
             continue
         fused_weight = fused_weight_of(meta)
         qw = fp8.get(meta.name)
-        if qw is not None:
+        if meta.name in copied:
+            jobs.append(Job(meta, Action.KEEP, (Piece(OutTensor(meta.name, meta.dtype, meta.shape)),)))
+        elif qw is not None:
             assert dtype is not None
             if qw.name in to_quantize:
                 assert layout is not None
@@ -288,6 +301,16 @@ def _plan_jobs(
         else:
             jobs.append(Job(meta, Action.KEEP, (Piece(OutTensor(meta.name, meta.dtype, meta.shape)),)))
     return jobs
+
+
+def _already(qw: QuantizedWeight, layout: Layout | None, dtype: str | None) -> bool:
+    """Whether a quantized source weight is stored as `layout` writes it, scale name and dtype too: then its bytes
+    are copied (a requantization could move a value: its dequantized form is rounded to `dtype` first)."""
+    if layout is None or dtype is None or qw.scale is None or qw.layout is None or qw.weight.dtype != "F8_E4M3":
+        return False
+    same = qw.layout == layout or (isinstance(qw.layout, InputLayout) and qw.layout.same_as(layout))
+    named = qw.scale.name == f"{qw.weight.module}.{layout.scale_suffix}"
+    return same and named and qw.scale.dtype == layout.scale_dtype(dtype)
 
 
 def _place_shard(shard: Shard, jobs: list[Job]) -> ShardPlan:
