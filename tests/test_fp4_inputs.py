@@ -343,3 +343,29 @@ def test_an_fp4_repo_streams_from_the_hub_and_a_stopped_run_resumes(fp4, tmp_pat
     assert _hashes(tmp_path / "out") == _hashes(tmp_path / "local")
     stats = json.loads((tmp_path / "out" / "fp8q.json").read_text())["tensors"]
     assert len(stats) == LINEARS and all("exact" in s for s in stats.values())
+
+
+def test_torchrun_converts_an_fp4_checkpoint_as_one_process_does(fp4, tmp_path):
+    """Two CPU processes (gloo) share the shards of an MXFP4 conversion: the very files, and the very fp8q.json but
+    its timings, exactness included, of one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_distributed import ROOT, _free_port, _manifest_without_timings
+    from tests.test_resume import _hashes
+
+    options = ("--scheme", "block", "--format", "fp8", "--scale-format", "ue8m0", "--device", "cpu")
+    single, multi = tmp_path / "single" / "out", tmp_path / "multi" / "out"  # one name: the card names OUT
+    convert(fp4["mxfp4"], single, QuantizeOptions(device="cpu", scheme="block", format="fp8", scale_format="ue8m0"))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        "-m", "fp8q", "convert", str(fp4["mxfp4"]), str(multi), *options,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _hashes(multi, card=True) == _hashes(single, card=True)
+    assert _manifest_without_timings(multi) == _manifest_without_timings(single)
+    ranks = {s["rank"] for s in json.loads((multi / "fp8q.json").read_text())["timings"]["shards"].values()}
+    assert ranks == {0, 1}
