@@ -85,6 +85,8 @@ class Report:
     bytes_uploaded: int = 0
     notes: list[str] = field(default_factory=list)  # what the plan said to know (printed as the run starts)
     findings: list[str] = field(default_factory=list)  # what the quantized values said (fp8q.json's statistics)
+    # Every target (OUT, the repo) held this very output already: nothing was read, written, uploaded or committed.
+    up_to_date: bool = False
 
     @property
     def gb_per_s(self) -> float:

@@ -399,10 +399,45 @@ def test_a_push_deletes_or_replaces_only_what_fp8q_wrote(reference, hub, tmp_pat
     assert "old-extra.json" not in _tree(hub, "me/out")
     assert "note: me/out: kept evals.json, which fp8q did not write" in result.stderr
     _same_as_local(hub, "me/out", local["channel"], kept={"evals.json"})
-    again = _fp8q(tmp_path / "3", hub, *args)  # the very same output again: no --overwrite needed
+    again = _fp8q(tmp_path / "3", hub, *args)  # the very same output again: up to date, nothing touched
     assert again.returncode == 0, again.stderr
     assert hub.read("me/out", "evals.json") == b'{"mmlu": 0.7}'
-    assert "kept evals.json" in again.stderr
+    assert "up to date: me/out@" in again.stderr
+
+
+def test_the_same_push_again_is_up_to_date_with_nothing_downloaded_uploaded_or_committed(reference, hub, tmp_path):
+    """A CI job run again: the repo's fp8q.json names this fp8q, these options and this source commit, and the repo
+    holds every file it lists as published: exit 0 in one line, no shard downloaded, nothing uploaded, no commit.
+    Another option, or a file changed on the Hub, is no longer up to date."""
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert _fp8q(tmp_path / "1", hub, *args).returncode == 0
+    head = hub.commits("me/out")[-1].id
+    hub.requests.clear()
+    again = _fp8q(tmp_path / "2", hub, *args, "--json")
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)
+    assert result["up_to_date"] is True and result["pushed"]["commit"] == head, result
+    assert _source_downloads(hub) == [] and _upload_calls(hub) == 0 and hub.commits("me/out")[-1].id == head
+    shown = _fp8q(tmp_path / "3", hub, *args)
+    assert shown.stderr.strip().splitlines()[-1] == f"up to date: me/out@{head} holds this output", shown.stderr
+    # Another layout asked for: a real run (with --overwrite, as an fp8q output is replaced).
+    other = _fp8q(tmp_path / "4", hub, *args, *LAYOUTS["block-fp8"], "--overwrite")
+    assert other.returncode == 0 and "up to date" not in other.stderr and hub.commits("me/out")[-1].id != head
+
+
+def test_a_local_out_that_holds_the_output_is_up_to_date(reference, hub, tmp_path):
+    """The same for a local OUT made from a Hub repo: exit 0, no shard downloaded; a file of it gone, and OUT is a
+    folder to refuse again (not empty), as it was."""
+    out = tmp_path / "out"
+    args = ("quantize", SRC, str(out), "--device", "cpu")
+    assert _fp8q(tmp_path / "1", hub, *args).returncode == 0
+    hub.requests.clear()
+    again = _fp8q(tmp_path / "2", hub, *args)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.strip().splitlines()[-1] == f"up to date: {out} holds this output"
+    assert _source_downloads(hub) == []
+    next(out.glob("model-*.safetensors")).unlink()
+    assert "exists and is not empty" in _one_line(_fp8q(tmp_path / "3", hub, *args))
 
 
 def test_a_file_a_person_added_under_a_name_the_output_has_is_not_replaced(reference, hub, tmp_path):

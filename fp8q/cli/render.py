@@ -204,6 +204,13 @@ def show_report(report: Report, as_json: bool, quiet: bool) -> None:
         JSON.write(data)
     if quiet:
         return
+    if report.up_to_date:  # nothing was done: what holds the output says it all
+        held = [report.out] if report.out else []
+        if report.pushed:
+            held.append(f"{report.pushed['repo_id']}@{report.pushed['commit']}")
+        verb = "hold" if len(held) > 1 else "holds"
+        say("up to date:", "green", f"{' and '.join(held)} {verb} this output")
+        return
     notes(report.findings)
     resumed = ""
     if report.resumed_shards:

@@ -134,8 +134,14 @@ def source_folder(source: Path | HubStream) -> Path:
 
 def source_label(source: Path | HubStream) -> str:
     """SRC as a user names it: a Hub repo (streamed, or a cache snapshot) as `org/name@commit`, a path as it is."""
+    return source_origin(source) or str(source)
+
+
+def source_origin(source: Path | HubStream) -> str | None:
+    """A Hub source (streamed, or a cache snapshot) as `org/name@commit`, whose commit fixes its bytes; None for a
+    folder of no repo."""
     snapshot = hub_snapshot(source) if isinstance(source, Path) else (source.repo_id, source.commit)
-    return f"{snapshot[0]}@{snapshot[1]}" if snapshot else str(source)
+    return f"{snapshot[0]}@{snapshot[1]}" if snapshot else None
 
 
 def plan_conversion(src: str | Path | HubStream, options: Options, mode: Mode | None = Mode.QUANTIZE) -> Plan:

@@ -48,6 +48,7 @@ class Prepared:
     source_card: str | None  # the source's README.md (rank 0's), for the model card
     publisher: Publisher | None = None  # --push-to-hub: the repo, checked; uploads and the one commit
     keep: bool = True  # OUT was given: the output stays on local disk (else only the Hub keeps it)
+    up_to_date: bool = False  # every target holds this very output already: nothing is done
 
 
 def finish(
@@ -99,10 +100,22 @@ def finish(
     return [*said, *run_findings(stats, plan.n_copied)], files, published
 
 
+def output_names(plan: Plan, model_card: bool) -> set[str]:
+    """Every file a run of the plan writes but fp8q.json (as `write_metadata_files` and the shards make them)."""
+    names = {shard.name for shard in plan.shards} | (set(plan.checkpoint.side_files) - {MANIFEST_FILE})
+    names |= {INDEX_FILE} if _indexed(plan) else set()
+    names |= {CONFIG_FILE} if plan.config is not None else set()
+    return names | ({CARD_FILE} if model_card else set())
+
+
+def _indexed(plan: Plan) -> bool:
+    return plan.checkpoint.has_index or len(plan.shards) > 1
+
+
 def write_metadata_files(plan: Plan, partial: Path, card: CardInput | None) -> None:
     """The index, config.json, the side files and the model card, into OUT.partial/."""
     root = plan.checkpoint.root
-    if plan.checkpoint.has_index or len(plan.shards) > 1:
+    if _indexed(plan):
         write_json(partial / INDEX_FILE, plan.index())
     if plan.config is not None:
         write_json(partial / CONFIG_FILE, plan.config)

@@ -30,16 +30,25 @@ from typing import TYPE_CHECKING, Any
 
 from fp8q import __version__
 from fp8q.dtypes import config_name
-from fp8q.engine.api import Mode, Options, open_source, plan_conversion, refusal, source_folder, worker_count
+from fp8q.engine.api import (
+    Mode,
+    Options,
+    open_source,
+    plan_conversion,
+    refusal,
+    source_folder,
+    source_origin,
+    worker_count,
+)
 from fp8q.engine.buffers import LocalShards, ShardFiles
 from fp8q.engine.devices import resolve_device
 from fp8q.engine.distributed import Cluster, Watcher, assign
-from fp8q.engine.finish import Prepared, finish, metadata_sizes, source_card
+from fp8q.engine.finish import Prepared, finish, metadata_sizes, output_names, source_card
 from fp8q.engine.stages import run_plan
 from fp8q.engine.writing import Outlet
 from fp8q.errors import Fp8qError, Interrupted, OutputError, Stopped, UsageError, write_error
 from fp8q.events import Downloaded, DownloadStarted, Event, EventCallback, PlanReady, Report, TensorDone
-from fp8q.output.manifest import Progress, fingerprint, reusable_shards
+from fp8q.output.manifest import Progress, fingerprint, holds_output, reusable_shards
 from fp8q.output.writer import (
     STAGING_DIR,
     check_free_space,
@@ -74,6 +83,8 @@ def run(
                 raise UsageError("OUT is missing: give the output folder, or --push-to-hub ORG/NAME")
             target = Path(out) if out is not None else options.push.staging_out()  # type: ignore[union-attr]
             ready = prepare(src, target, options, mode, cluster, cleanup, keep=out is not None)
+            if ready.up_to_date:
+                return _report(ready, options, mode, device, started, None, [], {}, None)
             progress = Progress(ready.partial, ready.fingerprint, cluster.rank)
             stop = threading.Event()
             with _stop_on_signals(stop) as caught:
@@ -127,7 +138,7 @@ def prepare(
         if plan.problems:
             raise Fp8qError(refusal(plan.problems))
         card = source_card(plan) if options.model_card and lead else None
-        fp = _fingerprint(plan, options, mode)
+        fp = _fingerprint(plan, source, options, mode)
         reused: dict[str, Any] = {}
         publisher = None
         if options.push is not None:
@@ -135,17 +146,27 @@ def prepare(
             # Checked here without changing anything on the Hub; the repo is created once OUT.partial/ is set up.
             publisher = _publisher(options, src, source, keep, check=lead, fp=fp)
             cleanup.callback(publisher.close)
-        if lead:
+        # Every target already holds this very output (a CI job run again): nothing to read, write or push.
+        names = output_names(plan, options.model_card)
+        up_to_date = lead and not options.resume and _held(out, fp, names, publisher, keep)
+        if lead and not up_to_date:
             reused, lock = _prepare_partial(plan, source, out, partial, fp, options, publisher, keep, cluster.world)
             cleanup.callback(os.close, lock)  # releases OUT.partial/ (renamed to OUT by then if all went well)
-        ready = Prepared(source, out, partial, plan, fp, reused, card, publisher, keep)
+        ready = Prepared(source, out, partial, plan, fp, reused, card, publisher, keep, up_to_date)
     except Exception as e:  # noqa: BLE001 - handed to every process, then raised
         error = e
     cluster.agree(error)
     assert ready is not None
     if ready.publisher is not None and not cluster.is_single:
         ready.publisher.branch_exists = cluster.broadcast(ready.publisher.branch_exists)  # as rank 0 found it
-    return replace(ready, reused=cluster.broadcast(ready.reused))
+    return replace(ready, reused=cluster.broadcast(ready.reused), up_to_date=cluster.broadcast(ready.up_to_date))
+
+
+def _held(out: Path, fp: dict[str, Any], names: set[str], publisher: Publisher | None, keep: bool) -> bool:
+    """Whether every target of the run holds the output it would make (the files `names` and fp8q.json): OUT (if
+    given) and the repo (--push-to-hub), each by its fp8q.json, for a source whose origin fixes its bytes."""
+    in_repo = publisher is None or (publisher.up_to_date and publisher.listed == names)
+    return (not keep or holds_output(out, fp, names)) and in_repo
 
 
 def convert(
@@ -194,12 +215,15 @@ def _report(
     mode: Mode,
     device: Any,
     started: float,
-    files: ShardFiles,
+    files: ShardFiles | None,
     findings: list[str],
     written: dict[str, str],
     published: Published | None,
 ) -> Report:
+    """What the run did (`files` None: nothing, every target holding the output already)."""
     plan = ready.plan
+    if ready.up_to_date and ready.publisher is not None:
+        published = ready.publisher.held()
     layout = None
     if plan.layout is not None:
         block = plan.layout.block
@@ -233,6 +257,7 @@ def _report(
         downloads_kept=options.keep_download,
         notes=list(plan.notes),
         findings=findings,
+        up_to_date=ready.up_to_date,
     )
 
 
@@ -272,12 +297,12 @@ def check_push_target(options: Options, src: str | Path, source: Path | HubStrea
     Raises:
         OutputError, UsageError: in one line, as the run would.
     """
-    _publisher(options, src, source, keep=True, check=True, fp=_fingerprint(plan, options, mode))
+    _publisher(options, src, source, keep=True, check=True, fp=_fingerprint(plan, source, options, mode))
 
 
-def _fingerprint(plan: Plan, options: Options, mode: Mode) -> dict[str, Any]:
+def _fingerprint(plan: Plan, source: Path | HubStream, options: Options, mode: Mode) -> dict[str, Any]:
     """What makes this run's output: what --resume and a repo's fp8q.json are compared with."""
-    return fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__)
+    return fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__, source_origin(source))
 
 
 # --push-to-hub with no OUT: output shards on local disk at once (the one being written, the one uploading).

@@ -50,6 +50,11 @@ def _registry() -> dict[tuple[Scheme, Format, ScaleFormat], type[Layout]]:
         for module in pkgutil.iter_modules(__path__):
             if module.name not in _SHARED:
                 importlib.import_module(f"{__name__}.{module.name}")
+        # In the order of their modules' names, whichever module imported which first (an input codec may import a
+        # layout's module to build on it): tables and `layouts()` list them so.
+        ordered = sorted(REGISTRY.items(), key=lambda item: item[1].__module__)
+        REGISTRY.clear()
+        REGISTRY.update(ordered)
     return REGISTRY
 
 

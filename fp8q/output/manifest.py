@@ -32,8 +32,12 @@ UPLOADED_DIR = f"{RECORD_PREFIX}-uploaded"  # --push-to-hub: the shards the Hub 
 _POPULATE = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
-def fingerprint(checkpoint: Checkpoint, options: dict[str, Any], version: str) -> dict[str, Any]:
-    """What must not change between an interrupted run and its `--resume`; the manifest records it too."""
+def fingerprint(
+    checkpoint: Checkpoint, options: dict[str, Any], version: str, origin: str | None = None
+) -> dict[str, Any]:
+    """What must not change between an interrupted run and its `--resume`; the manifest records it too. `origin`: a
+    Hub source as `org/name@commit`, whose commit fixes every byte (headers alone do not: a fine-tuned model of the
+    same shapes has the same ones); None for a folder."""
     config = checkpoint.config
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest() if config else None
     return {
@@ -41,7 +45,37 @@ def fingerprint(checkpoint: Checkpoint, options: dict[str, Any], version: str) -
         "options": options,
         "source": [{"file": s.name, "size": s.size, "header_sha256": s.header_sha256} for s in checkpoint.shards],
         "config_sha256": config_hash,
+        "origin": origin,
     }
+
+
+def same_output(manifest: dict[str, Any], fp: dict[str, Any]) -> bool:
+    """Whether an fp8q.json says its output is what a run of this fingerprint makes: the same fp8q version, options
+    and source (and origin, where it names one)."""
+    source: dict[str, Any] = {"shards": fp.get("source"), "config_sha256": fp.get("config_sha256")}
+    if fp.get("origin") is not None:
+        source["origin"] = fp["origin"]
+    ours = {"version": fp.get("version"), "options": fp.get("options"), "source": source}
+    theirs = {key: manifest.get(key) for key in ours}
+    if fp.get("origin") is None and isinstance(theirs["source"], dict):
+        theirs["source"] = {k: v for k, v in theirs["source"].items() if k != "origin"}
+    return manifest.get("tool") == "fp8q" and theirs == json.loads(json.dumps(ours))  # tuples are lists there
+
+
+def holds_output(out: Path, fp: dict[str, Any], names: set[str]) -> bool:
+    """Whether OUT already holds what a run of this fingerprint makes: its fp8q.json says so, for a source whose
+    origin fixes its bytes (a Hub commit), lists the files (`names`) the run would write, and every one is there.
+    Their bytes are `fp8q verify`'s to check; this answers in milliseconds."""
+    if fp.get("origin") is None:
+        return False
+    try:
+        manifest = json.loads(read_bounded(out / MANIFEST_FILE).decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or not same_output(manifest, fp):
+        return False
+    listed = manifest.get("files")
+    return isinstance(listed, dict) and set(listed) == names and all((out / name).is_file() for name in listed)
 
 
 # Files are hashed through a memory map, a window at a time: no copy out of the page cache (which
@@ -299,7 +333,7 @@ def write_manifest(
         "tool": "fp8q",
         "version": fp["version"],
         "options": fp["options"],
-        "source": {"shards": fp["source"], "config_sha256": fp["config_sha256"]},
+        "source": {"shards": fp["source"], "config_sha256": fp["config_sha256"], "origin": fp.get("origin")},
         "files": files,
         "tensors": tensors,
         "timings": timings,

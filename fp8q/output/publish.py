@@ -2,13 +2,12 @@
 converted, each finished shard uploaded while the next converts (and, with no OUT, deleted once it is up), and every
 file committed at the end in one commit, so the repo shows nothing of the run until it is complete.
 
-Imports: errors, source.network (a bound on every request), httpx (what the client raises once its own retries are
-spent: not OSErrors), huggingface_hub (the Hub's own client: Xet where hf_xet is installed and HF_HUB_DISABLE_XET
-unset, else classic LFS; HF_ENDPOINT, HF_TOKEN and the cache settings as everywhere). Uploads go through
-`preupload_lfs_files`, which stores the bytes but commits nothing; `create_commit` then names every file at once. A
-shard's sha256 is the one fp8q computed while writing it, handed to the client (`UploadInfo`; both paths use a known
-one instead of hashing again), so the client reads each shard once, to send it.
-"""
+Imports: errors, output.manifest (what makes two outputs the same), source.network (a bound on every request), httpx
+(what the client raises once its own retries are spent: not OSErrors), huggingface_hub (the Hub's own client: Xet
+where hf_xet is installed and HF_HUB_DISABLE_XET unset, else classic LFS; HF_ENDPOINT, HF_TOKEN and the cache settings
+as everywhere). Uploads go through `preupload_lfs_files`, which stores the bytes but commits nothing; `create_commit`
+then names every file at once. A shard's sha256 is the one fp8q computed while writing it, handed to the client
+(`UploadInfo`; both paths use a known one instead of hashing again), so the client reads each shard once, to send it."""
 
 from __future__ import annotations
 
@@ -36,6 +35,7 @@ from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 from huggingface_hub.utils._runtime import is_xet_available
 
 from fp8q.errors import OutputError, Stopped, UsageError
+from fp8q.output.manifest import same_output
 from fp8q.source.network import bound_requests, no_answer
 
 SAMPLE_BYTES = 512  # what the Hub is shown of a file to choose how it is stored (UploadInfo.sample)
@@ -153,6 +153,9 @@ class Publisher:
         # replace or delete. Anything else (evals.json, a results table a person added) stays.
         self.ours: set[str] = set()
         self.changed: list[str] = []  # files fp8q published there that someone changed since (theirs now)
+        self.gone: list[str] = []  # files the repo's fp8q.json lists that it no longer holds
+        self.listed: set[str] = set()  # the files the repo's fp8q.json lists
+        self.up_to_date = False  # the repo holds this very output, every file as published: nothing to do
         self.stub_card = False  # the repo holds only a README the Hub made with it: the model card replaces it
         self.notes: list[str] = []  # what the commit left alone or replaced that a person may have made
         self.kept: list[str] = []  # files the commit left as they were: fp8q did not write them
@@ -220,6 +223,7 @@ class Publisher:
             listed = manifest.get("files")
             listed = {str(k): str(v) for k, v in listed.items()} if isinstance(listed, dict) else {}
             # A file fp8q wrote that someone changed since (a model card edited on the Hub) is theirs now.
+            self.listed = set(listed)
             self.changed = self._changed_since(listed)
             self.ours = ({MANIFEST} | set(listed)) - set(self.changed)
             if self.changed and not self.overwrite and not self.create_pr:
@@ -237,7 +241,11 @@ class Publisher:
                     f"{repo_id}: holds files ({len(self.existing)}) that fp8q did not publish; push to an empty or "
                     "new repo (or use --create-pr to propose the output instead)"
                 )
-            if not self.overwrite and manifest is not None and not self._same_output(manifest):
+            # This very output, every file of it as published: the run has nothing to do (a CI job run again).
+            same = manifest is not None and self._same_output(manifest)
+            whole = not self.changed and not self.gone
+            self.up_to_date = same and whole and (self.fingerprint or {}).get("origin") is not None
+            if not self.overwrite and manifest is not None and not same:
                 raise OutputError(
                     f"{repo_id}: already holds an fp8q output; pass --overwrite to replace it in one commit, or "
                     "push elsewhere"
@@ -245,7 +253,8 @@ class Publisher:
 
     def _changed_since(self, listed: dict[str, str]) -> list[str]:
         """The files fp8q.json lists whose bytes on the Hub are not the ones it lists: an LFS file's sha256 from the
-        tree (one listing), a regular (small) one hashed once downloaded. A file gone counts as unchanged."""
+        tree (one listing), a regular (small) one hashed once downloaded. A file gone counts as unchanged (and is
+        recorded in `gone`)."""
         try:
             tree = {
                 e.path: e
@@ -253,6 +262,7 @@ class Publisher:
                 if isinstance(e, RepoFile)
             }
             changed = []
+            self.gone = sorted(name for name in listed if name not in tree)
             for name, sha256 in sorted(listed.items()):
                 entry = tree.get(name)
                 if entry is None:
@@ -281,6 +291,12 @@ class Publisher:
         body = _FRONT_MATTER.sub("", text, count=1)
         return all(not line.strip() or line.lstrip().startswith("#") for line in body.splitlines())
 
+    def held(self) -> Published:
+        """The commit that holds this run's output already (`up_to_date`), as a commit the run made is reported."""
+        assert self.parent is not None
+        url = f"{self.api.endpoint}/{self.repo_id}/commit/{self.parent}"
+        return Published(self.repo_id, self.revision, self.parent, url, None)
+
     def create(self) -> None:
         """The repo `check` found missing, created now (and checked as a run checks an existing one)."""
         if self.missing:
@@ -299,13 +315,7 @@ class Publisher:
 
     def _same_output(self, manifest: dict[str, Any]) -> bool:
         """Whether the repo's fp8q.json says it holds what this run makes: same fp8q version, options and source."""
-        fp = self.fingerprint
-        if fp is None:
-            return False
-        ours = {"version": fp.get("version"), "options": fp.get("options"), "source": {"shards": fp.get("source"),
-                "config_sha256": fp.get("config_sha256")}}  # fmt: skip
-        theirs = {key: manifest.get(key) for key in ours}
-        return theirs == json.loads(json.dumps(ours))  # as fp8q.json writes it (tuples are lists there)
+        return self.fingerprint is not None and same_output(manifest, self.fingerprint)
 
     def confirmed(self, recorded: dict[str, Uploaded]) -> set[str]:
         """Which shards an earlier run uploaded the Hub still holds (it offers no upload for them). Over Xet, none:
