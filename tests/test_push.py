@@ -662,6 +662,7 @@ def test_dry_run_checks_the_target_as_a_run_does_and_changes_nothing(reference, 
     args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu", "--dry-run")
     result = _fp8q(tmp_path, hub, *args)
     assert result.returncode == 0, result.stderr
+    assert "push: me/out does not exist: a run creates it" in result.stderr, result.stderr
     assert hub.repo("me/out") is None  # a run would create it; the dry run did not
     line = _one_line(_fp8q(tmp_path, hub, *args, token="hf_read"))
     assert "write access" in line, line
@@ -673,6 +674,19 @@ def test_dry_run_checks_the_target_as_a_run_does_and_changes_nothing(reference, 
     assert [c.summary for c in hub.commits("me/taken")] == ["initial commit", "made by hand"]
     assert not any(r.kind in ("create", "commit", "upload", "branch") for r in hub.requests)
     assert _source_downloads(hub) == []
+
+
+def test_dry_run_says_whether_the_target_is_up_to_date_or_would_be_replaced(reference, hub, tmp_path):
+    push = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    assert _fp8q(tmp_path / "1", hub, *push).returncode == 0
+    head = hub.commits("me/out")[-1].id
+    same = _fp8q(tmp_path / "2", hub, *push, "--dry-run", "--json")
+    assert same.returncode == 0, same.stderr
+    said = json.loads(same.stdout)["push_target"]
+    assert said == f"up to date: me/out@{head} holds this output: a run changes nothing", said
+    other = _fp8q(tmp_path / "3", hub, *push, *LAYOUTS["block-fp8"], "--overwrite", "--dry-run")
+    assert "push: me/out: a run replaces the fp8q output it holds in one commit on main" in other.stderr, other.stderr
+    assert hub.commits("me/out")[-1].id == head
 
 
 def test_verify_a_branch_and_a_pull_request_by_revision(reference, hub, tmp_path):

@@ -275,9 +275,10 @@ def _convert(
         plan = plan_conversion(source, replace(options, revision=None), Mode(mode))
         if out is not None:
             check_output(source_folder(source), output_path(out), options.overwrite)
+        target = None
         if options.push is not None:
-            check_push_target(options, src, source, plan, Mode(mode))  # the token and the repo, as a run does
-        show_plan(plan, as_json, quiet)
+            target = check_push_target(options, src, source, plan, Mode(mode))  # the token and the repo, as a run does
+        show_plan(plan, as_json, quiet, target)
         if plan.problems:
             raise typer.Exit(1)  # so that CI can gate on `--dry-run`; the problems are listed
         return

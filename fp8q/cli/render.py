@@ -85,13 +85,16 @@ def notes(notes: tuple[str, ...] | list[str]) -> None:
         say("note:", "yellow", note)
 
 
-def show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
-    """The plan, as a table or JSON, with its notes and problems (whose count ends it)."""
+def show_plan(plan: Plan, as_json: bool, quiet: bool, push: str | None = None) -> None:
+    """The plan, as a table or JSON, with its notes and problems (whose count ends it); `push`: what a run would do
+    to the repo of --push-to-hub (--dry-run)."""
     from fp8q.engine.buffers import memory_estimate
     from fp8q.plan.planner import as_data
 
     data = as_data(plan)
     data["estimated_peak_host_bytes"], data["estimated_peak_gpu_bytes"] = memory_estimate(plan, os.cpu_count() or 1)
+    if push is not None:
+        data["push_target"] = push
     if as_json:
         JSON.write({"ok": not plan.problems, "exit_code": 1 if plan.problems else 0, **data})
     if not quiet:
@@ -124,6 +127,8 @@ def show_plan(plan: Plan, as_json: bool, quiet: bool) -> None:
             table.add_row(label, value)
         err.print(table)
         notes(plan.notes)
+        if push is not None:
+            say("push:", "green", push)
         for problem in plan.problems:
             say("problem:", "red", problem)
     if plan.problems:

@@ -290,14 +290,24 @@ def _publisher(
     return publisher
 
 
-def check_push_target(options: Options, src: str | Path, source: Path | HubStream, plan: Plan, mode: Mode) -> None:
+def check_push_target(options: Options, src: str | Path, source: Path | HubStream, plan: Plan, mode: Mode) -> str:
     """--dry-run --push-to-hub: the checks a run makes of the repo before anything is converted, changing nothing on
-    the Hub (a repo that does not exist is not created).
+    the Hub (a repo that does not exist is not created); returns what a run would do to it, in a line.
 
     Raises:
-        OutputError, UsageError: in one line, as the run would.
+        OutputError, UsageError: in one line, as the run would (a refusal).
     """
-    _publisher(options, src, source, keep=True, check=True, fp=_fingerprint(plan, source, options, mode))
+    publisher = _publisher(options, src, source, keep=True, check=True, fp=_fingerprint(plan, source, options, mode))
+    repo = publisher.repo_id
+    if publisher.missing:
+        return f"{repo} does not exist: a run creates it and commits the output to it"
+    if publisher.up_to_date and publisher.listed == output_names(plan, options.model_card):
+        return f"up to date: {repo}@{publisher.parent} holds this output: a run changes nothing"
+    where = (
+        f"a pull request against {publisher.revision}" if publisher.create_pr else f"one commit on {publisher.revision}"
+    )
+    what = "replaces the fp8q output it holds" if publisher.ours else "publishes the output"
+    return f"{repo}: a run {what} in {where}"
 
 
 def _fingerprint(plan: Plan, source: Path | HubStream, options: Options, mode: Mode) -> dict[str, Any]:
