@@ -150,10 +150,13 @@ def verify(
                 report.problems += detected.problems
                 report.problems += _check_coverage(checkpoint, detected)
                 report.problems += _check_rules(checkpoint, detected)
+                # Where each output tensor comes from (a quantized source's weights decoded): read once, used twice.
+                sources = _source_tensors(src) if src is not None else {}
                 if src is not None:
-                    report.problems += _check_against_source(checkpoint, src, detected)
+                    report.problems += _check_against_source(checkpoint, sources, detected)
                 readers = ShardReader(checkpoint, fetch), ShardReader(src or checkpoint, src_fetch)
-                _check_values(report, checkpoint, detected, src, readers, on_event or (lambda event: None))
+                emit = on_event or (lambda event: None)
+                _check_values(report, checkpoint, detected, src, sources, readers, emit)
             else:
                 report.problems.append(f"{checkpoint.root}: no FP8 weights; this is not an FP8 checkpoint")
             if hashes is not None:
@@ -204,14 +207,15 @@ def _check_values(
     checkpoint: Checkpoint,
     detected: DetectedLayout,
     src: Checkpoint | None,
+    sources: dict[str, _SourceTensor],
     readers: tuple[ShardReader, ShardReader],
     emit: EventCallback,
 ) -> None:
     """Read every scale (and with a source every weight, and every tensor that must not change), one tensor at a
-    time, shard after shard, into rows and problems: a streamed repo's shards are each downloaded once."""
+    time, shard after shard, into rows and problems: a streamed repo's shards are each downloaded once. `sources`:
+    `_source_tensors(src)`."""
     usable = [qw for qw in detected.weights if qw.scale is not None and qw.layout is not None]
     emit(Started(len(usable), sum(_nbytes(qw) for qw in usable)))
-    sources = _source_tensors(src) if src is not None else {}
     exact = _exact_pairs(checkpoint, src, detected) if src is not None else []
     shards = sorted({qw.weight.shard for qw in usable} | {meta.shard for meta, _ in exact}, key=natural_key)
     # The order each checkpoint's shards are read in: a streamed repo fetches the next while one is checked.
@@ -396,13 +400,14 @@ def _quantized_source(src: Checkpoint) -> DetectedLayout | None:
     return replace(detected, weights=tuple(qw for qw in detected.weights if qw.layout is not None))
 
 
-def _check_against_source(checkpoint: Checkpoint, src: Checkpoint, detected: DetectedLayout) -> list[str]:
-    """Names, shapes and dtypes against the source; values are compared weight by weight later. A fused
-    expert tensor may be in the output whole, or split per expert (as fp8q writes it)."""
+def _check_against_source(
+    checkpoint: Checkpoint, sources: dict[str, _SourceTensor], detected: DetectedLayout
+) -> list[str]:
+    """Names, shapes and dtypes against the source's tensors (`_source_tensors`); values are compared weight by
+    weight later. A fused expert tensor may be in the output whole, or split per expert (as fp8q writes it)."""
     problems = []
     dropped = detected.dropped
     fp8 = {qw.weight.name for qw in detected.weights}
-    sources = _source_tensors(src)
     split_in_output = {s.fused for name, s in sources.items() if s.fused and name in checkpoint.tensors}
     for name, origin in sorted(sources.items(), key=lambda kv: natural_key(kv[0])):
         got = checkpoint.tensors.get(name)
