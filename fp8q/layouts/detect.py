@@ -163,16 +163,18 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
     """
     qc = quantization_config(config) or {}
     fmt = _format(qc, tensors)
-    rules = _ct_rules(qc) if fmt is Format.COMPRESSED_TENSORS else []
+    rules, unread = _ct_rules(qc) if fmt is Format.COMPRESSED_TENSORS else ([], [])
     expected_fp8 = _fp8_expected(qc) if fmt is Format.FP8 else None
     claimed = _claimed(qc) if fmt is Format.FP8 else []
     weights: list[QuantizedWeight] = []
     used: set[str] = set()
     for meta in tensors.values():
         suffix = meta.name.rpartition(".")[2]
-        # A packed weight (`X.weight_packed`, U8) is targeted as the Linear weight it decodes to.
-        probe = meta if suffix == "weight" else replace(meta, name=f"{meta.module}.weight", dtype="BF16")
-        expected = _ct_expected(probe, rules) if fmt is Format.COMPRESSED_TENSORS else expected_fp8
+        expected = expected_fp8
+        if fmt is Format.COMPRESSED_TENSORS:
+            # A packed weight (`X.weight_packed`, U8) is targeted as the Linear weight it decodes to.
+            probe = meta if suffix == "weight" else replace(meta, name=f"{meta.module}.weight", dtype="BF16")
+            expected = _ct_expected(probe, rules)
         inputs = [expected] if isinstance(expected, InputLayout) else claimed
         codec = next((c for c in inputs if c.is_packed(meta, tensors)), None)
         if codec is not None:
@@ -188,8 +190,7 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
     if fmt is Format.FP8 and not ignore:  # transformers' name, then ModelOpt's
         ignore = qc.get("modules_to_not_convert") or qc.get("exclude_modules") or qc.get("ignore")
     targets = tuple(t for rule in rules for t in rule[0])
-    unread = tuple(_unread_groups(qc)) if fmt is Format.COMPRESSED_TENSORS else ()
-    return DetectedLayout(fmt, dict(qc), tuple(weights), extras, tuple(ignore or ()), targets, unread)
+    return DetectedLayout(fmt, dict(qc), tuple(weights), extras, tuple(ignore or ()), targets, tuple(unread))
 
 
 def _format(qc: Mapping[str, Any], tensors: Mapping[str, TensorMeta]) -> Format:
@@ -218,30 +219,23 @@ def _format(qc: Mapping[str, Any], tensors: Mapping[str, TensorMeta]) -> Format:
 _Rule = tuple[tuple[str, ...], Layout | None]
 
 
-def _ct_rules(qc: Mapping[str, Any]) -> list[_Rule]:
+def _ct_rules(qc: Mapping[str, Any]) -> tuple[list[_Rule], list[str]]:
+    """Each config group's rule, and the groups whose weights no codec reads (INT4 `pack-quantized`, say) in words:
+    `group_0 (pack-quantized, 4-bit int)`."""
     rules: list[_Rule] = []
+    unread: list[str] = []
     groups = qc.get("config_groups") or {}
-    for group in groups.values() if isinstance(groups, dict) else ():
+    for name, group in groups.items() if isinstance(groups, dict) else ():
         if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
             continue
         args = group["weights"]
         # The first codec, in their order, whose layout the group's weight arguments describe.
         layout = next((found for cls in _group_codecs(args) if (found := cls.from_args(args)) is not None), None)  # type: ignore[attr-defined]
         rules.append((tuple(group.get("targets") or ()), layout))
-    return rules
-
-
-def _unread_groups(qc: Mapping[str, Any]) -> list[str]:
-    """The config groups whose weights no codec reads (INT4 `pack-quantized`, say), in words."""
-    groups = qc.get("config_groups") or {}
-    unread = []
-    for name, group in groups.items() if isinstance(groups, dict) else ():
-        args = group.get("weights") if isinstance(group, dict) else None
-        if not isinstance(args, dict) or any(cls.from_args(args) for cls in _group_codecs(args)):  # type: ignore[attr-defined]
-            continue
-        fmt = group.get("format") or qc.get("format") or "?"
-        unread.append(f"{name} ({fmt}, {args.get('num_bits')}-bit {args.get('type')})")
-    return unread
+        if layout is None:
+            fmt = group.get("format") or qc.get("format") or "?"
+            unread.append(f"{name} ({fmt}, {args.get('num_bits')}-bit {args.get('type')})")
+    return rules, unread
 
 
 def _group_codecs(args: Mapping[str, Any]) -> list[type[Layout]]:
