@@ -11,7 +11,7 @@ from typing import Any
 
 from fp8q.errors import CheckpointError, UsageError
 from fp8q.layouts.base import Layout
-from fp8q.layouts.detect import DetectedLayout, detect_layout, layout_words
+from fp8q.layouts.detect import DetectedLayout, QuantizedWeight, detect_layout, layout_words
 from fp8q.layouts.inputs import InputLayout
 from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint
 
@@ -92,6 +92,31 @@ def check_convertible(checkpoint: Checkpoint, source: DetectedLayout, layout: La
         raise UsageError(f"{checkpoint.root}: already {layout_words(layout)}; nothing to convert")
 
 
+def source_outlook(source: DetectedLayout, target: Layout | None) -> dict[str, dict[str, Any]]:
+    """The source's layouts in words, with how many weights each and (converted into `target`) what it keeps of them
+    (`inspect --json`, the manifest)."""
+    found: dict[str, dict[str, Any]] = {words: {"weights": n} for words, n in source_layouts(source).items()}
+    if target is None:
+        return found
+    for qw in source.weights:
+        # An FP8 layout fp8q writes, read back: no rule tells in advance; the conversion compares every value.
+        keeps = "each weight checked value by value"
+        found[layout_words(qw.layout)]["exact"] = (
+            qw.layout.outlook(target) if isinstance(qw.layout, InputLayout) else keeps
+        )
+    return found
+
+
+def already_in(qw: QuantizedWeight, layout: Layout | None, dtype: str | None) -> bool:
+    """Whether a quantized source weight is stored as `layout` writes it, scale name and dtype too: then its bytes
+    are copied (a requantization could move a value: its dequantized form is rounded to `dtype` first)."""
+    if layout is None or dtype is None or qw.scale is None or qw.layout is None or qw.weight.dtype != "F8_E4M3":
+        return False
+    same = qw.layout == layout or (isinstance(qw.layout, InputLayout) and qw.layout.same_as(layout))
+    named = qw.scale.name == f"{qw.weight.module}.{layout.scale_suffix}"
+    return same and named and qw.scale.dtype == layout.scale_dtype(dtype)
+
+
 def source_layouts(source: DetectedLayout | None) -> dict[str, int]:
     """The source's FP8 layouts in words, with how many weights each."""
     found: dict[str, int] = {}
@@ -100,4 +125,12 @@ def source_layouts(source: DetectedLayout | None) -> dict[str, int]:
     return found
 
 
-__all__ = ["DTYPES", "check_convertible", "detect_fp8", "output_dtype", "source_layouts"]
+__all__ = [
+    "DTYPES",
+    "already_in",
+    "check_convertible",
+    "detect_fp8",
+    "output_dtype",
+    "source_layouts",
+    "source_outlook",
+]

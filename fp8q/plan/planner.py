@@ -1,8 +1,9 @@
 """The pure planner: from a validated `Checkpoint` and the options, the complete output.
 
-Imports: errors, dtypes, source.checkpoint, plan.selection, layouts (base, detect, inputs), models (architectures,
-experts). Before any tensor data is read the plan fixes every output tensor's name, dtype, shape and byte offset,
-every shard header, the index and the config, so the writer can stream and `inspect` can show the whole result.
+Imports: errors, dtypes, source.checkpoint, plan (selection, fp8_source), layouts (base, detect, inputs), models
+(architectures, experts). Before any tensor data is read the plan fixes every output tensor's name, dtype, shape and
+byte offset, every shard header, the index and the config, so the writer can stream and `inspect` can show the whole
+result.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fp8q.layouts.detect import QUANTIZATION_ONLY, DetectedLayout, QuantizedWeig
 from fp8q.layouts.inputs import InputLayout
 from fp8q.models.architectures import GENERIC, Architecture, groups
 from fp8q.models.experts import Part, fused_weight_of, is_fused_expert_weight, split
+from fp8q.plan.fp8_source import already_in, source_outlook
 from fp8q.plan.selection import Selection, check_not_quantized, natural_key, select
 from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint, Shard, TensorMeta
 
@@ -213,7 +215,7 @@ def make_plan(
         only = {qw.name.rpartition(".")[0] for qw in fp8.values()} if read_only else None
         selection = select(tensors, config, ignore, targets, only)
     to_quantize = set(selection.quantize)
-    copied = {name for name, qw in fp8.items() if qw.name in to_quantize and _already(qw, layout, dtype)}
+    copied = {name for name, qw in fp8.items() if qw.name in to_quantize and already_in(qw, layout, dtype)}
     jobs = [
         (shard, _plan_jobs(shard, layout, to_quantize, config, fp8, dtype, detected, copied))
         for shard in checkpoint.shards
@@ -301,16 +303,6 @@ def _plan_jobs(
         else:
             jobs.append(Job(meta, Action.KEEP, (Piece(OutTensor(meta.name, meta.dtype, meta.shape)),)))
     return jobs
-
-
-def _already(qw: QuantizedWeight, layout: Layout | None, dtype: str | None) -> bool:
-    """Whether a quantized source weight is stored as `layout` writes it, scale name and dtype too: then its bytes
-    are copied (a requantization could move a value: its dequantized form is rounded to `dtype` first)."""
-    if layout is None or dtype is None or qw.scale is None or qw.layout is None or qw.weight.dtype != "F8_E4M3":
-        return False
-    same = qw.layout == layout or (isinstance(qw.layout, InputLayout) and qw.layout.same_as(layout))
-    named = qw.scale.name == f"{qw.weight.module}.{layout.scale_suffix}"
-    return same and named and qw.scale.dtype == layout.scale_dtype(dtype)
 
 
 def _place_shard(shard: Shard, jobs: list[Job]) -> ShardPlan:
@@ -438,25 +430,8 @@ def as_data(plan: Plan) -> dict[str, Any]:
         "split_experts": split_experts(plan),
         "fused_groups": fused_groups(plan),
         "mtp": mtp_summary(plan),
-        **({"source_layouts": source_outlook(plan)} if plan.detected is not None else {}),
+        **({"source_layouts": source_outlook(plan.detected, plan.layout)} if plan.detected is not None else {}),
     }
-
-
-def source_outlook(plan: Plan) -> dict[str, dict[str, Any]]:
-    """A quantized source's layouts in words: how many weights each, and (converted) what the target keeps of them."""
-    assert plan.detected is not None
-    found: dict[str, dict[str, Any]] = {}
-    for qw in plan.detected.weights:
-        if qw.layout is None:
-            continue
-        entry = found.setdefault(qw.layout.describe(), {"weights": 0})
-        entry["weights"] += 1
-        if plan.layout is not None:
-            if isinstance(qw.layout, InputLayout):
-                entry["exact"] = qw.layout.outlook(plan.layout)
-            else:  # an FP8 layout fp8q writes, read back
-                entry["exact"] = "each weight checked value by value"
-    return found
 
 
 def fused_groups(plan: Plan) -> dict[str, int]:
