@@ -12,7 +12,9 @@ Contenders, each in its own process, in turns, `--repeat` times (median reported
 - `fp8q-ceiling`: the whole fp8q pipeline with the quantization replaced by a stand-in that costs nothing and
   writes outputs of the right dtypes and shapes (bench/ceiling.py): what reading, writing, hashing and
   statistics cost, the most any device's kernels can reach;
-- `model_free_ptq`: llm-compressor's converter (FP8_DYNAMIC, on cuda:0 with `--device cuda`), where installed.
+- `model_free_ptq`: llm-compressor's converter (FP8_DYNAMIC, on cuda:0 with `--device cuda`), where installed;
+- `fp8q-verify-source` and `fp8q-verify`: `fp8q verify OUT --source SRC` and `fp8q verify OUT` of the output
+  `fp8q quantize` made (made once, untimed, before the runs); the table gives each beside `fp8q` ("x fp8q").
 
 Before each run the machine is settled: dirty pages flushed and, unless `--warm`, the page cache dropped where
 allowed (root). Reported per contender: wall time to exit (and until its output is on disk: exit, then `sync`),
@@ -41,7 +43,8 @@ import torch
 from safetensors.torch import save_file
 
 PYTHON = sys.executable
-CONTENDERS = ("cp", "fp8q", "fp8q-ceiling", "model_free_ptq")
+CONTENDERS = ("cp", "fp8q", "fp8q-ceiling", "model_free_ptq", "fp8q-verify-source", "fp8q-verify")
+VERIFIERS = ("fp8q-verify-source", "fp8q-verify")  # they read the output fp8q made, and leave it
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,7 @@ def settle(warm: bool) -> None:
             pass
 
 
-def timed(cmd: list[str], out: Path, warm: bool, cuda: bool, env: dict[str, str]) -> Timing:
+def timed(cmd: list[str], out: Path | None, warm: bool, cuda: bool, env: dict[str, str]) -> Timing:
     settle(warm)
     with GpuPeak(cuda) as gpu:
         done = subprocess.run([PYTHON, "-c", _TIMER, *cmd], capture_output=True, text=True, env=env)
@@ -212,14 +215,19 @@ def timed(cmd: list[str], out: Path, warm: bool, cuda: bool, env: dict[str, str]
     start = time.perf_counter()
     os.sync()
     durable = float(seconds) + time.perf_counter() - start
-    shutil.rmtree(out, ignore_errors=True)
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
     gpu_mib = gpu.peak / 2**20 if gpu.peak is not None else None
     return Timing(float(seconds), durable, int(rss_kib) / 1024, gpu_mib)
 
 
-def commands(src: Path, outs: dict[str, Path], device: str) -> dict[str, tuple[list[str], dict[str, str]]]:
+def commands(
+    src: Path, outs: dict[str, Path], device: str, verified: Path
+) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Each contender's command line; `verified`: the fp8q output the verify contenders check."""
     env = dict(os.environ)
     quantize = [PYTHON, "-m", "fp8q", "quantize", str(src)]
+    verify = [PYTHON, "-m", "fp8q", "verify", str(verified), "--top", "0"]
     model_free = (
         "import sys; from llmcompressor import model_free_ptq; model_free_ptq(sys.argv[1], sys.argv[2], "
         "scheme='FP8_DYNAMIC', ignore=['lm_head', 'model.embed_tokens'], device=sys.argv[3])"
@@ -244,6 +252,8 @@ def commands(src: Path, outs: dict[str, Path], device: str) -> dict[str, tuple[l
             [PYTHON, "-c", model_free, str(src), str(outs["model_free_ptq"]), "cuda:0" if device == "cuda" else "cpu"],
             env,
         ),
+        "fp8q-verify-source": ([*verify, "--source", str(src)], env),
+        "fp8q-verify": (verify, env),
     }
 
 
@@ -288,13 +298,18 @@ def main() -> None:
                 build_checkpoint(src, layers, shape)
             size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
             outs = {name: root / f"out-{name}" for name in CONTENDERS}
-            cmds = commands(src, outs, args.device)
+            verified = root / f"verified-{layers}L"
+            cmds = commands(src, outs, args.device, verified)
+            if set(VERIFIERS) & set(chosen) and not verified.exists():
+                print(f"quantizing {src} for the verify runs ...", file=say, flush=True)
+                quantize = cmds["fp8q"][0]
+                subprocess.run([*quantize[:5], str(verified), *quantize[6:]], check=True)
             runs: dict[str, list[Timing]] = {name: [] for name in chosen}
             for _ in range(args.repeat):
                 for name in chosen:
                     cmd, env = cmds[name]
-                    cuda = args.device == "cuda" and name != "cp"
-                    runs[name].append(timed(cmd, outs[name], args.warm, cuda, env))
+                    cuda = args.device == "cuda" and name not in ("cp", *VERIFIERS)
+                    runs[name].append(timed(cmd, None if name in VERIFIERS else outs[name], args.warm, cuda, env))
             for name, timings in runs.items():
                 gpu = [t.gpu_mib for t in timings if t.gpu_mib is not None]
                 results.append(
@@ -320,12 +335,12 @@ def main() -> None:
 
 def print_table(results: list[dict]) -> None:
     """One table per model size; ratios against cp and model_free_ptq measured in this same run."""
-    header = ["contender", "median s (runs)", "GB/s", "x cp", "model_free_ptq / it", "until on disk s"]
+    header = ["contender", "median s (runs)", "GB/s", "x cp", "x fp8q", "model_free_ptq / it", "until on disk s"]
     header += ["peak RSS MiB", "GPU peak MiB"]
     for layers in sorted({r["layers"] for r in results}):
         rows = {r["contender"]: r for r in results if r["layers"] == layers}
         size = next(iter(rows.values()))["bytes"]
-        cp, ref = rows.get("cp"), rows.get("model_free_ptq")
+        cp, ref, fp8q = rows.get("cp"), rows.get("model_free_ptq"), rows.get("fp8q")
         print(f"\n{layers} layers, {size / 1e9:.2f} GB of bf16:\n")
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
@@ -336,6 +351,7 @@ def print_table(results: list[dict]) -> None:
                 f"{s:.1f} ({' '.join(f'{x:.1f}' for x in r['seconds'])})",
                 f"{size / s / 1e9:.2f}",
                 f"{s / cp['median_s']:.2f}" if cp else "n/a",
+                f"{s / fp8q['median_s']:.2f}" if fp8q else "n/a",
                 f"{ref['median_s'] / s:.1f}x" if ref else "n/a",
                 f"{r['median_durable_s']:.1f}",
                 str(r["peak_rss_mib"]),

@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "fp8q"
 MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name not in ("__main__.py",))
 IDS = [p.relative_to(PACKAGE).as_posix() for p in MODULES]
-SHARED = {"errors", "events", "dtypes", "units"}  # fp8q/*.py beside the wings, which any wing may use
+SHARED = {"errors", "events", "dtypes", "units", "cores"}  # fp8q/*.py beside the wings, which any wing may use
 # Each wing's module may import these wings (and the shared modules); see docs/ARCHITECTURE.md.
 MAY_IMPORT = {
     "cli": {"cli", "engine", "plan", "models", "layouts", "source", "output", "verification"},
@@ -27,6 +27,7 @@ MAY_IMPORT = {
     "errors": set(),
     "dtypes": set(),
     "units": set(),
+    "cores": set(),
     "events": {"plan"},
     "__init__": {"engine", "layouts", "verification"},  # the lazy public API
 }

@@ -147,3 +147,87 @@ def test_abs_max_is_the_largest_magnitude_for_every_value(dtype):
             assert torch.equal(got[~torch.isnan(got)], want[~torch.isnan(want)])
     tiles = finite[:4].reshape(2, 2, 4, 16)
     assert torch.equal(numerics.abs_max(tiles, (1, 3)), tiles.abs().amax(dim=(1, 3), keepdim=True))
+
+
+# ── verify's arithmetic: float32 where it gives the client's bits ──
+
+ALL_CODES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+MX = find("mx", "compressed-tensors")
+
+
+def test_fp8_values_are_torch_s_own_decoding_for_every_code():
+    got, want = numerics.fp8_values(ALL_CODES), ALL_CODES.float()
+    numbers = [c for c in range(256) if c not in (0x7F, 0xFF)]
+    assert torch.equal(got[numbers].view(torch.int32), want[numbers].view(torch.int32))  # -0.0 and subnormals too
+    assert got[0x7F].item() == 480.0 and got[0xFF].item() == -480.0  # NaN codes: nan_codes finds those first
+
+
+def test_nan_codes_counts_both_signs_and_only_them():
+    q = ALL_CODES[torch.randint(0, 256, (300, 200))]
+    q.view(torch.uint8)[q.view(torch.uint8) & 0x7F == 0x7F] = 0x7E
+    assert numerics.nan_codes(q) == 0
+    assert numerics.nan_codes(ALL_CODES[:127]) == 0 and numerics.nan_codes(ALL_CODES[128:255]) == 0
+    for positions in ([(0, 0)], [(5, 7), (299, 199)]):
+        bad = q.clone()
+        for i, (r, c) in enumerate(positions):
+            bad.view(torch.uint8)[r, c] = (0x7F, 0xFF)[i % 2]
+        assert numerics.nan_codes(bad) == len(positions)
+
+
+def _random_codes(rows: int, cols: int) -> torch.Tensor:
+    q = ALL_CODES[torch.randint(0, 256, (rows, cols))]
+    q.view(torch.uint8)[q.view(torch.uint8) & 0x7F == 0x7F] = 0x7E  # 448 in place of a NaN code
+    return q
+
+
+def _scales(layout, rows: int, cols: int, dtype: torch.dtype, exponents: tuple[int, int]) -> torch.Tensor:
+    """Random scales of `layout` for a rows x cols weight: random mantissas, exponents in `exponents`."""
+    shape = layout.scale_shape(rows, cols)
+    if layout.scale_torch_dtype(dtype) == torch.uint8:  # MX: E8M0 exponents
+        return torch.randint(127 + exponents[0], 127 + exponents[1], shape, dtype=torch.uint8)
+    mantissa = 1 + torch.rand(shape, dtype=torch.float64)
+    return torch.ldexp(mantissa, torch.randint(*exponents, shape)).to(dtype)
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, MX], ids=[*IDS, MX.describe()])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("size", ["usual", "tiny", "overflowing"])
+def test_client_values_in_float32_are_the_float64_dequantization_bit_for_bit(layout, dtype, size):
+    rows, cols = 256, 160
+    wide = layout.scale_torch_dtype(dtype) != torch.float16  # float16 scales lie in 2^-24..2^15
+    exponents = {"usual": (-20, 2), "tiny": (-120, -110) if wide else (-24, -14), "overflowing": (118, 127)}[size]
+    if size == "overflowing" and not wide:
+        exponents = (6, 9)  # 448 x 2^8 is past float16's 65504
+    scale = _scales(layout, rows, cols, dtype, exponents)
+    if scale.dtype != torch.uint8:
+        scale = scale.to(layout.scale_torch_dtype(dtype))
+    q = _random_codes(rows, cols)
+    assert numerics.client_in_float32(scale, layout)
+    overflowed = False
+    for r0, r1, scale_rows in numerics.row_bands(rows, cols, layout, 1 << 12):
+        want = dequantize(q[r0:r1], scale[scale_rows], layout, torch.float32, strict=True)
+        got = numerics.client_values(q[r0:r1], scale[scale_rows], layout)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # inf where the client overflows too
+        overflowed = overflowed or not bool(torch.isfinite(want).all())
+    assert overflowed == (size == "overflowing")
+
+
+def test_float32_is_refused_where_it_would_round_twice():
+    """A 16-bit client whose scales carry more than 11 significant bits (or lie below 2^-120) gets float64: the
+    float32 product would be rounded once there and again to the client's dtype."""
+
+    class Bf16Client(type(LAYOUTS[0])):  # compressed-tensors channel, computing in bfloat16 whatever its scale
+        def client_dtype(self, scale_dtype):
+            return torch.bfloat16
+
+    layout = Bf16Client()
+    assert numerics.client_in_float32(torch.tensor([[0.5], [0.75]]), layout)
+    assert not numerics.client_in_float32(torch.tensor([[1 + 2**-12]]), layout)
+    assert not numerics.client_in_float32(torch.tensor([[2.0**-121]]), layout)
+    assert numerics.client_in_float32(torch.tensor([[1 + 2**-12]]), LAYOUTS[0])  # float32 scale: float32 client
+
+
+def test_may_overflow_clears_usual_scales_and_not_those_near_the_dtype_s_top():
+    layout = LAYOUTS[0]
+    assert not numerics.may_overflow(torch.full((4, 1), 0.01, dtype=torch.bfloat16), layout)
+    assert numerics.may_overflow(torch.full((4, 1), 150.0, dtype=torch.float16), layout)  # 448 x 150 > 65504

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from fp8q import QuantizeOptions, quantize
 from fp8q.errors import CheckpointError
-from fp8q.verification import TensorCheck, _flag_outliers, verify
+from fp8q.verification import TensorCheck, verify
+from fp8q.verification.values import _flag_outliers
 from tests.factories import load_all, tiny_llama, write_shards
 from tests.references import vllm_per_block
 
@@ -369,3 +370,40 @@ def test_a_wrong_source_is_summarized_not_listed_line_by_line(outputs, tmp_path)
     rest = f"problem: ... and {len(problems) - 10} more ({len(problems)} in all; --json lists every one)"
     assert listed[10:] == [rest]
     assert result.returncode == 1
+
+
+def _float64_errors(out: Path, src: Path) -> dict[str, tuple[float, float]]:
+    """Each weight's relative error and SNR, computed here in float64 from the written bytes (compressed-tensors
+    channel: the client multiplies in the scale's dtype, bfloat16)."""
+    got, want = load_all(out), load_all(src)
+    errors = {}
+    for name, q in got.items():
+        if q.dtype != torch.float8_e4m3fn:
+            continue
+        scale = got[name.removesuffix("weight") + "weight_scale"]
+        deq = (q.double() * scale.double()).to(scale.dtype).double()
+        diff_sq = float((deq - want[name].double()).square().sum())
+        ref_sq = float(want[name].double().square().sum())
+        errors[name] = math.sqrt(diff_sq / ref_sq), 10 * math.log10(ref_sq / diff_sq)
+    return errors
+
+
+@pytest.mark.parametrize("power", [0, -70, 60], ids=["usual", "tiny", "huge"])
+def test_value_figures_are_float64_s_with_any_number_of_workers(tmp_path, power):
+    """verify computes in float32 where that gives the client's values exactly, and sums bands in float32; a weight
+    whose squares float32 cannot sum well (below 2^-60 or above 2^100 a band: weights scaled by 2^-70 or 2^60) is
+    summed in float64. Every figure agrees with float64's to 1e-5, and is the same with 1 or 3 workers."""
+    src = tiny_llama(tmp_path / "base", hidden=256, intermediate=512)
+    tensors = {k: (v * 2.0**power if v.dim() == 2 else v) for k, v in load_all(src).items()}
+    scaled = write_shards(
+        tmp_path / "src", {"model.safetensors": tensors}, config=json.loads((src / "config.json").read_text())
+    )
+    out = tmp_path / "out"
+    quantize(scaled, out, QuantizeOptions(device="cpu", load_check=False))
+    one, three = verify(out, scaled, workers=1), verify(out, scaled, workers=3)
+    assert one.ok and one.rows == three.rows and len(one.rows) == N_LINEAR
+    expected = _float64_errors(out, scaled)
+    for row in one.rows:
+        rel, snr = expected[row.name]
+        assert row.rel_error == pytest.approx(rel, rel=1e-5) and row.snr_db == pytest.approx(snr, rel=1e-5)
+        assert 0.01 < rel < 0.05  # the same quantization error at every magnitude (scales scale by powers of two)

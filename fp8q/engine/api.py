@@ -2,7 +2,7 @@
 engine (run.py), which reads -> transforms -> writes for all three; they differ only in their plan, whose jobs say
 what happens to each tensor (keep: copied file to file; quantize; dequantize; requantize: dequantize, then quantize).
 
-Imports: dtypes, errors, events, layouts, plan, source, engine.run.
+Imports: cores, dtypes, errors, events, layouts, plan, source, engine.run.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fp8q.cores import usable_cores
 from fp8q.dtypes import FP8_NAMES, config_name
 from fp8q.errors import CheckpointError
 from fp8q.events import EventCallback, Report
@@ -285,7 +286,7 @@ def convert(
 def worker_count(asked: int, processes: int = 1) -> int:
     """CPU quantization threads: as asked (0: the cores shared among this node's processes), never more than the
     cores this process may run on: more threads than cores only wait on each other (10000 ran 9x slower)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     return max(1, min(asked or cores // processes, cores))
 
 

@@ -11,7 +11,6 @@ quantization, statistics and download queued on three streams), kept by `wait()`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -182,7 +181,7 @@ class CpuQuantizer(_Quantizer):
         w = handle.host if part is None else part.take(handle.host)
         layout = self.layout
         q, s = numerics.empty_outputs(w, layout, q=q)
-        ranges = self._ranges(w)
+        ranges = numerics.split_rows(w.shape[0], layout.row_step, self.workers)
         amaxes = self._map(lambda r: _chunked_amax(w, r, self._chunk_rows(w), layout), ranges)
         tensor_scale = None
         if amaxes and amaxes[0] is not None:
@@ -203,14 +202,6 @@ class CpuQuantizer(_Quantizer):
         step = self.layout.row_step
         rows = CHUNK_BYTES // max(1, w.shape[1] * w.element_size())
         return max(step, rows // step * step)
-
-    def _ranges(self, w: torch.Tensor) -> list[tuple[int, int]]:
-        """Split the rows into one contiguous range per worker, on `row_step` boundaries."""
-        rows, step = w.shape[0], self.layout.row_step
-        units = max(1, math.ceil(rows / step))
-        parts = min(self.workers, units)
-        bounds = [min(rows, (units * i // parts) * step) for i in range(parts + 1)]
-        return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a] or [(0, rows)]
 
 
 def _chunked_amax(w: torch.Tensor, r: tuple[int, int], chunk: int, layout: Layout) -> torch.Tensor | None:

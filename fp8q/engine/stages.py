@@ -49,11 +49,7 @@ from fp8q.layouts import default
 from fp8q.layouts.detect import QuantizedWeight, value_problem
 from fp8q.layouts.numerics import FP8, FP8_MAX, NonFiniteWeight
 from fp8q.plan.planner import Action, Job, Plan
-from fp8q.source.reader import ShardReader, read_ahead, read_tensor
-
-# The reader keeps the kernel fetching this far ahead of it, so the disk works while it waits for a
-# free buffer (measured on a cold cache: 256 MiB as fast as more).
-READ_AHEAD = 256 << 20
+from fp8q.source.reader import READ_AHEAD, ReadAhead, ShardReader, read_tensor
 
 
 def run_plan(
@@ -230,13 +226,10 @@ def _read(
                 continue
             path, fd = open_shard(files, shard.input, stop)  # a streamed shard: once downloaded
             scales.locate(shard.name, path)
-            hinted = 0  # the file is hinted for read-ahead up to here
+            hints = ReadAhead(fd, READ_AHEAD)
             try:
                 for job in shard.jobs:
-                    if job.input.start + READ_AHEAD > hinted:
-                        begin = max(hinted, job.input.start)
-                        hinted = job.input.start + READ_AHEAD
-                        read_ahead(fd, begin, hinted - begin)
+                    hints.at(job.input.start)
                     item = Item(index, job)
                     if not job.is_copy:
                         item.buffer = pool.take(stop) if job.action is not Action.KEEP else None

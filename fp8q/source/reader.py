@@ -23,6 +23,9 @@ from fp8q.source.files import FileId, check_planned
 
 # The kernel reads at most its read-ahead size (often 128 KiB-8 MiB) per hint: hint in steps this big.
 HINT_STEP = 2 << 20
+# A reader keeps the kernel fetching this far ahead of it, so the disk works while it waits or computes (measured on
+# a cold cache: 256 MiB as fast as more).
+READ_AHEAD = 256 << 20
 
 
 def open_for_reading(path: Path, planned: FileId | None = None) -> int:
@@ -51,6 +54,20 @@ def read_ahead(fd: int, offset: int, nbytes: int) -> None:
     end = offset + nbytes
     for start in range(offset, end, HINT_STEP):
         os.posix_fadvise(fd, start, min(HINT_STEP, end - start), os.POSIX_FADV_WILLNEED)
+
+
+class ReadAhead:
+    """Read-ahead hints for one file read in order: each read at `start` keeps the kernel fetching up to `ahead`
+    bytes past it, each byte hinted once."""
+
+    def __init__(self, fd: int, ahead: int = READ_AHEAD) -> None:
+        self.fd, self.ahead, self.hinted = fd, ahead, 0
+
+    def at(self, start: int) -> None:
+        if start + self.ahead > self.hinted:
+            begin = max(self.hinted, start)
+            self.hinted = start + self.ahead
+            read_ahead(self.fd, begin, self.hinted - begin)
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -95,11 +112,13 @@ class ShardReader:
     whichever shard holds them (a scale may live in another shard than its weight). With `fetch`, a shard is
     asked of it before it is opened."""
 
-    def __init__(self, checkpoint: Checkpoint, fetch: Fetch | None = None) -> None:
+    def __init__(self, checkpoint: Checkpoint, fetch: Fetch | None = None, ahead: int = 0) -> None:
         self.paths = {s.name: s.path for s in checkpoint.shards}
         self.ids = {s.name: s.file_id for s in checkpoint.shards}
         self.fds: dict[str, int] = {}
         self.fetch = fetch
+        self.ahead = ahead  # with reads in file order: keep the kernel this many bytes ahead (`ReadAhead`)
+        self._hints: dict[str, ReadAhead] = {}
 
     def fd(self, shard: str) -> int:
         if shard not in self.fds:
@@ -115,7 +134,10 @@ class ShardReader:
             CheckpointError: an OSError while reading, naming the file and tensor.
         """
         try:
-            return read_tensor(self.fd(meta.shard), meta, buf)
+            fd = self.fd(meta.shard)
+            if self.ahead:
+                self._hints.setdefault(meta.shard, ReadAhead(fd, self.ahead)).at(meta.start)
+            return read_tensor(fd, meta, buf)
         except OSError as e:
             raise read_error(self.paths[meta.shard], meta.name, e) from None
 
@@ -126,6 +148,7 @@ class ShardReader:
     def close_shard(self, shard: str) -> None:
         """Done with this shard for now (a streamed shard's download is deleted next: an open file keeps its space)."""
         fd = self.fds.pop(shard, None)
+        self._hints.pop(shard, None)
         if fd is not None:
             os.close(fd)
 
@@ -141,4 +164,13 @@ class ShardReader:
         self.close()
 
 
-__all__ = ["Fetch", "ShardReader", "byte_view", "open_for_reading", "read_ahead", "read_tensor"]
+__all__ = [
+    "READ_AHEAD",
+    "Fetch",
+    "ReadAhead",
+    "ShardReader",
+    "byte_view",
+    "open_for_reading",
+    "read_ahead",
+    "read_tensor",
+]

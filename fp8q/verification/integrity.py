@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +52,8 @@ class FileHashes:
     """Started before the values are checked, `result()` after: every file fp8q.json lists, hashed (or, on the
     Hub, looked up) on a thread of its own."""
 
-    def __init__(self, checkpoint: Checkpoint, stream: HubStream | None) -> None:
-        self.checkpoint, self.stream = checkpoint, stream
+    def __init__(self, checkpoint: Checkpoint, stream: HubStream | None, threads: int = 2) -> None:
+        self.checkpoint, self.stream, self.threads = checkpoint, stream, max(1, threads)
         self.listed = listed_files(checkpoint.root)
         self._result = FileCheck()
         self._failure: BaseException | None = None
@@ -81,25 +82,22 @@ class FileHashes:
 
     def _check(self) -> None:
         assert self.listed is not None
-        root, found = self.checkpoint.root, self._result
+        found = self._result
         remote = repo_files(self.stream, explain) if self.stream is not None else None
         present = set(remote) if remote is not None else self._local_files()
-        for name, expected in sorted(self.listed.items()):
+        listed = sorted(self.listed.items())
+        hashed = [name for name, _ in listed if name in present and (remote is None or remote.get(name) is None)]
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="fp8q-hash") as pool:
+            # Two files at a time: hashing is the longest check of an output on the disk it was written to.
+            local = dict(zip(hashed, pool.map(self._local_sha256, hashed), strict=True))
+        for name, expected in listed:
             if name not in present:
                 found.problems.append(
                     f"{name}: listed in {MANIFEST_FILE} but not in the output; it is incomplete: restore the file, "
                     "or make the output again"
                 )
                 continue
-            lfs = remote.get(name) if remote is not None else None
-            if lfs is None:
-                path = root / name
-                if remote is not None and not path.is_file():
-                    assert self.stream is not None
-                    path = fetch_file(self.stream, name, explain)
-                actual = _sha256(path)
-            else:
-                actual = lfs
+            actual = local.get(name) or (remote or {}).get(name) or ""
             found.checked += 1
             if actual != expected:
                 found.problems.append(
@@ -111,6 +109,13 @@ class FileHashes:
             more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
             found.notes.append(f"{extra[0]}{more}: not listed in {MANIFEST_FILE} (added after fp8q wrote the output)")
 
+    def _local_sha256(self, name: str) -> str:
+        """A file's sha256: the output folder's, or a Hub repo's small regular file (its copy in the cache)."""
+        path = self.checkpoint.root / name
+        if self.stream is not None and not path.is_file():
+            path = fetch_file(self.stream, name, explain)
+        return _sha256(path)
+
     def _local_files(self) -> set[str]:
         c = self.checkpoint
         names = {s.name for s in c.shards} | set(c.side_files) | set(c.skipped_files)
@@ -119,9 +124,10 @@ class FileHashes:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
+    chunk = memoryview(bytearray(_CHUNK))  # one buffer, read into again and again: no allocation per read
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)  # hashlib releases the GIL on large buffers: the checks go on meanwhile
+        while n := f.readinto(chunk):
+            digest.update(chunk[:n])  # hashlib releases the GIL on large buffers: the checks go on meanwhile
     return digest.hexdigest()
 
 
