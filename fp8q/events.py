@@ -1,8 +1,9 @@
 """What a conversion tells its caller while it runs, and what it reports at the end; no command owns these.
 
 Imports: plan (its types) only. The engine (engine/run.py) sends `PlanReady` once, then its writer thread
-(engine/writing.py) `TensorDone` per tensor; `verify` sends `Started` instead of a plan, then `TensorDone` per weight it
-checks.
+(engine/writing.py) `TensorDone` per tensor; a streamed source adds `DownloadStarted` and `Downloaded`, a push
+`UploadStarted`, `ShardUploaded` and a `Step` for the last uploads and the commit; `verify` sends `Started` instead of a
+plan, then `TensorDone` per weight it checks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,29 @@ class Downloaded:
 
 
 @dataclass(frozen=True)
+class UploadStarted:
+    """--push-to-hub: `nbytes` of output in `shards` shards will be uploaded as each is finished (after PlanReady)."""
+
+    nbytes: int
+    shards: int
+
+
+@dataclass(frozen=True)
+class ShardUploaded:
+    """Output shard `shard`, `nbytes` of it, is on the Hub (from the upload's thread)."""
+
+    shard: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """A step at the run's end with no bytes of its own to count (the last uploads, the commit), as it starts."""
+
+    words: str
+
+
+@dataclass(frozen=True)
 class Started:
     """Sent once by `verify` before any data is read: how many tensors and bytes it will go through."""
 
@@ -50,7 +74,7 @@ class TensorDone:
     shard: str = ""  # the output shard it went into
 
 
-Event = PlanReady | Started | TensorDone | DownloadStarted | Downloaded
+Event = PlanReady | Started | TensorDone | DownloadStarted | Downloaded | UploadStarted | ShardUploaded | Step
 EventCallback = Callable[[Event], None]
 
 
@@ -87,10 +111,31 @@ class Report:
     findings: list[str] = field(default_factory=list)  # what the quantized values said (fp8q.json's statistics)
     # Every target (OUT, the repo) held this very output already: nothing was read, written, uploaded or committed.
     up_to_date: bool = False
+    # Of `seconds`, those spent waiting on the Hub: for a download not there yet, for uploads to free the disk, for
+    # the last uploads and the commit. The rest is the conversion's own.
+    seconds_waiting: float = 0.0
+
+    @property
+    def seconds_converting(self) -> float:
+        return max(0.0, self.seconds - self.seconds_waiting)
 
     @property
     def gb_per_s(self) -> float:
-        return self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        """The conversion's rate: the bytes read over its own time (not the time spent waiting on the Hub)."""
+        converting = self.seconds_converting
+        return self.bytes_in / converting / 1e9 if converting > 0 else 0.0
 
 
-__all__ = ["Downloaded", "DownloadStarted", "Event", "EventCallback", "PlanReady", "Report", "Started", "TensorDone"]
+__all__ = [
+    "Downloaded",
+    "DownloadStarted",
+    "Event",
+    "EventCallback",
+    "PlanReady",
+    "Report",
+    "ShardUploaded",
+    "Started",
+    "Step",
+    "TensorDone",
+    "UploadStarted",
+]

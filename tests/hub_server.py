@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_THRESHOLD = 10 * 1024 * 1024  # bytes: a file above it is uploaded as LFS whatever its name, as on the Hub
@@ -67,6 +67,15 @@ class Request:
         return self.method == "GET" and self.file != "" and (self.range is None or self.range.endswith("-"))
 
 
+class Generated(Protocol):
+    """A file whose bytes are made as they are sent, never stored whole (a terabyte repo on a small disk)."""
+
+    size: int
+    sha256: str  # what the tree lists: the bytes' own where the maker can afford to hash them all, else made up
+
+    def chunks(self, start: int, length: int) -> Iterator[memoryview | bytes]: ...
+
+
 @dataclass
 class _File:
     path: Path  # where its bytes are: the repo folder's file, or the store's object
@@ -74,6 +83,7 @@ class _File:
     sha256: str
     lfs: bool
     oid: str  # its git blob id: of the bytes, or of the LFS pointer for an LFS file (as the Hub's tree lists it)
+    generated: Generated | None = None  # bytes made as they are sent (`HubServer.add_generated`), not at `path`
 
     @property
     def etag(self) -> str:
@@ -165,6 +175,18 @@ def _lfs_file(path: Path, sha256: str, size: int) -> _File:
     return _File(path, size, sha256, True, git_oid(_pointer(sha256, size)))
 
 
+def _file_chunks(path: Path, start: int, length: int, size: int) -> Iterator[bytes]:
+    """A file's bytes [start, start + length), `size` at a time."""
+    with open(path, "rb") as file:
+        file.seek(start)
+        while length > 0:
+            data = file.read(min(size, length))
+            if not data:
+                raise ConnectionResetError(f"{path} is shorter than it was")
+            yield data
+            length -= len(data)
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
 
@@ -254,6 +276,9 @@ class HubServer:
         self.requests: list[Request] = []
         self.on_download: Callable[[str, str], None] | None = None
         self._own_store = store is None
+        # False: an LFS upload's bytes are hashed and checked (size, sha256) as they come, then dropped; the store
+        # keeps a sparse file of that size in their place (a terabyte output on a small disk).
+        self.keep_uploads = True
         self.store = Path(tempfile.mkdtemp(prefix="hub-store-")) if store is None else store
         (self.store / "objects").mkdir(parents=True, exist_ok=True)
         (self.store / "tmp").mkdir(parents=True, exist_ok=True)
@@ -420,6 +445,21 @@ class HubServer:
             first = Commit(commit, "initial commit", "", None, files, date=_now())
             self._repos[repo_id] = _Repo(repo_id, False, {commit: first}, {"main": commit}, lfs_objects)
             return self._repos[repo_id]
+
+    def add_generated(self, repo_id: str, files: dict[str, Generated | bytes]) -> None:
+        """A repo whose LFS files (`Generated`) are made as they are downloaded; small files (`bytes`) as given."""
+        stored: dict[str, _File] = {}
+        for name, item in files.items():
+            if isinstance(item, bytes):
+                path, sha = self._put(item)
+                stored[name] = _File(path, len(item), sha, False, git_oid(item))
+            else:
+                stored[name] = _File(self.store / "generated", item.size, item.sha256, True, "", item)
+                stored[name].oid = git_oid(_pointer(item.sha256, item.size))
+        commit = hashlib.sha1("".join(f"{n}:{f.sha256}" for n, f in stored.items()).encode()).hexdigest()
+        with self._lock:
+            first = Commit(commit, "initial commit", "", None, stored, date=_now())
+            self._repos[repo_id] = _Repo(repo_id, False, {commit: first}, {"main": commit})
 
     def _commit(self, repo: _Repo, revision: str) -> Commit | None:
         """The commit a revision names: a branch, a pull request's ref, or a commit id of the repo."""
@@ -722,12 +762,28 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 return
             if whole and hub.on_download:
                 hub.on_download(name, "start")
-            self._send_file(status, f.path, start, max(0, end + 1 - start), headers)
+            if f.generated is not None:
+                self._send_generated(status, f.generated, start, max(0, end + 1 - start), headers)
+            else:
+                self._send_file(status, f.path, start, max(0, end + 1 - start), headers)
             if whole and hub.on_download:
                 hub.on_download(name, "end")
 
         def _send_file(self, status: int, path: Path, start: int, length: int, headers: dict[str, str]) -> None:
             """A file's bytes [start, start + length), streamed, paced by the throttle."""
+            self._send_chunks(
+                status, _file_chunks(path, start, length, _chunk(hub.faults.throttle_bytes_per_s)), length, headers
+            )
+
+        def _send_generated(
+            self, status: int, generated: Generated, start: int, length: int, headers: dict[str, str]
+        ) -> None:
+            """A generated file's bytes [start, start + length), made as they are sent, paced by the throttle."""
+            self._send_chunks(status, generated.chunks(start, length), length, headers)
+
+        def _send_chunks(
+            self, status: int, chunks: Iterator[memoryview | bytes], length: int, headers: dict[str, str]
+        ) -> None:
             self._log(status)
             self.send_response(status)
             for key, value in {"Content-Length": str(length), **headers}.items():
@@ -736,16 +792,9 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if self.command == "HEAD":
                 return
             rate = hub.faults.throttle_bytes_per_s
-            size = _chunk(rate)
-            with open(path, "rb") as file:
-                file.seek(start)
-                while length > 0:
-                    data = file.read(min(size, length))
-                    if not data:
-                        raise ConnectionResetError(f"{path} is shorter than it was")
-                    hub._down.pace(len(data), rate)
-                    self.wfile.write(data)
-                    length -= len(data)
+            for data in chunks:
+                hub._down.pace(len(data), rate)
+                self.wfile.write(data)
 
         def _drop(self, status: int, headers: dict[str, str], body: bytes, start: int) -> None:
             """Send half the file (none of it when resuming), then cut the connection."""
@@ -909,12 +958,15 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     for data in self._chunks(hub.faults.throttle_bytes_per_s):
                         digest.update(data)
                         got += len(data)
-                        out.write(data)
+                        if hub.keep_uploads:
+                            out.write(data)
                         if drop and got >= size // 2:
                             self._log(0)  # no answer: the connection is cut
                             self.close_connection = True
                             self.connection.shutdown(2)
                             return
+                    if not hub.keep_uploads:
+                        out.truncate(got)  # sparse: the size is kept, the bytes are not
                 if got != size or digest.hexdigest() != oid:
                     raise HTTPError(400, "", f"BadDigest: got {got} bytes, sha256 {digest.hexdigest()}")
                 path = hub.store / "objects" / oid

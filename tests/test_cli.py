@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -222,3 +223,30 @@ def test_the_ci_examples_pass_inputs_as_variables_and_install_fp8q_as_the_card_s
         runs = [step["run"] for job in flow["jobs"].values() for step in job["steps"] if "run" in step]
         assert runs and not [run for run in runs if "${{" in run], path.name
         assert any("pip install fp8q" in run for run in runs), path.name
+
+
+def test_a_push_shows_its_uploads_and_its_last_steps_on_a_terminal(monkeypatch):
+    """The uploads on a bar of their own; the last uploads and the commit, which have no bytes of this process's to
+    count, each on a line of its own (the step before it done) rather than behind a bar at 100%."""
+    from rich.console import Console
+
+    from fp8q.cli import render
+    from fp8q.events import ShardUploaded, Started, Step, TensorDone, UploadStarted
+
+    monkeypatch.setattr(render, "err", Console(file=io.StringIO(), force_terminal=True, width=120))
+    with render.ProgressView(quiet=False) as view:
+        view.on_event(Started(1, 100))
+        view.on_event(UploadStarted(60, 2))
+        view.on_event(TensorDone("w", 100, "model-00001-of-00002.safetensors"))
+        view.on_event(ShardUploaded("model-00001-of-00002.safetensors", 25))
+        view.on_event(Step("uploading the last 1 shard(s) to me/out"))
+        view.on_event(ShardUploaded("model-00002-of-00002.safetensors", 35))
+        view.on_event(Step("committing 9 files to me/out (main)"))
+        assert view.progress is not None
+        tasks = {task.description: task for task in view.progress.tasks}
+    assert tasks["uploaded model-00002-of-00002.safetensors"].completed == 60
+    assert tasks["uploading the last 1 shard(s) to me/out"].finished
+    assert (
+        tasks["committing 9 files to me/out (main)"].total is None
+        and not tasks["committing 9 files to me/out (main)"].finished
+    )

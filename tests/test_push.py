@@ -1024,3 +1024,25 @@ def test_a_file_fp8q_wrote_that_someone_changed_since_is_theirs(reference, hub, 
     assert result.returncode == 0, result.stderr
     assert "note: me/out: replaced README.md, changed on the Hub since fp8q published it (--overwrite)" in result.stderr
     _same_as_local(hub, "me/out", reference[1]["channel"])
+
+
+def test_the_push_shows_its_uploads_and_counts_hub_waits_apart_from_conversion(reference, hub, tmp_path):
+    """Over a slow link (the stand-in paced to 1 MB/s each way) the summary says what went each way and splits the
+    time: converting, and waiting on the Hub (a download not there yet, the last uploads, the commit); the rate is
+    the conversion's own. (On a terminal, test_cli shows the uploads' bar and the steps.)"""
+    hub.faults.throttle_bytes_per_s = 1e6
+    args = ("quantize", SRC, "--push-to-hub", "me/out", "--device", "cpu")
+    shown = _fp8q(tmp_path / "1", hub, *args)
+    assert shown.returncode == 0, shown.stderr
+    hub_line = next(line for line in shown.stderr.splitlines() if line.startswith("  hub:"))
+    assert " downloaded (each shard deleted once converted), " in hub_line and hub_line.endswith(" uploaded")
+    time_line = next(line for line in shown.stderr.splitlines() if line.startswith("  time:"))
+    assert " s converting, " in time_line and " s waiting on the Hub; " in time_line, time_line
+    result = json.loads(_fp8q(tmp_path / "2", hub, *args, "--overwrite", *LAYOUTS["block-fp8"], "--json").stdout)
+    sizes = sum(len(hub.read("me/out", name)) for name in _tree(hub, "me/out"))
+    assert result["bytes_uploaded"] == sizes  # every file of the output, shards as they finished, the rest committed
+    # Downloads at 1 MB/s: most of the run is waiting, and the rate is the conversion's, not the link's.
+    assert 0.5 * result["seconds"] < result["seconds_waiting"] < result["seconds"], result
+    converting = result["seconds"] - result["seconds_waiting"]
+    assert result["gb_per_s"] == pytest.approx(result["bytes_in"] / converting / 1e9, rel=0.01, abs=0.001)
+    assert result["bytes_downloaded"] / result["seconds"] / 1e9 < result["gb_per_s"]

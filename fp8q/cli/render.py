@@ -227,15 +227,18 @@ def show_report(report: Report, as_json: bool, quiet: bool) -> None:
             f"; {report.tensors_dequantized} source weights ({layouts}) dequantized to {report.dtype}, "
             f"{report.tensors_dropped} scales dropped"
         )
-    downloaded = ""
+    hub = []  # what went over the network, beside what was converted
     if report.bytes_downloaded:
-        what = "kept in the Hugging Face cache" if report.downloads_kept else "each deleted once converted"
-        downloaded = f"\n  hub:     {size_text(report.bytes_downloaded)} streamed from the Hub, {what}"
+        what = "kept in the Hugging Face cache" if report.downloads_kept else "each shard deleted once converted"
+        hub.append(f"{size_text(report.bytes_downloaded)} downloaded ({what})")
+    if report.pushed:
+        hub.append(f"{size_text(report.bytes_uploaded)} uploaded")
+    downloaded = f"\n  hub:     {', '.join(hub)}" if hub else ""
     published = ""
     if report.pushed:
         pushed = report.pushed
         where = pushed["pr_url"] or f"{pushed['repo_id']} ({pushed['revision']})"
-        published = f"\n  pushed:  {where}, commit {pushed['commit'][:12]}, {size_text(report.bytes_uploaded)} uploaded"
+        published = f"\n  pushed:  {where}, commit {pushed['commit'][:12]}"
     say(
         "done:",
         "green",
@@ -243,9 +246,16 @@ def show_report(report: Report, as_json: bool, quiet: bool) -> None:
         f"  tensors: {tensors}\n"
         f"  size:    {size_text(report.bytes_in)} in, {size_text(report.bytes_out)} out{resumed}{downloaded}"
         f"{published}\n"
-        f"  time:    {_elapsed():.1f} s in all ({report.seconds:.1f} s converting, "
-        f"{rate_text(report.gb_per_s * 1e9)} on {report.device})",
+        f"  time:    {_elapsed():.1f} s in all ({_time_split(report)}{rate_text(report.gb_per_s * 1e9)} on "
+        f"{report.device})",
     )
+
+
+def _time_split(report: Report) -> str:
+    """The run's time: converting, and apart from it the time it waited on the Hub (downloads, uploads, commit)."""
+    if report.seconds_waiting < 0.05:
+        return f"{report.seconds:.1f} s converting, "
+    return f"{report.seconds_converting:.1f} s converting, {report.seconds_waiting:.1f} s waiting on the Hub; "
 
 
 class _Settled(ProgressColumn):
@@ -284,6 +294,8 @@ class ProgressView:
         )
         self.task: Any = None
         self.download: Any = None  # a streamed Hub repo's downloads, on a line of their own
+        self.upload: Any = None  # --push-to-hub: the finished shards' uploads, on a line of their own
+        self.step: Any = None  # the step at the end under way (the last uploads, the commit)
         self.shard = ""
 
     def __enter__(self) -> ProgressView:
@@ -308,6 +320,14 @@ class ProgressView:
             self.download = self.progress.add_task("downloading", total=event.nbytes)
         elif kind == "Downloaded" and self.download is not None:
             self.progress.update(self.download, description=f"downloading {event.shard}", advance=event.nbytes)
+        elif kind == "UploadStarted":
+            self.upload = self.progress.add_task("uploading", total=event.nbytes)
+        elif kind == "ShardUploaded" and self.upload is not None:
+            self.progress.update(self.upload, description=f"uploaded {event.shard}", advance=event.nbytes)
+        elif kind == "Step":
+            if self.step is not None:
+                self.progress.update(self.step, total=1, completed=1)
+            self.step = self.progress.add_task(event.words, total=None)  # no bytes to count: a pulsing bar
         elif kind == "TensorDone" and self.task is not None:
             shard = getattr(event, "shard", "")
             if shard and shard != self.shard:

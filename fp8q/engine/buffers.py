@@ -70,6 +70,8 @@ class ShardFiles(Protocol):
     tells `done` once a shard is written. A streamed Hub repo's downloads (streaming.ShardDownloads), or a
     folder's files (LocalShards)."""
 
+    waits: list[tuple[float, float]]  # in `ready`, for shards not there yet (perf_counter intervals)
+
     def ready(self, shard: Shard, stop: threading.Event) -> Path: ...
 
     def done(self, name: str) -> None: ...
@@ -79,6 +81,9 @@ class ShardFiles(Protocol):
 
 class LocalShards:
     """The shard files of a checkpoint on disk: always there, never deleted."""
+
+    def __init__(self) -> None:
+        self.waits: list[tuple[float, float]] = []  # none: they are there
 
     def ready(self, shard: Shard, stop: threading.Event) -> Path:
         return shard.path

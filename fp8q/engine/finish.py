@@ -2,7 +2,7 @@
 config.json, the side files, the model card (from the plan, the options and every shard's statistics) and
 fp8q.json; commits it all to the Hub (--push-to-hub); and then OUT.partial/ becomes OUT.
 
-Imports: errors, plan, output, source, engine.api (its types, for type checking).
+Imports: errors, events, plan, output, source, engine.api (its types, for type checking).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from fp8q import __version__
 from fp8q.errors import CheckpointError
+from fp8q.events import EventCallback, Step
 from fp8q.output.manifest import Progress, write_manifest
 from fp8q.output.model_card import CARD_FILE, CardInput, front_matter
 from fp8q.output.model_card import render as render_card
@@ -59,10 +60,12 @@ def finish(
     progress: Progress,
     timings: dict[str, Any],
     stop: threading.Event,
+    emit: EventCallback,
 ) -> tuple[list[str], dict[str, str], Published | None]:
     """Write what goes beside the shards, publish (--push-to-hub: one commit of every file) and make OUT (or, with
     no OUT, delete the staging folder); returns what the quantized values tell (run_findings), every file of the
-    output but fp8q.json with its sha256, and the commit. `stop` (a signal) ends a wait on the Hub's commit.
+    output but fp8q.json with its sha256, and the commit. `stop` (a signal) ends a wait on the Hub's commit; `emit` says
+    the commit as it starts (a `Step`).
 
     Raises:
         OSError: writing a file or the final rename failed (OUT.partial/ keeps its records for --resume).
@@ -84,6 +87,7 @@ def finish(
         push = options.push
         assert push is not None
         message = push.commit_message or f"fp8q {mode.value}: {plan.layout.describe() if plan.layout else 'bf16'}"
+        emit(Step(f"committing {len(files) + 1} files to {publisher.where}"))
         published = publisher.commit(partial, [*files, MANIFEST_FILE], message, stop)
         said += publisher.notes
         if not ready.keep:

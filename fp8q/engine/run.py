@@ -18,6 +18,7 @@ Lifecycle of `run(src, out, options, mode)`:
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -47,7 +48,18 @@ from fp8q.engine.finish import Prepared, finish, metadata_sizes, output_names, s
 from fp8q.engine.stages import run_plan
 from fp8q.engine.writing import Outlet
 from fp8q.errors import Fp8qError, Interrupted, OutputError, Stopped, UsageError, write_error
-from fp8q.events import Downloaded, DownloadStarted, Event, EventCallback, PlanReady, Report, TensorDone
+from fp8q.events import (
+    Downloaded,
+    DownloadStarted,
+    Event,
+    EventCallback,
+    PlanReady,
+    Report,
+    ShardUploaded,
+    Step,
+    TensorDone,
+    UploadStarted,
+)
 from fp8q.output.manifest import Progress, fingerprint, holds_output, reusable_shards
 from fp8q.output.writer import (
     STAGING_DIR,
@@ -105,7 +117,9 @@ def run(
                             },
                         }
                         try:
-                            findings, files_out, published = finish(ready, src, options, mode, progress, timings, stop)
+                            findings, files_out, published = finish(
+                                ready, src, options, mode, progress, timings, stop, emit
+                            )
                         except OSError as e:
                             raise write_error(ready.partial, e) from None
                 except BaseException as e:
@@ -192,6 +206,11 @@ def convert(
     staging = ready.partial / f"{STAGING_DIR}-{cluster.rank}"  # where this process downloads a streamed repo's shards
     files = _shard_files(ready.source, [s.name for s in plan.shards if s.name not in skip], options, emit, staging)
     cleanup.callback(files.close)  # stops downloading and deletes what was downloaded, if not done below
+    publisher = ready.publisher
+    if publisher is not None:
+        uploads = [s for s in plan.shards if s.name not in skip and s.name not in ready.reused]
+        emit(UploadStarted(sum(s.size for s in uploads), len(uploads)))
+        publisher.on_uploaded = lambda name, nbytes: emit(ShardUploaded(name, nbytes))
     workers = worker_count(options.workers, cluster.local_world)
     failure: BaseException | None = None
     try:
@@ -199,14 +218,28 @@ def convert(
         with Watcher(cluster, stop, (lambda n: emit(TensorDone("", n))) if cluster.rank == 0 else None):
             outlet = Outlet(progress, ready.publisher)
             run_plan(plan, ready.partial, device, workers, run_emit, stop, outlet, skip, files, options.load_check)
-            if ready.publisher is not None:
-                ready.publisher.finish_uploads(stop)  # this process's shards are up (or it failed) before all agree
+            if publisher is not None:
+                if publisher.pending():
+                    emit(Step(f"uploading the last {publisher.pending()} shard(s) to {publisher.repo_id}"))
+                publisher.finish_uploads(stop)  # this process's shards are up (or it failed) before all agree
     except BaseException as e:
         failure = e
         cluster.mark_failed()
     finally:
         files.close()  # before OUT.partial/ can become OUT: the staging folder in it goes
     return files, failure
+
+
+def _waited(files: ShardFiles | None, publisher: Publisher | None) -> float:
+    """Seconds the run spent waiting on the Hub (for downloads, for uploads, for the commit): the union of each
+    thread's waits, as the reader may wait on a download while the writer waits on an upload."""
+    waits = sorted([*(files.waits if files is not None else []), *(publisher.waits if publisher else [])])
+    total, reached = 0.0, -math.inf
+    for start, end in waits:
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
 
 
 def _report(
@@ -258,6 +291,7 @@ def _report(
         notes=list(plan.notes),
         findings=findings,
         up_to_date=ready.up_to_date,
+        seconds_waiting=_waited(files, ready.publisher),
     )
 
 

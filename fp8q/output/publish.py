@@ -162,6 +162,9 @@ class Publisher:
         self.missing = False  # `check(create=False)` found no such repo: `create` makes it
         self.uploaded: dict[str, Uploaded] = {}
         self.bytes_uploaded = 0
+        self.on_uploaded: Callable[[str, int], None] = lambda name, nbytes: None  # from the upload thread
+        # Waits on the Hub (perf_counter intervals): uploads holding the disk, the last uploads, the commit.
+        self.waits: list[tuple[float, float]] = []
         self._room = room
         self._on_disk = 0
         self._changed = threading.Condition()
@@ -169,6 +172,7 @@ class Publisher:
         self._queue: list[tuple[str, Path, str, Callable[[str, Uploaded], None], bool]] = []
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._pending = 0  # handed to `upload`, not on the Hub yet
 
     # ── before anything is converted ──
 
@@ -352,11 +356,13 @@ class Publisher:
     def wait_for_room(self, stop: threading.Event) -> None:
         """Hold the caller while `room` shards are on local disk (open, or finished and not uploaded yet)."""
         with self._changed:
+            since = time.perf_counter()
             while self._room is not None and self._on_disk >= self._room:
                 self._raise_if_failed()
                 if stop.is_set():
                     return
                 self._changed.wait(0.1)
+            self.waits.append((since, time.perf_counter()))
             self._raise_if_failed()
             self._on_disk += 1
 
@@ -377,6 +383,7 @@ class Publisher:
         with self._changed:
             self._raise_if_failed()
             self._queue.append((name, path, sha256, record, self._room is not None))
+            self._pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._uploads, name="fp8q-upload", daemon=True)
                 self._thread.start()
@@ -411,17 +418,25 @@ class Publisher:
             with self._changed:
                 self.uploaded[name] = done
                 self.bytes_uploaded += size
+                self._pending -= 1
                 if delete:
                     self._on_disk -= 1
                 self._changed.notify_all()
+            self.on_uploaded(name, size)
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
             raise self._failure
 
+    def pending(self) -> int:
+        """Shards handed to `upload` that are not on the Hub yet (the one being sent included)."""
+        with self._changed:
+            return self._pending
+
     def finish_uploads(self, stop: threading.Event) -> None:
         """Wait for every upload (with OUT, conversion may be far ahead of them); raise the first failure
         (OutputError naming the shard), or Stopped once `stop` is set (SIGINT, SIGTERM: the run ends now)."""
+        since = time.perf_counter()
         with self._changed:
             self._closing = True
             self._changed.notify_all()
@@ -429,6 +444,7 @@ class Publisher:
             if stop.is_set():
                 raise Stopped
             self._thread.join(0.1)
+        self.waits.append((since, time.perf_counter()))
         self._raise_if_failed()
 
     def close(self) -> None:
@@ -510,11 +526,13 @@ class Publisher:
                 answer.append(e)
 
         sender = threading.Thread(target=send, name="fp8q-commit", daemon=True)
+        since = time.perf_counter()
         sender.start()
         while sender.is_alive():
             if stop is not None and stop.is_set():
                 raise Stopped(f"while the commit to {self._where()} was under way: it may have landed; {self._check()}")
             sender.join(0.1)
+        self.waits.append((since, time.perf_counter()))
         info = answer[0]
         if isinstance(info, BaseException):
             raise self._commit_error(info) from None
@@ -523,6 +541,11 @@ class Publisher:
 
     def _where(self) -> str:
         return f"{self.repo_id} ({'a pull request on ' if self.create_pr else ''}{self.revision})"
+
+    @property
+    def where(self) -> str:
+        """The repo and the branch (or pull request) the commit goes to, in words."""
+        return self._where()
 
     def _check(self) -> str:
         """How a user tells whether a commit whose answer never came landed."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -314,6 +315,7 @@ class ShardDownloads:
         self._failed: dict[str, CheckpointError] = {}
         self._paths: dict[str, Path] = {}  # name -> where its download is
         self._lock = threading.Lock()
+        self.waits: list[tuple[float, float]] = []  # the reader's, for shards not downloaded yet (perf_counter)
         self._thread = threading.Thread(target=self._download_all, name="fp8q-download", daemon=True)
         self._thread.start()
 
@@ -333,9 +335,11 @@ class ShardDownloads:
         arrived = self._arrived.get(shard.name)
         if arrived is None:
             return shard.path  # in the cache before the run
+        since = time.perf_counter()
         while not arrived.wait(0.1):
             if stop.is_set():
                 raise Stopped
+        self.waits.append((since, time.perf_counter()))
         if shard.name in self._failed:
             raise self._failed[shard.name]
         return self._paths[shard.name]
