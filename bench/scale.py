@@ -270,12 +270,13 @@ def measure(shape: str, layers: int | None, workdir: Path) -> dict[str, object]:
         "TMPDIR": str(run / "tmp"),
         "PYTHONPATH": str(ROOT),
     }
-    peak = [0]
+    peak = [0, 0]  # all the run holds; the source shards downloaded alone
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.5):
             peak[0] = max(peak[0], _disk(run / "hf", run / "cache", run / "tmp"))
+            peak[1] = max(peak[1], _disk(*(run / "cache").glob("fp8q/push/*/.fp8q-downloads-*")))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -308,6 +309,8 @@ def measure(shape: str, layers: int | None, workdir: Path) -> dict[str, object]:
         "gb_per_s_in": round(report["bytes_downloaded"] / wall / 1e9, 3),
         "gb_per_s_out": round(report["bytes_uploaded"] / wall / 1e9, 3),
         "peak_disk_bytes": peak[0],
+        "peak_download_bytes": peak[1],
+        "bytes_output": report["bytes_uploaded"],  # what an OUT of this output would hold
         "disk_bound_bytes": int(2 * largest + 2 * output_shard),
         "largest_source_shard": largest,
         "peak_rss_mib": round(rss_kib / 1024),
@@ -337,7 +340,7 @@ def main() -> None:
         print(json.dumps({"results": results}))
         return
     header = ["shape", "layers", "shards", "bf16 GB", "wall s", "GB/s in", "GB/s out", "waiting on the Hub s"]
-    header += ["peak disk GB (bound)", "peak RSS MiB", "ms/tensor", "commit"]
+    header += ["peak disk GB (bound)", "of it downloads GB", "output GB", "peak RSS MiB", "ms/tensor", "commit"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in results:
@@ -351,6 +354,8 @@ def main() -> None:
             r["gb_per_s_out"],
             r["seconds_waiting"],
             f"{r['peak_disk_bytes'] / 1e9:.1f} ({r['disk_bound_bytes'] / 1e9:.1f})",
+            f"{r['peak_download_bytes'] / 1e9:.1f}",
+            f"{r['bytes_output'] / 1e9:.1f}",
             r["peak_rss_mib"],
             r["ms_per_tensor"],
             f"{str(r['commit'])[:12]} ({r['files_committed']} files)",

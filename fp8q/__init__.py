@@ -1,7 +1,7 @@
 """fp8q: stream a Hugging Face safetensors checkpoint into an FP8 checkpoint that loads everywhere.
 
-Imports: engine.api, layouts.vocabulary, verification, errors, events (each on first use, so that `import fp8q` stays
-light).
+Imports: version, and engine.api, layouts.vocabulary, verification, errors, events (each on first use, so that `import
+fp8q` stays light).
 
 Example:
     >>> import fp8q
@@ -17,7 +17,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from fp8q.version import __version__
 
 # The API is imported on first use (PEP 562), so that `import fp8q` alone does not import torch:
 # the command (fp8q.__main__) decides how torch is imported.

@@ -13,7 +13,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "fp8q"
 MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name not in ("__main__.py",))
 IDS = [p.relative_to(PACKAGE).as_posix() for p in MODULES]
-SHARED = {"errors", "events", "dtypes", "units", "cores"}  # fp8q/*.py beside the wings, which any wing may use
+# fp8q/*.py beside the wings, which any wing may use
+SHARED = {"errors", "events", "dtypes", "units", "cores", "version"}
 # Each wing's module may import these wings (and the shared modules); see docs/ARCHITECTURE.md.
 MAY_IMPORT = {
     "cli": {"cli", "engine", "plan", "models", "layouts", "source", "output", "verification"},
@@ -28,6 +29,7 @@ MAY_IMPORT = {
     "dtypes": set(),
     "units": set(),
     "cores": set(),
+    "version": set(),
     "events": {"plan"},
     "__init__": {"engine", "layouts", "verification"},  # the lazy public API
 }
@@ -150,7 +152,7 @@ def _imported(path: Path) -> set[str]:
             top, *rest = name.split(".")
             if top in THIRD_PARTY:
                 found.add(THIRD_PARTY[top])
-            elif top == "fp8q" and rest and rest[0] != "__version__":
+            elif top == "fp8q" and rest:
                 found.add(".".join(rest[:2]))
     return found
 
@@ -172,3 +174,15 @@ def test_docstrings_say_what_the_module_imports(path):
     unsaid = sorted(m for m in imported if not any(_covers(w, m) for w in declared))
     stale = sorted(w for w in declared if not any(_covers(w, m) for m in imported))
     assert not unsaid and not stale, f"{name}: Imports: misses {unsaid}; names {stale}, which it does not import"
+
+
+@pytest.mark.parametrize("path", [p for p in MODULES if p != PACKAGE / "__init__.py"], ids=IDS[1:])
+def test_no_module_imports_from_the_package_s_own_api(path):
+    """No arrow up: a module imports other modules (`from fp8q import errors` names one), never what the package's
+    __init__ holds (its lazy API, the version), which would tie a wing to the API built on it."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "fp8q":
+            for alias in node.names:
+                assert (PACKAGE / f"{alias.name}.py").exists() or (PACKAGE / alias.name).is_dir(), (
+                    f"{path.relative_to(PACKAGE)}: imports {alias.name} from the package; import its module instead"
+                )

@@ -1,8 +1,8 @@
 """The `fp8q` commands: typer, over the engine's API. The only place that exits (but for `fp8q.__main__`'s Ctrl-C
 during start-up).
 
-Imports: typer, cli (options, render), errors, layouts.vocabulary; engine (api, run), output.writer and verification
-once a command runs.
+Imports: typer, version, cli (options, render), errors, layouts.vocabulary; engine (api, run), output.writer and
+verification once a command runs.
 
 Exit codes: 0 done, 1 failed (or a plan with problems), 2 usage, 130/143 interrupted. Errors are one
 line on stderr; `FP8Q_DEBUG=1` adds the traceback. Human output goes to stderr, `--json` results to
@@ -24,7 +24,6 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
-from fp8q import __version__
 from fp8q.cli.options import (
     BaseModelOpt,
     BlockOpt,
@@ -59,6 +58,7 @@ from fp8q.cli.options import (
 )
 from fp8q.cli.render import JSON, ProgressView, one_line, say, show_plan, show_report, show_verify
 from fp8q.errors import Fp8qError
+from fp8q.version import __version__
 
 if TYPE_CHECKING:
     from fp8q.engine.api import Options

@@ -2,7 +2,7 @@
 config.json, the side files, the model card (from the plan, the options and every shard's statistics) and
 fp8q.json; commits it all to the Hub (--push-to-hub); and then OUT.partial/ becomes OUT.
 
-Imports: errors, events, plan, output, source, engine.api (its types, for type checking).
+Imports: version, errors, events, plan, output, source, engine.api (its types, for type checking).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fp8q import __version__
 from fp8q.errors import CheckpointError
 from fp8q.events import EventCallback, Step
 from fp8q.output.manifest import Progress, write_manifest
@@ -26,6 +25,7 @@ from fp8q.plan.fp8_source import source_layouts
 from fp8q.plan.planner import Plan
 from fp8q.source.checkpoint import CONFIG_FILE, INDEX_FILE
 from fp8q.source.files import hub_snapshot, is_model_id, read_bounded
+from fp8q.version import __version__
 
 if TYPE_CHECKING:
     from fp8q.engine.api import Mode, Options

@@ -3,9 +3,8 @@
 OUT. Under torchrun every process runs it and the cluster is asked twice: once all have prepared, once all have
 converted their share of the shards.
 
-Imports: dtypes, errors, events, engine (api, buffers, devices, distributed, finish, stages, writing), output, plan,
-source.
-Lifecycle of `run(src, out, options, mode)`:
+Imports: version, dtypes, errors, events, engine (api, buffers, devices, distributed, finish, stages, writing), output,
+plan, source. Lifecycle of `run(src, out, options, mode)`:
 
     prepare     open_source(src)           a local path; a Hub repo id from the cache, or streamed: side files
                                            and shard headers now, each shard downloaded as the reader nears it
@@ -29,7 +28,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fp8q import __version__
 from fp8q.dtypes import config_name
 from fp8q.engine.api import (
     Mode,
@@ -73,6 +71,7 @@ from fp8q.output.writer import (
 from fp8q.plan.fp8_source import source_layouts
 from fp8q.plan.planner import Plan
 from fp8q.source.files import hub_snapshot, is_model_id
+from fp8q.version import __version__
 
 if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
     from fp8q.output.publish import Published, Publisher
