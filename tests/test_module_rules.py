@@ -17,8 +17,8 @@ IDS = [p.relative_to(PACKAGE).as_posix() for p in MODULES]
 SHARED = {"errors", "events", "dtypes", "units", "cores", "version"}
 # Each wing's module may import these wings (and the shared modules); see docs/ARCHITECTURE.md.
 MAY_IMPORT = {
-    "cli": {"cli", "engine", "plan", "models", "layouts", "source", "output", "verification"},
-    "engine": {"engine", "plan", "models", "layouts", "source", "output"},
+    "cli": {"cli", "engine", "layouts"},  # engine.api alone: test_the_cli_reaches_the_engine_through_its_api_alone
+    "engine": {"engine", "plan", "models", "layouts", "source", "output", "verification"},
     "plan": {"plan", "models", "layouts", "source"},
     "verification": {"verification", "plan", "models", "layouts", "source"},
     "output": {"output", "plan", "layouts", "source"},
@@ -88,7 +88,8 @@ def test_only_the_cli_names_a_layout_outside_layouts():
     member = re.compile(r"\b(Scheme|Format|ScaleFormat)\.[A-Z_]+\b")
     naming = sorted(p.relative_to(PACKAGE).as_posix() for p in MODULES if member.search(p.read_text()))
     outside = [name for name in naming if not name.startswith("layouts/")]
-    assert outside == ["cli/commands.py"], outside
+    # The options' defaults: the engine's (typed Options) and the CLI's (typer's signatures, read before torch is).
+    assert outside == ["cli/commands.py", "engine/options.py"], outside
 
 
 # A module's docstring says what it imports in a sentence starting "Imports:", naming fp8q's modules by file
@@ -186,3 +187,18 @@ def test_no_module_imports_from_the_package_s_own_api(path):
                 assert (PACKAGE / f"{alias.name}.py").exists() or (PACKAGE / alias.name).is_dir(), (
                     f"{path.relative_to(PACKAGE)}: imports {alias.name} from the package; import its module instead"
                 )
+
+
+# The one door: what the CLI may import of fp8q (besides itself), at the top or inside a function.
+CLI_DOOR = {"fp8q.engine.api", "fp8q.layouts", "fp8q.layouts.vocabulary", "fp8q.errors", "fp8q.events", "fp8q.units"}
+CLI_DOOR |= {"fp8q.version"}
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "cli").glob("*.py")), ids=lambda p: p.name)
+def test_the_cli_reaches_the_engine_through_its_api_alone(path):
+    """Every command goes through `fp8q.engine.api` (--dry-run too: `preflight`); the CLI otherwise takes only the
+    layouts' words, the errors, the events and the units."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fp8q"):
+            module = node.module
+            assert module.startswith("fp8q.cli") or module in CLI_DOOR, f"cli/{path.name} imports {module}"

@@ -364,3 +364,18 @@ def test_verify_of_one_shard_of_several_names_the_folder(tmp_path):
     result = CliRunner().invoke(app, ["verify", str(out / "model-00001-of-00002.safetensors")])
     assert result.exit_code == 1
     assert f"give the folder instead: {out}" in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def test_options_are_typed_and_a_word_that_names_nothing_is_one_line():
+    """Options hold the vocabulary's enums, whatever string named them; a wrong word is refused as it is given."""
+    from fp8q.engine.options import Options
+    from fp8q.errors import UsageError
+    from fp8q.layouts.vocabulary import Format, ScaleFormat, Scheme
+
+    options = Options(scheme="block", format="fp8", scale_format="ue8m0")
+    assert (options.scheme, options.format, options.scale_format) == (Scheme.BLOCK, Format.FP8, ScaleFormat.UE8M0)
+    assert options.layout.describe() == "fp8 block 128x128 ue8m0"
+    with pytest.raises(UsageError, match=r"^--scheme 'rows': choose from channel, block, tensor, mx$"):
+        Options(scheme="rows")
+    with pytest.raises(UsageError, match=r"^--scale-format 'e8m0': choose from float, ue8m0$"):
+        Options(scale_format="e8m0")

@@ -1,8 +1,7 @@
 """The `fp8q` commands: typer, over the engine's API. The only place that exits (but for `fp8q.__main__`'s Ctrl-C
 during start-up).
 
-Imports: typer, version, cli (options, render), errors, layouts.vocabulary; engine (api, run), output.writer and
-verification once a command runs.
+Imports: typer, version, cli (options, render), errors, layouts.vocabulary; engine.api once a command runs.
 
 Exit codes: 0 done, 1 failed (or a plan with problems), 2 usage, 130/143 interrupted. Errors are one
 line on stderr; `FP8Q_DEBUG=1` adds the traceback. Human output goes to stderr, `--json` results to
@@ -264,27 +263,16 @@ def _convert(
 ) -> None:
     """quantize and convert: the plan for --dry-run, else the run and its summary."""
     with _engine_imports():
-        from fp8q.engine.api import Mode, open_source, plan_conversion, source_folder
-        from fp8q.engine.run import check_push_target, run
+        from fp8q.engine.api import Mode, convert, preflight, quantize
     if dry_run:
-        from dataclasses import replace
-
-        from fp8q.output.writer import check_output, output_path
-
-        source = open_source(src, options.revision)  # a Hub repo not in the cache: its headers alone
-        plan = plan_conversion(source, replace(options, revision=None), Mode(mode))
-        if out is not None:
-            check_output(source_folder(source), output_path(out), options.overwrite)
-        target = None
-        if options.push is not None:
-            target = check_push_target(options, src, source, plan, Mode(mode))  # the token and the repo, as a run does
-        show_plan(plan, as_json, quiet, target)
-        if plan.problems:
+        checked = preflight(src, out, options, Mode(mode))  # as a run checks, changing nothing
+        show_plan(checked.plan, as_json, quiet, checked.push_target)
+        if checked.plan.problems:
             raise typer.Exit(1)  # so that CI can gate on `--dry-run`; the problems are listed
         return
     verb = {"quantize": "quantizing", "convert": "converting"}[mode]
     with ProgressView(quiet or _RANK > 0, verb) as view:
-        report = run(src, out, options, view.on_event, Mode(mode))
+        report = (quantize if mode == "quantize" else convert)(src, out, options, view.on_event)
     if _RANK == 0:  # under torchrun, rank 0 speaks for all
         show_report(report, as_json, quiet)
 
@@ -361,8 +349,7 @@ def verify_command(
 
     def run() -> None:
         with _engine_imports():
-            from fp8q.engine.api import open_source
-            from fp8q.verification import verify
+            from fp8q.engine.api import open_source, verify
 
         # A Hub repo not in the cache is read as it downloads: each shard once, at most two on disk.
         checked = open_source(path, revision)

@@ -1,8 +1,8 @@
 """The command line's options: each one's flags and help, declared once for every command that takes it, and the
 `Options` a command's values make.
 
-Imports: typer, layouts.vocabulary (the choices, without torch), errors, source.files (what a repo id is);
-engine.api (the Options type) only when a command runs.
+Imports: typer, layouts.vocabulary (the choices, without torch), errors; engine.api (the Options and Push types,
+which check themselves) only when a command runs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import typer
 
 from fp8q.errors import UsageError
 from fp8q.layouts.vocabulary import Format, Scheme
-from fp8q.source.files import is_model_id
 
 if TYPE_CHECKING:
     from fp8q.engine.api import Options, Push
@@ -188,15 +187,6 @@ def make_push(
         if flag is not None:
             raise UsageError(f"{flag} goes with --push-to-hub ORG/NAME")
         return None
-    if not is_model_id(repo_id):
-        raise UsageError(
-            f"--push-to-hub {repo_id!r}: not a Hub repo id; give ORG/NAME (ASCII letters, digits, '-', '_', '.'; "
-            "not ending in .git)"
-        )
-    if revision is not None and revision.startswith("refs/"):
-        raise UsageError(
-            f"--push-revision {revision}: takes a branch name; to propose the output as a pull request use --create-pr"
-        )
     return Target(repo_id, revision, create_pr, private, message, str(staging) if staging is not None else None)
 
 
@@ -214,8 +204,6 @@ def make_options(
 ) -> Options:
     from fp8q.engine.api import Options
 
-    if run.get("scale_format", "float") not in ("float", "ue8m0"):
-        raise UsageError(f"--scale-format {run['scale_format']!r}: choose float or ue8m0")
     return Options(
         scheme=scheme,
         format=format,

@@ -1,8 +1,8 @@
 """What the command line shows: one-line messages, the plan, the verify table, the summary, and the progress bar
 fed by the library's events. Names and paths from the input are printed as they are (no markup).
 
-Imports: rich, units; engine.buffers (memory_estimate) and plan.planner (as_data) when it shows a plan; events and
-verification (the types it renders) only for type checking.
+Imports: rich, units; engine.api (plan_summary) when it shows a plan; events and engine.api (the types it renders)
+only for type checking.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from rich.text import Text
 from fp8q.units import rate_text, size_text
 
 if TYPE_CHECKING:
+    from fp8q.engine.api import Plan, VerifyReport
     from fp8q.events import Report
-    from fp8q.plan.planner import Plan
-    from fp8q.verification import VerifyReport
 
 # Piped output is not wrapped at 80 columns: a tensor name stays on one line for grep and logs. No markup: names
 # and paths come from the input, and `[bold]` in a tensor name is text (styles are given as `Text` spans).
@@ -88,11 +87,9 @@ def notes(notes: tuple[str, ...] | list[str]) -> None:
 def show_plan(plan: Plan, as_json: bool, quiet: bool, push: str | None = None) -> None:
     """The plan, as a table or JSON, with its notes and problems (whose count ends it); `push`: what a run would do
     to the repo of --push-to-hub (--dry-run)."""
-    from fp8q.engine.buffers import memory_estimate
-    from fp8q.plan.planner import as_data
+    from fp8q.engine.api import plan_summary
 
-    data = as_data(plan)
-    data["estimated_peak_host_bytes"], data["estimated_peak_gpu_bytes"] = memory_estimate(plan, os.cpu_count() or 1)
+    data = plan_summary(plan)
     if push is not None:
         data["push_target"] = push
     if as_json:

@@ -2,7 +2,7 @@
 config.json, the side files, the model card (from the plan, the options and every shard's statistics) and
 fp8q.json; commits it all to the Hub (--push-to-hub); and then OUT.partial/ becomes OUT.
 
-Imports: version, errors, events, plan, output, source, engine.api (its types, for type checking).
+Imports: version, errors, events, plan, output, source, engine.options (its types, for type checking).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from fp8q.source.files import hub_snapshot, is_model_id, read_bounded
 from fp8q.version import __version__
 
 if TYPE_CHECKING:
-    from fp8q.engine.api import Mode, Options
+    from fp8q.engine.options import Mode, Options
     from fp8q.output.publish import Published, Publisher
     from fp8q.source.streaming import HubStream
 

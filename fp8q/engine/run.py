@@ -3,8 +3,8 @@
 OUT. Under torchrun every process runs it and the cluster is asked twice: once all have prepared, once all have
 converted their share of the shards.
 
-Imports: version, dtypes, errors, events, engine (api, buffers, devices, distributed, finish, stages, writing), output,
-plan, source. Lifecycle of `run(src, out, options, mode)`:
+Imports: version, dtypes, errors, events, engine (options, planning, buffers, devices, distributed, finish, stages,
+writing), output, plan, source. Lifecycle of `run(src, out, options, mode)`:
 
     prepare     open_source(src)           a local path; a Hub repo id from the cache, or streamed: side files
                                            and shard headers now, each shard downloaded as the reader nears it
@@ -29,20 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fp8q.dtypes import config_name
-from fp8q.engine.api import (
-    Mode,
-    Options,
-    open_source,
-    plan_conversion,
-    refusal,
-    source_folder,
-    source_origin,
-    worker_count,
-)
 from fp8q.engine.buffers import LocalShards, ShardFiles
 from fp8q.engine.devices import resolve_device
 from fp8q.engine.distributed import Cluster, Watcher, assign
 from fp8q.engine.finish import Prepared, finish, metadata_sizes, output_names, source_card
+from fp8q.engine.options import Mode, Options, worker_count
+from fp8q.engine.planning import open_source, plan_conversion, refusal, source_folder, source_origin
 from fp8q.engine.stages import run_plan
 from fp8q.engine.writing import Outlet
 from fp8q.errors import Fp8qError, Interrupted, OutputError, Stopped, UsageError, write_error
