@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import sys
+import time
 
 import pytest
 import torch
@@ -312,3 +314,21 @@ def test_deferred_quantizer_names_a_nan_weight(tmp_path, monkeypatch):
     partial = tmp_path / "out.partial"
     done = set(Progress(partial, {}).done()) if partial.exists() else set()
     assert partial.exists() == bool(done) and done <= {"model-00001-of-00003.safetensors"}
+
+
+def test_waiting_on_the_network_counts_the_loop_s_stalls_only_while_the_network_is_waited_on():
+    """engine.stalls: a stall of the quantization loop is time waiting on the Hub only where a download or an upload
+    was being waited for at the same moment; each moment once, however many threads wait."""
+    from fp8q.engine.stalls import Stalls, overlap, union
+
+    assert union([(3.0, 4.0), (0.0, 2.0), (1.0, 3.0), (6.0, 7.0)]) == [(0.0, 4.0), (6.0, 7.0)]
+    network = [(0.0, 10.0), (2.0, 4.0)]  # the reader and the writer waiting at once count once
+    assert overlap(network, [(2.0, 3.0), (5.0, 7.0), (9.0, math.inf)]) == 4.0
+    assert overlap([(0.0, 1.0), (2.0, 3.0)], [(0.5, 2.5)]) == 1.0
+    assert overlap([(0.0, 5.0)], [(6.0, math.inf)]) == 0.0  # the disk, not the network, held the loop
+    stalls = Stalls()
+    with stalls.waiting():
+        pass  # under a millisecond: not a stall
+    with stalls.waiting():
+        time.sleep(0.01)
+    assert len(stalls.intervals) == 1 and stalls.intervals[0][1] - stalls.intervals[0][0] >= 0.01

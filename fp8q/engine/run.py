@@ -4,7 +4,7 @@ OUT. Under torchrun every process runs it and the cluster is asked twice: once a
 converted their share of the shards.
 
 Imports: version, dtypes, errors, events, engine (options, planning, buffers, devices, distributed, finish, stages,
-writing), output, plan, source. Lifecycle of `run(src, out, options, mode)`:
+stalls, writing), output, plan, source. Lifecycle of `run(src, out, options, mode)`:
 
     prepare     open_source(src)           a local path; a Hub repo id from the cache, or streamed: side files
                                            and shard headers now, each shard downloaded as the reader nears it
@@ -36,6 +36,7 @@ from fp8q.engine.finish import Prepared, finish, metadata_sizes, output_names, s
 from fp8q.engine.options import Mode, Options, worker_count
 from fp8q.engine.planning import open_source, plan_conversion, refusal, source_folder, source_origin
 from fp8q.engine.stages import run_plan
+from fp8q.engine.stalls import Stalls, overlap
 from fp8q.engine.writing import Outlet
 from fp8q.errors import Fp8qError, Interrupted, OutputError, Stopped, UsageError, write_error
 from fp8q.events import (
@@ -91,7 +92,10 @@ def run(
             progress = Progress(ready.partial, ready.fingerprint, cluster.rank)
             stop = threading.Event()
             with _stop_on_signals(stop) as caught:
-                files, failure = convert(ready, options, cluster, cluster.device(device), emit, stop, progress, cleanup)
+                stalls = Stalls()
+                files, failure = convert(
+                    ready, options, cluster, cluster.device(device), emit, stop, progress, cleanup, stalls
+                )
                 findings: list[str] = []
                 files_out: dict[str, str] = {}
                 published: Published | None = None
@@ -115,7 +119,7 @@ def run(
                             raise write_error(ready.partial, e) from None
                 except BaseException as e:
                     raise (_failed(e, caught, ready.partial, progress) if lead else e) from None
-            return _report(ready, options, mode, device, started, files, findings, files_out, published)
+            return _report(ready, options, mode, device, started, files, findings, files_out, published, stalls)
     finally:
         cluster.close()
 
@@ -183,9 +187,11 @@ def convert(
     stop: threading.Event,
     progress: Progress,
     cleanup: ExitStack,
+    stalls: Stalls,
 ) -> tuple[ShardFiles, BaseException | None]:
     """This process's share of the shards still to make (balanced by bytes), through the stages; returns where the
-    shards were read from and the failure that stopped it, if one did (every process hears of it)."""
+    shards were read from and the failure that stopped it, if one did (every process hears of it). `stalls`: the
+    quantization loop's waits, and from its end on, all the time left (the last uploads, the commit)."""
     plan = ready.plan
     todo = {s.name: s.input.size for s in plan.shards if s.name not in ready.reused}
     mine = assign(todo, cluster.world)[cluster.rank]
@@ -208,7 +214,10 @@ def convert(
         run_emit = emit if cluster.is_single else _count_bytes(cluster)
         with Watcher(cluster, stop, (lambda n: emit(TensorDone("", n))) if cluster.rank == 0 else None):
             outlet = Outlet(progress, ready.publisher)
-            run_plan(plan, ready.partial, device, workers, run_emit, stop, outlet, skip, files, options.load_check)
+            run_plan(
+                plan, ready.partial, device, workers, run_emit, stop, outlet, skip, files, options.load_check, stalls
+            )
+            stalls.intervals.append((time.perf_counter(), math.inf))  # the loop is done: what is left is waiting
             if publisher is not None:
                 if publisher.pending():
                     emit(Step(f"uploading the last {publisher.pending()} shard(s) to {publisher.repo_id}"))
@@ -221,16 +230,11 @@ def convert(
     return files, failure
 
 
-def _waited(files: ShardFiles | None, publisher: Publisher | None) -> float:
-    """Seconds the run spent waiting on the Hub (for downloads, for uploads, for the commit): the union of each
-    thread's waits, as the reader may wait on a download while the writer waits on an upload."""
-    waits = sorted([*(files.waits if files is not None else []), *(publisher.waits if publisher else [])])
-    total, reached = 0.0, -math.inf
-    for start, end in waits:
-        if end > reached:
-            total += end - max(start, reached)
-            reached = end
-    return total
+def _waited(files: ShardFiles | None, publisher: Publisher | None, stalls: Stalls | None) -> float:
+    """Seconds the run stood waiting on the Hub: the quantization loop's stalls while a download or an upload was
+    being waited for, and the last uploads and the commit (`engine.stalls`)."""
+    network = [*(files.waits if files is not None else []), *(publisher.waits if publisher else [])]
+    return overlap(network, stalls.intervals) if stalls is not None else 0.0
 
 
 def _report(
@@ -243,6 +247,7 @@ def _report(
     findings: list[str],
     written: dict[str, str],
     published: Published | None,
+    stalls: Stalls | None = None,
 ) -> Report:
     """What the run did (`files` None: nothing, every target holding the output already)."""
     plan = ready.plan
@@ -282,7 +287,7 @@ def _report(
         notes=list(plan.notes),
         findings=findings,
         up_to_date=ready.up_to_date,
-        seconds_waiting=_waited(files, ready.publisher),
+        seconds_waiting=_waited(files, ready.publisher, stalls),
     )
 
 

@@ -1,7 +1,7 @@
 """The three threads of a run: the reader, the quantization loop (on the
 caller's thread) and the writer, with the copy and per-shard hash/flush threads the writer starts.
 
-Imports: torch, dtypes, errors, events, layouts, plan (types), engine (devices, buffers, writing),
+Imports: torch, dtypes, errors, events, layouts, plan (types), engine (devices, buffers, writing, stalls),
 source. `run_plan` runs a plan into `OUT.partial/`; the engine (run.py) decides what to run and finishes the output
 around it; the writer's threads are writing.py's.
 
@@ -25,6 +25,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,6 +43,7 @@ from fp8q.engine.buffers import (
     typed_view,
 )
 from fp8q.engine.devices import Quantizer, dequantize_into, make_quantizer
+from fp8q.engine.stalls import Stalls
 from fp8q.engine.writing import Outlet, write_shards
 from fp8q.errors import CheckpointError, Stopped, read_error
 from fp8q.events import EventCallback
@@ -63,10 +65,12 @@ def run_plan(
     skip: set[str],
     files: ShardFiles,
     serve_check: bool = True,
+    stalls: Stalls | None = None,
 ) -> None:
     """Convert the plan's shards (but those in `skip`, finished by an earlier run) into `partial`, recording
     each once it is on disk. Raises the first failure of any thread, or Stopped once `stop` is set. `serve_check`:
-    refuse a weight whose FP8 form its client would compute as inf (else it is recorded in its statistics).
+    refuse a weight whose FP8 form its client would compute as inf (else it is recorded in its statistics);
+    `stalls`: where the quantization loop records the moments it waited (for input, a buffer, the writer).
     """
     # dequantize quantizes nothing: any layout will do for its quantizer, which only dequantizes.
     quantizer = make_quantizer(plan.layout or default(), device, workers)
@@ -103,7 +107,7 @@ def run_plan(
     reader.start()
     writer.start()
     try:
-        _quantize_loop(quantizer, pools, to_quantize, to_write, stop, plan.dtype)
+        _quantize_loop(quantizer, pools, to_quantize, to_write, stop, plan.dtype, stalls or Stalls())
     except Stopped:
         pass
     except BaseException as e:
@@ -127,8 +131,10 @@ def _quantize_loop(
     outbox: queue.Queue[Item | None],
     stop: threading.Event,
     dtype: str | None,
+    stalls: Stalls,
 ) -> None:
     pending: deque[Item] = deque()
+    waiting = stalls.waiting
     in_flight = 0
 
     def finish_head() -> None:
@@ -139,7 +145,8 @@ def _quantize_loop(
             in_flight -= 1
             results = []
             for piece in job.pieces:
-                out = pools.outputs.take(stop)
+                with waiting():
+                    out = pools.outputs.take(stop)
                 item.out_buffers.append(out)
                 try:
                     q = typed_view(out, FP8, piece.out.shape)
@@ -154,13 +161,19 @@ def _quantize_loop(
         elif job is not None and job.action is Action.KEEP and not job.is_copy:
             # The biases of split experts: small, cut on the spot.
             item.data = [p.part.take(item.data) if p.part else item.data for p in job.pieces]
-        put(outbox, item, stop)
+        with waiting():
+            put(outbox, item, stop)
 
-    while (item := get(inbox, stop)) is not None:
+    def next_item() -> Any:  # an Item, or None at the end
+        with waiting():
+            return get(inbox, stop)
+
+    while (item := next_item()) is not None:
         job = item.job
         if job is not None and job.action.dequantizes:
             assert dtype is not None
-            into = pools.dequantized.take(stop)
+            with waiting():
+                into = pools.dequantized.take(stop)
             try:
                 decoded = typed_view(into, TORCH_DTYPE[dtype], job.decoded_shape)
                 item.data = _dequantized(job, item.data, item.scale, item.second, decoded, quantizer)
