@@ -202,3 +202,43 @@ def test_the_cli_reaches_the_engine_through_its_api_alone(path):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fp8q"):
             module = node.module
             assert module.startswith("fp8q.cli") or module in CLI_DOOR, f"cli/{path.name} imports {module}"
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Each module of fp8q (dotted) -> the fp8q modules it imports, at any level (in a function, for type checking):
+    a circle through any of them makes the two modules one. The package's lazy API and __main__ are left out."""
+    names = {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p for p in MODULES
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fp8q"):
+                found |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module for a in node.names
+                }
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("fp8q")}
+        graph[name] = {m for m in found if m in names and m != name and m != "fp8q"}
+    graph.pop("fp8q", None)
+    return graph
+
+
+def test_no_two_modules_import_each_other_by_any_path():
+    graph = _module_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for other in sorted(graph.get(module, ())):
+            if state.get(other) == 1:
+                circle = path[path.index(other) :] + [other]
+                raise AssertionError(f"a circle: {' -> '.join(circle)}")
+            if other not in state:
+                visit(other, [*path, other])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

@@ -2,7 +2,7 @@
 weight quantized, dequantized as its client computes it, checked, sampled for the manifest's statistics) that
 call into the layout's own codec for what is its own.
 
-Imports: torch, layouts.base (for type checking). Pure: tensors in, tensors out, on whatever device they live on.
+Imports: torch. Pure: tensors in, tensors out, on whatever device they live on.
 
 No clamp before the cast, and none is needed: with |x| <= amax, x / (amax / 448) rounds to at most
 448 * (1 + 2^-7) < 464, which float8_e4m3fn's round-to-nearest-even takes to 448 (464 is the midpoint
@@ -27,12 +27,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from types import EllipsisType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from fp8q.layouts.base import Layout
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448.0
@@ -46,6 +43,45 @@ BAND_ROWS = 16
 
 class NonFiniteWeight(ValueError):
     """The weight holds NaN or inf: no scale can represent it."""
+
+
+class Codec(Protocol):
+    """What the generic steps below ask of a layout's codec (`fp8q.layouts.base.Layout` is one, and the only one):
+    where its row ranges may start, which scale rows a range uses, its client's arithmetic, its kernel."""
+
+    @property
+    def row_step(self) -> int: ...
+
+    @property
+    def sample_step(self) -> int: ...
+
+    def scale_rows(self, r0: int, r1: int) -> slice | EllipsisType: ...
+
+    def scale_shape(self, rows: int, cols: int) -> tuple[int, ...]: ...
+
+    def scale_torch_dtype(self, weight_dtype: torch.dtype) -> torch.dtype: ...
+
+    def padded(self, rows: int, cols: int) -> tuple[int, int]: ...
+
+    def tensor_amax(self, w: torch.Tensor, r0: int, r1: int) -> torch.Tensor | None: ...
+
+    def tensor_scale(self, amax: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None: ...
+
+    def quantize_rows(
+        self,
+        w: torch.Tensor,
+        q: torch.Tensor,
+        s: torch.Tensor,
+        r0: int,
+        r1: int,
+        tensor_scale: torch.Tensor | None = None,
+    ) -> None: ...
+
+    def decode_scale(self, scale: torch.Tensor) -> torch.Tensor: ...
+
+    def broadcast(self, scale: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor: ...
+
+    def client_dtype(self, scale_dtype: torch.dtype) -> torch.dtype: ...
 
 
 # ── kernels several layouts share ──
@@ -117,7 +153,7 @@ def tile(block: tuple[int, int], rows: int, cols: int) -> tuple[int, int]:
 
 
 def empty_outputs(
-    w: torch.Tensor, layout: Layout, pin: bool = False, q: torch.Tensor | None = None
+    w: torch.Tensor, layout: Codec, pin: bool = False, q: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The quantized weight (`q` if given) and a new scale for `w`, on w's device (or pinned host memory)."""
     rows, cols = w.shape
@@ -130,7 +166,7 @@ def empty_outputs(
     return q, s
 
 
-def quantize(w: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, layout: Codec) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a whole 2-D weight on its own device. Returns (q, scale).
 
     Raises:
@@ -143,7 +179,7 @@ def quantize(w: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tenso
 
 
 def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, layout: Layout, dtype: torch.dtype = torch.bfloat16, *, strict: bool = False
+    q: torch.Tensor, scale: torch.Tensor, layout: Codec, dtype: torch.dtype = torch.bfloat16, *, strict: bool = False
 ) -> torch.Tensor:
     """w ~ q * scale, as the client of the layout computes it, cast to `dtype`. `q` may be a band of rows
     with the matching rows of the scale (whole tile rows for block).
@@ -162,7 +198,7 @@ def dequantize(
     return torch.where(overflowed, exact, client.double()).to(dtype)
 
 
-def may_overflow(scale: torch.Tensor, layout: Layout) -> bool:
+def may_overflow(scale: torch.Tensor, layout: Codec) -> bool:
     """Whether the client's q * scale could overflow to inf anywhere, from the scales alone: |q| <= 448, and a product
     below the client dtype's largest value rounds to at most that value. Clears nearly every weight without reading
     q; where it does not, `client_overflows` (or `client_values`) looks at q."""
@@ -172,7 +208,7 @@ def may_overflow(scale: torch.Tensor, layout: Layout) -> bool:
     return float(values.double().abs().max()) * FP8_MAX >= torch.finfo(layout.client_dtype(scale.dtype)).max
 
 
-def client_overflows(q: torch.Tensor, scale: torch.Tensor, layout: Layout) -> bool:
+def client_overflows(q: torch.Tensor, scale: torch.Tensor, layout: Codec) -> bool:
     """Whether the client's q * scale overflows to inf anywhere (a float16 weight near 65504, say)."""
     if not q.numel() or not may_overflow(scale, layout):
         return False
@@ -184,7 +220,7 @@ def client_overflows(q: torch.Tensor, scale: torch.Tensor, layout: Layout) -> bo
 
 
 def row_bands(
-    rows: int, cols: int, layout: Layout, elements: int = BAND_ELEMENTS
+    rows: int, cols: int, layout: Codec, elements: int = BAND_ELEMENTS
 ) -> Iterator[tuple[int, int, slice | EllipsisType]]:
     """Row ranges [r0, r1) of about `elements` elements, whole block rows each, with the scale rows they use (all of
     a per-tensor scale)."""
@@ -204,7 +240,7 @@ def split_rows(rows: int, step: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a] or [(0, rows)]
 
 
-def kernel_bytes(layout: Layout, rows: int, cols: int, itemsize: int) -> int:
+def kernel_bytes(layout: Codec, rows: int, cols: int, itemsize: int) -> int:
     """The most the kernel's temporaries take to quantize a band of rows x cols at once: its tiles padded out (block),
     a float32 copy and the product."""
     rows, cols = layout.padded(rows, cols)
@@ -239,7 +275,7 @@ def fp8_values(q: torch.Tensor) -> torch.Tensor:
 _LEAST_EXACT_SCALE = 2.0**-120
 
 
-def client_in_float32(scale: torch.Tensor, layout: Layout) -> bool:
+def client_in_float32(scale: torch.Tensor, layout: Codec) -> bool:
     """Whether float32 arithmetic gives the client's q * scale bit for bit (`client_values`, several times faster on
     the CPU than the float64 of `dequantize`). It does where the client multiplies in float32 (one correctly rounded
     product either way), and where every scale value has at most 11 significant bits and is at least 2^-120
@@ -258,7 +294,7 @@ def client_in_float32(scale: torch.Tensor, layout: Layout) -> bool:
     return not bool(beyond_11_bits.any()) and float(values.abs().min()) >= _LEAST_EXACT_SCALE
 
 
-def client_values(q: torch.Tensor, scale: torch.Tensor, layout: Layout) -> torch.Tensor:
+def client_values(q: torch.Tensor, scale: torch.Tensor, layout: Codec) -> torch.Tensor:
     """Rows of q * scale as the client computes them, in float32 (which holds them exactly): `dequantize`'s numbers
     with `strict`, where `client_in_float32(scale, layout)`. `scale`: the rows' scale (`Layout.scale_rows`)."""
     values = fp8_values(q).mul_(layout.broadcast(layout.decode_scale(scale).float(), q.shape))
@@ -267,7 +303,7 @@ def client_values(q: torch.Tensor, scale: torch.Tensor, layout: Layout) -> torch
 
 
 def error_sums(
-    w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Layout, bands: int = 2, whole: bool = False
+    w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, layout: Codec, bands: int = 2, whole: bool = False
 ) -> torch.Tensor:
     """What the manifest's statistics are made of, as one float64 vector on the weight's device (so that a GPU
     computes them without stopping): squared error and squared weight summed over a few bands of rows spread
