@@ -1,18 +1,19 @@
 """What a conversion tells its caller while it runs, and what it reports at the end; no command owns these.
 
-Imports: plan (its types) only. The engine (engine/run.py) sends `PlanReady` once, then its writer thread
-(engine/writing.py) `TensorDone` per tensor; a streamed source adds `DownloadStarted` and `Downloaded`, a push
-`UploadStarted`, `ShardUploaded` and a `Step` for the last uploads and the commit; `verify` sends `Started` instead of a
-plan, then `TensorDone` per weight it checks.
+Imports: plan (its Plan type, for type checking only). The engine (engine/run.py) sends `PlanReady` once, then its
+writer thread (engine/writing.py) `TensorDone` per tensor; a streamed source adds `DownloadStarted` and `Downloaded`, a
+push `UploadStarted`, `ShardUploaded` and a `Step` for the last uploads and the commit; `verify` sends `Started` instead
+of a plan, then `TensorDone` per weight it checks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fp8q.plan.planner import Plan
+if TYPE_CHECKING:  # the type alone: importing events imports no wing
+    from fp8q.plan.planner import Plan
 
 
 @dataclass(frozen=True)
