@@ -54,7 +54,7 @@ lint: $(TESTS)
 bench: $(TESTS)
 	$(BIN)/python bench/bench.py
 
-# Hub in, Hub out through the stand-in Hub (tests/hub_server.py), both directions paced to one rate: the push against
+# Hub in, Hub out through the stand-in Hub (tests/support/hub_server.py), both directions paced to one rate: the push against
 # a download alone and an upload alone, its peak local disk, and a refused upload's --resume. About 4 minutes.
 # One measured conversion of each input format fp8q reads (README, "FP4 and mixed FP4/FP8 releases"). About 3 minutes.
 bench-inputs: $(TESTS)

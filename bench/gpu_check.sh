@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one call of at most 8 minutes, for a machine with one CUDA GPU and its own torch
-# (it installs nothing from the network). It runs tests/test_gpu.py, then `bench/bench.py --device
+# (it installs nothing from the network). It runs tests/engine/test_gpu.py, then `bench/bench.py --device
 # cuda --model 8b --json`, and leaves both logs and the JSON in $OUT (or ./gpu-check-out).
 #
 # llm-compressor and compressed-tensors, which the tests and the bench compare against, travel as
@@ -24,7 +24,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 
 # about 1 minute: every GPU test, each comparing CUDA bytes with the CPU's
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/test_gpu.log"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py 2>&1 | tee "$out/test_gpu.log"
 # about 5 minutes: the 8b-shaped checkpoint (16 GB), three runs of each contender, warm cache
 timeout 330 python3 bench/bench.py --device cuda --model 8b --warm --json \
     >"$out/bench.json" 2>"$out/bench.log"

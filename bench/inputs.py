@@ -1,11 +1,11 @@
 """`make bench-inputs`: a measured conversion of each input format fp8q reads (README: "FP4 and mixed FP4/FP8").
 
 Each source is built in a temp folder (or `--keep DIR`) the way its release family writes it: compressed-tensors MXFP4
-and NVFP4 by llm-compressor's `model_free_ptq` (MXFP4A16, NVFP4A16) from a bf16 Llama (hidden 2048, intermediate 5632,
-2 layers; llm-compressor 0.14 trips over 4); ModelOpt NVFP4 from that NVFP4 data in ModelOpt's names; gpt-oss and
+and NVFP4 by llm-compressor's `model_free_ptq` (MXFP4A16, NVFP4A16) from a bf16 Llama (hidden 2048, intermediate 5632, 2
+layers; llm-compressor 0.14 trips over 4); ModelOpt NVFP4 from that NVFP4 data in ModelOpt's names; gpt-oss and
 DeepSeek-V4 from their specs on tiny transformers models, AutoRound FP8 from its spec on that Llama's shape
-(tests/factories.py). Each then goes through `fp8q dequantize` (bf16) and `fp8q convert --scheme block --format fp8
---scale-format ue8m0` (gpt-oss: refused, no engine loads it), each its own process: wall time, peak RSS, and of the
+(tests/support/factories.py). Each then goes through `fp8q dequantize` (bf16) and `fp8q convert --scheme block --format
+fp8 --scale-format ue8m0` (gpt-oss: refused, no engine loads it), each its own process: wall time, peak RSS, and of the
 conversion how many weights came through bit for bit (fp8q.json).
 
     python bench/inputs.py [--keep DIR] [--json]
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from tests.factories import (  # noqa: E402
+from tests.support.factories import (  # noqa: E402
     auto_round_fp8,
     modelopt_nvfp4,
     tiny_deepseek_v4,

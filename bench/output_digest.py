@@ -23,7 +23,7 @@ ROOT = Path(os.environ.get("FP8Q_ROOT", Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(ROOT))
 
 from fp8q import QuantizeOptions, convert, dequantize, quantize  # noqa: E402
-from tests.factories import tiny_llama, tiny_qwen3_moe, write_shards  # noqa: E402
+from tests.support.factories import tiny_llama, tiny_qwen3_moe, write_shards  # noqa: E402
 
 # (scheme, format, scale format, block) of every layout, by its short name.
 LAYOUTS = {

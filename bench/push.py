@@ -1,5 +1,5 @@
-"""`make bench-push`: Hub in, Hub out through tests/hub_server.py (the local stand-in for the Hub), both directions
-paced to one rate, to see what `--push-to-hub` costs over the transfers it cannot avoid.
+"""`make bench-push`: Hub in, Hub out through tests/support/hub_server.py (the local stand-in for the Hub), both
+directions paced to one rate, to see what `--push-to-hub` costs over the transfers it cannot avoid.
 
 Measured, one after the other on one stand-in: the source repo downloaded alone (huggingface_hub's
 `snapshot_download`), the output uploaded alone (`upload_folder` of a local run's output, the same bytes), then
@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.hub_server import HubServer  # noqa: E402
-from tests.hub_server import disk_bytes as _disk  # noqa: E402
+from tests.support.hub_server import HubServer  # noqa: E402
+from tests.support.hub_server import disk_bytes as _disk  # noqa: E402
 
 SRC = "org/model"
 TOKENS = {"hf_write": ("me", "write")}

@@ -1,9 +1,9 @@
 """`make bench-scale`: the size claims measured, Hub to Hub, on repos as large as the real ones, on a small disk.
 
-The stand-in Hub (tests/hub_server.py) serves a repo whose shards are made as they are downloaded (deterministic:
-their data cycles through one 64 MiB block of bf16 numbers drawn N(0, 0.02) from a fixed seed, each tensor from its
-own phase; never stored whole), and takes the uploads by hashing them as they come (their size and sha256 checked
-against what the client declared, as the Hub does) and dropping their bytes. Then, as a user runs it:
+The stand-in Hub (tests/support/hub_server.py) serves a repo whose shards are made as they are downloaded
+(deterministic: their data cycles through one 64 MiB block of bf16 numbers drawn N(0, 0.02) from a fixed seed, each
+tensor from its own phase; never stored whole), and takes the uploads by hashing them as they come (their size and
+sha256 checked against what the client declared, as the Hub does) and dropping their bytes. Then, as a user runs it:
 
     fp8q quantize org/SHAPE --push-to-hub me/SHAPE-FP8 --device cpu --json
 
@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fp8q.source.reader import byte_view  # noqa: E402
-from tests.hub_server import HubServer  # noqa: E402
-from tests.hub_server import disk_bytes as _disk  # noqa: E402
+from tests.support.hub_server import HubServer  # noqa: E402
+from tests.support.hub_server import disk_bytes as _disk  # noqa: E402
 
 TOKENS = {"hf_write": ("me", "write")}
 ITEMSIZE = {"BF16": 2, "F32": 4}

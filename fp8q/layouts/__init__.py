@@ -16,7 +16,7 @@ registry for one (`find`) and then asks the codec.
     detect.py              the layout of a checkpoint read back (fp8q's, llm-compressor's, DeepSeek's)
 
 A new layout is a new module here, `@register`ed, and its tests: it is found by the registry, listed by `layouts()`,
-and tested against transformers by tests/test_layouts_load.py from its own cells.
+and tested against transformers by tests/layouts/test_layouts_load.py from its own cells.
 
 Imports: errors, layouts.vocabulary; layouts (base, inputs; with them the codecs and torch) only on the first lookup.
 That keeps `import fp8q.cli` light.

@@ -3,7 +3,7 @@ transformers and for vLLM, for a dense and for a MoE model, and the plan's notes
 the README's table all say what the cells say.
 
 Imports: nothing. Each cell says what the engine does (runs it, refuses it, or loads it and computes garbage) and
-how that is known: measured by this repository's tests (transformers, CPU: tests/test_layouts_load.py, which
+how that is known: measured by this repository's tests (transformers, CPU: tests/layouts/test_layouts_load.py, which
 expects exactly what the cells say), measured with vLLM's CPU build (`make engines`, outside CI), or read from
 the engine's source where its CPU build has no kernel to load it with. "not checked" says so where neither was
 possible.
@@ -23,7 +23,7 @@ class Outcome(str, Enum):
 
 
 class Evidence(str, Enum):
-    TEST = "tests/test_layouts_load.py"  # loaded and run by this repository's tests, in CI
+    TEST = "tests/layouts/test_layouts_load.py"  # loaded and run by this repository's tests, in CI
     ENGINES = "make engines"  # loaded with the engine's CPU build by `make engines` (outside CI)
     SOURCE = "the engine's source"  # read, not loaded: the engine's CPU build has no kernel for it
     NONE = "nothing"

@@ -19,7 +19,7 @@ Same bits on every device: only operations whose result IEEE fixes (one correctl
 PyTorch on CUDA computes `tensor / python_scalar` as `tensor * (1 / scalar)`, which is not correctly
 rounded (1/448 is no binary fraction), while the CPU divides; so scales divide by a 448 *tensor* on the
 weight's own device (a CPU tensor would take the same shortcut), and `1 / scale` is `torch.reciprocal`,
-a correctly rounded division on both. tests/test_numerics.py records every division by a Python number.
+a correctly rounded division on both. tests/layouts/test_numerics.py records every division by a Python number.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ _TABLE = (
     Architecture("MiniMax-M2", ("minimax_m2", "minimax"), experts="out_in"),
     # nemotron_h.py: conv1d, A_log, D, dt_bias, norms and the MoE gate unquantized; in_proj/out_proj quantized.
     Architecture("Nemotron-H", ("nemotron_h",), experts="out_in"),
-    # Checked against transformers' module trees in tests/test_architectures.py; the common rules suffice.
+    # Checked against transformers' module trees in tests/models/test_architectures.py; the common rules suffice.
     Architecture(
         "Llama/Qwen/Mistral/Gemma/Phi family",
         (

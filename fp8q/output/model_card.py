@@ -260,7 +260,7 @@ def _serving(card: CardInput) -> list[str]:
 
 
 def _transformers_lead(layout: Layout | None) -> str:
-    """How transformers loads it, where it runs it (its layout says, measured by tests/test_layouts_load.py)."""
+    """How transformers loads it, where it runs it (its layout says, measured by tests/layouts/test_layouts_load.py)."""
     if layout is None:
         return "[transformers](https://huggingface.co/docs/transformers) loads it with no quantization library:"
     return layout.transformers_lead()
