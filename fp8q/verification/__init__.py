@@ -123,9 +123,10 @@ def verify(
                 if src is not None:
                     report.problems += check_against_source(checkpoint, sources, detected)
                 # Both read in file order (shard after shard, tensors as the shards hold them): the disk reads ahead.
+                # The source is read once, so its pages leave the cache as they are read (the output's are hashed too).
                 readers = (
                     ShardReader(checkpoint, fetch, READ_AHEAD),
-                    ShardReader(src or checkpoint, src_fetch, READ_AHEAD),
+                    ShardReader(src or checkpoint, src_fetch, READ_AHEAD, drop=src is not None),
                 )
                 emit = on_event or (lambda event: None)
                 rows, problems = check_values(

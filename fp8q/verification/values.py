@@ -5,9 +5,9 @@ how far each dequantized weight is from it (relative error, max abs error, SNR),
 Imports: torch, events, layouts (base, detect, inputs, numerics), plan (checks, selection), source (checkpoint,
 reader), verification.sources.
 
-Speed: the main thread reads a weight (its scale, its source) into reused buffers, with the disk reading ahead,
-while a pool of one thread per core checks the one before, each thread a run of its bands (rows that stay in the
-CPU's cache). The arithmetic decides as float64 does, several times faster:
+Speed: the main thread reads a weight (its scale, its source) into reused buffers, with the disk reading ahead (and the
+source's pages dropped from the cache once read), while a pool of one thread per core checks the one before, each thread
+a run of its bands (rows that stay in the CPU's cache). The arithmetic decides as float64 does, several times faster:
 - a scale's finiteness and sign, and NaN codes, are read off the stored values (no arithmetic);
 - overflow: a bound from the scales alone clears nearly every weight without reading it (`numerics.may_overflow`);
   the rest are dequantized as their client computes them and looked at;
