@@ -17,7 +17,6 @@ stalls, writing), output, plan, source. Lifecycle of `run(src, out, options, mod
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import threading
@@ -36,7 +35,7 @@ from fp8q.engine.finish import Prepared, finish, metadata_sizes, output_names, s
 from fp8q.engine.options import Mode, Options, worker_count
 from fp8q.engine.planning import open_source, plan_conversion, refusal, source_folder, source_origin
 from fp8q.engine.stages import run_plan
-from fp8q.engine.stalls import Stalls, overlap
+from fp8q.engine.stalls import Stalls
 from fp8q.engine.writing import Outlet
 from fp8q.errors import Fp8qError, Interrupted, OutputError, Stopped, UsageError, write_error
 from fp8q.events import (
@@ -217,10 +216,10 @@ def convert(
             run_plan(
                 plan, ready.partial, device, workers, run_emit, stop, outlet, skip, files, options.load_check, stalls
             )
-            stalls.intervals.append((time.perf_counter(), math.inf))  # the loop is done: what is left is waiting
+            stalls.from_now_on()  # the loop is done: what is left is waiting
             if publisher is not None:
-                if publisher.pending():
-                    emit(Step(f"uploading the last {publisher.pending()} shard(s) to {publisher.repo_id}"))
+                if pending := publisher.pending():
+                    emit(Step(f"uploading the last {pending} shard(s) to {publisher.repo_id}"))
                 publisher.finish_uploads(stop)  # this process's shards are up (or it failed) before all agree
     except BaseException as e:
         failure = e
@@ -228,13 +227,6 @@ def convert(
     finally:
         files.close()  # before OUT.partial/ can become OUT: the staging folder in it goes
     return files, failure
-
-
-def _waited(files: ShardFiles | None, publisher: Publisher | None, stalls: Stalls | None) -> float:
-    """Seconds the run stood waiting on the Hub: the quantization loop's stalls while a download or an upload was
-    being waited for, and the last uploads and the commit (`engine.stalls`)."""
-    network = [*(files.waits if files is not None else []), *(publisher.waits if publisher else [])]
-    return overlap(network, stalls.intervals) if stalls is not None else 0.0
 
 
 def _report(
@@ -253,6 +245,8 @@ def _report(
     plan = ready.plan
     if ready.up_to_date and ready.publisher is not None:
         published = ready.publisher.held()
+    # Waits on the Hub (downloads, uploads, the commit): the loop's stalls meanwhile are its time waiting on it.
+    network = (files.waits if files is not None else []) + (ready.publisher.waits if ready.publisher else [])
     layout = None
     if plan.layout is not None:
         block = plan.layout.block
@@ -287,7 +281,7 @@ def _report(
         notes=list(plan.notes),
         findings=findings,
         up_to_date=ready.up_to_date,
-        seconds_waiting=_waited(files, ready.publisher, stalls),
+        seconds_waiting=stalls.on(network) if stalls is not None else 0.0,
     )
 
 

@@ -8,6 +8,7 @@ Imports: nothing.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,14 @@ class Stalls:
             end = time.perf_counter()
             if end - start > 1e-3:
                 self.intervals.append((start, end))
+
+    def from_now_on(self) -> None:
+        """The thread is done: all the time from now on is waiting (the last uploads, the commit)."""
+        self.intervals.append((time.perf_counter(), math.inf))
+
+    def on(self, network: Iterable[Interval]) -> float:
+        """Seconds of these stalls spent while the network was waited on (`network`: the waits for it)."""
+        return overlap(network, self.intervals)
 
 
 def union(intervals: Iterable[Interval]) -> list[Interval]:
