@@ -3,8 +3,8 @@ plan_conversion over the one engine (run.py), which reads -> transforms -> write
 their plan, whose jobs say what happens to each tensor (keep: copied file to file; quantize; dequantize; requantize:
 dequantize, then quantize).
 
-Imports: events, plan.planner (the Plan type), verification, output.writer (--dry-run's checks), engine (options,
-planning; run once a conversion runs).
+Imports: events, plan.planner (the Plan type), source (base, opening), verification, output.writer (--dry-run's checks),
+engine (options, planning; run once a conversion runs).
 """
 
 from __future__ import annotations
@@ -13,17 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fp8q.engine.options import Mode, Options, Push, QuantizeOptions, worker_count
-from fp8q.engine.planning import (
-    open_source,
-    plan_conversion,
-    plan_summary,
-    refusal,
-    source_folder,
-    source_label,
-    source_origin,
-)
+from fp8q.engine.planning import plan_conversion, plan_summary, refusal
 from fp8q.events import EventCallback, Report
 from fp8q.plan.planner import Plan
+from fp8q.source.base import Source
+from fp8q.source.opening import open_source
 from fp8q.verification import VerifyReport, verify
 
 
@@ -48,8 +42,8 @@ def preflight(src: str | Path, out: str | Path | None, options: Options, mode: M
     source = open_source(src, options.revision)
     plan = plan_conversion(source, replace(options, revision=None), mode)
     if out is not None:
-        check_output(source_folder(source), output_path(Path(out)), options.overwrite)
-    target = check_push_target(options, src, source, plan, mode) if options.push is not None else None
+        check_output(source.path, output_path(Path(out)), options.overwrite)
+    target = check_push_target(options, source, plan, mode) if options.push is not None else None
     return Preflight(plan, target)
 
 
@@ -146,6 +140,7 @@ __all__ = [
     "VerifyReport",
     "Push",
     "QuantizeOptions",
+    "Source",
     "convert",
     "dequantize",
     "open_source",
@@ -154,9 +149,6 @@ __all__ = [
     "preflight",
     "quantize",
     "refusal",
-    "source_folder",
-    "source_label",
-    "source_origin",
     "verify",
     "worker_count",
 ]

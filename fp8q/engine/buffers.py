@@ -1,8 +1,7 @@
 """What moves between a run's threads, and the buffers that hold it: the items handed from stage to stage through
-bounded queues, the reusable buffer pools (and what they cost: `memory_estimate`), and where the stages find the
-source shards (ShardFiles).
+bounded queues, the reusable buffer pools (and what they cost: `memory_estimate`).
 
-Imports: torch, dtypes, errors, layouts (numerics), plan (types), engine.devices, source. Memory: the pools bound what
+Imports: torch, dtypes, errors, layouts (numerics), plan (types), engine.devices. Memory: the pools bound what
 is alive whatever the model size: three input buffers the size of the largest weight (one being read, one queued, one
 being quantized), three more on a GPU for the weights it still works on, and a few output buffers for quantized weights
 (one byte per element) on their way to disk, more on a GPU.
@@ -15,8 +14,7 @@ import queue
 import re
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -25,8 +23,6 @@ from fp8q.engine.devices import CHUNK_BYTES, CpuQuantizer, CudaQuantizer
 from fp8q.errors import Stopped, UnsupportedTensorError
 from fp8q.layouts import numerics
 from fp8q.plan.planner import Job, Plan
-from fp8q.source.checkpoint import Shard
-from fp8q.source.reader import open_for_reading
 
 
 class BufferPool:
@@ -63,36 +59,6 @@ def typed_view(buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) ->
     """The first bytes of a pool buffer seen as a tensor of this dtype and shape."""
     nbytes = math.prod(shape) * dtype.itemsize
     return buf[:nbytes].view(dtype).reshape(shape)
-
-
-class ShardFiles(Protocol):
-    """Where the source shards are to read: the reader waits on `ready` before it opens a shard, and the writer
-    tells `done` once a shard is written. A streamed Hub repo's downloads (streaming.ShardDownloads), or a
-    folder's files (LocalShards)."""
-
-    waits: list[tuple[float, float]]  # in `ready`, for shards not there yet (perf_counter intervals)
-
-    def ready(self, shard: Shard, stop: threading.Event) -> Path: ...
-
-    def done(self, name: str) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class LocalShards:
-    """The shard files of a checkpoint on disk: always there, never deleted."""
-
-    def __init__(self) -> None:
-        self.waits: list[tuple[float, float]] = []  # none: they are there
-
-    def ready(self, shard: Shard, stop: threading.Event) -> Path:
-        return shard.path
-
-    def done(self, name: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -190,12 +156,6 @@ def far_from_source(name: str, job: Job, rel_error: float) -> UnsupportedTensorE
     )
 
 
-def open_shard(files: ShardFiles, shard: Shard, stop: threading.Event) -> tuple[Path, int]:
-    """Where a source shard is (once downloaded, for a streamed one), open for reading."""
-    path = files.ready(shard, stop)
-    return path, open_for_reading(path, shard.file_id)
-
-
 def put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
     while True:
         if stop.is_set():
@@ -220,13 +180,10 @@ def get(q: queue.Queue[Any], stop: threading.Event) -> Any:
 __all__ = [
     "BufferPool",
     "Item",
-    "LocalShards",
     "Pools",
-    "ShardFiles",
     "get",
     "memory_estimate",
     "non_finite",
-    "open_shard",
     "overflowing",
     "far_from_source",
     "pool_sizes",

@@ -23,14 +23,14 @@ from fp8q.output.writer import MANIFEST_FILE, copy_file, finalize, remove_tree, 
 from fp8q.plan.checks import is_moe_plan, unservable_reason
 from fp8q.plan.fp8_source import source_layouts
 from fp8q.plan.planner import Plan
+from fp8q.source.base import Source
 from fp8q.source.checkpoint import CONFIG_FILE, INDEX_FILE
-from fp8q.source.files import hub_snapshot, is_model_id, read_bounded
+from fp8q.source.files import is_model_id, read_bounded
 from fp8q.version import __version__
 
 if TYPE_CHECKING:
     from fp8q.engine.options import Mode, Options
     from fp8q.output.publish import Published, Publisher
-    from fp8q.source.streaming import HubStream
 
 # What a tokenizer ships as (transformers' AutoTokenizer finds one of these).
 TOKENIZER_FILE = re.compile(r"tokenizer(_config)?\.json|tokenizer\.model|vocab\.json|.*\.tiktoken")
@@ -40,7 +40,7 @@ TOKENIZER_FILE = re.compile(r"tokenizer(_config)?\.json|tokenizer\.model|vocab\.
 class Prepared:
     """What `prepare` decided before any data was read, the same on every process."""
 
-    source: Path | HubStream
+    source: Source
     out: Path  # OUT, a link resolved
     partial: Path
     plan: Plan
@@ -54,7 +54,6 @@ class Prepared:
 
 def finish(
     ready: Prepared,
-    src: str | Path,
     options: Options,
     mode: Mode,
     progress: Progress,
@@ -78,7 +77,7 @@ def finish(
     if publisher is not None:
         publisher.adopt(progress.uploads(), done)  # the shards the other processes uploaded (under torchrun)
     stats = {name: st for entry in done.values() for name, st in entry["tensors"].items()}
-    card = card_input(plan, src, out, options, mode, stats, ready.source_card) if options.model_card else None
+    card = card_input(plan, ready.source, out, options, mode, stats, ready.source_card) if options.model_card else None
     said = [card.base_model_note] if card is not None and card.base_model_note else []
     write_metadata_files(plan, partial, card)
     files = write_manifest(partial, ready.fingerprint, done, timings)
@@ -151,7 +150,7 @@ def source_card(plan: Plan) -> str | None:
 
 def card_input(
     plan: Plan,
-    src: str | Path,
+    source: Source,
     out: Path,
     options: Options,
     mode: Mode,
@@ -159,13 +158,9 @@ def card_input(
     source_text: str | None,
 ) -> CardInput:
     """What the output's model card says, from the plan and the finished shards' statistics (fp8q.json's figures)."""
-    is_repo = not Path(src).exists()
-    revision = options.revision if is_repo else None
-    folder = Path(src) if Path(src).is_dir() else Path(src).parent
-    base = str(src) if is_repo else folder.resolve().name
-    snapshot = hub_snapshot(folder) if not is_repo else None
-    if snapshot is not None:  # a Hub cache snapshot given as a path: the repo it is, at its commit
-        base, revision, is_repo = *snapshot, True
+    repo = source.repo
+    folder = source.path if source.path.is_dir() else source.path.parent
+    base, revision, is_repo = (repo.id, repo.revision, True) if repo else (folder.resolve().name, None, False)
     base_model, note = _base_model(options.base_model or (base if is_repo else None), plan, source_text)
     return CardInput(
         command=mode.value,

@@ -1,15 +1,16 @@
-"""Where a run starts: SRC opened (a local path, or a Hub repo streamed or from the cache) and its conversion planned,
-reading no tensor data; the plan as data; the one line that refuses a plan with problems.
+"""Where a run starts: SRC's conversion planned (SRC opened as a Source: source.opening), reading no tensor data; the
+plan as data; the one line that refuses a plan with problems.
 
-Imports: cores, dtypes, errors, layouts (base, detect), plan (checks, fp8_source, planner), source (checkpoint, files;
-hub and streaming for a Hub repo, imported then), engine (options; buffers, for the memory estimate).
+Imports: cores, dtypes, errors, layouts (base, detect), plan (checks, fp8_source, planner), source (base, checkpoint,
+files, opening), engine (options; buffers, for the memory estimate).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fp8q.cores import usable_cores
 from fp8q.dtypes import FP8_NAMES
@@ -20,50 +21,20 @@ from fp8q.layouts.detect import quantization_config
 from fp8q.plan.checks import plan_notes, plan_problems
 from fp8q.plan.fp8_source import check_convertible, detect_fp8, output_dtype
 from fp8q.plan.planner import Plan, as_data, make_plan
-from fp8q.source.checkpoint import Checkpoint, read_checkpoint
-from fp8q.source.files import hub_snapshot, read_config
-
-if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
-    from fp8q.source.streaming import HubStream
-
-
-def open_source(src: str | Path | HubStream, revision: str | None = None, *, stream: bool = True) -> Path | HubStream:
-    """SRC as a local path or, for a Hub repo whose weights are not all in the cache (and `stream`), a HubStream:
-    the side files downloaded, the missing shards known from their headers alone (fp8q.source.streaming)."""
-    if not isinstance(src, (str, Path)):
-        return src
-    if revision is None and Path(src).exists():
-        return Path(src)
-    from fp8q.source.hub import resolve_source
-
-    return resolve_source(str(src), revision, stream=stream)
+from fp8q.source.base import Source
+from fp8q.source.checkpoint import Checkpoint, Shard
+from fp8q.source.files import read_config
+from fp8q.source.opening import open_source
 
 
-def source_folder(source: Path | HubStream) -> Path:
-    return source if isinstance(source, Path) else source.folder
-
-
-def source_label(source: Path | HubStream) -> str:
-    """SRC as a user names it: a Hub repo (streamed, or a cache snapshot) as `org/name@commit`, a path as it is."""
-    return source_origin(source) or str(source)
-
-
-def source_origin(source: Path | HubStream) -> str | None:
-    """A Hub source (streamed, or a cache snapshot) as `org/name@commit`, whose commit fixes its bytes; None for a
-    folder of no repo."""
-    snapshot = hub_snapshot(source) if isinstance(source, Path) else (source.repo_id, source.commit)
-    return f"{snapshot[0]}@{snapshot[1]}" if snapshot else None
-
-
-def plan_conversion(src: str | Path | HubStream, options: Options, mode: Mode | None = Mode.QUANTIZE) -> Plan:
+def plan_conversion(src: str | Path | Source, options: Options, mode: Mode | None = Mode.QUANTIZE) -> Plan:
     """Read and validate SRC and plan the conversion, reading no tensor data (of a Hub repo not in the local
     cache, only the side files and the shards' headers are fetched). `plan.problems` lists why the output could
     not be served (a run refuses them), `plan.notes` what else to know. `mode` None (`inspect`): decided by SRC,
     the conversion of a quantized one into the layout asked for (unless it is in that layout already: then
     quantize's refusal, which says what to do with it), else its quantization."""
     source = open_source(src, options.revision)
-    remote = None if isinstance(source, Path) else source.remote
-    checkpoint = read_checkpoint(source_folder(source), remote)
+    checkpoint = source.read()
     if options.config is not None:
         checkpoint = replace(checkpoint, config=read_config(Path(options.config)))
     if mode is None:
@@ -77,11 +48,11 @@ def plan_conversion(src: str | Path | HubStream, options: Options, mode: Mode | 
         if mode is Mode.CONVERT:
             check_convertible(checkpoint, fp8, options.layout)
         plan = make_plan(checkpoint, layout, options.ignore, options.targets, detected=fp8, dtype=dtype)
-    if remote:
-        _check_streamable(plan, remote)
+    if source.remote:
+        _check_streamable(plan, source.remote)
     problems = plan_problems(plan, options.tp, options.load_check)
     notes = tuple(plan_notes(plan, options.load_check, options.tp))
-    return replace(plan, problems=tuple(problems), notes=notes, source=source_label(source))
+    return replace(plan, problems=tuple(problems), notes=notes, source=source.label)
 
 
 def _convertible(checkpoint: Checkpoint, layout: Layout) -> bool:
@@ -97,7 +68,7 @@ def _convertible(checkpoint: Checkpoint, layout: Layout) -> bool:
     return not all(qw.layout == layout for qw in detected.weights)
 
 
-def _check_streamable(plan: Plan, remote: dict[str, Any]) -> None:
+def _check_streamable(plan: Plan, remote: Mapping[str, Shard]) -> None:
     """A streamed run reads one shard at a time: an FP8 weight whose scale lives in another shard cannot be."""
     for job in plan.jobs:
         if job.scale is not None and job.scale.shard != job.input.shard and job.scale.shard in remote:
@@ -124,12 +95,4 @@ def refusal(problems: tuple[str, ...]) -> str:
     return f"{len(problems)} problems, first: {problems[0]} (`fp8q inspect` with the same options lists them all)"
 
 
-__all__ = [
-    "open_source",
-    "plan_conversion",
-    "plan_summary",
-    "refusal",
-    "source_folder",
-    "source_label",
-    "source_origin",
-]
+__all__ = ["plan_conversion", "plan_summary", "refusal"]

@@ -3,8 +3,8 @@
 OUT. Under torchrun every process runs it and the cluster is asked twice: once all have prepared, once all have
 converted their share of the shards.
 
-Imports: version, dtypes, errors, events, engine (options, planning, buffers, devices, distributed, finish, stages,
-stalls, writing), output, plan, source. Lifecycle of `run(src, out, options, mode)`:
+Imports: version, dtypes, errors, events, engine (options, planning, devices, distributed, finish, stages, stalls,
+writing), output, plan, source. Lifecycle of `run(src, out, options, mode)`:
 
     prepare     open_source(src)           a local path; a Hub repo id from the cache, or streamed: side files
                                            and shard headers now, each shard downloaded as the reader nears it
@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fp8q.dtypes import config_name
-from fp8q.engine.buffers import LocalShards, ShardFiles
 from fp8q.engine.devices import resolve_device
 from fp8q.engine.distributed import Cluster, Watcher, assign
 from fp8q.engine.finish import Prepared, finish, metadata_sizes, output_names, source_card
 from fp8q.engine.options import Mode, Options, worker_count
-from fp8q.engine.planning import open_source, plan_conversion, refusal, source_folder, source_origin
+from fp8q.engine.planning import plan_conversion, refusal
 from fp8q.engine.stages import run_plan
 from fp8q.engine.stalls import Stalls
 from fp8q.engine.writing import Outlet
@@ -62,12 +61,13 @@ from fp8q.output.writer import (
 )
 from fp8q.plan.fp8_source import source_layouts
 from fp8q.plan.planner import Plan
-from fp8q.source.files import hub_snapshot, is_model_id
+from fp8q.source.base import ShardFiles, Source
+from fp8q.source.files import is_model_id
+from fp8q.source.opening import open_source
 from fp8q.version import __version__
 
 if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
     from fp8q.output.publish import Published, Publisher
-    from fp8q.source.streaming import HubStream
 
 
 def run(
@@ -111,9 +111,7 @@ def run(
                             },
                         }
                         try:
-                            findings, files_out, published = finish(
-                                ready, src, options, mode, progress, timings, stop, emit
-                            )
+                            findings, files_out, published = finish(ready, options, mode, progress, timings, stop, emit)
                         except OSError as e:
                             raise write_error(ready.partial, e) from None
                 except BaseException as e:
@@ -152,7 +150,7 @@ def prepare(
         if options.push is not None:
             # Under torchrun every process uploads the shards it makes; rank 0 checks the repo and commits them all.
             # Checked here without changing anything on the Hub; the repo is created once OUT.partial/ is set up.
-            publisher = _publisher(options, src, source, keep, check=lead, fp=fp)
+            publisher = _publisher(options, source, keep, check=lead, fp=fp)
             cleanup.callback(publisher.close)
         # Every target already holds this very output (a CI job run again): nothing to read, write or push.
         names = output_names(plan, options.model_card)
@@ -276,7 +274,7 @@ def _report(
         tensors_dropped=len(plan.detected.dropped) if plan.detected else 0,
         dtype=config_name(plan.dtype) if plan.dtype else None,
         layouts=source_layouts(plan.detected),
-        bytes_downloaded=getattr(files, "total_bytes", 0),
+        bytes_downloaded=files.total_bytes if files is not None else 0,
         downloads_kept=options.keep_download,
         notes=list(plan.notes),
         findings=findings,
@@ -285,9 +283,7 @@ def _report(
     )
 
 
-def _publisher(
-    options: Options, src: str | Path, source: Path | HubStream, keep: bool, check: bool, fp: dict[str, Any]
-) -> Publisher:
+def _publisher(options: Options, source: Source, keep: bool, check: bool, fp: dict[str, Any]) -> Publisher:
     """The Hub repo to publish to, checked (token, write access, what it holds) by one process (`check`), changing
     nothing on the Hub yet: a repo that does not exist is created by `_prepare_partial`, once every local check
     passed, so that a run refused here leaves the Hub as it was."""
@@ -297,15 +293,13 @@ def _publisher(
     assert push is not None
     if not is_model_id(push.repo_id):
         raise UsageError(f"--push-to-hub {push.repo_id!r}: expected a Hub repo id, ORG/NAME")
-    snapshot = hub_snapshot(source_folder(source))
-    source_repo = snapshot[0] if snapshot else (str(src) if not Path(src).exists() else None)
     publisher = Publisher(
         push.repo_id,
         push.revision,
         create_pr=push.create_pr,
         private=push.private,
         overwrite=options.overwrite,
-        source_repo=source_repo,
+        source_repo=source.repo.id if source.repo else None,
         room=None if keep else ON_DISK_FOR_UPLOAD,
         fingerprint=fp,
     )
@@ -314,14 +308,14 @@ def _publisher(
     return publisher
 
 
-def check_push_target(options: Options, src: str | Path, source: Path | HubStream, plan: Plan, mode: Mode) -> str:
+def check_push_target(options: Options, source: Source, plan: Plan, mode: Mode) -> str:
     """--dry-run --push-to-hub: the checks a run makes of the repo before anything is converted, changing nothing on
     the Hub (a repo that does not exist is not created); returns what a run would do to it, in a line.
 
     Raises:
         OutputError, UsageError: in one line, as the run would (a refusal).
     """
-    publisher = _publisher(options, src, source, keep=True, check=True, fp=_fingerprint(plan, source, options, mode))
+    publisher = _publisher(options, source, keep=True, check=True, fp=_fingerprint(plan, source, options, mode))
     repo = publisher.repo_id
     if publisher.missing:
         return f"{repo} does not exist: a run creates it and commits the output to it"
@@ -334,9 +328,9 @@ def check_push_target(options: Options, src: str | Path, source: Path | HubStrea
     return f"{repo}: a run {what} in {where}"
 
 
-def _fingerprint(plan: Plan, source: Path | HubStream, options: Options, mode: Mode) -> dict[str, Any]:
+def _fingerprint(plan: Plan, source: Source, options: Options, mode: Mode) -> dict[str, Any]:
     """What makes this run's output: what --resume and a repo's fp8q.json are compared with."""
-    return fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__, source_origin(source))
+    return fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__, source.origin)
 
 
 # --push-to-hub with no OUT: output shards on local disk at once (the one being written, the one uploading).
@@ -345,7 +339,7 @@ ON_DISK_FOR_UPLOAD = 2
 
 def _prepare_partial(
     plan: Plan,
-    source: Path | HubStream,
+    source: Source,
     out: Path,
     partial: Path,
     fp: dict[str, Any],
@@ -357,7 +351,7 @@ def _prepare_partial(
     """Check OUT and the disk, and set up and lock OUT.partial/; returns the shards a resumed run keeps (with a
     publisher, also those an earlier run uploaded and deleted, if the Hub still holds them) and the descriptor that
     holds the lock (closed when the run ends)."""
-    check_output(source_folder(source), out, options.overwrite)
+    check_output(source.path, out, options.overwrite)
     source_stat = [shard.input.stat_record() for shard in plan.shards]
     try:
         partial.mkdir(parents=True)
@@ -409,28 +403,17 @@ def _prepare_partial(
     return reused, lock
 
 
-def _download_space(
-    source: Path | HubStream, reused: dict[str, Any], partial: Path, keep: bool
-) -> tuple[Path, list[int]] | None:
+def _download_space(source: Source, reused: dict[str, Any], partial: Path, keep: bool) -> tuple[Path, list[int]] | None:
     """Where a streamed run downloads (its staging folders in OUT.partial/, or the Hugging Face cache where the
-    downloads are kept), and the most it holds there at once: its two largest shards."""
-    if isinstance(source, Path):
-        return None
-    return (source.folder if keep else partial), source.most_on_disk(set(reused))
+    downloads are kept), and the most it holds there at once: its two largest shards (None: it downloads nothing)."""
+    sizes = source.most_on_disk(set(reused))
+    return ((source.path if keep else partial), sizes) if sizes else None
 
 
-def _shard_files(
-    source: Path | HubStream, order: list[str], options: Options, emit: EventCallback, staging: Path
-) -> ShardFiles:
+def _shard_files(source: Source, order: list[str], options: Options, emit: EventCallback, staging: Path) -> ShardFiles:
     """Where the reader finds each shard: the downloads of a streamed Hub repo (into `staging`, a folder of this
     run's own, unless kept in the Hugging Face cache), or the folder's own files."""
-    if isinstance(source, Path):
-        return LocalShards()
-    from fp8q.source.hub import explain
-    from fp8q.source.streaming import ShardDownloads
-
-    on_bytes = lambda name, n: emit(Downloaded(name, n))  # noqa: E731
-    files = ShardDownloads(source, order, options.keep_download, on_bytes, explain, staging)
+    files = source.shard_files(order, options.keep_download, lambda name, n: emit(Downloaded(name, n)), staging)
     if files.total_bytes:
         emit(DownloadStarted(files.total_bytes, len(files.order)))
     return files

@@ -34,10 +34,8 @@ from fp8q.engine.buffers import (
     BufferPool,
     Item,
     Pools,
-    ShardFiles,
     get,
     non_finite,
-    open_shard,
     pool_sizes,
     put,
     typed_view,
@@ -51,7 +49,8 @@ from fp8q.layouts import default
 from fp8q.layouts.detect import QuantizedWeight, value_problem
 from fp8q.layouts.numerics import FP8, FP8_MAX, NonFiniteWeight
 from fp8q.plan.planner import Action, Job, Plan
-from fp8q.source.reader import READ_AHEAD, ReadAhead, ShardReader, read_tensor
+from fp8q.source.base import ShardFiles
+from fp8q.source.reader import READ_AHEAD, ReadAhead, ShardReader, open_shard, read_tensor
 
 
 def run_plan(

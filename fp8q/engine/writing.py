@@ -27,11 +27,9 @@ from typing import TYPE_CHECKING, Any
 from fp8q.engine.buffers import (
     Item,
     Pools,
-    ShardFiles,
     far_from_source,
     get,
     non_finite,
-    open_shard,
     overflowing,
 )
 from fp8q.errors import CheckpointError, Stopped, write_error
@@ -43,7 +41,9 @@ from fp8q.output.manifest import FileHasher, Progress
 from fp8q.output.writer import ShardFile
 from fp8q.plan.checks import MAX_REL_ERROR
 from fp8q.plan.planner import Job, Plan
+from fp8q.source.base import ShardFiles
 from fp8q.source.checkpoint import changed_since_read
+from fp8q.source.reader import open_shard
 
 if TYPE_CHECKING:  # imported only for --push-to-hub: it brings huggingface_hub
     from fp8q.output.publish import Publisher

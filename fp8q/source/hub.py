@@ -19,28 +19,21 @@ from typing import Any
 import huggingface_hub.errors as hf_errors
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.utils import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
     validate_repo_id,
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
 
 from fp8q.errors import CheckpointError, UsageError
 from fp8q.source.checkpoint import INDEX_FILE, WEIGHT_SUFFIXES, index_shards
-from fp8q.source.network import bound_requests, disk_full, no_answer
-from fp8q.source.streaming import HUB_ERRORS, NETWORK_ERRORS, HubStream, open_stream
+from fp8q.source.network import HUB_ERRORS, OFFLINE_FIX, bound_requests, explain
+from fp8q.source.streaming import HubStream, open_stream
 
 # Side files a conversion copies: config, tokenizer, chat template, sentencepiece/tiktoken vocab, custom code, card.
 SIDE_PATTERNS = (INDEX_FILE, "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py", "*.md")
 # Weight formats fp8q never reads; pickles above all. Listed as ignore patterns so that they win over any allow.
 IGNORE_PATTERNS = tuple(f"*{suffix}" for suffix in WEIGHT_SUFFIXES if suffix != ".safetensors")
-_OFFLINE_FIX = "download it first or unset HF_HUB_OFFLINE"
 
 
 class _PartialSnapshot(LocalEntryNotFoundError):
@@ -86,11 +79,11 @@ def resolve_source(
             if _offline():
                 what = "is only partly" if isinstance(error, _PARTIAL) else "is not"
                 raise CheckpointError(
-                    f"{label} {what} in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; {_OFFLINE_FIX}{local}"
+                    f"{label} {what} in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; {OFFLINE_FIX}{local}"
                 ) from None
         if stream:
             side = _side_files(src, revision, cache_dir, local_only=False)
-            streamed = open_stream(src, side, cache_dir, explain)
+            streamed = open_stream(src, side, cache_dir, revision)
             if streamed is not None:
                 return streamed if streamed.remote else side
         return _snapshot(src, revision, cache_dir, local_only=False)
@@ -177,40 +170,3 @@ def _has_weights(folder: Path, shards: list[str] | None) -> bool:
     if shards is not None:
         return bool(shards) and all((folder / name).is_file() for name in shards)
     return folder.is_dir() and any(folder.glob("*.safetensors"))
-
-
-def explain(error: Exception) -> str:
-    """What went wrong and what to do, in one line, for an exception out of snapshot_download."""
-    silent = no_answer(error)
-    if silent is not None:
-        return silent
-    full = disk_full(error)
-    if full is not None:
-        return full
-    if isinstance(error, GatedRepoError):
-        return "the repo is gated; accept its terms on huggingface.co, then log in (`hf auth login` or HF_TOKEN)"
-    if isinstance(error, RepositoryNotFoundError):
-        return "no such repo on the Hub, or it is private; check the id, or log in (`hf auth login` or HF_TOKEN)"
-    if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
-        return "no such file in the repo at that revision (its index lists it): the repo is incomplete; try again later"
-    if isinstance(error, RevisionNotFoundError):
-        return "the repo has no such revision; give an existing branch, tag or commit hash"
-    if isinstance(error, HfHubHTTPError):
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        if status in (401, 403):
-            return f"access denied (HTTP {status}); log in (`hf auth login` or HF_TOKEN) with a token that can read it"
-        return f"the Hub answered HTTP {status}: {_first_line(error)}; try again later"
-    if isinstance(error, OfflineModeIsEnabled):
-        return f"not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; {_OFFLINE_FIX}"
-    if isinstance(error, (LocalEntryNotFoundError, *NETWORK_ERRORS)):
-        cause = error.__cause__ if isinstance(error, LocalEntryNotFoundError) and error.__cause__ else error
-        return (
-            f"cannot download it ({type(cause).__name__}: {_first_line(cause)}) and it is not in the local "
-            "Hugging Face cache; check the network (or HF_ENDPOINT, proxy), or download it first"
-        )
-    return f"{type(error).__name__}: {_first_line(error)}"
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else "no details"

@@ -18,13 +18,26 @@ import os
 from collections.abc import Callable
 
 import httpx
-from huggingface_hub.utils import get_session
+from huggingface_hub.utils import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    get_session,
+)
 
 from fp8q.errors import UsageError
 
 TIMEOUT_ENV = "FP8Q_HUB_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
 XET_TRIES = 6
+# What talking to the Hub raises: HTTP and connection errors (httpx's are not OSErrors), Hub errors, cache errors.
+NETWORK_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, OSError)
+HUB_ERRORS: tuple[type[Exception], ...] = (*NETWORK_ERRORS, ValueError)
+OFFLINE_FIX = "download it first or unset HF_HUB_OFFLINE"
 
 
 def hub_timeout() -> float:
@@ -108,4 +121,53 @@ def _in_chain(error: BaseException, matches: Callable[[BaseException], bool]) ->
     return seen
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "bound_requests", "disk_full", "hub_timeout", "no_answer"]
+def explain(error: Exception) -> str:
+    """What went wrong and what to do, in one line, for an exception out of snapshot_download."""
+    silent = no_answer(error)
+    if silent is not None:
+        return silent
+    full = disk_full(error)
+    if full is not None:
+        return full
+    if isinstance(error, GatedRepoError):
+        return "the repo is gated; accept its terms on huggingface.co, then log in (`hf auth login` or HF_TOKEN)"
+    if isinstance(error, RepositoryNotFoundError):
+        return "no such repo on the Hub, or it is private; check the id, or log in (`hf auth login` or HF_TOKEN)"
+    if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
+        return "no such file in the repo at that revision (its index lists it): the repo is incomplete; try again later"
+    if isinstance(error, RevisionNotFoundError):
+        return "the repo has no such revision; give an existing branch, tag or commit hash"
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status in (401, 403):
+            return f"access denied (HTTP {status}); log in (`hf auth login` or HF_TOKEN) with a token that can read it"
+        return f"the Hub answered HTTP {status}: {first_line(error)}; try again later"
+    if isinstance(error, OfflineModeIsEnabled):
+        return f"not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; {OFFLINE_FIX}"
+    if isinstance(error, (LocalEntryNotFoundError, *NETWORK_ERRORS)):
+        cause = error.__cause__ if isinstance(error, LocalEntryNotFoundError) and error.__cause__ else error
+        return (
+            f"cannot download it ({type(cause).__name__}: {first_line(cause)}) and it is not in the local "
+            "Hugging Face cache; check the network (or HF_ENDPOINT, proxy), or download it first"
+        )
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else "no details"
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "HUB_ERRORS",
+    "NETWORK_ERRORS",
+    "OFFLINE_FIX",
+    "TIMEOUT_ENV",
+    "bound_requests",
+    "disk_full",
+    "explain",
+    "first_line",
+    "hub_timeout",
+    "no_answer",
+]

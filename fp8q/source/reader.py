@@ -3,22 +3,22 @@ will take it) with `os.preadv`, so nothing is memory-mapped and the resident set
 flight; and a hint that asks the kernel to fetch the bytes a reader will want next (Linux; elsewhere it does
 nothing).
 
-Imports: torch, dtypes, errors, source (checkpoint, files).
+Imports: torch, dtypes, errors, source (base, checkpoint, files).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable
+import threading
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from fp8q.dtypes import TORCH_DTYPE
 from fp8q.errors import open_error, read_error
-from fp8q.source.checkpoint import Checkpoint, TensorMeta
+from fp8q.source.base import Fetch, ShardFiles
+from fp8q.source.checkpoint import Checkpoint, Shard, TensorMeta
 from fp8q.source.files import FileId, check_planned
 
 # The kernel reads at most its read-ahead size (often 128 KiB-8 MiB) per hint: hint in steps this big.
@@ -45,6 +45,12 @@ def open_for_reading(path: Path, planned: FileId | None = None) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def open_shard(files: ShardFiles, shard: Shard, stop: threading.Event) -> tuple[Path, int]:
+    """Where a source shard is (once downloaded, for a streamed one), open for reading."""
+    path = files.ready(shard, stop)
+    return path, open_for_reading(path, shard.file_id)
 
 
 def read_ahead(fd: int, offset: int, nbytes: int) -> None:
@@ -95,16 +101,6 @@ def read_tensor(fd: int, meta: TensorMeta, buf: torch.Tensor | None = None) -> t
             raise OSError(f"unexpected end of file after {done} of {meta.nbytes} bytes")
         done += n
     return buf[: meta.nbytes].view(TORCH_DTYPE[meta.dtype]).reshape(meta.shape)
-
-
-class Fetch(Protocol):
-    """Where a shard is once it is on disk (a streamed repo's, downloaded on demand: fp8q.source.streaming);
-    `close(other)` before another shard's file is deleted to make room."""
-
-    def path(self, name: str, close: Callable[[str], None]) -> Path: ...
-
-    def expect(self, order: list[str]) -> None:
-        """The order the shards will be read in, so that the next can be fetched while one is read."""
 
 
 class ShardReader:

@@ -1,20 +1,20 @@
 """A Hub repo converted as it downloads: plan from the shards' headers, then fetch a shard, convert it, drop it.
 
-Imports: errors, source.checkpoint, source.network, huggingface_hub, httpx (its transport). Used when SRC is a repo id
-whose weights are not all in the local cache and the repo has an index (a one-shard repo is simply downloaded).
-Planning reads each missing shard's header with two small range requests, so every check runs before any weight is
-downloaded. The run then downloads shard k+1 while shard k converts, with huggingface_hub's own client (same
-HF_ENDPOINT, HF_TOKEN, revision), into a staging folder of the run's own inside `OUT.partial/`, and deletes each shard
-once it is written: the disk holds the output, at most two source shards and the side files. The shared Hugging Face
-cache is left alone: another process (a second fp8q, `snapshot_download`) may be reading or writing the very same
-files there, so fp8q never deletes anything in it. With `--keep-download` the shards are downloaded into the cache
-instead, as huggingface_hub itself would, and kept. Shards that were in the cache before the run are read where they
-are.
+Imports: errors, source (base, checkpoint, network), huggingface_hub. Used when SRC is a repo id whose weights are not
+all in the local cache and the repo has an index (a one-shard repo is simply downloaded). Planning reads each missing
+shard's header with two small range requests, so every check runs before any weight is downloaded. The run then
+downloads shard k+1 while shard k converts, with huggingface_hub's own client (same HF_ENDPOINT, HF_TOKEN, revision),
+into a staging folder of the run's own inside `OUT.partial/`, and deletes each shard once it is written: the disk holds
+the output, at most two source shards and the side files. The shared Hugging Face cache is left alone: another process
+(a second fp8q, `snapshot_download`) may be reading or writing the very same files there, so fp8q never deletes anything
+in it. With `--keep-download` the shards are downloaded into the cache instead, as huggingface_hub itself would, and
+kept. Shards that were in the cache before the run are read where they are.
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,17 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from huggingface_hub import HfApi, RepoFile, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.utils import HfHubHTTPError, build_hf_headers, get_session, hf_raise_for_status
 
 from fp8q.errors import CheckpointError
-from fp8q.source.checkpoint import Shard, header_length, index_shards, parse_shard, read_shard
-from fp8q.source.network import disk_full, no_answer
-
-# What talking to the Hub raises: HTTP and connection errors (httpx's are not OSErrors), Hub errors, cache errors.
-NETWORK_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, OSError)
-HUB_ERRORS: tuple[type[Exception], ...] = (*NETWORK_ERRORS, ValueError)
+from fp8q.source.base import Fetch, HubRepo, ShardFiles
+from fp8q.source.checkpoint import (
+    Checkpoint,
+    Shard,
+    header_length,
+    index_shards,
+    parse_shard,
+    read_checkpoint,
+    read_shard,
+)
+from fp8q.source.network import HUB_ERRORS, NETWORK_ERRORS, disk_full, explain, no_answer
 
 # The first request asks for this much: the length prefix and, for nearly every shard, the whole header.
 HEADER_PROBE = 1 << 17
@@ -45,28 +49,82 @@ HEADER_THREADS = 8
 
 @dataclass(frozen=True)
 class HubStream:
-    """A repo at one commit: its side files (and any shards cached before the run) in `folder`, a snapshot
-    folder of the Hugging Face cache, and the headers of the shards still on the Hub."""
+    """A repo at one commit, as a Source: its side files (and any shards cached before the run) in `path`, a
+    snapshot folder of the Hugging Face cache, and the headers of the shards still on the Hub (`remote`).
+    `revision`: the one SRC was given with (None: the main branch)."""
 
     repo_id: str
     commit: str
-    folder: Path
+    path: Path
     remote: dict[str, Shard]
     cache_dir: str | Path | None = None
+    revision: str | None = None
+
+    @property
+    def where(self) -> str:
+        """The repo in the words of an error."""
+        return f"Hub repo {self.repo_id}"
+
+    @property
+    def given(self) -> str:
+        return self.repo_id
 
     @property
     def label(self) -> str:
-        return f"Hub repo {self.repo_id}"
+        return f"{self.repo_id}@{self.commit}"
+
+    @property
+    def origin(self) -> str | None:
+        return self.label
+
+    @property
+    def repo(self) -> HubRepo | None:
+        return HubRepo(self.repo_id, self.revision)
+
+    def read(self) -> Checkpoint:
+        return read_checkpoint(self.path, self.remote)
 
     def most_on_disk(self, skip: set[str]) -> list[int]:
         """The sizes of the most a run that skips the shards `skip` holds downloaded at once: its `WINDOW` largest."""
         sizes = sorted((s.size for name, s in self.remote.items() if name not in skip), reverse=True)
         return sizes[:WINDOW]
 
+    def shard_files(
+        self, order: list[str], keep: bool, on_bytes: Callable[[str, int], None], staging: Path
+    ) -> ShardFiles:
+        return ShardDownloads(self, order, keep, on_bytes, staging)
 
-def open_stream(
-    repo_id: str, folder: Path, cache_dir: str | Path | None, explain: Callable[[Exception], str]
-) -> HubStream | None:
+    def on_demand(self) -> Fetch | None:
+        return ShardsOnDemand(self, Path(tempfile.mkdtemp(prefix="fp8q-verify-")))
+
+    def listing(self) -> dict[str, str | None] | None:
+        """Every file of the repo at the stream's commit (one tree listing): its LFS sha256, or None for a regular
+        file (whose bytes are in `path` when a side file, else fetched with `side_file`).
+
+        Raises:
+            CheckpointError: the listing cannot be had, in one line.
+        """
+        try:
+            entries = HfApi().list_repo_tree(self.repo_id, revision=self.commit, recursive=True)
+            return {e.path: (e.lfs.sha256 if e.lfs else None) for e in entries if isinstance(e, RepoFile)}
+        except HUB_ERRORS as e:
+            raise CheckpointError(f"{self.where}: cannot list its files: {explain(e)}") from None
+
+    def side_file(self, name: str) -> Path:
+        """A regular (small) file of the repo at the stream's commit, from the cache or downloaded into it.
+
+        Raises:
+            CheckpointError: it cannot be had, in one line.
+        """
+        if (self.path / name).is_file():
+            return self.path / name
+        try:
+            return Path(hf_hub_download(self.repo_id, name, revision=self.commit, cache_dir=self.cache_dir))
+        except HUB_ERRORS as e:
+            raise CheckpointError(f"{self.where}: {name}: {explain(e)}") from None
+
+
+def open_stream(repo_id: str, folder: Path, cache_dir: str | Path | None, revision: str | None) -> HubStream | None:
     """Read the headers of the shards `folder`'s index lists that are not in it; None without an index.
 
     Raises:
@@ -89,7 +147,7 @@ def open_stream(
 
     with ThreadPoolExecutor(HEADER_THREADS, thread_name_prefix="fp8q-header") as pool:
         shards = list(pool.map(header, missing))
-    return HubStream(repo_id, commit, folder, {s.name: s for s in shards}, cache_dir)
+    return HubStream(repo_id, commit, folder, {s.name: s for s in shards}, cache_dir, revision)
 
 
 def remote_shard(repo_id: str, commit: str, folder: Path, name: str) -> Shard:
@@ -155,32 +213,6 @@ def download_shard(
     return path
 
 
-def repo_files(stream: HubStream, explain: Callable[[Exception], str]) -> dict[str, str | None]:
-    """Every file of the repo at the stream's commit (one tree listing): its LFS sha256, or None for a regular
-    file (whose bytes are in `stream.folder` when a side file, else fetched with `fetch_file`).
-
-    Raises:
-        CheckpointError: the listing cannot be had, in one line.
-    """
-    try:
-        entries = HfApi().list_repo_tree(stream.repo_id, revision=stream.commit, recursive=True)
-        return {e.path: (e.lfs.sha256 if e.lfs else None) for e in entries if isinstance(e, RepoFile)}
-    except HUB_ERRORS as e:
-        raise CheckpointError(f"{stream.label}: cannot list its files: {explain(e)}") from None
-
-
-def fetch_file(stream: HubStream, name: str, explain: Callable[[Exception], str]) -> Path:
-    """A regular (small) file of the repo at the stream's commit, from the cache or downloaded into it.
-
-    Raises:
-        CheckpointError: it cannot be had, in one line.
-    """
-    try:
-        return Path(hf_hub_download(stream.repo_id, name, revision=stream.commit, cache_dir=stream.cache_dir))
-    except HUB_ERRORS as e:
-        raise CheckpointError(f"{stream.label}: {name}: {explain(e)}") from None
-
-
 class ShardsOnDemand:
     """A streamed repo's shards for a reader that goes its own way (`fp8q verify`), at most `WINDOW` on disk, in
     `staging` (a folder of the caller's own). A shard is downloaded when it is first read, and the next one in the
@@ -189,12 +221,11 @@ class ShardsOnDemand:
     descriptor is closed (`close`) before its file is deleted: an open file keeps its space. `close()` stops a
     download in progress and deletes the staging folder."""
 
-    def __init__(self, stream: HubStream, staging: Path, explain: Callable[[Exception], str]) -> None:
+    def __init__(self, stream: HubStream, staging: Path) -> None:
         self.stream = stream
         self.staging = staging
         self.order: list[str] = []
         self.bytes_downloaded = 0
-        self._explain = explain
         self._local: dict[str, Path] = {}  # downloaded, least recently read first
         self._coming: dict[str, Future[Path]] = {}  # the one shard being fetched ahead
         self._stop = threading.Event()
@@ -210,7 +241,7 @@ class ShardsOnDemand:
             CheckpointError: the download failed, naming the shard.
         """
         if name not in self.stream.remote:
-            return self.stream.folder / name  # in the cache before the run
+            return self.stream.path / name  # in the cache before the run
         if name in self._coming:
             self._arrived(name, self._coming.pop(name).result())
         elif name in self._local:
@@ -255,7 +286,7 @@ class ShardsOnDemand:
         except CheckpointError:
             raise
         except HUB_ERRORS as e:
-            raise _failure(self.stream, name, e, self._explain) from None
+            raise _failure(self.stream, name, e) from None
 
     def close(self) -> None:
         self._stop.set()  # a download in progress gives up at its next chunk
@@ -263,7 +294,7 @@ class ShardsOnDemand:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def _failure(stream: HubStream, name: str, error: Exception, explain: Callable[[Exception], str]) -> CheckpointError:
+def _failure(stream: HubStream, name: str, error: Exception) -> CheckpointError:
     """A shard's failed download in one line: a full disk, a Hub that stopped answering, a connection that broke
     off, or what the Hub answered."""
     said = disk_full(error) or no_answer(error)
@@ -274,7 +305,7 @@ def _failure(stream: HubStream, name: str, error: Exception, explain: Callable[[
         why = f"the download broke off ({type(error).__name__}: {first}); check the network, or HF_ENDPOINT"
     else:
         why = explain(error)
-    return CheckpointError(f"{stream.label}: downloading {name}: {why}")
+    return CheckpointError(f"{stream.where}: downloading {name}: {why}")
 
 
 class _Cancelled(Exception):
@@ -300,7 +331,6 @@ class ShardDownloads:
         order: list[str],
         keep: bool,
         on_bytes: Callable[[str, int], None],
-        explain: Callable[[Exception], str],
         staging: Path,
     ) -> None:
         self.stream = stream
@@ -308,7 +338,6 @@ class ShardDownloads:
         self.keep = keep
         self.staging = staging
         self._on_bytes = on_bytes
-        self._explain = explain
         self._slots = threading.Semaphore(WINDOW)
         self._stop = threading.Event()
         self._arrived = {name: threading.Event() for name in self.order}
@@ -372,9 +401,7 @@ class ShardDownloads:
             except _Cancelled:
                 return
             except Exception as e:  # noqa: BLE001 - whatever stops a download is the reader's to raise, in one line
-                self._failed[name] = (
-                    e if isinstance(e, CheckpointError) else _failure(self.stream, name, e, self._explain)
-                )
+                self._failed[name] = e if isinstance(e, CheckpointError) else _failure(self.stream, name, e)
                 self._arrived[name].set()
                 return
             self._arrived[name].set()

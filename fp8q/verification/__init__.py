@@ -1,10 +1,9 @@
 """Check an FP8 checkpoint before it is shipped: will the engines load it, and (given the source) is it close?
 
-Imports: cores, errors, events, verification (integrity, sources, values), source (checkpoint, reader; hub and streaming
-for a Hub repo, imported then), layouts.detect, models (architectures, linear), plan.selection. Reads headers first,
-then one tensor at a time, shard after shard, so it runs on checkpoints of any size; a Hub repo not in the cache is read
-as it downloads, at most two of its shards on disk (each downloaded once when read in the shards' order). What it
-checks:
+Imports: cores, errors, events, verification (integrity, sources, values), source (base, checkpoint, opening, reader),
+layouts.detect, models (architectures, linear), plan.selection. Reads headers first, then one tensor at a time, shard
+after shard, so it runs on checkpoints of any size; a Hub repo not in the cache is read as it downloads, at most two of
+its shards on disk (each downloaded once when read in the shards' order). What it checks:
 
 - files: in an fp8q output, every file against the sha256 its fp8q.json lists (verification.integrity);
 - structure: `read_checkpoint`'s validation (index and shard headers agree both ways, offsets tile each file);
@@ -22,13 +21,11 @@ Every problem is one line naming the tensor or module; `VerifyReport.ok` is True
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fp8q.cores import usable_cores
 from fp8q.errors import CheckpointError
@@ -37,14 +34,13 @@ from fp8q.layouts.detect import DetectedLayout, detect_layout, layout_words, qua
 from fp8q.models.architectures import architecture_of, groups
 from fp8q.models.linear import is_linear_weight, keep_reason
 from fp8q.plan.selection import natural_key
-from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint, read_checkpoint
+from fp8q.source.base import Fetch, Source
+from fp8q.source.checkpoint import CONFIG_FILE, Checkpoint
+from fp8q.source.opening import on_disk
 from fp8q.source.reader import READ_AHEAD, ShardReader
 from fp8q.verification.integrity import FileHashes
 from fp8q.verification.sources import check_against_source, source_tensors
 from fp8q.verification.values import MIN_SNR_DB, TensorCheck, check_values
-
-if TYPE_CHECKING:
-    from fp8q.source.streaming import HubStream, ShardsOnDemand
 
 Event = Started | TensorDone
 EventCallback = Callable[[Event], None]
@@ -73,8 +69,8 @@ class VerifyReport:
 
 
 def verify(
-    path: str | Path | HubStream,
-    source: str | Path | HubStream | None = None,
+    path: str | Path | Source,
+    source: str | Path | Source | None = None,
     *,
     on_event: EventCallback | None = None,
     workers: int = 0,
@@ -82,8 +78,8 @@ def verify(
     """Check the FP8 checkpoint at PATH, and compare it with SOURCE (the checkpoint it was made from) if given.
 
     Args:
-        path: an FP8 checkpoint folder (or one `.safetensors` file), or a streamed Hub repo
-            (`fp8q.engine.api.open_source`): its shards are downloaded as they are read, at most two on disk.
+        path: an FP8 checkpoint folder (or one `.safetensors` file), or a Source (`fp8q.engine.api.open_source`:
+            a Hub repo streamed has its shards downloaded as they are read, at most two on disk).
         source: the bf16/fp16/fp32 checkpoint PATH was quantized from (the same kinds); tensors are matched by name.
         on_event: called with `Started` once, then `TensorDone` per quantized weight.
         workers: threads that check values while the next weight is read; 0: one per core this process may use.
@@ -95,21 +91,21 @@ def verify(
         Fp8qError: PATH does not exist, or SOURCE cannot be read. Problems with PATH itself are reported.
     """
     started = time.perf_counter()
-    if isinstance(path, (str, Path)) and not Path(path).exists():
+    checked, reference = on_disk(path), (on_disk(source) if source is not None else None)
+    if not checked.path.exists():
         raise CheckpointError(f"{path}: no such file or folder; give an FP8 checkpoint folder or a .safetensors file")
-    report = VerifyReport(_name(path), _name(source) if source is not None else None)
-    src = _read(source) if source is not None else None
-    with _fetch(path) as fetch, _fetch(source) as src_fetch:
+    report = VerifyReport(checked.given, reference.given if reference is not None else None)
+    src = reference.read() if reference is not None else None
+    with _fetch(checked) as fetch, _fetch(reference) as src_fetch:
         try:
-            checkpoint = _read(path)
+            checkpoint = checked.read()
             detected = _detect(checkpoint)
         except CheckpointError as e:
             report.problems.append(str(e))
         else:
             # A folder or a Hub repo fp8q made: every file against fp8q.json, on a thread beside the checks below.
-            is_folder = not isinstance(path, (str, Path)) or Path(path).is_dir()
-            stream = None if isinstance(path, (str, Path)) else path
-            hashes = FileHashes(checkpoint, stream) if is_folder else None
+            is_folder = checked.path.is_dir()
+            hashes = FileHashes(checkpoint, checked) if is_folder else None
             if detected.weights:
                 report.format = detected.format.value
                 for qw in detected.weights:
@@ -146,30 +142,15 @@ def verify(
     return report
 
 
-def _name(checkpoint: str | Path | HubStream) -> str:
-    return str(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint.repo_id
-
-
-def _read(checkpoint: str | Path | HubStream) -> Checkpoint:
-    if isinstance(checkpoint, (str, Path)):
-        return read_checkpoint(Path(checkpoint))
-    return read_checkpoint(checkpoint.folder, checkpoint.remote)
-
-
 @contextmanager
-def _fetch(checkpoint: str | Path | HubStream | None) -> Iterator[ShardsOnDemand | None]:
+def _fetch(source: Source | None) -> Iterator[Fetch | None]:
     """A streamed repo's shards, downloaded as they are read into a temporary folder (TMPDIR) deleted at the end."""
-    if checkpoint is None or isinstance(checkpoint, (str, Path)):
-        yield None
-        return
-    from fp8q.source.hub import explain
-    from fp8q.source.streaming import ShardsOnDemand
-
-    fetch = ShardsOnDemand(checkpoint, Path(tempfile.mkdtemp(prefix="fp8q-verify-")), explain)
+    fetch = source.on_demand() if source is not None else None
     try:
         yield fetch
     finally:
-        fetch.close()
+        if fetch is not None:
+            fetch.close()
 
 
 def _detect(checkpoint: Checkpoint) -> DetectedLayout:

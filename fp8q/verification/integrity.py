@@ -2,10 +2,10 @@
 scale, config.json) is named, and so is a file the output lacks; a file fp8q.json does not list is said in a note
 (a person may add an evals table to a published repo: that is no fault of the output).
 
-Imports: errors, source (checkpoint, files; hub and streaming for a Hub repo, imported then). A local folder's files are
-hashed on a thread of their own while the values are checked (both read the same pages: the second read comes from the
-page cache). A Hub repo is not downloaded again for this: its tree lists each LFS file's sha256 (what the Hub checked
-when it took the upload), and its regular files are the small side files, hashed where the cache holds them.
+Imports: errors, source (base, checkpoint, files). A local folder's files are hashed on a thread of their own while the
+values are checked (both read the same pages: the second read comes from the page cache). A Hub repo is not downloaded
+again for this: its tree lists each LFS file's sha256 (what the Hub checked when it took the upload), and its regular
+files are the small side files, hashed where the cache holds them.
 """
 
 from __future__ import annotations
@@ -16,14 +16,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fp8q.errors import Fp8qError
+from fp8q.source.base import Source
 from fp8q.source.checkpoint import CONFIG_FILE, INDEX_FILE, Checkpoint
 from fp8q.source.files import read_bounded
-
-if TYPE_CHECKING:  # imported for a Hub repo only: they bring huggingface_hub and httpx
-    from fp8q.source.streaming import HubStream
 
 MANIFEST_FILE = "fp8q.json"
 _CHUNK = 8 << 20
@@ -54,8 +51,8 @@ class FileHashes:
     """Started before the values are checked, `result()` after: every file fp8q.json lists, hashed (or, on the
     Hub, looked up) on a thread of its own."""
 
-    def __init__(self, checkpoint: Checkpoint, stream: HubStream | None, threads: int = 2) -> None:
-        self.checkpoint, self.stream, self.threads = checkpoint, stream, max(1, threads)
+    def __init__(self, checkpoint: Checkpoint, source: Source, threads: int = 2) -> None:
+        self.checkpoint, self.source, self.threads = checkpoint, source, max(1, threads)
         self.listed = listed_files(checkpoint.root)
         self._result = FileCheck()
         self._failure: BaseException | None = None
@@ -85,12 +82,7 @@ class FileHashes:
     def _check(self) -> None:
         assert self.listed is not None
         found = self._result
-        remote = None
-        if self.stream is not None:
-            from fp8q.source.hub import explain
-            from fp8q.source.streaming import repo_files
-
-            remote = repo_files(self.stream, explain)
+        remote = self.source.listing()
         present = set(remote) if remote is not None else self._local_files()
         listed = sorted(self.listed.items())
         hashed = [name for name, _ in listed if name in present and (remote is None or remote.get(name) is None)]
@@ -118,13 +110,7 @@ class FileHashes:
 
     def _local_sha256(self, name: str) -> str:
         """A file's sha256: the output folder's, or a Hub repo's small regular file (its copy in the cache)."""
-        path = self.checkpoint.root / name
-        if self.stream is not None and not path.is_file():
-            from fp8q.source.hub import explain
-            from fp8q.source.streaming import fetch_file
-
-            path = fetch_file(self.stream, name, explain)
-        return _sha256(path)
+        return _sha256(self.source.side_file(name))
 
     def _local_files(self) -> set[str]:
         c = self.checkpoint

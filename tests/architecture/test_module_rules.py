@@ -204,6 +204,33 @@ def test_the_cli_reaches_the_engine_through_its_api_alone(path):
             assert module.startswith("fp8q.cli") or module in CLI_DOOR, f"cli/{path.name} imports {module}"
 
 
+# Where a source's kind may be known: the module that tells SRC apart, and the kinds themselves.
+SOURCE_KINDS = {"fp8q.source.hub", "fp8q.source.streaming", "fp8q.source.local"}
+
+
+def _tells_a_path_apart(node: ast.AST) -> bool:
+    """`isinstance(x, Path)` or `isinstance(x, (str, Path))`: a question whose answer is the kind of a source."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"):
+        return False
+    kinds = node.args[1] if len(node.args) == 2 else None
+    names = kinds.elts if isinstance(kinds, ast.Tuple) else [kinds]
+    return any(isinstance(n, ast.Name) and n.id == "Path" for n in names)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=IDS)
+def test_what_a_source_is_is_decided_once(path):
+    """Repo or path is decided in `source/opening.py` alone: the engine and verify hold a `Source` and never ask
+    what it is (no isinstance of a Path, no import of a kind of source outside source/)."""
+    name = path.relative_to(PACKAGE).as_posix()
+    tree = ast.parse(path.read_text())
+    if name != "source/opening.py":
+        asked = [node.lineno for node in ast.walk(tree) if _tells_a_path_apart(node)]
+        assert not asked, f"{name}: line {asked[0]} asks whether something is a Path; take a Source (source/base.py)"
+    if _wing(path) != "source":
+        kinds = sorted(_imports(path) & SOURCE_KINDS)
+        assert not kinds, f"{name}: imports {kinds[0]}; open SRC with source.opening.open_source and use the Source"
+
+
 def _module_graph() -> dict[str, set[str]]:
     """Each module of fp8q (dotted) -> the fp8q modules it imports, at any level (in a function, for type checking):
     a circle through any of them makes the two modules one. The package's lazy API and __main__ are left out."""
