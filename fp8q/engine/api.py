@@ -3,8 +3,8 @@ plan_conversion over the one engine (run.py), which reads -> transforms -> write
 their plan, whose jobs say what happens to each tensor (keep: copied file to file; quantize; dequantize; requantize:
 dequantize, then quantize).
 
-Imports: events, plan.planner (the Plan type), source (base, opening), verification, output.writer (--dry-run's checks),
-engine (options, planning; run once a conversion runs).
+Imports: events, plan.planner (the Plan type), source (base, opening), verification, output.writer (OUT as a run takes
+it), engine (options, planning, destinations; finish for --dry-run's names; run once a conversion runs).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fp8q.engine.destinations import destinations, run_fingerprint
 from fp8q.engine.options import Mode, Options, Push, QuantizeOptions, worker_count
 from fp8q.engine.planning import plan_conversion, plan_summary, refusal
 from fp8q.events import EventCallback, Report
@@ -30,21 +31,25 @@ class Preflight:
 
 
 def preflight(src: str | Path, out: str | Path | None, options: Options, mode: Mode) -> Preflight:
-    """Check a run without making it: SRC read and planned (a Hub repo not in the cache: its headers alone), OUT
-    checked as a run checks it, and with --push-to-hub the token and the repo asked (`check_push_target`).
+    """Check a run without making it: SRC read and planned (a Hub repo not in the cache: its headers alone), and
+    every destination checked as a run checks it, changing nothing: OUT, and with --push-to-hub the token and the
+    repo (what a run would do to it, in words).
 
     Raises:
         Fp8qError: what the run would refuse before planning (SRC, OUT, the repo), in one line.
     """
-    from fp8q.engine.run import check_push_target
-    from fp8q.output.writer import check_output, output_path
+    from fp8q.engine.finish import output_names
+    from fp8q.output.writer import output_path
 
     source = open_source(src, options.revision)
     plan = plan_conversion(source, replace(options, revision=None), mode)
-    if out is not None:
-        check_output(source.path, output_path(Path(out)), options.overwrite)
-    target = check_push_target(options, source, plan, mode) if options.push is not None else None
-    return Preflight(plan, target)
+    fp = run_fingerprint(plan, source, options, mode)
+    names = output_names(plan, options.model_card)
+    targets = destinations(source, output_path(Path(out)) if out is not None else None, options, fp)
+    for target in targets:
+        target.check(names)
+    outlooks = [words for target in targets if (words := target.outlook(names))]
+    return Preflight(plan, outlooks[0] if outlooks else None)
 
 
 def quantize(

@@ -16,12 +16,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from fp8q import errors
 from fp8q.errors import Stopped
+
+T = TypeVar("T")
 
 _FAILED = "fp8q/failed"
 _BYTES = "fp8q/bytes"
@@ -105,9 +107,10 @@ class Cluster:
         dist.all_gather_object(items, item)
         return items
 
-    def broadcast(self, item: Any) -> Any:
+    def broadcast(self, item: T) -> T:
         """Rank 0's `item` on every process."""
-        return self.gather(item)[0]
+        first: T = self.gather(item)[0]
+        return first
 
     def agree(self, error: BaseException | None) -> None:
         """Raise, on every process, the error of the first process that failed (if any did).

@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fp8q.errors import CheckpointError
 from fp8q.events import EventCallback, Step
+from fp8q.output.destination import Destination
 from fp8q.output.manifest import Progress, write_manifest
 from fp8q.output.model_card import CARD_FILE, CardInput, front_matter
 from fp8q.output.model_card import render as render_card
-from fp8q.output.writer import MANIFEST_FILE, copy_file, finalize, remove_tree, write_json, write_text
+from fp8q.output.writer import MANIFEST_FILE, copy_file, remove_tree, write_json, write_text
 from fp8q.plan.checks import is_moe_plan, unservable_reason
 from fp8q.plan.fp8_source import source_layouts
 from fp8q.plan.planner import Plan
@@ -30,7 +31,6 @@ from fp8q.version import __version__
 
 if TYPE_CHECKING:
     from fp8q.engine.options import Mode, Options
-    from fp8q.output.publish import Published, Publisher
 
 # What a tokenizer ships as (transformers' AutoTokenizer finds one of these).
 TOKENIZER_FILE = re.compile(r"tokenizer(_config)?\.json|tokenizer\.model|vocab\.json|.*\.tiktoken")
@@ -47,7 +47,7 @@ class Prepared:
     fingerprint: dict[str, Any]
     reused: dict[str, Any]  # the finished shards of an interrupted run that this one keeps (--resume)
     source_card: str | None  # the source's README.md (rank 0's), for the model card
-    publisher: Publisher | None = None  # --push-to-hub: the repo, checked; uploads and the one commit
+    destinations: list[Destination] = field(default_factory=list)  # OUT, the Hub repo: checked, in commit order
     keep: bool = True  # OUT was given: the output stays on local disk (else only the Hub keeps it)
     up_to_date: bool = False  # every target holds this very output already: nothing is done
 
@@ -60,11 +60,11 @@ def finish(
     timings: dict[str, Any],
     stop: threading.Event,
     emit: EventCallback,
-) -> tuple[list[str], dict[str, str], Published | None]:
-    """Write what goes beside the shards, publish (--push-to-hub: one commit of every file) and make OUT (or, with
-    no OUT, delete the staging folder); returns what the quantized values tell (run_findings), every file of the
-    output but fp8q.json with its sha256, and the commit. `stop` (a signal) ends a wait on the Hub's commit; `emit` says
-    the commit as it starts (a `Step`).
+) -> tuple[list[str], dict[str, str]]:
+    """Write what goes beside the shards, and commit the output to each destination (--push-to-hub: one commit of
+    every file; OUT: the work folder renamed), or, with no OUT, delete the staging folder; returns what the quantized
+    values tell (run_findings, after what the destinations noted), and every file of the output but fp8q.json with its
+    sha256. `stop` (a signal) ends a wait on the Hub's commit; `emit` says the commit as it starts (a `Step`).
 
     Raises:
         OSError: writing a file or the final rename failed (OUT.partial/ keeps its records for --resume).
@@ -72,35 +72,22 @@ def finish(
     """
     from fp8q.plan.checks import run_findings
 
-    plan, out, partial, publisher = ready.plan, ready.out, ready.partial, ready.publisher
+    plan, out, partial = ready.plan, ready.out, ready.partial
     done = progress.done()
-    if publisher is not None:
-        publisher.adopt(progress.uploads(), done)  # the shards the other processes uploaded (under torchrun)
     stats = {name: st for entry in done.values() for name, st in entry["tensors"].items()}
     card = card_input(plan, ready.source, out, options, mode, stats, ready.source_card) if options.model_card else None
     said = [card.base_model_note] if card is not None and card.base_model_note else []
     write_metadata_files(plan, partial, card)
     files = write_manifest(partial, ready.fingerprint, done, timings)
-    published = None
-    if publisher is not None:
-        push = options.push
-        assert push is not None
-        message = push.commit_message or f"fp8q {mode.value}: {plan.layout.describe() if plan.layout else 'bf16'}"
-        emit(Step(f"committing {len(files) + 1} files to {publisher.where}"))
-        published = publisher.commit(partial, [*files, MANIFEST_FILE], message, stop)
-        said += publisher.notes
-        if not ready.keep:
-            remove_tree(partial)  # the staging folder: everything in it is on the Hub now
-            return [*said, *run_findings(stats, plan.n_copied)], files, published
-    # The run's records leave OUT.partial/ just before it becomes OUT, and come back if that fails.
-    aside = progress.set_aside()
-    try:
-        finalize(partial, out, options.overwrite)
-    except BaseException:
-        progress.put_back(aside)
-        raise
-    remove_tree(aside)
-    return [*said, *run_findings(stats, plan.n_copied)], files, published
+    message = f"fp8q {mode.value}: {plan.layout.describe() if plan.layout else 'bf16'}"
+    if options.push is not None and options.push.commit_message:
+        message = options.push.commit_message
+    for destination in ready.destinations:
+        destination.commit(partial, [*files, MANIFEST_FILE], progress, message, stop, lambda words: emit(Step(words)))
+        said += destination.notes
+    if not ready.keep:
+        remove_tree(partial)  # the staging folder: everything in it is on the Hub now
+    return [*said, *run_findings(stats, plan.n_copied)], files
 
 
 def output_names(plan: Plan, model_card: bool) -> set[str]:

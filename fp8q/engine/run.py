@@ -3,16 +3,19 @@
 OUT. Under torchrun every process runs it and the cluster is asked twice: once all have prepared, once all have
 converted their share of the shards.
 
-Imports: version, dtypes, errors, events, engine (options, planning, devices, distributed, finish, stages, stalls,
-writing), output, plan, source. Lifecycle of `run(src, out, options, mode)`:
+Imports: version, dtypes, errors, events, engine (options, planning, destinations, devices, distributed, finish, stages,
+stalls, writing), output, plan, source. Lifecycle of `run(src, out, options, mode)`:
 
-    prepare     open_source(src)           a local path; a Hub repo id from the cache, or streamed: side files
-                                           and shard headers now, each shard downloaded as the reader nears it
+    prepare     open_source(src)           a Source: a local path; a Hub repo id from the cache, or streamed: side
+                                           files and shard headers now, each shard downloaded as the reader nears it
                 plan_conversion            headers + index, validated; every output name, dtype, shape, offset
-                check_output, free space   nothing written yet; under torchrun, rank 0 only
-                OUT.partial/, locked       (+ --resume: keep the recorded shards that still hash the same)
-    convert     stages.run_plan            reader, quantization and writer threads, this process's shards
-    finish      (rank 0, once all agree)   index, config.json, side files, model card, fp8q.json; rename to OUT
+                destinations: check        OUT, the Hub repo: nothing changed; under torchrun, rank 0 only
+                OUT.partial/, locked       (+ --resume: keep the recorded shards that still hash the same); free
+                                           space; then each destination opened (a missing repo created)
+    convert     stages.run_plan            reader, quantization and writer threads, this process's shards, each
+                                           finished one put to the destinations (uploaded); then drained
+    finish      (rank 0, once all agree)   index, config.json, side files, model card, fp8q.json; each destination's
+                                           commit (one Hub commit; the rename to OUT)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fp8q.dtypes import config_name
+from fp8q.engine.destinations import ON_DISK_FOR_UPLOAD, destinations, run_fingerprint
 from fp8q.engine.devices import resolve_device
 from fp8q.engine.distributed import Cluster, Watcher, assign
 from fp8q.engine.finish import Prepared, finish, metadata_sizes, output_names, source_card
@@ -49,11 +53,11 @@ from fp8q.events import (
     TensorDone,
     UploadStarted,
 )
-from fp8q.output.manifest import Progress, fingerprint, holds_output, reusable_shards
+from fp8q.output.destination import Destination
+from fp8q.output.manifest import Progress, reusable_shards
 from fp8q.output.writer import (
     STAGING_DIR,
     check_free_space,
-    check_output,
     lock_partial,
     output_path,
     partial_dir,
@@ -67,7 +71,7 @@ from fp8q.source.opening import open_source
 from fp8q.version import __version__
 
 if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
-    from fp8q.output.publish import Published, Publisher
+    pass
 
 
 def run(
@@ -87,7 +91,7 @@ def run(
             target = Path(out) if out is not None else options.push.staging_out()  # type: ignore[union-attr]
             ready = prepare(src, target, options, mode, cluster, cleanup, keep=out is not None)
             if ready.up_to_date:
-                return _report(ready, options, mode, device, started, None, [], {}, None)
+                return _report(ready, options, mode, device, started, None, [], {})
             progress = Progress(ready.partial, ready.fingerprint, cluster.rank)
             stop = threading.Event()
             with _stop_on_signals(stop) as caught:
@@ -97,7 +101,6 @@ def run(
                 )
                 findings: list[str] = []
                 files_out: dict[str, str] = {}
-                published: Published | None = None
                 try:
                     cluster.agree(_interrupted(caught) if caught else failure)  # every process succeeded
                     if lead:
@@ -111,12 +114,12 @@ def run(
                             },
                         }
                         try:
-                            findings, files_out, published = finish(ready, options, mode, progress, timings, stop, emit)
+                            findings, files_out = finish(ready, options, mode, progress, timings, stop, emit)
                         except OSError as e:
                             raise write_error(ready.partial, e) from None
                 except BaseException as e:
                     raise (_failed(e, caught, ready.partial, progress) if lead else e) from None
-            return _report(ready, options, mode, device, started, files, findings, files_out, published, stalls)
+            return _report(ready, options, mode, device, started, files, findings, files_out, stalls)
     finally:
         cluster.close()
 
@@ -124,9 +127,9 @@ def run(
 def prepare(
     src: str | Path, out: Path, options: Options, mode: Mode, cluster: Cluster, cleanup: ExitStack, keep: bool = True
 ) -> Prepared:
-    """Open SRC, plan, check OUT and the disk (and the Hub repo to publish to), set up and lock OUT.partial/ (rank
-    0); every process then agrees, so that all fail alike before any data is read. `keep`: OUT was given (else the
-    output goes to the Hub only, and each shard is deleted once uploaded).
+    """Open SRC, plan, check the destinations (OUT, the Hub repo to publish to) and the disk, set up and lock
+    OUT.partial/ (rank 0); every process then agrees, so that all fail alike before any data is read. `keep`: OUT was
+    given (else the output goes to the Hub only, and each shard is deleted once uploaded).
 
     Raises:
         Fp8qError: SRC, the options or OUT cannot make a servable output, in one line.
@@ -144,35 +147,29 @@ def prepare(
         if plan.problems:
             raise Fp8qError(refusal(plan.problems))
         card = source_card(plan) if options.model_card and lead else None
-        fp = _fingerprint(plan, source, options, mode)
+        fp = run_fingerprint(plan, source, options, mode)
         reused: dict[str, Any] = {}
-        publisher = None
-        if options.push is not None:
-            # Under torchrun every process uploads the shards it makes; rank 0 checks the repo and commits them all.
-            # Checked here without changing anything on the Hub; the repo is created once OUT.partial/ is set up.
-            publisher = _publisher(options, source, keep, check=lead, fp=fp)
-            cleanup.callback(publisher.close)
-        # Every target already holds this very output (a CI job run again): nothing to read, write or push.
+        # Under torchrun every process uploads the shards it makes; rank 0 checks the repo and commits them all.
+        # Checked here changing nothing (a repo is created once OUT.partial/ is set up), each of them: any may refuse.
+        targets = destinations(source, out if keep else None, options, fp)
+        for target in targets:
+            cleanup.callback(target.close)
         names = output_names(plan, options.model_card)
-        up_to_date = lead and not options.resume and _held(out, fp, names, publisher, keep)
+        held = [target.check(names) for target in targets] if lead else []
+        # Every destination holds this very output already (a CI job run again): nothing to read, write or push.
+        up_to_date = lead and not options.resume and all(held)
         if lead and not up_to_date:
-            reused, lock = _prepare_partial(plan, source, out, partial, fp, options, publisher, keep, cluster.world)
+            reused, lock = _prepare_partial(plan, source, out, partial, fp, options, targets, keep, cluster.world)
             cleanup.callback(os.close, lock)  # releases OUT.partial/ (renamed to OUT by then if all went well)
-        ready = Prepared(source, out, partial, plan, fp, reused, card, publisher, keep, up_to_date)
+        ready = Prepared(source, out, partial, plan, fp, reused, card, targets, keep, up_to_date)
     except Exception as e:  # noqa: BLE001 - handed to every process, then raised
         error = e
     cluster.agree(error)
     assert ready is not None
-    if ready.publisher is not None and not cluster.is_single:
-        ready.publisher.branch_exists = cluster.broadcast(ready.publisher.branch_exists)  # as rank 0 found it
+    if not cluster.is_single:
+        for target in ready.destinations:
+            target.settle(cluster.broadcast)  # what rank 0's check found
     return replace(ready, reused=cluster.broadcast(ready.reused), up_to_date=cluster.broadcast(ready.up_to_date))
-
-
-def _held(out: Path, fp: dict[str, Any], names: set[str], publisher: Publisher | None, keep: bool) -> bool:
-    """Whether every target of the run holds the output it would make (the files `names` and fp8q.json): OUT (if
-    given) and the repo (--push-to-hub), each by its fp8q.json, for a source whose origin fixes its bytes."""
-    in_repo = publisher is None or (publisher.up_to_date and publisher.listed == names)
-    return (not keep or holds_output(out, fp, names)) and in_repo
 
 
 def convert(
@@ -200,25 +197,21 @@ def convert(
     staging = ready.partial / f"{STAGING_DIR}-{cluster.rank}"  # where this process downloads a streamed repo's shards
     files = _shard_files(ready.source, [s.name for s in plan.shards if s.name not in skip], options, emit, staging)
     cleanup.callback(files.close)  # stops downloading and deletes what was downloaded, if not done below
-    publisher = ready.publisher
-    if publisher is not None:
+    if any(target.sends for target in ready.destinations):
         uploads = [s for s in plan.shards if s.name not in skip and s.name not in ready.reused]
         emit(UploadStarted(sum(s.size for s in uploads), len(uploads)))
-        publisher.on_uploaded = lambda name, nbytes: emit(ShardUploaded(name, nbytes))
     workers = worker_count(options.workers, cluster.local_world)
     failure: BaseException | None = None
     try:
         run_emit = emit if cluster.is_single else _count_bytes(cluster)
         with Watcher(cluster, stop, (lambda n: emit(TensorDone("", n))) if cluster.rank == 0 else None):
-            outlet = Outlet(progress, ready.publisher)
+            outlet = Outlet(progress, ready.destinations, lambda name, nbytes: emit(ShardUploaded(name, nbytes)))
             run_plan(
                 plan, ready.partial, device, workers, run_emit, stop, outlet, skip, files, options.load_check, stalls
             )
             stalls.from_now_on()  # the loop is done: what is left is waiting
-            if publisher is not None:
-                if pending := publisher.pending():
-                    emit(Step(f"uploading the last {pending} shard(s) to {publisher.repo_id}"))
-                publisher.finish_uploads(stop)  # this process's shards are up (or it failed) before all agree
+            for target in ready.destinations:  # this process's shards are up (or it failed) before all agree
+                target.drain(stop, lambda words: emit(Step(words)))
     except BaseException as e:
         failure = e
         cluster.mark_failed()
@@ -236,15 +229,13 @@ def _report(
     files: ShardFiles | None,
     findings: list[str],
     written: dict[str, str],
-    published: Published | None,
     stalls: Stalls | None = None,
 ) -> Report:
-    """What the run did (`files` None: nothing, every target holding the output already)."""
+    """What the run did (`files` None: nothing, every destination holding the output already)."""
     plan = ready.plan
-    if ready.up_to_date and ready.publisher is not None:
-        published = ready.publisher.held()
+    published = next((target.published for target in ready.destinations if target.published), None)
     # Waits on the Hub (downloads, uploads, the commit): the loop's stalls meanwhile are its time waiting on it.
-    network = (files.waits if files is not None else []) + (ready.publisher.waits if ready.publisher else [])
+    network = (files.waits if files is not None else []) + [w for target in ready.destinations for w in target.waits]
     layout = None
     if plan.layout is not None:
         block = plan.layout.block
@@ -257,7 +248,7 @@ def _report(
     return Report(
         out=str(ready.out) if ready.keep else "",
         pushed=asdict(published) if published is not None else None,
-        bytes_uploaded=ready.publisher.bytes_uploaded if ready.publisher else 0,
+        bytes_uploaded=sum(target.bytes_sent for target in ready.destinations),
         version=__version__,
         command=mode.value,
         layout=layout,
@@ -283,60 +274,6 @@ def _report(
     )
 
 
-def _publisher(options: Options, source: Source, keep: bool, check: bool, fp: dict[str, Any]) -> Publisher:
-    """The Hub repo to publish to, checked (token, write access, what it holds) by one process (`check`), changing
-    nothing on the Hub yet: a repo that does not exist is created by `_prepare_partial`, once every local check
-    passed, so that a run refused here leaves the Hub as it was."""
-    from fp8q.output.publish import Publisher
-
-    push = options.push
-    assert push is not None
-    if not is_model_id(push.repo_id):
-        raise UsageError(f"--push-to-hub {push.repo_id!r}: expected a Hub repo id, ORG/NAME")
-    publisher = Publisher(
-        push.repo_id,
-        push.revision,
-        create_pr=push.create_pr,
-        private=push.private,
-        overwrite=options.overwrite,
-        source_repo=source.repo.id if source.repo else None,
-        room=None if keep else ON_DISK_FOR_UPLOAD,
-        fingerprint=fp,
-    )
-    if check:
-        publisher.check(create=False)
-    return publisher
-
-
-def check_push_target(options: Options, source: Source, plan: Plan, mode: Mode) -> str:
-    """--dry-run --push-to-hub: the checks a run makes of the repo before anything is converted, changing nothing on
-    the Hub (a repo that does not exist is not created); returns what a run would do to it, in a line.
-
-    Raises:
-        OutputError, UsageError: in one line, as the run would (a refusal).
-    """
-    publisher = _publisher(options, source, keep=True, check=True, fp=_fingerprint(plan, source, options, mode))
-    repo = publisher.repo_id
-    if publisher.missing:
-        return f"{repo} does not exist: a run creates it and commits the output to it"
-    if publisher.up_to_date and publisher.listed == output_names(plan, options.model_card):
-        return f"up to date: {repo}@{publisher.parent} holds this output: a run changes nothing"
-    where = (
-        f"a pull request against {publisher.revision}" if publisher.create_pr else f"one commit on {publisher.revision}"
-    )
-    what = "replaces the fp8q output it holds" if publisher.ours else "publishes the output"
-    return f"{repo}: a run {what} in {where}"
-
-
-def _fingerprint(plan: Plan, source: Source, options: Options, mode: Mode) -> dict[str, Any]:
-    """What makes this run's output: what --resume and a repo's fp8q.json are compared with."""
-    return fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__, source.origin)
-
-
-# --push-to-hub with no OUT: output shards on local disk at once (the one being written, the one uploading).
-ON_DISK_FOR_UPLOAD = 2
-
-
 def _prepare_partial(
     plan: Plan,
     source: Source,
@@ -344,14 +281,13 @@ def _prepare_partial(
     partial: Path,
     fp: dict[str, Any],
     options: Options,
-    publisher: Publisher | None = None,
+    targets: list[Destination],
     keep: bool = True,
     processes: int = 1,
 ) -> tuple[dict[str, Any], int]:
-    """Check OUT and the disk, and set up and lock OUT.partial/; returns the shards a resumed run keeps (with a
-    publisher, also those an earlier run uploaded and deleted, if the Hub still holds them) and the descriptor that
+    """Check the disk, set up and lock OUT.partial/, and open the destinations; returns the shards a resumed run
+    keeps (also those an earlier run sent and deleted, if every destination still holds them) and the descriptor that
     holds the lock (closed when the run ends)."""
-    check_output(source.path, out, options.overwrite)
     source_stat = [shard.input.stat_record() for shard in plan.shards]
     try:
         partial.mkdir(parents=True)
@@ -368,33 +304,20 @@ def _prepare_partial(
                 raise OutputError(
                     f"{partial}: left by an interrupted run; pass --resume to continue it, or delete it to start over"
                 )
-            held: set[str] = set()
-            if publisher is not None:
-                from fp8q.output.publish import Uploaded
-
-                # An upload counts only for the shard as last made: a shard made again after its upload (its source
-                # changed in place, say) has a done record of another sha256, and is sent again.
-                records = Progress(partial, fp)
-                done = records.done()
-                recorded = {
-                    name: Uploaded(**entry)
-                    for name, entry in records.uploads().items()
-                    if name in done and done[name]["sha256"] == entry["sha256"]
-                }
-                held = publisher.confirmed(recorded)
+            # A shard deleted once sent is kept only if every destination holds it (OUT holds none before its rename).
+            records = Progress(partial, fp)
+            held = set.intersection(*(target.resume(records) for target in targets))
             reused = reusable_shards(partial, fp, source_stat, held)
-            if publisher is not None:
-                publisher.uploaded = {name: recorded[name] for name in held if name in reused}
             for staging in partial.glob(f"{STAGING_DIR}-*"):  # downloads a killed run left (the lock is ours)
                 remove_tree(staging)
         shards = [s.size for s in plan.shards if s.name not in reused]
-        if publisher is not None and not keep:  # each shard deleted once uploaded, by each process
+        if not keep:  # the Hub alone takes the output: each shard deleted once uploaded, by each process
             shards = sorted(shards)[-ON_DISK_FOR_UPLOAD * processes :]
         download = _download_space(source, reused, partial, options.keep_download)
         check_free_space(out, shards + metadata_sizes(plan), download)
         Progress(partial, fp).start(source_stat)
-        if publisher is not None:
-            publisher.create()  # if it does not exist: every local check has passed
+        for target in targets:
+            target.open()  # every local check has passed: a repo that does not exist is created now
     except BaseException:
         os.close(lock)
         if fresh:

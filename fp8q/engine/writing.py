@@ -20,9 +20,9 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fp8q.engine.buffers import (
     Item,
@@ -37,6 +37,7 @@ from fp8q.events import EventCallback, TensorDone
 from fp8q.layouts import numerics
 from fp8q.layouts.base import Layout
 from fp8q.layouts.numerics import NonFiniteWeight
+from fp8q.output.destination import Destination
 from fp8q.output.manifest import FileHasher, Progress
 from fp8q.output.writer import ShardFile
 from fp8q.plan.checks import MAX_REL_ERROR
@@ -45,33 +46,35 @@ from fp8q.source.base import ShardFiles
 from fp8q.source.checkpoint import changed_since_read
 from fp8q.source.reader import open_shard
 
-if TYPE_CHECKING:  # imported only for --push-to-hub: it brings huggingface_hub
-    from fp8q.output.publish import Publisher
-
 
 @dataclass
 class Outlet:
-    """Where finished shards go: recorded for --resume, then (--push-to-hub) uploaded. With a publisher that
-    deletes each shard once it is up, `room` holds back the opening of a shard while too many wait on disk."""
+    """Where finished shards go: recorded for --resume, then put to each destination (uploaded, for a Hub repo; its
+    arrival recorded too, and told to `on_sent`). A destination that deletes each shard once it is up holds back the
+    opening of a shard while too many wait on disk (`room`)."""
 
     progress: Progress
-    publisher: Publisher | None = None
+    destinations: list[Destination] = field(default_factory=list)
+    on_sent: Callable[[str, int], None] = lambda name, nbytes: None  # from a destination's upload thread
 
     def room(self, stop: threading.Event) -> None:
-        if self.publisher is not None:
-            self.publisher.wait_for_room(stop)
+        for destination in self.destinations:
+            destination.room(stop)
 
     def lost(self) -> None:
         """A shard that could not be finished (its flush failed): its room is free again, so that the writer is not
         held and reaches the failure."""
-        if self.publisher is not None:
-            self.publisher.release()
+        for destination in self.destinations:
+            destination.lost()
 
     def finished(self, name: str, path: Path, sha256: str, stats: dict[str, Any]) -> None:
         self.progress.record(name, sha256, stats)
-        if self.publisher is not None:
-            record = self.progress.record_upload
-            self.publisher.upload(name, path, sha256, lambda shard, up: record(shard, asdict(up)))
+        for destination in self.destinations:
+            destination.put(name, path, sha256, self._delivered)
+
+    def _delivered(self, name: str, record: dict[str, Any]) -> None:
+        self.progress.record_upload(name, record)
+        self.on_sent(name, int(record["size"]))
 
 
 @dataclass

@@ -2,12 +2,13 @@
 converted, each finished shard uploaded while the next converts (and, with no OUT, deleted once it is up), and every
 file committed at the end in one commit, so the repo shows nothing of the run until it is complete.
 
-Imports: errors, output.manifest (what makes two outputs the same), source.network (a bound on every request), httpx
-(what the client raises once its own retries are spent: not OSErrors), huggingface_hub (the Hub's own client: Xet
-where hf_xet is installed and HF_HUB_DISABLE_XET unset, else classic LFS; HF_ENDPOINT, HF_TOKEN and the cache settings
-as everywhere). Uploads go through `preupload_lfs_files`, which stores the bytes but commits nothing; `create_commit`
-then names every file at once. A shard's sha256 is the one fp8q computed while writing it, handed to the client
-(`UploadInfo`; both paths use a known one instead of hashing again), so the client reads each shard once, to send it."""
+Imports: errors, output.destination (the protocol it meets), output.manifest (what makes two outputs the same),
+source.network (a bound on every request), httpx (what the client raises once its own retries are spent: not OSErrors),
+huggingface_hub (the Hub's own client: Xet where hf_xet is installed and HF_HUB_DISABLE_XET unset, else classic LFS;
+HF_ENDPOINT, HF_TOKEN and the cache settings as everywhere). Uploads go through `preupload_lfs_files`, which stores the
+bytes but commits nothing; `create_commit` then names every file at once. A shard's sha256 is the one fp8q computed
+while writing it, handed to the client (`UploadInfo`; both paths use a known one instead of hashing again), so the
+client reads each shard once, to send it."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 from huggingface_hub.utils._runtime import is_xet_available
 
 from fp8q.errors import OutputError, Stopped, UsageError
-from fp8q.output.manifest import same_output
+from fp8q.output.destination import Broadcast, Delivered, Published, Say
+from fp8q.output.manifest import Progress, same_output
 from fp8q.source.network import bound_requests, no_answer
 
 SAMPLE_BYTES = 512  # what the Hub is shown of a file to choose how it is stored (UploadInfo.sample)
@@ -70,17 +71,6 @@ class Uploaded:
         if held:
             op._upload_mode, op._is_uploaded = "lfs", True
         return op
-
-
-@dataclass(frozen=True)
-class Published:
-    """The one commit a run made: the --json result's `pushed`, field for field."""
-
-    repo_id: str
-    revision: str
-    commit: str
-    url: str
-    pr_url: str | None
 
 
 def _cause(error: BaseException) -> tuple[int | None, str]:
@@ -118,9 +108,10 @@ def _hub_error(repo_id: str, what: str, error: Exception) -> OutputError:
 
 
 class Publisher:
-    """The repo an output goes to. `check` before anything is converted; `upload` each finished shard (on a thread
-    of its own, one at a time, in order); `commit` once at the end. With `room` set (no OUT: shards are deleted
-    once uploaded) at most that many finished or open shards wait on local disk: `wait_for_room` holds the writer."""
+    """The Hub repo an output goes to, a Destination (output.destination): `check` before anything is converted;
+    `put` each finished shard (uploaded on a thread of its own, one at a time, in order); `commit` once at the end.
+    With `room` set (no OUT: shards are deleted once uploaded) at most that many finished or open shards wait on
+    local disk: `room` holds the writer."""
 
     def __init__(
         self,
@@ -161,22 +152,51 @@ class Publisher:
         self.kept: list[str] = []  # files the commit left as they were: fp8q did not write them
         self.missing = False  # `check(create=False)` found no such repo: `create` makes it
         self.uploaded: dict[str, Uploaded] = {}
-        self.bytes_uploaded = 0
-        self.on_uploaded: Callable[[str, int], None] = lambda name, nbytes: None  # from the upload thread
+        self.bytes_sent = 0
+        self.published: Published | None = None  # the commit that holds the output: made, or found (`check`)
         # Waits on the Hub (perf_counter intervals): uploads holding the disk, the last uploads, the commit.
         self.waits: list[tuple[float, float]] = []
         self._room = room
         self._on_disk = 0
         self._changed = threading.Condition()
         self._failure: BaseException | None = None
-        self._queue: list[tuple[str, Path, str, Callable[[str, Uploaded], None], bool]] = []
+        self._queue: list[tuple[str, Path, str, Delivered, bool]] = []
         self._thread: threading.Thread | None = None
         self._closing = False
         self._pending = 0  # handed to `upload`, not on the Hub yet
 
     # ── before anything is converted ──
 
-    def check(self, *, create: bool = True) -> None:
+    @property
+    def sends(self) -> bool:
+        return True
+
+    def check(self, names: set[str]) -> bool:
+        """The repo checked, nothing changed on the Hub (a repo that does not exist is not created); True when it
+        holds this very output (the files `names`), every file as published."""
+        self._check_repo(create=False)
+        if self.up_to_date and self.listed == names:
+            assert self.parent is not None
+            url = f"{self.api.endpoint}/{self.repo_id}/commit/{self.parent}"
+            self.published = Published(self.repo_id, self.revision, self.parent, url, None)
+            return True
+        return False
+
+    def outlook(self, names: set[str]) -> str | None:
+        """What a run would do to the repo, in a line (--dry-run, once checked)."""
+        if self.missing:
+            return f"{self.repo_id} does not exist: a run creates it and commits the output to it"
+        if self.published is not None:
+            return f"up to date: {self.repo_id}@{self.parent} holds this output: a run changes nothing"
+        where = f"a pull request against {self.revision}" if self.create_pr else f"one commit on {self.revision}"
+        what = "replaces the fp8q output it holds" if self.ours else "publishes the output"
+        return f"{self.repo_id}: a run {what} in {where}"
+
+    def settle(self, broadcast: Broadcast) -> None:
+        """Under torchrun: whether the branch exists, as rank 0 found it (uploads are checked against it)."""
+        self.branch_exists = broadcast(self.branch_exists)
+
+    def _check_repo(self, *, create: bool) -> None:
         """Refuse, in one line, what would fail later: no usable token, a token that cannot write, the source as
         the target, a target holding files fp8q did not publish (or did, without --overwrite). `create` False
         (--dry-run): change nothing on the Hub; a repo that does not exist yet is only checked to be in a
@@ -295,16 +315,10 @@ class Publisher:
         body = _FRONT_MATTER.sub("", text, count=1)
         return all(not line.strip() or line.lstrip().startswith("#") for line in body.splitlines())
 
-    def held(self) -> Published:
-        """The commit that holds this run's output already (`up_to_date`), as a commit the run made is reported."""
-        assert self.parent is not None
-        url = f"{self.api.endpoint}/{self.repo_id}/commit/{self.parent}"
-        return Published(self.repo_id, self.revision, self.parent, url, None)
-
-    def create(self) -> None:
+    def open(self) -> None:
         """The repo `check` found missing, created now (and checked as a run checks an existing one)."""
         if self.missing:
-            self.check()
+            self._check_repo(create=True)
             self.missing = False
 
     def _manifest(self) -> dict[str, Any] | None:
@@ -321,11 +335,24 @@ class Publisher:
         """Whether the repo's fp8q.json says it holds what this run makes: same fp8q version, options and source."""
         return self.fingerprint is not None and same_output(manifest, self.fingerprint)
 
-    def confirmed(self, recorded: dict[str, Uploaded]) -> set[str]:
-        """Which shards an earlier run uploaded the Hub still holds (it offers no upload for them). Over Xet, none:
-        the client never asks the LFS batch endpoint there, and what it answers of objects uploaded by Xet is not
-        the Xet store's word. A shard still on disk is then committed from it (its chunks, in the store already, are
-        not sent again: the commit is the check), and one deleted after its upload is made again."""
+    def resume(self, progress: Progress) -> set[str]:
+        """Which shards an earlier run uploaded (its records) the Hub still holds (it offers no upload for them);
+        they are committed as uploaded. An upload counts only for the shard as last made: a shard made again after
+        its upload (its source changed in place, say) has a done record of another sha256, and is sent again. Over
+        Xet, none: the client never asks the LFS batch endpoint there, and what it answers of objects uploaded by Xet
+        is not the Xet store's word. A shard still on disk is then committed from it (its chunks, in the store
+        already, are not sent again: the commit is the check), and one deleted after its upload is made again."""
+        done = progress.done()
+        recorded = {
+            name: Uploaded(**entry)
+            for name, entry in progress.uploads().items()
+            if name in done and done[name]["sha256"] == entry["sha256"]
+        }
+        held = self._confirmed(recorded)
+        self.uploaded = {name: recorded[name] for name in held}
+        return held
+
+    def _confirmed(self, recorded: dict[str, Uploaded]) -> set[str]:
         if not recorded or self.xet:
             return set()
         infos = {
@@ -339,7 +366,7 @@ class Publisher:
         missing = {a["oid"] for a in actions if a.get("actions")} | {e.get("oid") for e in errors}
         return {name for name, u in recorded.items() if u.sha256 not in missing}
 
-    def adopt(self, recorded: dict[str, dict[str, Any]], done: dict[str, Any]) -> None:
+    def _adopt(self, recorded: dict[str, dict[str, Any]], done: dict[str, Any]) -> None:
         """Shards other processes of this run uploaded (their records, under torchrun): committed with the rest.
         Each commit entry carries the object's sha256 and size, so the Hub's copy is used, whoever uploaded it. A
         record counts only for the shard as last made (`done`, the shards' records): an upload of an earlier
@@ -349,11 +376,11 @@ class Publisher:
                 continue
             if name not in self.uploaded or self.uploaded[name].sha256 != entry["sha256"]:
                 self.uploaded[name] = Uploaded(**entry)
-                self.bytes_uploaded += int(entry["size"])
+                self.bytes_sent += int(entry["size"])
 
     # ── while converting ──
 
-    def wait_for_room(self, stop: threading.Event) -> None:
+    def room(self, stop: threading.Event) -> None:
         """Hold the caller while `room` shards are on local disk (open, or finished and not uploaded yet)."""
         with self._changed:
             since = time.perf_counter()
@@ -370,19 +397,19 @@ class Publisher:
         """The revision uploads are checked against: the branch, or main until a missing branch is made."""
         return self.revision if self.branch_exists else None
 
-    def release(self) -> None:
+    def lost(self) -> None:
         """A shard given room will not be uploaded (it could not be finished): its room is free again."""
         with self._changed:
             if self._room is not None:
                 self._on_disk -= 1
             self._changed.notify_all()
 
-    def upload(self, name: str, path: Path, sha256: str, record: Callable[[str, Uploaded], None]) -> None:
-        """Upload a finished shard on the upload thread; once the Hub has it, `record` it (for --resume) and, with
-        room bounded (no OUT), delete the local file."""
+    def put(self, name: str, path: Path, sha256: str, delivered: Delivered) -> None:
+        """Upload a finished shard on the upload thread; once the Hub has it, tell `delivered` its record (for
+        --resume) and, with room bounded (no OUT), delete the local file."""
         with self._changed:
             self._raise_if_failed()
-            self._queue.append((name, path, sha256, record, self._room is not None))
+            self._queue.append((name, path, sha256, delivered, self._room is not None))
             self._pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._uploads, name="fp8q-upload", daemon=True)
@@ -396,7 +423,7 @@ class Publisher:
                     self._changed.wait()
                 if not self._queue:
                     return
-                name, path, sha256, record, delete = self._queue.pop(0)
+                name, path, sha256, delivered, delete = self._queue.pop(0)
             try:
                 size = path.stat().st_size
                 with open(path, "rb") as f:
@@ -406,7 +433,7 @@ class Publisher:
                 self.api.preupload_lfs_files(self.repo_id, [op], revision=self._target(), create_pr=self.create_pr)
                 if op._upload_mode != "lfs":  # the repo's .gitattributes, say: it would go in the commit, not now
                     raise OutputError(f"the Hub stores {name} as a regular file, not LFS (the repo's .gitattributes?)")
-                record(name, done)
+                delivered(name, asdict(done))
                 if delete:
                     os.unlink(path)
             except BaseException as e:  # noqa: BLE001 - the run's failure, raised in the writer or at the end
@@ -417,25 +444,24 @@ class Publisher:
                 return
             with self._changed:
                 self.uploaded[name] = done
-                self.bytes_uploaded += size
+                self.bytes_sent += size
                 self._pending -= 1
                 if delete:
                     self._on_disk -= 1
                 self._changed.notify_all()
-            self.on_uploaded(name, size)
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
             raise self._failure
 
-    def pending(self) -> int:
-        """Shards handed to `upload` that are not on the Hub yet (the one being sent included)."""
+    def drain(self, stop: threading.Event, say: Say) -> None:
+        """Wait for every upload (with OUT, conversion may be far ahead of them), said if any is left; raise the
+        first failure (OutputError naming the shard), or Stopped once `stop` is set (SIGINT, SIGTERM: the run ends
+        now)."""
         with self._changed:
-            return self._pending
-
-    def finish_uploads(self, stop: threading.Event) -> None:
-        """Wait for every upload (with OUT, conversion may be far ahead of them); raise the first failure
-        (OutputError naming the shard), or Stopped once `stop` is set (SIGINT, SIGTERM: the run ends now)."""
+            pending = self._pending  # handed to `put`, not on the Hub yet (the one being sent included)
+        if pending:
+            say(f"uploading the last {pending} shard(s) to {self.repo_id}")
         since = time.perf_counter()
         with self._changed:
             self._closing = True
@@ -458,24 +484,28 @@ class Publisher:
 
     # ── at the end ──
 
-    def commit(self, folder: Path, files: list[str], message: str, stop: threading.Event | None = None) -> Published:
-        """One commit of every file of the output (shards uploaded already, the rest from `folder`), replacing
-        what the repo held (--overwrite); nothing of the run is visible before it. The request runs on a thread of
-        its own, so that a signal (`stop`) ends the wait for a Hub that does not answer.
+    def commit(
+        self, folder: Path, names: list[str], progress: Progress, message: str, stop: threading.Event, say: Say
+    ) -> None:
+        """One commit of every file of the output (shards uploaded already, by any process, the rest from
+        `folder`), replacing what the repo held (--overwrite); nothing of the run is visible before it. The request
+        runs on a thread of its own, so that a signal (`stop`) ends the wait for a Hub that does not answer.
 
         Raises:
             OutputError: the Hub refused it (the one line says to run again with --resume), or did not answer.
             Stopped: `stop` was set while the commit was under way (its words say it may have landed).
         """
+        self._adopt(progress.uploads(), progress.done())  # the shards the other processes uploaded (under torchrun)
+        say(f"committing {len(names)} files to {self.where}")
         ops: list[CommitOperationAdd | CommitOperationDelete] = []
-        for name in files:
+        for name in names:
             if name in self.uploaded:
                 ops.append(self.uploaded[name].operation(name, folder / name, held=True))
             else:
                 ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)))
-                self.bytes_uploaded += (folder / name).stat().st_size
+                self.bytes_sent += (folder / name).stat().st_size
         # Only what fp8q wrote there before goes (or is replaced); what a person added stays, said in a note.
-        new = set(files)
+        new = set(names)
         replaced = set(self.changed) & new if self.overwrite else set()  # changed since, and --overwrite says so
         theirs = sorted(set(self.existing) & new - self.ours - replaced - ({CARD} if self.stub_card else set()))
         if theirs and not self.create_pr:
@@ -529,7 +559,7 @@ class Publisher:
         since = time.perf_counter()
         sender.start()
         while sender.is_alive():
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 raise Stopped(f"while the commit to {self._where()} was under way: it may have landed; {self._check()}")
             sender.join(0.1)
         self.waits.append((since, time.perf_counter()))
@@ -537,7 +567,7 @@ class Publisher:
         if isinstance(info, BaseException):
             raise self._commit_error(info) from None
         self._check_committed(info.oid, [op for op in ops if isinstance(op, CommitOperationAdd)], set(self.kept))
-        return Published(self.repo_id, self.revision, info.oid, info.commit_url, info.pr_url)
+        self.published = Published(self.repo_id, self.revision, info.oid, info.commit_url, info.pr_url)
 
     def _where(self) -> str:
         return f"{self.repo_id} ({'a pull request on ' if self.create_pr else ''}{self.revision})"

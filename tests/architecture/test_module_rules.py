@@ -231,6 +231,17 @@ def test_what_a_source_is_is_decided_once(path):
         assert not kinds, f"{name}: imports {kinds[0]}; open SRC with source.opening.open_source and use the Source"
 
 
+@pytest.mark.parametrize("path", MODULES, ids=IDS)
+def test_what_a_destination_is_is_decided_once(path):
+    """The run holds a list of Destinations (output/destination.py): only engine/destinations.py, which makes them
+    from the options, names a kind of them; the engine drives them all alike."""
+    name = path.relative_to(PACKAGE).as_posix()
+    if _wing(path) == "engine" and name != "engine/destinations.py":
+        assert "fp8q.output.publish" not in _imports(path), f"{name}: imports output.publish; use the Destination"
+        named = {node.id for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Name)}
+        assert not named & {"Publisher", "OutFolder"}, f"{name}: names a kind of destination; use the Destination"
+
+
 def _module_graph() -> dict[str, set[str]]:
     """Each module of fp8q (dotted) -> the fp8q modules it imports, at any level (in a function, for type checking):
     a circle through any of them makes the two modules one. The package's lazy API and __main__ are left out."""
