@@ -1,8 +1,8 @@
 """Runs the numerics on a device: CPU worker threads over cache-sized row chunks, or CUDA streams.
 
-Imports: torch, errors, layouts (base, numerics), models.experts (Part). Both give the same bits: the CPU path splits a
-tensor into row ranges whose results do not depend on the split (see numerics), the CUDA path runs the same ops on the
-whole tensor at once.
+Imports: torch, errors, layouts (base, kernels, numerics), models.experts (Part). Both give the same bits: the CPU path
+splits a tensor into row ranges whose results do not depend on the split (see numerics), the CUDA path runs the same ops
+on the whole tensor at once.
 
 A quantizer's `start` returns a `Quantized`: on the CPU it is done when returned; on a GPU it is a promise (upload,
 quantization, statistics and download queued on three streams), kept by `wait()`, which the writer thread
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from fp8q.errors import UsageError
-from fp8q.layouts import numerics
+from fp8q.layouts import kernels, numerics
 from fp8q.layouts.base import Layout
 from fp8q.models.experts import Part
 
@@ -53,7 +53,7 @@ class Quantized:
             self.pending()
             self.pending, self.keep = None, ()
             if not numerics.scale_is_finite(self.s):
-                raise numerics.NonFiniteWeight("holds NaN or inf values")
+                raise kernels.NonFiniteWeight("holds NaN or inf values")
 
     def stats(self) -> dict[str, float | int | bool]:
         return numerics.error_stats(self.sums.tolist())

@@ -47,7 +47,7 @@ from fp8q.errors import CheckpointError, Stopped, read_error
 from fp8q.events import EventCallback
 from fp8q.layouts import default
 from fp8q.layouts.detect import QuantizedWeight, value_problem
-from fp8q.layouts.numerics import FP8, FP8_MAX, NonFiniteWeight
+from fp8q.layouts.kernels import FP8, FP8_MAX, NonFiniteWeight
 from fp8q.plan.planner import Action, Job, Plan
 from fp8q.source.base import ShardFiles
 from fp8q.source.reader import READ_AHEAD, ReadAhead, ShardReader, open_shard, read_tensor

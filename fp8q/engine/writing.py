@@ -36,7 +36,7 @@ from fp8q.errors import CheckpointError, Stopped, write_error
 from fp8q.events import EventCallback, TensorDone
 from fp8q.layouts import numerics
 from fp8q.layouts.base import Layout
-from fp8q.layouts.numerics import NonFiniteWeight
+from fp8q.layouts.kernels import NonFiniteWeight
 from fp8q.output.destination import Destination
 from fp8q.output.manifest import FileHasher, Progress
 from fp8q.output.writer import ShardFile

@@ -4,7 +4,8 @@ registry for one (`find`) and then asks the codec.
 
     vocabulary.py          --scheme, --format, --scale-format words (no torch: the CLI reads them)
     base.py                the codec base class and the registry
-    numerics.py            FP8 kernels several layouts share, and the generic steps that call into a codec
+    kernels.py             the kernels the codecs compute with (amax, amax / 448, powers of two, tiles)
+    numerics.py            the generic steps that call into a codec; the arithmetic verify checks values with
     clients.py             what an engine does with a layout: the types of each codec's cells
     granularity.py         per-tensor and per-tile scales, shared (and vLLM's tensor-parallel rules for tiles)
     compressed_tensors.py  what the compressed-tensors layouts share (config, client arithmetic, scale rules)

@@ -30,6 +30,19 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Band:
+    """Rows [r0, r1) of a weight as a codec quantizes them, in one value: the source rows, the FP8 codes they become
+    (a view of the weight's), the scale rows they use (`Layout.scale_rows`, a view of the weight's scale tensor),
+    where they start, and a per-tensor layout's one scale (None for the others)."""
+
+    rows: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+    r0: int
+    tensor_scale: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class Layout:
     """One FP8 layout, as a codec. Instances are values: two equal layouts write the same bytes."""
 
@@ -116,25 +129,17 @@ class Layout:
         Raises:
             NonFiniteWeight: NaN or inf in these rows (on the CPU).
         """
-        x = w[r0:r1]
-        if x.numel() == 0:
-            self._empty_rows(s, r0, r1, tensor_scale)
+        band = Band(w[r0:r1], q[r0:r1], s[self.scale_rows(r0, r1)], r0, tensor_scale)
+        if band.rows.numel() == 0:
+            self._empty_rows(band)
         else:
-            self._quantize_band(x, q[r0:r1], s, r0, r1, tensor_scale)
+            self._quantize_band(band)
 
-    def _empty_rows(self, s: torch.Tensor, r0: int, r1: int, tensor_scale: torch.Tensor | None) -> None:
-        if s.numel():
-            s[self.scale_rows(r0, r1)] = 1
+    def _empty_rows(self, band: Band) -> None:
+        band.scales.fill_(1)
 
-    def _quantize_band(
-        self,
-        x: torch.Tensor,
-        q: torch.Tensor,
-        s: torch.Tensor,
-        r0: int,
-        r1: int,
-        tensor_scale: torch.Tensor | None,
-    ) -> None:
+    def _quantize_band(self, band: Band) -> None:
+        """The codec's own kernel: `band.rows` into `band.codes`, their scales into `band.scales`."""
         raise NotImplementedError
 
     def decode_scale(self, scale: torch.Tensor) -> torch.Tensor:

@@ -2,21 +2,25 @@
 `model_free_ptq` writes it), the client's arithmetic (compressed-tensors' `dequantize`: q times the scale, in the
 scale's dtype), the rules for scale names and dtypes, and how its config is read back (config groups, `ignore`).
 
-Imports: torch, layouts (base, numerics, vocabulary), source.checkpoint (types, for type checking), compressed-tensors
-(optional, to validate a config read back).
+Imports: torch, layouts (base, inputs, kernels, vocabulary), models.linear, source.checkpoint (types, for type
+checking), compressed-tensors (optional, to validate a config read back).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from fp8q.layouts.base import Layout
-from fp8q.layouts.numerics import over_fp8_max
+from fp8q.layouts.inputs import ConfigReading, InputLayout
+from fp8q.layouts.kernels import over_fp8_max
 from fp8q.layouts.vocabulary import Format
+from fp8q.models.linear import is_linear_weight
 
 if TYPE_CHECKING:
     from fp8q.source.checkpoint import TensorMeta
@@ -128,6 +132,41 @@ class CompressedTensorsLayout(Layout):
         return "transformers loads it with the `compressed-tensors` package installed:"
 
     # ── the family's config, read back ──
+
+    @classmethod
+    def read_config(cls, qc: Mapping[str, Any], codecs: list[type[Layout]]) -> ConfigReading:
+        """Each config group's rule (its targets and the layout of the first codec, in `codecs`' order, its weight
+        arguments describe), in compressed-tensors' order: a module takes the first group whose targets match it;
+        the groups whose weights no codec reads (INT4 `pack-quantized`, say) in words."""
+        rules: list[tuple[tuple[str, ...], Layout | None]] = []
+        unread: list[str] = []
+        groups = qc.get("config_groups") or {}
+        for name, group in groups.items() if isinstance(groups, dict) else ():
+            if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+                continue
+            args = group["weights"]
+            # The FP8 codecs read a group's strategy only, so a group of other widths is for the input codecs alone.
+            tried = codecs if args.get("num_bits", 8) == 8 else [c for c in codecs if issubclass(c, InputLayout)]
+            layout = next((found for c in tried if (found := c.from_args(args)) is not None), None)  # type: ignore[attr-defined]
+            rules.append((tuple(group.get("targets") or ()), layout))
+            if layout is None:
+                fmt = group.get("format") or qc.get("format") or "?"
+                unread.append(f"{name} ({fmt}, {args.get('num_bits')}-bit {args.get('type')})")
+
+        def expected(meta: TensorMeta) -> Layout | None:
+            # A packed weight (`X.weight_packed`, U8) is targeted as the Linear weight it decodes to.
+            if meta.name.rpartition(".")[2] != "weight":
+                meta = replace(meta, name=f"{meta.module}.weight", dtype="BF16")
+            return next((layout for targets, layout in rules if cls.targeted(meta, targets)), None)
+
+        targets = tuple(t for rule_targets, _ in rules for t in rule_targets)
+        return ConfigReading(expected, (), tuple(qc.get("ignore") or ()), targets, tuple(unread))
+
+    @staticmethod
+    def targeted(meta: TensorMeta, targets: tuple[str, ...]) -> bool:
+        """Whether a config group's targets take this weight: the class target `Linear` every Linear (from the
+        files alone: every 2-D non-embedding weight), else a module name or `re:` pattern."""
+        return any(is_linear_weight(meta) if t == "Linear" else match_name(meta.module, t) for t in targets)
 
     @staticmethod
     def ignores(module: str, patterns: tuple[str, ...]) -> bool:

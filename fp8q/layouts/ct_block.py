@@ -1,7 +1,7 @@
 """compressed-tensors block (llm-compressor's FP8_BLOCK): one `weight_scale` per tile, `[ceil(out/bh),
 ceil(in/bw)]` in the weight's dtype; activations quantized per group of `bw` at run time.
 
-Imports: torch, layouts (base, clients, compressed_tensors, fp8, granularity, numerics, vocabulary).
+Imports: layouts (base, clients, compressed_tensors, fp8, granularity, kernels, vocabulary).
 
 Numerics (llm-compressor `model_free_ptq`): per zero-padded tile amax, scale = amax / 448 and q = x / scale, in
 the weight's own dtype; a zero scale becomes that dtype's eps.
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from fp8q.layouts.base import Layout, register
+from fp8q.layouts.base import Band, Layout, register
 from fp8q.layouts.clients import Cell, Evidence, Outcome
 from fp8q.layouts.compressed_tensors import CompressedTensorsLayout, ct_scale, quant_args
 from fp8q.layouts.fp8 import pair_of_ints
 from fp8q.layouts.granularity import DEFAULT_BLOCK, Tiled
-from fp8q.layouts.numerics import abs_max, check_finite, tiles
+from fp8q.layouts.kernels import abs_max, check_finite, tiles
 from fp8q.layouts.vocabulary import ScaleFormat, Scheme
 
 _WHOLE_DIMS = "dims that are multiples of the block only"
@@ -61,21 +59,13 @@ class CtBlock(Tiled, CompressedTensorsLayout):
         blocks = [expected.block] if isinstance(expected, CtBlock) else []
         return [cls(block=b) for b in [*blocks, DEFAULT_BLOCK]]
 
-    def _quantize_band(
-        self,
-        x: torch.Tensor,
-        q: torch.Tensor,
-        s: torch.Tensor,
-        r0: int,
-        r1: int,
-        tensor_scale: torch.Tensor | None,
-    ) -> None:
-        rows, cols = x.shape
-        cut, (bh, bw) = tiles(x, self.block)
+    def _quantize_band(self, band: Band) -> None:
+        rows, cols = band.rows.shape
+        cut, (bh, bw) = tiles(band.rows, self.block)
         amax = abs_max(cut, dim=(1, 3))
         check_finite(amax)
         scale = ct_scale(amax)
         quantized = cut / scale
         nbr, nbc = cut.shape[0], cut.shape[2]
-        q.copy_(quantized.view(nbr * bh, nbc * bw)[:rows, :cols])
-        s[self.scale_rows(r0, r1)].copy_(scale.view(nbr, nbc))
+        band.codes.copy_(quantized.view(nbr * bh, nbc * bw)[:rows, :cols])
+        band.scales.copy_(scale.view(nbr, nbc))

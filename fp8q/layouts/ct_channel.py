@@ -1,7 +1,7 @@
 """compressed-tensors per-channel (llm-compressor's FP8_DYNAMIC): one `weight_scale` per output row, `[out, 1]` in
 the weight's dtype; activations quantized per token at run time.
 
-Imports: torch, layouts (base, clients, compressed_tensors, numerics, vocabulary).
+Imports: torch, layouts (base, clients, compressed_tensors, kernels, vocabulary).
 
 Numerics (llm-compressor `model_free_ptq`): per row amax, scale = amax / 448 and q = x / scale, all in the
 weight's own dtype; a zero scale becomes that dtype's eps.
@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from fp8q.layouts.base import Layout, register
+from fp8q.layouts.base import Band, Layout, register
 from fp8q.layouts.clients import Cell, Evidence, Outcome
 from fp8q.layouts.compressed_tensors import CompressedTensorsLayout, ct_scale, quant_args
-from fp8q.layouts.numerics import abs_max, check_finite
+from fp8q.layouts.kernels import abs_max, check_finite
 from fp8q.layouts.vocabulary import Scheme
 
 
@@ -44,17 +44,9 @@ class CtChannel(CompressedTensorsLayout):
     def broadcast(self, scale: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         return scale.reshape(-1, 1)
 
-    def _quantize_band(
-        self,
-        x: torch.Tensor,
-        q: torch.Tensor,
-        s: torch.Tensor,
-        r0: int,
-        r1: int,
-        tensor_scale: torch.Tensor | None,
-    ) -> None:
-        amax = abs_max(x, dim=1)
+    def _quantize_band(self, band: Band) -> None:
+        amax = abs_max(band.rows, dim=1)
         check_finite(amax)
         scale = ct_scale(amax)
-        q.copy_(x / scale)
-        s[r0:r1] = scale
+        band.codes.copy_(band.rows / scale)
+        band.scales.copy_(scale)

@@ -2,7 +2,7 @@
 the input dim, each scale a power of two stored as its E8M0 exponent in one byte (`weight_scale` `[out, in/32]`
 uint8); activations in groups of 32 at run time.
 
-Imports: torch, layouts (base, clients, compressed_tensors, numerics, vocabulary).
+Imports: torch, layouts (base, clients, compressed_tensors, kernels, vocabulary).
 
 Numerics (compressed-tensors `calculate_qparams` with an E8M0 uint8 scale): per group, in the weight's dtype:
 amax rounded to a power of two (up when its mantissa is at least 0.75), exponent - 8 (the e4m3 largest power of
@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from fp8q.layouts.base import Layout, register
+from fp8q.layouts.base import Band, Layout, register
 from fp8q.layouts.clients import Cell, Evidence, Outcome
 from fp8q.layouts.compressed_tensors import CompressedTensorsLayout, quant_args
-from fp8q.layouts.numerics import FP8_MAX, abs_max, check_finite, log2_of_pow2, pow2
+from fp8q.layouts.kernels import FP8_MAX, abs_max, check_finite, log2_of_pow2, pow2
 from fp8q.layouts.vocabulary import Scheme
 
 MX_GROUP = 32
@@ -124,21 +124,13 @@ class CtMx(CompressedTensorsLayout):
     def scales_text(self) -> str:
         return f"`{self.scale_suffix}`, {self.granularity()}"
 
-    def _quantize_band(
-        self,
-        x: torch.Tensor,
-        q: torch.Tensor,
-        s: torch.Tensor,
-        r0: int,
-        r1: int,
-        tensor_scale: torch.Tensor | None,
-    ) -> None:
-        groups = x.unflatten(-1, (-1, MX_GROUP))
+    def _quantize_band(self, band: Band) -> None:
+        groups = band.rows.unflatten(-1, (-1, MX_GROUP))
         amax = abs_max(groups, dim=-1, keepdim=False)
         check_finite(amax)
-        scale = pow2(mx_exponent(amax) - 127).to(x.dtype)
+        scale = pow2(mx_exponent(amax) - 127).to(band.rows.dtype)
         # compressed-tensors' zero guard for uint8 scales is 1: only a float16 scale that underflowed meets it.
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         # Dividing by a power of two is exact; the clamp only bites where a guarded scale of 1 left big values.
-        q.copy_((groups / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).flatten(-2))
-        s[r0:r1].copy_((127 + log2_of_pow2(scale)).to(torch.uint8))
+        band.codes.copy_((groups / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).flatten(-2))
+        band.scales.copy_((127 + log2_of_pow2(scale)).to(torch.uint8))

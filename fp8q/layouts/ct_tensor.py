@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fp8q.layouts.base import Layout, register
+from fp8q.layouts.base import Band, Layout, register
 from fp8q.layouts.clients import Cell, Evidence, Outcome
 from fp8q.layouts.compressed_tensors import CompressedTensorsLayout, ct_scale, quant_args
 from fp8q.layouts.granularity import PerTensor
@@ -51,16 +51,8 @@ class CtTensor(PerTensor, CompressedTensorsLayout):
     def tensor_scale(self, amax: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         return None if amax is None else ct_scale(amax.to(dtype))
 
-    def _quantize_band(
-        self,
-        x: torch.Tensor,
-        q: torch.Tensor,
-        s: torch.Tensor,
-        r0: int,
-        r1: int,
-        tensor_scale: torch.Tensor | None,
-    ) -> None:
-        assert tensor_scale is not None
-        q.copy_(x / tensor_scale)
-        if r0 == 0:
-            s.copy_(tensor_scale.reshape(s.shape))
+    def _quantize_band(self, band: Band) -> None:
+        assert band.tensor_scale is not None
+        band.codes.copy_(band.rows / band.tensor_scale)
+        if band.r0 == 0:
+            band.scales.copy_(band.tensor_scale.reshape(band.scales.shape))

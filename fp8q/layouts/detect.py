@@ -1,10 +1,10 @@
 """Recognize the FP8 layout of an existing checkpoint, weight by weight, from its config and headers alone.
 
 Imports: torch, errors, dtypes, layouts (the registry's find), layouts (base, compressed_tensors, fp8, numerics,
-vocabulary), models.linear, source.checkpoint (types). Used by `verify` and `dequantize`, which read checkpoints fp8q
-did not write (llm-compressor, AutoFP8, DeepSeek's own release), so nothing here assumes fp8q's conventions: every FP8
-`X.weight` is paired with `X.weight_scale` or `X.weight_scale_inv` through the tensor map (the scale may sit in another
-shard), and its layout is read off the scale's shape, checked against what the `quantization_config` promises:
+vocabulary), source.checkpoint (types). Used by `verify` and `dequantize`, which read checkpoints fp8q did not write
+(llm-compressor, AutoFP8, DeepSeek's own release), so nothing here assumes fp8q's conventions: every FP8 `X.weight` is
+paired with `X.weight_scale` or `X.weight_scale_inv` through the tensor map (the scale may sit in another shard), and
+its layout is read off the scale's shape, checked against what the `quantization_config` promises:
 
 - compressed-tensors: scale `[1]` or 0-d (tensor), `[out, 1]` (channel), `[ceil(out/bh), ceil(in/bw)]` (block,
   `block_structure` from the config group; a `group` strategy is a block of `1 x group_size`).
@@ -19,7 +19,7 @@ problem at once while `dequantize` refuses on the first.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,9 +33,13 @@ from fp8q.layouts.fp8 import Fp8Layout
 from fp8q.layouts.inputs import InputLayout
 from fp8q.layouts.numerics import float_scale_problem, nan_codes
 from fp8q.layouts.vocabulary import Format
-from fp8q.models.linear import is_linear_weight
 from fp8q.source.checkpoint import TensorMeta
 
+# Each format's family base: it reads the format's config (`read_config`) and its ignore list (`ignores`).
+FAMILIES: dict[Format, type[CompressedTensorsLayout] | type[Fp8Layout]] = {
+    Format.COMPRESSED_TENSORS: CompressedTensorsLayout,
+    Format.FP8: Fp8Layout,
+}
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
 # Tensors that only exist for quantization besides the weight scales: static activation scales, zero points
 # (never needed for symmetric FP8, but some tools write them), and the KV-cache scales.
@@ -122,7 +126,7 @@ class DetectedLayout:
     @property
     def family(self) -> type[CompressedTensorsLayout] | type[Fp8Layout]:
         """What the checkpoint's format says: its config's rules, its ignore list's matching."""
-        return CompressedTensorsLayout if self.format is Format.COMPRESSED_TENSORS else Fp8Layout
+        return FAMILIES[self.format]
 
     def is_ignored(self, module: str) -> bool:
         """Whether the config leaves this module unquantized."""
@@ -130,11 +134,7 @@ class DetectedLayout:
 
     def is_targeted(self, meta: TensorMeta) -> bool:
         """Whether the config asks for this tensor's module to be quantized (before `ignore`)."""
-        if not self.quantization_config:
-            return False  # no config, no promise
-        if self.format is Format.FP8:
-            return is_linear_weight(meta)
-        return any(_targets(meta, t) for t in self.targets)
+        return bool(self.quantization_config) and self.family.targeted(meta, self.targets)  # no config, no promise
 
 
 def layout_words(layout: Layout | None) -> str:
@@ -163,19 +163,13 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
     """
     qc = quantization_config(config) or {}
     fmt = _format(qc, tensors)
-    rules, unread = _ct_rules(qc) if fmt is Format.COMPRESSED_TENSORS else ([], [])
-    expected_fp8 = _fp8_expected(qc) if fmt is Format.FP8 else None
-    claimed = _claimed(qc) if fmt is Format.FP8 else []
+    reading = FAMILIES[fmt].read_config(qc, readers(fmt))  # what the config says, as its family reads it
     weights: list[QuantizedWeight] = []
     used: set[str] = set()
     for meta in tensors.values():
         suffix = meta.name.rpartition(".")[2]
-        expected = expected_fp8
-        if fmt is Format.COMPRESSED_TENSORS:
-            # A packed weight (`X.weight_packed`, U8) is targeted as the Linear weight it decodes to.
-            probe = meta if suffix == "weight" else replace(meta, name=f"{meta.module}.weight", dtype="BF16")
-            expected = _ct_expected(probe, rules)
-        inputs = [expected] if isinstance(expected, InputLayout) else claimed
+        expected = reading.expected(meta)
+        inputs = [expected] if isinstance(expected, InputLayout) else list(reading.claimed)
         codec = next((c for c in inputs if c.is_packed(meta, tensors)), None)
         if codec is not None:
             qw = _pair_packed(meta, tensors, codec)
@@ -186,11 +180,7 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
         used.update(s.name for s in (qw.scale, qw.second) if s is not None)
         weights.append(qw)
     extras = tuple(m for m in tensors.values() if m.name not in used and m.name.rpartition(".")[2] in QUANTIZATION_ONLY)
-    ignore = qc.get("ignore") if fmt is Format.COMPRESSED_TENSORS else qc.get("ignored_layers")
-    if fmt is Format.FP8 and not ignore:  # transformers' name, then ModelOpt's
-        ignore = qc.get("modules_to_not_convert") or qc.get("exclude_modules") or qc.get("ignore")
-    targets = tuple(t for rule in rules for t in rule[0])
-    return DetectedLayout(fmt, dict(qc), tuple(weights), extras, tuple(ignore or ()), targets, tuple(unread))
+    return DetectedLayout(fmt, dict(qc), tuple(weights), extras, reading.ignore, reading.targets, reading.unread)
 
 
 def _format(qc: Mapping[str, Any], tensors: Mapping[str, TensorMeta]) -> Format:
@@ -213,64 +203,6 @@ def _format(qc: Mapping[str, Any], tensors: Mapping[str, TensorMeta]) -> Format:
     if any(m.name.endswith("_inv") for m in scales) or (scales and all(m.shape == () for m in scales)):
         return Format.FP8
     return Format.COMPRESSED_TENSORS
-
-
-# A compressed-tensors config group, reduced to what decides a weight's scale: (targets, expected layout).
-_Rule = tuple[tuple[str, ...], Layout | None]
-
-
-def _ct_rules(qc: Mapping[str, Any]) -> tuple[list[_Rule], list[str]]:
-    """Each config group's rule, and the groups whose weights no codec reads (INT4 `pack-quantized`, say) in words:
-    `group_0 (pack-quantized, 4-bit int)`."""
-    rules: list[_Rule] = []
-    unread: list[str] = []
-    groups = qc.get("config_groups") or {}
-    for name, group in groups.items() if isinstance(groups, dict) else ():
-        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
-            continue
-        args = group["weights"]
-        # The first codec, in their order, whose layout the group's weight arguments describe.
-        layout = next((found for cls in _group_codecs(args) if (found := cls.from_args(args)) is not None), None)  # type: ignore[attr-defined]
-        rules.append((tuple(group.get("targets") or ()), layout))
-        if layout is None:
-            fmt = group.get("format") or qc.get("format") or "?"
-            unread.append(f"{name} ({fmt}, {args.get('num_bits')}-bit {args.get('type')})")
-    return rules, unread
-
-
-def _group_codecs(args: Mapping[str, Any]) -> list[type[Layout]]:
-    """The codecs a config group's weight arguments are tried against: the FP8 codecs read their strategy only, so
-    a group of other widths is for the input codecs alone."""
-    codecs = readers(Format.COMPRESSED_TENSORS)
-    return codecs if args.get("num_bits", 8) == 8 else [c for c in codecs if issubclass(c, InputLayout)]
-
-
-def _ct_expected(meta: TensorMeta, rules: list[_Rule]) -> Layout | None:
-    # compressed-tensors gives a module the first group whose targets match it.
-    for targets, layout in rules:
-        if any(_targets(meta, t) for t in targets):
-            return layout
-    return None
-
-
-def _targets(meta: TensorMeta, target: str) -> bool:
-    if target == "Linear":
-        # The class target: every Linear, which from the files alone means every 2-D non-embedding weight.
-        return is_linear_weight(meta)
-    return match_name(meta.module, target)
-
-
-def _fp8_expected(qc: Mapping[str, Any]) -> Layout | None:
-    """vLLM reads a missing `weight_block_size` as per-tensor, transformers as 128x128: then the scale decides."""
-    codecs = of_format(Format.FP8)
-    return next((found for cls in codecs if (found := cls.from_config(dict(qc))) is not None), None)  # type: ignore[attr-defined]
-
-
-def _claimed(qc: Mapping[str, Any]) -> list[InputLayout]:
-    """The input codecs a config of the fp8 family (fp8, modelopt, mxfp4) may hold weights in, each found by the
-    codec's own reading of it; which tensors are theirs their names and dtypes then tell (`is_packed`)."""
-    found = (cls.from_config(dict(qc)) for cls in readers(Format.FP8) if issubclass(cls, InputLayout))
-    return [codec for codec in found if codec is not None]
 
 
 def _pair(meta: TensorMeta, tensors: Mapping[str, TensorMeta], fmt: Format, expected: Layout | None) -> QuantizedWeight:

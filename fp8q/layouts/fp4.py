@@ -2,7 +2,7 @@
 checkpoint in such a layout is read back and decoded. fp8q reads these layouts (dequantize, convert); it writes none
 (inputs.py).
 
-Imports: torch, layouts (base, inputs, numerics), source.checkpoint (types).
+Imports: torch, layouts (base, inputs, kernels), source.checkpoint (types).
 
 An E2M1 nibble is a sign bit and an index into 0, 0.5, 1, 1.5, 2, 3, 4, 6; the low nibble of a byte is the even
 element along the input dimension (compressed-tensors' `unpack_fp4_from_uint8`, transformers'
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from fp8q.layouts.inputs import InputLayout
-from fp8q.layouts.numerics import pow2
+from fp8q.layouts.kernels import pow2
 
 if TYPE_CHECKING:
     from fp8q.layouts.base import Layout

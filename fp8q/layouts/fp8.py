@@ -2,13 +2,14 @@
 the client's arithmetic (q times the scale in float32: transformers' `Fp8Dequantize`, DeepSeek's `weight_dequant`),
 the rules for scale names and dtypes, and how its config is read back (`weight_block_size`, `ignored_layers`).
 
-Imports: torch, layouts (base, compressed_tensors, vocabulary), models.linear (keep_reason, when reading
-ignored_layers), source.checkpoint (types, for type checking).
+Imports: torch, layouts (base, compressed_tensors, inputs, vocabulary), models.linear, source.checkpoint (types, for
+type checking).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,7 +17,9 @@ import torch
 
 from fp8q.layouts.base import Layout
 from fp8q.layouts.compressed_tensors import match_name
+from fp8q.layouts.inputs import ConfigReading, InputLayout
 from fp8q.layouts.vocabulary import Format
+from fp8q.models.linear import is_linear_weight, keep_reason
 
 if TYPE_CHECKING:
     from fp8q.source.checkpoint import TensorMeta
@@ -70,13 +73,30 @@ class Fp8Layout(Layout):
 
     # ── the family's config, read back ──
 
+    @classmethod
+    def read_config(cls, qc: Mapping[str, Any], codecs: list[type[Layout]]) -> ConfigReading:
+        """The one layout the config promises every weight (vLLM reads a missing `weight_block_size` as per-tensor,
+        transformers as 128x128: then the scale decides), the input codecs of the family (fp8, modelopt, mxfp4)
+        its weights may be in, each found by the codec's own reading of the config (which tensors are theirs their
+        names and dtypes then tell: `is_packed`), and its ignore list under any of the names the family uses."""
+        written = [c for c in codecs if not issubclass(c, InputLayout)]
+        layout = next((found for c in written if (found := c.from_config(dict(qc))) is not None), None)  # type: ignore[attr-defined]
+        claimed = (c.from_config(dict(qc)) for c in codecs if issubclass(c, InputLayout))
+        # vLLM's name, then transformers', then ModelOpt's.
+        ignore = qc.get("ignored_layers") or qc.get("modules_to_not_convert") or qc.get("exclude_modules")
+        ignore = ignore or qc.get("ignore")
+        return ConfigReading(lambda meta: layout, tuple(c for c in claimed if c is not None), tuple(ignore or ()))
+
+    @staticmethod
+    def targeted(meta: TensorMeta, targets: tuple[str, ...]) -> bool:
+        """An fp8 config quantizes every Linear layer it does not ignore."""
+        return is_linear_weight(meta)
+
     @staticmethod
     def ignores(module: str, patterns: tuple[str, ...]) -> bool:
         """Whether `ignored_layers` leaves this module unquantized. vLLM matches them exactly, SGLang on dot
         boundaries, transformers by substring; the dot-boundary rule sits between them. lm_head and MoE routers
         are never FP8 layers in vLLM."""
-        from fp8q.models.linear import keep_reason
-
         if keep_reason(module) in ("lm_head", "router"):
             return True
         return any(match_name(module, p) or re.search(rf"(^|\.){re.escape(p)}(\.|$)", module) for p in patterns)

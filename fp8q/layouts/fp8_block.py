@@ -2,7 +2,7 @@
 `weight_block_size: [bh, bw]`; activations dynamic. With `--scale-format ue8m0` the scales are powers of two
 (DeepSeek-V3.1, DeepGEMM on Blackwell), said by `scale_fmt: ue8m0`.
 
-Imports: torch, layouts (base, clients, fp8, granularity, numerics, vocabulary).
+Imports: torch, layouts (base, clients, fp8, granularity, kernels, numerics, vocabulary).
 
 Numerics (vLLM's copy of DeepGEMM's `per_block_cast_to_fp8`): float32 amax per zero-padded tile, clamped at
 1e-4, sf = amax / 448, q = x * (1 / sf), stored float32; with ue8m0 (`use_ue8m0=True`) sf is first rounded up
@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from fp8q.layouts.base import Layout, register
+from fp8q.layouts.base import Band, Layout, register
 from fp8q.layouts.clients import Cell, Evidence, Outcome
 from fp8q.layouts.fp8 import Fp8Layout, pair_of_ints
 from fp8q.layouts.granularity import DEFAULT_BLOCK, Tiled
-from fp8q.layouts.numerics import abs_max, check_finite, float_scale_problem, over_fp8_max, pow2, tiles
+from fp8q.layouts.kernels import abs_max, check_finite, over_fp8_max, pow2, tiles
+from fp8q.layouts.numerics import float_scale_problem
 from fp8q.layouts.vocabulary import ScaleFormat, Scheme
 
 # DeepGEMM's amax floor for block scales.
@@ -102,17 +103,9 @@ class Fp8Block(Tiled, Fp8Layout):
         powers = ", powers of two (UE8M0)" if self.scale_format is ScaleFormat.UE8M0 else ""
         return f"{super().scales_text()}{powers}"
 
-    def _quantize_band(
-        self,
-        x: torch.Tensor,
-        q: torch.Tensor,
-        s: torch.Tensor,
-        r0: int,
-        r1: int,
-        tensor_scale: torch.Tensor | None,
-    ) -> None:
-        rows, cols = x.shape
-        cut, (bh, bw) = tiles(x, self.block)
+    def _quantize_band(self, band: Band) -> None:
+        rows, cols = band.rows.shape
+        cut, (bh, bw) = tiles(band.rows, self.block)
         amax = abs_max(cut, dim=(1, 3)).float()  # exact: the max of the float32 values is the same number
         check_finite(amax)
         scale = over_fp8_max(amax.clamp(min=DEEPGEMM_AMAX_FLOOR))
@@ -120,5 +113,5 @@ class Fp8Block(Tiled, Fp8Layout):
             scale = ceil_pow2_ue8m0(scale)
         quantized = cut.float() * torch.reciprocal(scale)
         nbr, nbc = cut.shape[0], cut.shape[2]
-        q.copy_(quantized.view(nbr * bh, nbc * bw)[:rows, :cols])
-        s[self.scale_rows(r0, r1)].copy_(scale.view(nbr, nbc))
+        band.codes.copy_(quantized.view(nbr * bh, nbc * bw)[:rows, :cols])
+        band.scales.copy_(scale.view(nbr, nbc))

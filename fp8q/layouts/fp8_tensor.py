@@ -1,6 +1,6 @@
 """vLLM's fp8 per-tensor layout (AutoFP8): one `weight_scale`, a float32 scalar; activations dynamic.
 
-Imports: torch, layouts (base, clients, fp8, granularity, numerics, vocabulary).
+Imports: torch, layouts (base, clients, fp8, granularity, kernels, vocabulary).
 
 Numerics (vLLM's `scaled_fp8_quant`, what vLLM computes online at start-up): float32 amax, scale = amax / 448,
 q = x * (1 / scale), stored float32: an offline checkpoint serves exactly the weights vLLM would make itself.
@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from fp8q.layouts.base import Layout, register
+from fp8q.layouts.base import Band, Layout, register
 from fp8q.layouts.clients import Cell, Evidence, Outcome
 from fp8q.layouts.fp8 import Fp8Layout
 from fp8q.layouts.granularity import PerTensor
-from fp8q.layouts.numerics import over_fp8_max
+from fp8q.layouts.kernels import over_fp8_max
 from fp8q.layouts.vocabulary import Scheme
 
 
@@ -52,16 +52,8 @@ class Fp8Tensor(PerTensor, Fp8Layout):
         # vLLM has no guard here (an all-zero weight would give NaN); any positive scale gives q = 0.
         return torch.where(scale == 0, torch.ones_like(scale), scale)
 
-    def _quantize_band(
-        self,
-        x: torch.Tensor,
-        q: torch.Tensor,
-        s: torch.Tensor,
-        r0: int,
-        r1: int,
-        tensor_scale: torch.Tensor | None,
-    ) -> None:
-        assert tensor_scale is not None
-        q.copy_(x.float() * torch.reciprocal(tensor_scale))
-        if r0 == 0:
-            s.copy_(tensor_scale.reshape(s.shape))
+    def _quantize_band(self, band: Band) -> None:
+        assert band.tensor_scale is not None
+        band.codes.copy_(band.rows.float() * torch.reciprocal(band.tensor_scale))
+        if band.r0 == 0:
+            band.scales.copy_(band.tensor_scale.reshape(band.scales.shape))

@@ -3,7 +3,7 @@ every row. Per tile (compressed-tensors block, fp8 block): one scale per tile of
 scale rows, how a scale spreads over its tile; and what decides whether vLLM loads them: whole tiles in every
 part of a merged layer, every MoE expert and every tensor-parallel shard.
 
-Imports: torch, layouts (base, numerics). vLLM shards column-parallel layers (q/k/v, gate/up, ...) along the output dim,
+Imports: torch, layouts (base, kernels). vLLM shards column-parallel layers (q/k/v, gate/up, ...) along the output dim,
 row-parallel layers (o_proj, down_proj, ...) along the input dim, and MoE experts along their intermediate dim;
 with block scales every shard must hold whole tiles (`validate_fp8_block_shape` in
 vllm/model_executor/layers/quantization/utils/fp8_utils.py, and the MoE `intermediate_size_per_partition`
@@ -21,8 +21,8 @@ from types import EllipsisType
 
 import torch
 
-from fp8q.layouts.base import Layout
-from fp8q.layouts.numerics import abs_max, check_finite, tile
+from fp8q.layouts.base import Band, Layout
+from fp8q.layouts.kernels import abs_max, check_finite, tile
 
 _ROW_PARALLEL = re.compile(r"(^|\.)(o_proj|down_proj|w2|out_proj|dense_4h_to_h|wo|fc2|c_proj)$")
 _REPLICATED = re.compile(r"(^|\.)(q_a_proj|kv_a_proj_with_mqa|[a-z_]*_a_proj)$")
@@ -53,9 +53,9 @@ class PerTensor(Layout):
     def fits_scale(self, shape: tuple[int, ...], rows: int, cols: int) -> bool:
         return shape in ((), (1,))  # vLLM and compressed-tensors load either
 
-    def _empty_rows(self, s: torch.Tensor, r0: int, r1: int, tensor_scale: torch.Tensor | None) -> None:
-        if tensor_scale is not None:
-            s.copy_(tensor_scale.reshape(s.shape))
+    def _empty_rows(self, band: Band) -> None:
+        if band.tensor_scale is not None:
+            band.scales.copy_(band.tensor_scale.reshape(band.scales.shape))
 
 
 @dataclass(frozen=True)

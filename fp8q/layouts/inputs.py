@@ -1,15 +1,17 @@
-"""The layouts fp8q reads and never writes: FP4 codes (fp4.py and the codecs built on it) and DeepSeek-V4's FP8 with
-E8M0 scales. Each is a codec of its own module that knows its tensors by name, dtype and shape (`is_packed`), where
-its scales are, the name and shape a weight has once decoded, and how to decode it as its own library does; `detect`
-finds them from the config (`from_args` for compressed-tensors groups, `from_config` for the others) without naming
-any. A new input format is a new module here, `@register_input`ed, its test and the README's row.
+"""The layouts fp8q reads and never writes, and what a config says to read (ConfigReading): FP4 codes (fp4.py and the
+codecs built on it) and DeepSeek-V4's FP8 with E8M0 scales. Each is a codec of its own module that knows its tensors
+by name, dtype and shape (`is_packed`), where its scales are, the name and shape a weight has once decoded, and how
+to decode it as its own library does; `detect` finds them from the config (`from_args` for compressed-tensors groups,
+`from_config` for the others) without naming any. A new input format is a new module here, `@register_input`ed, its
+test and the README's row.
 
 Imports: torch, layouts.base, source.checkpoint (types).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -18,6 +20,20 @@ from fp8q.layouts.base import Layout
 
 if TYPE_CHECKING:
     from fp8q.source.checkpoint import TensorMeta
+
+
+@dataclass(frozen=True)
+class ConfigReading:
+    """A checkpoint's quantization_config as its format's family reads it (`read_config` of CompressedTensorsLayout
+    and Fp8Layout), once: the layout it promises a weight (`expected`), the input codecs whose weights tell
+    themselves apart by name and dtype (`claimed`), what it leaves unquantized, what it targets, and its groups that
+    no codec reads, in words."""
+
+    expected: Callable[[TensorMeta], Layout | None]
+    claimed: tuple[InputLayout, ...] = ()
+    ignore: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    unread: tuple[str, ...] = ()
 
 
 class InputLayout(Layout):
