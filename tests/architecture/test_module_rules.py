@@ -283,8 +283,8 @@ def test_no_two_modules_import_each_other_by_any_path():
 
 
 def test_the_tests_mirror_the_wings():
-    """tests/<wing>/ for each wing of the package, beside e2e/ (whole runs, review rounds), architecture/ (these
-    rules) and support/ (the factories, the stand-in Hub, the reference code); no test file loose in tests/."""
+    """tests/<wing>/ for each wing of the package, beside e2e/ (whole runs against real libraries), architecture/
+    (these rules) and support/ (the factories, the stand-in Hub, the reference code); no test file loose in tests/."""
     tests = PACKAGE.parent / "tests"
     folders = {p.name for p in tests.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert folders == WINGS | {"e2e", "architecture", "support"}, sorted(folders)

@@ -421,8 +421,8 @@ def _convert(tmp_path: Path, arch: str, **options: object) -> tuple[Path, Path, 
         "model-00002-of-00002.safetensors": {n: tensors[n] for n in names[half:]},
     }
     src = write_shards(tmp_path / "src", shards, config=config)
-    # No engine loads gpt-oss's FP8 experts, so fp8q refuses them by default (tests/e2e/test_hostile.py); the rules and
-    # the split are checked here all the same.
+    # No engine loads gpt-oss's FP8 experts, so fp8q refuses them by default (tests/plan/test_load_check.py); the rules
+    # and the split are checked here all the same.
     options.setdefault("load_check", config.get("model_type") != "gpt_oss")
     quantize(src, tmp_path / "out", QuantizeOptions(device="cpu", **options))
     return src, tmp_path / "out", config, tensors, kept

@@ -23,10 +23,10 @@ from fp8q.errors import CheckpointError, UsageError
 from fp8q.layouts import find
 from fp8q.layouts.numerics import quantize as quantize_tensor
 from fp8q.verification import verify
-from tests.e2e.test_claims import _peak_rss_kib
 from tests.engine.test_resume import killed_after
 from tests.support.factories import as_bytes, assert_same_tensors, load_all, tiny_llama, tiny_qwen3_moe
 from tests.support.references import llmcompressor_quantize, vllm_per_block
+from tests.support.runs import _peak_rss_kib
 
 # name -> options: every layout fp8q writes.
 LAYOUTS = {
@@ -133,7 +133,7 @@ def test_convert_command_and_resume_after_kill(sources, tmp_path):
 
 
 def test_convert_memory_does_not_grow_with_the_model(tmp_path):
-    from tests.e2e.test_claims import _layers
+    from tests.support.runs import _layers
 
     rss = {}
     for layers in (4, 16):

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import fp8q.engine.stages as stages
 from fp8q import QuantizeOptions, quantize
 from fp8q.errors import OutputError
 from fp8q.output.manifest import DONE_DIR, Progress
 from tests.support.factories import add_side_files, write_shards
+from tests.support.runs import _cli, _refused, _source
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -256,3 +258,59 @@ def test_two_runs_are_identical_and_manifest_is_complete(tmp_path):
     assert stats["shape"] == [768, 1024] and 0 < stats["scale_min"] <= stats["scale_max"]
     assert 0 < stats["rel_error"] < 0.05 and stats["max_abs_error"] > 0
     assert "seconds" in manifest["timings"]
+
+
+def test_resume_refuses_another_fp8q_version(tmp_path):
+    from fp8q.errors import OutputError
+
+    src = _source(tmp_path / "src", shards=3)
+    killed_after(src, tmp_path / "out", 1)
+    record = tmp_path / "out.partial" / ".fp8q-run.json"
+    run = json.loads(record.read_text())
+    run["fingerprint"]["version"] = "0.0.1"
+    record.write_text(json.dumps(run))
+    with pytest.raises(OutputError, match="cannot resume: the fp8q version changed since the interrupted run"):
+        quantize(src, tmp_path / "out", QuantizeOptions(device="cpu", resume=True))
+    assert (tmp_path / "out.partial").is_dir() and not (tmp_path / "out").exists()
+
+
+def test_resume_with_changed_options_says_which(tmp_path):
+    src = _source(tmp_path / "src", shards=3)
+    killed_after(src, tmp_path / "out", 1)
+    args = ("--device", "cpu", "--resume", "--scheme", "block", "--block-size", "64x64", "--no-load-check")
+    _refused(
+        _cli("quantize", src, tmp_path / "out", *args),
+        "cannot resume: the options changed since the interrupted run (--block-size 128x128 -> 64x64, --scheme "
+        "channel -> block)",
+    )
+
+
+@pytest.mark.parametrize("restore_mtime", [False, True], ids=["plain edit", "edit with mtime set back"])
+def test_resume_redoes_a_shard_changed_in_place_under_the_same_header(tmp_path, restore_mtime):
+    src = _source(tmp_path / "src", shards=3)
+    out = tmp_path / "out"
+    killed_after(src, out, 2)
+    shard = src / "model-00001-of-00003.safetensors"  # finished before the kill (shards go in order)
+    stat, header = shard.stat(), shard.read_bytes()[:4096]
+    tensors = load_file(shard)
+    tensors["model.layers.0.mlp.up_proj.weight"] = -tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})  # new values under the very same header and size
+    assert shard.stat().st_size == stat.st_size and shard.read_bytes()[:4096] == header
+    if restore_mtime:
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    report = quantize(src, out, QuantizeOptions(device="cpu", resume=True))
+    assert report.resumed_shards == 1  # only the untouched finished shard was reused
+    quantize(src, tmp_path / "fresh", QuantizeOptions(device="cpu"))
+    for name in ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"):
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+
+
+def test_a_chmod_of_a_source_shard_makes_it_be_redone(tmp_path):
+    src = _source(tmp_path / "src", shards=3)
+    killed_after(src, tmp_path / "out", 2)
+    (src / "model-00001-of-00003.safetensors").chmod(0o600)  # data unchanged, status-change time new
+    report = quantize(src, tmp_path / "out", QuantizeOptions(device="cpu", resume=True))
+    assert report.resumed_shards == 1
+    quantize(src, tmp_path / "fresh", QuantizeOptions(device="cpu"))
+    for shard in src.glob("*.safetensors"):
+        assert (tmp_path / "out" / shard.name).read_bytes() == (tmp_path / "fresh" / shard.name).read_bytes()

@@ -10,6 +10,7 @@ from fp8q import QuantizeOptions, quantize
 from fp8q.layouts import find
 from fp8q.layouts.numerics import quantize as quantize_tensor
 from tests.support.factories import as_bytes, load_all, write_shards
+from tests.support.runs import _cli, _refused
 
 E, H, I = 3, 40, 24  # noqa: E741
 
@@ -79,3 +80,10 @@ def test_ignored_fused_experts_stay_fused(tmp_path):
     assert sorted(out) == sorted([*tensors, "model.layers.0.self_attn.o_proj.weight_scale"])
     assert out["model.layers.0.self_attn.o_proj.weight"].dtype == torch.float8_e4m3fn
     assert all(torch.equal(out[k], tensors[k]) for k in tensors if "experts" in k)
+
+
+def test_odd_fused_gate_up_is_named(tmp_path):
+    tensors = {"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 256, 511, dtype=torch.bfloat16)}
+    config = {"model_type": "gpt_oss", "hidden_size": 256}
+    src = write_shards(tmp_path / "src", {"model.safetensors": tensors}, index=False, config=config)
+    _refused(_cli("quantize", src, tmp_path / "out"), "its fused gate+up dim 511 is odd")

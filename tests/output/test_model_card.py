@@ -20,6 +20,7 @@ from fp8q.engine.api import convert, dequantize
 from fp8q.output.model_card import error_summary
 from tests.engine.test_resume import _big_source, killed_after
 from tests.support.factories import as_bytes, load_all, tiny_llama
+from tests.support.runs import _cli, _source
 
 SOURCE_CARD = """---
 license: other
@@ -277,3 +278,12 @@ def test_base_model_option(tmp_path):
         assert result.exit_code == 2, (bad, result.output)
         assert "--base-model" in result.stderr and "ORG/NAME" in result.stderr
         assert not (tmp_path / "o2").exists() and not (tmp_path / "o2.partial").exists()
+
+
+def test_a_dense_model_without_a_tokenizer_gets_no_tokenizer_snippet(tmp_path):
+    src = _source(tmp_path / "src")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).unlink()
+    assert _cli("quantize", src, tmp_path / "out", "--device", "cpu", "-q")[0] == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "AutoModelForCausalLM.from_pretrained" in card and "AutoTokenizer" not in card

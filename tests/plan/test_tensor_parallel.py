@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from fp8q import QuantizeOptions, plan_conversion
 from fp8q.cli import app
 from tests.support.factories import write_shards
+from tests.support.runs import _cli, _source
 
 SHAPES = {
     "model.layers.0.self_attn.q_proj.weight": (512, 256),
@@ -74,3 +75,27 @@ def test_ignore_and_targets_adjust_the_selection(src):
         ]
     )
     assert plan.quantization_config["ignore"] == list(plan.ignored)
+
+
+def test_block_layout_is_checked_at_tp_1_by_default(tmp_path):
+    src = _source(tmp_path / "src", rows=192)  # up_proj of 192 rows: no whole 128-row tiles for gate_up_proj
+    code, lines = _cli("quantize", src, tmp_path / "out", "--device", "cpu", "--scheme", "block")
+    assert code == 1 and len(lines) == 1, lines
+    assert "model.layers.0.mlp.up_proj: output size 192 of a part of a merged layer" in lines[0]
+    assert "at --tp 1" in lines[0] and "--scheme channel" in lines[0] and "--no-load-check" in lines[0]
+    assert "smaller --tp" not in lines[0]
+    assert not (tmp_path / "out").exists()
+    assert _cli("inspect", src, "--scheme", "block")[0] == 1
+    code, lines = _cli("quantize", src, tmp_path / "out", "--device", "cpu", "--scheme", "block", "--no-load-check")
+    assert code == 0, lines
+    assert any("not multiples of 128x128" in line and "transformers cannot run them" in line for line in lines)
+    assert _cli("quantize", src, tmp_path / "out2", "--device", "cpu", "--scheme", "block", "--tp", "2")[0] == 1
+
+
+def test_block_moe_experts_that_are_not_whole_tiles_are_refused_at_tp_1(tmp_path):
+    from fp8q import plan_conversion
+    from tests.support.factories import tiny_qwen3_moe
+
+    src = tiny_qwen3_moe(tmp_path / "src", intermediate=96)
+    problems = plan_conversion(src, QuantizeOptions(scheme="block")).problems
+    assert any("mlp.experts" in p and "at --tp 1" in p for p in problems), problems

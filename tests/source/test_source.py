@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,12 @@ from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, Revis
 from safetensors.torch import load_file, save_file
 
 import fp8q.source.hub as source
+from fp8q import QuantizeOptions, quantize
 from fp8q.errors import CheckpointError, UsageError
 from fp8q.source.checkpoint import read_checkpoint
 from fp8q.source.hub import resolve_source
+from tests.support.factories import write_shards
+from tests.support.runs import CONFIG, ROOT, _cli, _refused
 
 REPO = "tiny-org/tiny-model"
 COMMIT_A = "a" * 8 + "0123456789abcdef0123456789abcdef"
@@ -361,3 +366,46 @@ def test_network_down_through_the_real_snapshot_download(tmp_path: Path, online:
     message = _one_line(error)
     assert "cannot download it (ConnectError: network is unreachable)" in message
     assert "not in the local Hugging Face cache" in message
+
+
+def test_repo_id_and_revision_through_the_command(tmp_path):
+    def files(value: float) -> dict[str, bytes]:
+        folder = tmp_path / f"build-{value}"
+        tensors = {
+            "model.layers.0.mlp.up_proj.weight": torch.full((64, 32), value, dtype=torch.bfloat16),
+            "model.norm.weight": torch.ones(32, dtype=torch.bfloat16),
+        }
+        write_shards(folder, {"model.safetensors": tensors}, index=False, config=CONFIG)
+        return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    cache = tmp_path / "hub"
+    a = add_commit(cache, "org/tiny", "a" * 40, files(1.0), refs=("main",))
+    b = add_commit(cache, "org/tiny", "b" * 40, files(2.0), refs=("v2",))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    made = {}
+    for revision, snapshot in (("v2", b), (None, a)):
+        out = tmp_path / f"out-{revision}"
+        pinned = ["--revision", revision] if revision else []
+        args = ["quantize", "org/tiny", str(out), "--device", "cpu", "-q", *pinned]
+        run = subprocess.run([sys.executable, "-m", "fp8q", *args], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        direct = tmp_path / f"direct-{revision}"
+        quantize(snapshot, direct, QuantizeOptions(device="cpu"))
+        made[revision] = (out / "model.safetensors").read_bytes()
+        assert made[revision] == (direct / "model.safetensors").read_bytes()
+    assert made["v2"] != made[None]
+    run = subprocess.run(
+        [sys.executable, "-m", "fp8q", "quantize", "org/tiny", str(tmp_path / "x"), "--revision", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "Hub repo org/tiny at revision nope" in run.stderr
+
+
+def test_a_typo_of_a_local_folder_says_so_before_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in (["quantize", "lama", "out"], ["verify", "lama"]):
+        _refused(_cli(*command), "error: lama: no such file or folder here, and as a Hub repo: Hub repo lama is not in")
+    _refused(_cli("verify", "org/lama"), "Hub repo org/lama is not in the local Hugging Face cache")
+    _refused(_cli("verify", "org/lama"), "(and no file or folder 'org/lama' here)")

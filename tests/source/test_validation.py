@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from fp8q.cli import app
 from tests.support.factories import write_shards
+from tests.support.runs import CONFIG, _cli, _refused, _source
 
 Case = namedtuple("Case", "build expect")
 
@@ -244,7 +245,7 @@ def test_out_not_empty_is_left_untouched(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    for extra in ([], ["--overwrite"]):  # --overwrite replaces only an fp8q output (tests/e2e/test_safety.py)
+    for extra in ([], ["--overwrite"]):  # --overwrite replaces only an fp8q output (tests/output/test_overwrite.py)
         result = run_cli(src, out, *extra)
         assert result.exit_code == 1 and ("pass --overwrite" if not extra else "not an fp8q output") in result.stderr
         assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
@@ -379,3 +380,42 @@ def test_options_are_typed_and_a_word_that_names_nothing_is_one_line():
         Options(scheme="rows")
     with pytest.raises(UsageError, match=r"^--scale-format 'e8m0': choose from float, ue8m0$"):
         Options(scale_format="e8m0")
+
+
+def _raw(path: Path, header: dict) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"\0" * 8)
+
+
+@pytest.mark.parametrize(
+    "entry,expect",
+    [
+        ({"dtype": ["BF16"], "shape": [4], "data_offsets": [0, 8]}, "has dtype ['BF16'], which fp8q does not know"),
+        ({"dtype": "BF16", "shape": [True, 4], "data_offsets": [0, 8]}, "header entry for tensor x is malformed"),
+    ],
+)
+def test_malformed_header_entries_are_named(tmp_path, entry, expect):
+    src = tmp_path / "src"
+    src.mkdir()
+    _raw(src / "model.safetensors", {"x": entry})
+    (src / "config.json").write_text(json.dumps(CONFIG))
+    _refused(_cli("quantize", src, tmp_path / "out"), expect)
+
+
+def test_deeply_nested_config_is_named(tmp_path):
+    src = _source(tmp_path / "src")
+    (src / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    _refused(_cli("quantize", src, tmp_path / "out"), "config.json: JSON nested too deep")
+
+
+def test_lone_surrogates_are_named(tmp_path):
+    src = _source(tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "name": "\ud800"}))
+    _refused(_cli("quantize", src, tmp_path / "out", "--device", "cpu"), "config.json: holds a \\ud800-style escape")
+    (src / "config.json").write_text(json.dumps(config))
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.mlp.up_proj.weight"] = "\udc00.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    _refused(_cli("quantize", src, tmp_path / "out", "--device", "cpu"), "holds half a character (a lone surrogate)")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
