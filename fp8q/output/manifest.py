@@ -22,7 +22,7 @@ from typing import Any
 from fp8q.errors import OutputError
 from fp8q.output.writer import MANIFEST_FILE, RUN_FILE
 from fp8q.source.checkpoint import RECORD_PREFIX, Checkpoint
-from fp8q.source.files import read_bounded
+from fp8q.source.files import read_bounded, sha256_file
 
 # In OUT.partial/: the run's fingerprint, and one record per finished shard. One file per shard,
 # so that any number of processes (torchrun) record their shards without touching each other's.
@@ -81,13 +81,6 @@ def holds_output(out: Path, fp: dict[str, Any], names: set[str]) -> bool:
 # Files are hashed through a memory map, a window at a time: no copy out of the page cache (which
 # `read` makes: a quarter of the hashing time), and at most one window resident at once.
 HASH_WINDOW = 16 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        _hash_range(digest, f.fileno(), 0, os.fstat(f.fileno()).st_size)
-    return digest.hexdigest()
 
 
 class FileHasher:

@@ -1,22 +1,20 @@
 """An output published to a Hub repo in the same pass (`--push-to-hub`): the repo checked before anything is
-converted, each finished shard uploaded while the next converts (and, with no OUT, deleted once it is up), and every
-file committed at the end in one commit, so the repo shows nothing of the run until it is complete.
+converted (output.repo_target, which the Publisher extends), each finished shard uploaded while the next converts
+(and, with no OUT, deleted once it is up), and every file committed at the end in one commit, so the repo shows nothing
+of the run until it is complete.
 
-Imports: errors, output.destination (the protocol it meets), output.manifest (what makes two outputs the same),
-source.network (a bound on every request), httpx (what the client raises once its own retries are spent: not OSErrors),
-huggingface_hub (the Hub's own client: Xet where hf_xet is installed and HF_HUB_DISABLE_XET unset, else classic LFS;
-HF_ENDPOINT, HF_TOKEN and the cache settings as everywhere). Uploads go through `preupload_lfs_files`, which stores the
-bytes but commits nothing; `create_commit` then names every file at once. A shard's sha256 is the one fp8q computed
-while writing it, handed to the client (`UploadInfo`; both paths use a known one instead of hashing again), so the
-client reads each shard once, to send it."""
+Imports: errors, output (destination, the protocol it meets; manifest, the run's records; repo_target), source.network
+(a bound on every request), httpx (what the client raises once its own retries are spent: not OSErrors), huggingface_hub
+(the Hub's own client: Xet where hf_xet is installed and HF_HUB_DISABLE_XET unset, else classic LFS; HF_ENDPOINT,
+HF_TOKEN and the cache settings as everywhere). Uploads go through `preupload_lfs_files`, which stores the bytes but
+commits nothing; `create_commit` then names every file at once. A shard's sha256 is the one fp8q computed while writing
+it, handed to the client (`UploadInfo`; both paths use a known one instead of hashing again), so the client reads each
+shard once, to send it."""
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import os
-import re
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -24,33 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, RepoFile, get_token
-from huggingface_hub.errors import (
-    HfHubHTTPError,
-    LocalTokenNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, RepoFile
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 from huggingface_hub.utils._runtime import is_xet_available
 
-from fp8q.errors import OutputError, Stopped, UsageError
-from fp8q.output.destination import Broadcast, Delivered, Published, Say
-from fp8q.output.manifest import Progress, same_output
-from fp8q.source.network import bound_requests, no_answer
+from fp8q.errors import OutputError, Stopped
+from fp8q.output.destination import Delivered, Published, Say
+from fp8q.output.manifest import Progress
+from fp8q.output.repo_target import BORN_WITH, CARD, RepoTarget, cause_of, hub_error
+from fp8q.source.network import no_answer
 
 SAMPLE_BYTES = 512  # what the Hub is shown of a file to choose how it is stored (UploadInfo.sample)
-MANIFEST = "fp8q.json"
-CARD = "README.md"
-# Files a repo holds from its creation, which say nothing of what is in it.
-_BORN_WITH = (".gitattributes",)
 # A commit answered "LFS pointer pointed to a file that does not exist" right after the upload (the Hub's storage
 # lagging behind) is sent again after these waits; then the answer stands.
 STORAGE_LAG_WAITS_S = (1.0, 2.0, 4.0, 8.0)
 _LAG_WORDS = "pointed to a file that does not exist"
-_XET_STATUS = re.compile(r"HTTP status (?:client|server) error \((\d{3}) ")  # in hf_xet's RuntimeError text
-_STUB_MAX_BYTES = 4096  # a README the Hub's "new repository" page makes is a few lines
-_FRONT_MATTER = re.compile(r"\A\s*---\r?\n.*?\r?\n---[ \t]*(\r?\n|\Z)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -73,87 +60,20 @@ class Uploaded:
         return op
 
 
-def _cause(error: BaseException) -> tuple[int | None, str]:
-    """The HTTP status and first line of what went wrong: huggingface_hub wraps a refused upload's HTTP error in
-    one of its own ("Error while uploading ..."), so the chain is walked to the answer that has a status."""
-    seen: BaseException | None = error
-    while seen is not None:
-        status = getattr(getattr(seen, "response", None), "status_code", None)
-        if status is not None:
-            break
-        seen = seen.__cause__ or seen.__context__
-    found = seen or error
-    text = str(found).strip()
-    if status is None and (xet := _XET_STATUS.search(text)):  # hf_xet's errors say the status in their text
-        status = int(xet[1])
-    return status, text.splitlines()[0] if text else type(found).__name__
-
-
-def _hub_error(repo_id: str, what: str, error: Exception) -> OutputError:
-    status, first = _cause(error)
-    silent = no_answer(error)
-    if silent is not None:
-        why = silent
-    elif get_token() is None or isinstance(error, LocalTokenNotFoundError):
-        why = (
-            "no Hugging Face token found: log in with `hf auth login`, or set HF_TOKEN to a token that can write to it"
-        )
-    elif status == 401:
-        why = "the Hub does not accept the token: set HF_TOKEN to a token that can write to it"
-    elif status == 403:
-        why = "the token may not write to it: use a token with write access to its namespace"
-    else:
-        why = first
-    return OutputError(f"{repo_id}: {what}: {why}")
-
-
-class Publisher:
+class Publisher(RepoTarget):
     """The Hub repo an output goes to, a Destination (output.destination): `check` before anything is converted;
     `put` each finished shard (uploaded on a thread of its own, one at a time, in order); `commit` once at the end.
     With `room` set (no OUT: shards are deleted once uploaded) at most that many finished or open shards wait on
     local disk: `room` holds the writer."""
 
-    def __init__(
-        self,
-        repo_id: str,
-        revision: str | None,
-        *,
-        create_pr: bool,
-        private: bool,
-        overwrite: bool,
-        source_repo: str | None,
-        room: int | None,
-        fingerprint: dict[str, Any] | None = None,
-    ) -> None:
-        self.repo_id = repo_id
-        # What makes this run's output (the fingerprint --resume compares): a repo whose fp8q.json has the same holds
-        # this very output (a run that committed, then failed on this side), and may be published again.
-        self.fingerprint = fingerprint
-        self.revision = revision or "main"  # a branch, created from main if missing
-        self.create_pr = create_pr  # the commit opens a pull request instead of landing on the branch
-        self.private = private  # for a repo created now
-        self.overwrite = overwrite  # replace what fp8q published there before (its fp8q.json says so)
-        self.source_repo = source_repo
-        bound_requests()
-        self.api = HfApi()
+    def __init__(self, repo_id: str, revision: str | None, *, room: int | None, **target: Any) -> None:
+        """`target`: what RepoTarget takes (create_pr, private, overwrite, source_repo, fingerprint)."""
+        super().__init__(repo_id, revision, **target)
         self.xet = is_xet_available()  # how the client uploads: Xet (hf_xet installed, not disabled), else LFS
-        self.parent: str | None = None  # the revision's commit when checked: the commit fails if it moved
-        self.branch_exists = True
-        self.existing: list[str] = []  # files the repo holds at the revision
-        # What fp8q wrote there before (the files its current fp8q.json lists, and fp8q.json): all a commit may
-        # replace or delete. Anything else (evals.json, a results table a person added) stays.
-        self.ours: set[str] = set()
-        self.changed: list[str] = []  # files fp8q published there that someone changed since (theirs now)
-        self.gone: list[str] = []  # files the repo's fp8q.json lists that it no longer holds
-        self.listed: set[str] = set()  # the files the repo's fp8q.json lists
-        self.up_to_date = False  # the repo holds this very output, every file as published: nothing to do
-        self.stub_card = False  # the repo holds only a README the Hub made with it: the model card replaces it
         self.notes: list[str] = []  # what the commit left alone or replaced that a person may have made
         self.kept: list[str] = []  # files the commit left as they were: fp8q did not write them
-        self.missing = False  # `check(create=False)` found no such repo: `create` makes it
         self.uploaded: dict[str, Uploaded] = {}
         self.bytes_sent = 0
-        self.published: Published | None = None  # the commit that holds the output: made, or found (`check`)
         # Waits on the Hub (perf_counter intervals): uploads holding the disk, the last uploads, the commit.
         self.waits: list[tuple[float, float]] = []
         self._room = room
@@ -163,177 +83,13 @@ class Publisher:
         self._queue: list[tuple[str, Path, str, Delivered, bool]] = []
         self._thread: threading.Thread | None = None
         self._closing = False
-        self._pending = 0  # handed to `upload`, not on the Hub yet
+        self._pending = 0  # handed to `put`, not on the Hub yet
 
     # ── before anything is converted ──
 
     @property
     def sends(self) -> bool:
         return True
-
-    def check(self, names: set[str]) -> bool:
-        """The repo checked, nothing changed on the Hub (a repo that does not exist is not created); True when it
-        holds this very output (the files `names`), every file as published."""
-        self._check_repo(create=False)
-        if self.up_to_date and self.listed == names:
-            assert self.parent is not None
-            url = f"{self.api.endpoint}/{self.repo_id}/commit/{self.parent}"
-            self.published = Published(self.repo_id, self.revision, self.parent, url, None)
-            return True
-        return False
-
-    def outlook(self, names: set[str]) -> str | None:
-        """What a run would do to the repo, in a line (--dry-run, once checked)."""
-        if self.missing:
-            return f"{self.repo_id} does not exist: a run creates it and commits the output to it"
-        if self.published is not None:
-            return f"up to date: {self.repo_id}@{self.parent} holds this output: a run changes nothing"
-        where = f"a pull request against {self.revision}" if self.create_pr else f"one commit on {self.revision}"
-        what = "replaces the fp8q output it holds" if self.ours else "publishes the output"
-        return f"{self.repo_id}: a run {what} in {where}"
-
-    def settle(self, broadcast: Broadcast) -> None:
-        """Under torchrun: whether the branch exists, as rank 0 found it (uploads are checked against it)."""
-        self.branch_exists = broadcast(self.branch_exists)
-
-    def _check_repo(self, *, create: bool) -> None:
-        """Refuse, in one line, what would fail later: no usable token, a token that cannot write, the source as
-        the target, a target holding files fp8q did not publish (or did, without --overwrite). `create` False
-        (--dry-run): change nothing on the Hub; a repo that does not exist yet is only checked to be in a
-        namespace of the token's user.
-
-        Raises:
-            OutputError, UsageError: as above.
-        """
-        repo_id = self.repo_id
-        if self.source_repo is not None and repo_id.lower() == self.source_repo.lower():
-            raise UsageError(f"--push-to-hub {repo_id}: that is the source repo; push to another one")
-        try:
-            me = self.api.whoami()
-        except (HfHubHTTPError, LocalTokenNotFoundError, httpx.HTTPError, OSError) as e:
-            raise _hub_error(repo_id, "cannot publish", e) from None
-        try:
-            if create:
-                self.api.create_repo(repo_id, private=self.private, exist_ok=True)
-            if self.private and self.api.model_info(repo_id).private is False:
-                raise OutputError(
-                    f"{repo_id}: is public and --private was given; fp8q does not change a repo's visibility: make "
-                    "it private on the Hub first, or push without --private"
-                )
-            try:
-                info = self.api.model_info(repo_id, revision=self.revision)
-                self.parent = info.sha
-                self.existing = [s.rfilename for s in info.siblings or [] if s.rfilename not in _BORN_WITH]
-            except RevisionNotFoundError:
-                if self.create_pr:
-                    raise OutputError(
-                        f"{repo_id}: has no branch {self.revision} for --create-pr to open a pull request against; "
-                        "push to it without --create-pr (it is then created from main), or name an existing branch"
-                    ) from None
-                self.branch_exists = False  # made from main just before the commit
-            probe = CommitOperationAdd(path_in_repo=".fp8q-write-check", path_or_fileobj=b"fp8q")
-            # Asks the Hub how it would store a file, which takes write access, and stores nothing.
-            self.api.preupload_lfs_files(repo_id, [probe], revision=self._target(), create_pr=self.create_pr)
-        except RepositoryNotFoundError as e:
-            if create:
-                raise _hub_error(repo_id, "cannot publish there", e) from None
-            _check_namespace(repo_id, me)
-            self.missing = True
-            return  # a run would create it: nothing in it to check
-        except (HfHubHTTPError, httpx.HTTPError, OSError) as e:
-            raise _hub_error(repo_id, "cannot publish there", e) from None
-        manifest = self._manifest() if MANIFEST in self.existing else None
-        if manifest is not None and manifest.get("tool") == "fp8q":
-            listed = manifest.get("files")
-            listed = {str(k): str(v) for k, v in listed.items()} if isinstance(listed, dict) else {}
-            # A file fp8q wrote that someone changed since (a model card edited on the Hub) is theirs now.
-            self.listed = set(listed)
-            self.changed = self._changed_since(listed)
-            self.ours = ({MANIFEST} | set(listed)) - set(self.changed)
-            if self.changed and not self.overwrite and not self.create_pr:
-                more = f" (and {len(self.changed) - 1} more)" if len(self.changed) > 1 else ""
-                raise OutputError(
-                    f"{repo_id}: {self.changed[0]}{more} changed on the Hub since fp8q published it, and fp8q "
-                    "replaces nothing it did not write: pass --overwrite to replace it with this run's, or move it "
-                    "aside (or --create-pr)"
-                )
-        if self.existing == [CARD] and self._is_stub_card():
-            self.stub_card = True  # what the Hub's "new repository" page makes: nothing of anyone's to keep
-        elif self.existing and not self.create_pr:
-            if not self.ours:
-                raise OutputError(
-                    f"{repo_id}: holds files ({len(self.existing)}) that fp8q did not publish; push to an empty or "
-                    "new repo (or use --create-pr to propose the output instead)"
-                )
-            # This very output, every file of it as published: the run has nothing to do (a CI job run again).
-            same = manifest is not None and self._same_output(manifest)
-            whole = not self.changed and not self.gone
-            self.up_to_date = same and whole and (self.fingerprint or {}).get("origin") is not None
-            if not self.overwrite and manifest is not None and not same:
-                raise OutputError(
-                    f"{repo_id}: already holds an fp8q output; pass --overwrite to replace it in one commit, or "
-                    "push elsewhere"
-                )
-
-    def _changed_since(self, listed: dict[str, str]) -> list[str]:
-        """The files fp8q.json lists whose bytes on the Hub are not the ones it lists: an LFS file's sha256 from the
-        tree (one listing), a regular (small) one hashed once downloaded. A file gone counts as unchanged (and is
-        recorded in `gone`)."""
-        try:
-            tree = {
-                e.path: e
-                for e in self.api.list_repo_tree(self.repo_id, revision=self.parent, recursive=True)
-                if isinstance(e, RepoFile)
-            }
-            changed = []
-            self.gone = sorted(name for name in listed if name not in tree)
-            for name, sha256 in sorted(listed.items()):
-                entry = tree.get(name)
-                if entry is None:
-                    continue
-                if entry.lfs is not None:
-                    now = entry.lfs.sha256
-                else:
-                    path = self.api.hf_hub_download(self.repo_id, name, revision=self.parent)
-                    now = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-                if now != sha256:
-                    changed.append(name)
-            return changed
-        except (HfHubHTTPError, httpx.HTTPError, OSError) as e:
-            raise _hub_error(self.repo_id, "reading what fp8q published there", e) from None
-
-    def _is_stub_card(self) -> bool:
-        """Whether the repo's README.md is the stub a new repo is made with: front matter and headings at most."""
-        try:
-            path = self.api.hf_hub_download(self.repo_id, CARD, revision=self.revision)
-            with open(path, "rb") as f:
-                text = f.read(_STUB_MAX_BYTES + 1).decode("utf-8")
-        except (HfHubHTTPError, OSError, UnicodeDecodeError, httpx.HTTPError):
-            return False
-        if len(text) > _STUB_MAX_BYTES:
-            return False
-        body = _FRONT_MATTER.sub("", text, count=1)
-        return all(not line.strip() or line.lstrip().startswith("#") for line in body.splitlines())
-
-    def open(self) -> None:
-        """The repo `check` found missing, created now (and checked as a run checks an existing one)."""
-        if self.missing:
-            self._check_repo(create=True)
-            self.missing = False
-
-    def _manifest(self) -> dict[str, Any] | None:
-        """The repo's fp8q.json (at most 1 MB of it), or None when it cannot be read as one."""
-        try:
-            path = self.api.hf_hub_download(self.repo_id, MANIFEST, revision=self.revision)
-            with open(path, "rb") as f:
-                manifest = json.loads(f.read(1 << 20))
-        except (HfHubHTTPError, OSError, ValueError, httpx.HTTPError):
-            return None
-        return manifest if isinstance(manifest, dict) else None
-
-    def _same_output(self, manifest: dict[str, Any]) -> bool:
-        """Whether the repo's fp8q.json says it holds what this run makes: same fp8q version, options and source."""
-        return self.fingerprint is not None and same_output(manifest, self.fingerprint)
 
     def resume(self, progress: Progress) -> set[str]:
         """Which shards an earlier run uploaded (its records) the Hub still holds (it offers no upload for them);
@@ -392,10 +148,6 @@ class Publisher:
             self.waits.append((since, time.perf_counter()))
             self._raise_if_failed()
             self._on_disk += 1
-
-    def _target(self) -> str | None:
-        """The revision uploads are checked against: the branch, or main until a missing branch is made."""
-        return self.revision if self.branch_exists else None
 
     def lost(self) -> None:
         """A shard given room will not be uploaded (it could not be finished): its room is free again."""
@@ -569,14 +321,6 @@ class Publisher:
         self._check_committed(info.oid, [op for op in ops if isinstance(op, CommitOperationAdd)], set(self.kept))
         self.published = Published(self.repo_id, self.revision, info.oid, info.commit_url, info.pr_url)
 
-    def _where(self) -> str:
-        return f"{self.repo_id} ({'a pull request on ' if self.create_pr else ''}{self.revision})"
-
-    @property
-    def where(self) -> str:
-        """The repo and the branch (or pull request) the commit goes to, in words."""
-        return self._where()
-
     def _check(self) -> str:
         """How a user tells whether a commit whose answer never came landed."""
         revision = "refs/pr/N" if self.create_pr else self.revision
@@ -586,7 +330,7 @@ class Publisher:
         """A failed commit in one line that says what happened to the repo and what to do."""
         if not isinstance(error, (HfHubHTTPError, ValueError, RuntimeError, httpx.HTTPError, OSError)):
             return error  # a bug: its traceback is worth more (RuntimeError: hf_xet's errors)
-        status, _ = _cause(error)
+        status, _ = cause_of(error)
         lost = no_answer(error) is not None or isinstance(error, httpx.RemoteProtocolError)
         if status is None and lost:  # the request went out; its answer did not come back
             why = no_answer(error) or "the connection closed before the Hub answered"
@@ -594,7 +338,7 @@ class Publisher:
         if isinstance(error, HfHubHTTPError) and _storage_lag(error):
             return OutputError(
                 f"{self.repo_id}: the Hub does not show the shards this run uploaded (its answer to the commit, after "
-                f"{len(STORAGE_LAG_WAITS_S) + 1} tries over {sum(STORAGE_LAG_WAITS_S):g} s: {_cause(error)[1]}); "
+                f"{len(STORAGE_LAG_WAITS_S) + 1} tries over {sum(STORAGE_LAG_WAITS_S):g} s: {cause_of(error)[1]}); "
                 "the repo is as it was: rerun with --resume"
             )
         if status == 412:
@@ -621,7 +365,7 @@ class Publisher:
                 if isinstance(entry, RepoFile)
             }
         except (HfHubHTTPError, ValueError, httpx.HTTPError, OSError) as e:
-            raise _hub_error(self.repo_id, f"reading back commit {commit[:12]}", e) from None
+            raise hub_error(self.repo_id, f"reading back commit {commit[:12]}", e) from None
         for op in added:
             name, info = op.path_in_repo, op.upload_info
             entry = tree.get(name)
@@ -635,7 +379,7 @@ class Publisher:
                     f"{self.repo_id}: commit {commit[:12]} holds {found} as {name}, not the {info.size} bytes fp8q "
                     "wrote; do not use that commit: revert it on the Hub and run again"
                 )
-        extra = sorted(set(tree) - {op.path_in_repo for op in added} - set(_BORN_WITH) - kept)
+        extra = sorted(set(tree) - {op.path_in_repo for op in added} - set(BORN_WITH) - kept)
         if extra and not self.create_pr:
             raise OutputError(
                 f"{self.repo_id}: commit {commit[:12]} also holds {extra[0]} (and {len(extra) - 1} more), which the "
@@ -648,26 +392,9 @@ def _storage_lag(error: HfHubHTTPError) -> bool:
     return _LAG_WORDS in str(error) or _LAG_WORDS in getattr(getattr(error, "response", None), "text", "")
 
 
-def _check_namespace(repo_id: str, me: dict[str, Any]) -> None:
-    """What a dry run can tell of a repo that does not exist yet without creating it: the token can write, and the
-    namespace is its user's or one of their organizations'."""
-    auth = me.get("auth") or {}
-    role = (auth.get("accessToken") or {}).get("role")
-    if role == "read":
-        raise OutputError(f"{repo_id}: cannot publish there: the token may not write to it: use a token with write "
-                          "access to its namespace")  # fmt: skip
-    namespace = repo_id.split("/")[0]
-    names = {me.get("name")} | {org.get("name") for org in me.get("orgs") or []}
-    if namespace not in names:
-        raise OutputError(
-            f"{repo_id}: cannot publish there: {namespace} is neither the token's user ({me.get('name')}) nor one of "
-            "their organizations; use a token with write access to its namespace"
-        )
-
-
 def _upload_error(repo_id: str, what: str, error: BaseException) -> OutputError:
     """One line naming the file; the run adds where its finished shards are kept for --resume."""
-    status, first = _cause(error)
+    status, first = cause_of(error)
     why = no_answer(error) or (f"HTTP {status}: {first}" if status else first)
     return OutputError(f"{repo_id}: uploading {what} failed ({why}); what the Hub took is kept")
 

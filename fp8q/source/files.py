@@ -9,6 +9,7 @@ their own repo's `blobs/`.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from fp8q.errors import CheckpointError
 # Files fp8q reads whole (config.json, the index, a model card, fp8q.json and the run's records) are kilobytes to a
 # few tens of MB (DeepSeek-V3's index: 9 MB); one larger than this is none of them, and is not read into memory.
 MAX_SIDE_FILE_BYTES = 100_000_000
+_HASH_CHUNK = 8 << 20  # what sha256_file reads at a time
 # A file as the filesystem knows it: (device, inode).
 FileId = tuple[int, int]
 
@@ -157,6 +159,17 @@ def is_unicode(text: str) -> bool:
     return True
 
 
+def sha256_file(path: Path) -> str:
+    """A whole file's sha256 (what fp8q.json lists, what the Hub's LFS records), read into one buffer again and
+    again: no allocation per read, and hashlib releases the GIL on large buffers, so other threads go on meanwhile."""
+    digest = hashlib.sha256()
+    chunk = memoryview(bytearray(_HASH_CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(chunk):
+            digest.update(chunk[:n])
+    return digest.hexdigest()
+
+
 __all__ = [
     "MAX_SIDE_FILE_BYTES",
     "FileId",
@@ -169,4 +182,5 @@ __all__ = [
     "is_unicode",
     "read_bounded",
     "read_config",
+    "sha256_file",
 ]

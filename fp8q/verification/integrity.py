@@ -10,7 +10,6 @@ files are the small side files, hashed where the cache holds them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +19,9 @@ from pathlib import Path
 from fp8q.errors import Fp8qError
 from fp8q.source.base import Source
 from fp8q.source.checkpoint import CONFIG_FILE, INDEX_FILE, Checkpoint
-from fp8q.source.files import read_bounded
+from fp8q.source.files import read_bounded, sha256_file
 
 MANIFEST_FILE = "fp8q.json"
-_CHUNK = 8 << 20
 
 
 @dataclass
@@ -110,21 +108,12 @@ class FileHashes:
 
     def _local_sha256(self, name: str) -> str:
         """A file's sha256: the output folder's, or a Hub repo's small regular file (its copy in the cache)."""
-        return _sha256(self.source.side_file(name))
+        return sha256_file(self.source.side_file(name))
 
     def _local_files(self) -> set[str]:
         c = self.checkpoint
         names = {s.name for s in c.shards} | set(c.side_files) | set(c.skipped_files)
         return names | {n for n in (INDEX_FILE, CONFIG_FILE) if (c.root / n).is_file()}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    chunk = memoryview(bytearray(_CHUNK))  # one buffer, read into again and again: no allocation per read
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(chunk):
-            digest.update(chunk[:n])  # hashlib releases the GIL on large buffers: the checks go on meanwhile
-    return digest.hexdigest()
 
 
 __all__ = ["MANIFEST_FILE", "FileCheck", "FileHashes", "listed_files"]

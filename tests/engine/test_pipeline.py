@@ -27,6 +27,7 @@ from fp8q.output import shard_io
 from fp8q.output import writer as writer_module
 from fp8q.output.manifest import Progress
 from fp8q.output.shard_io import start_writeback
+from fp8q.source import files as files_module
 from fp8q.source.reader import read_ahead
 from tests.support.factories import write_shards
 
@@ -107,9 +108,18 @@ def test_hints_do_not_change_or_fail_on_any_range(tmp_path):
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 3 * 4096 + 7])
 def test_sha256_through_windows_equals_hashlib(tmp_path, monkeypatch, size):
     monkeypatch.setattr(manifest_module, "HASH_WINDOW", 4096)  # many windows, the last one partial
+    monkeypatch.setattr(files_module, "_HASH_CHUNK", 4096)  # whole files: many reads into one buffer
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(size))
-    assert manifest_module.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert _windowed_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert files_module.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _windowed_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        manifest_module._hash_range(digest, f.fileno(), 0, path.stat().st_size)
+    return digest.hexdigest()
 
 
 def test_sha256_reads_where_files_cannot_be_mapped(tmp_path, monkeypatch):
@@ -120,7 +130,7 @@ def test_sha256_reads_where_files_cannot_be_mapped(tmp_path, monkeypatch):
     monkeypatch.setattr(manifest_module, "HASH_WINDOW", 4096)
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(3 * 4096 + 7))
-    assert manifest_module.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert _windowed_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("report", ["in order", "shuffled", "with a gap"])
