@@ -46,8 +46,10 @@ def preflight(src: str | Path, out: str | Path | None, options: Options, mode: M
     fp = run_fingerprint(plan, source, options, mode)
     names = output_names(plan, options.model_card)
     targets = destinations(source, output_path(Path(out)) if out is not None else None, options, fp)
-    for target in targets:
-        target.check(names)
+    held = [target.check(names) for target in targets]
+    if options.resume or not all(held):  # the run would make the output: as it would, each must take it
+        for target in targets:
+            target.accept()
     outlooks = [words for target in targets if (words := target.outlook(names))]
     return Preflight(plan, outlooks[0] if outlooks else None)
 

@@ -159,6 +159,8 @@ def prepare(
         # Every destination holds this very output already (a CI job run again): nothing to read, write or push.
         up_to_date = lead and not options.resume and all(held)
         if lead and not up_to_date:
+            for target in targets:
+                target.accept()  # the run makes the output: each must take it as it stands (OUT: empty, say)
             reused, lock = _prepare_partial(plan, source, out, partial, fp, options, targets, keep, cluster.world)
             cleanup.callback(os.close, lock)  # releases OUT.partial/ (renamed to OUT by then if all went well)
         ready = Prepared(source, out, partial, plan, fp, reused, card, targets, keep, up_to_date)

@@ -5,6 +5,8 @@ given; it asks each, in this order:
 
     check     before any tensor is read: refuse, in one line, what would fail later; change nothing; say whether it
               holds this very output already (a run again: nothing to do)
+    accept    the run makes the output (one of them lacks it, or --resume): refuse, changing nothing, if it cannot
+              take it as it stands (an OUT that holds an output, this one even, and no --overwrite)
     resume    (--resume) the shards an earlier run delivered that it still holds (the run need not make them again)
     open      every local check has passed: make it ready (a repo that does not exist is created now)
     room      before a shard is opened: hold the writer while too many wait on local disk to be sent
@@ -80,6 +82,9 @@ class Destination(Protocol):
         """Refuse what would fail later, changing nothing (a --dry-run asks this too); True when it holds this very
         output already: the files `names`, and an fp8q.json that says so."""
 
+    def accept(self) -> None:
+        """The run makes the output after all (after `check`): refuse, changing nothing, what would fail then."""
+
     def outlook(self, names: set[str]) -> str | None:
         """What a run would do there, in a line (--dry-run, after `check`); None when there is nothing to say."""
 
@@ -125,7 +130,6 @@ class OutFolder:
     waits: list[tuple[float, float]] = field(default_factory=list)  # none: nothing is waited on
     notes: list[str] = field(default_factory=list)
     published: Published | None = None
-    _held: bool = False
 
     @property
     def where(self) -> str:
@@ -140,10 +144,10 @@ class OutFolder:
         return 0
 
     def check(self, names: set[str]) -> bool:
-        self._held = holds_output(self.out, self.fingerprint, names)
-        if not self._held:
-            check_output(self.source, self.out, self.overwrite)
-        return self._held
+        return holds_output(self.out, self.fingerprint, names)
+
+    def accept(self) -> None:
+        check_output(self.source, self.out, self.overwrite)  # empty, or an fp8q output --overwrite may replace
 
     def outlook(self, names: set[str]) -> str | None:
         return None
@@ -155,8 +159,7 @@ class OutFolder:
         return set()  # OUT is made at the end: an earlier run delivered nothing to it
 
     def open(self) -> None:
-        if self._held:  # it holds this output, and the run goes on (--resume, or the Hub lacks it): as any OUT
-            check_output(self.source, self.out, self.overwrite)
+        pass  # made by the rename, at the end
 
     def room(self, stop: threading.Event) -> None:
         pass

@@ -91,6 +91,9 @@ class RepoTarget:
             return True
         return False
 
+    def accept(self) -> None:
+        pass  # what the repo refuses, `check` refused: a run replaces only what fp8q published there
+
     def outlook(self, names: set[str]) -> str | None:
         """What a run would do to the repo, in a line (--dry-run, once checked)."""
         if self.missing:

@@ -41,6 +41,9 @@ class Mirror:
         self.asked.append("check")
         return False
 
+    def accept(self) -> None:
+        self.asked.append("accept")
+
     def outlook(self, names: set[str]) -> str | None:
         return None
 
@@ -121,7 +124,7 @@ def test_a_third_destination_is_one_class_the_run_asks_as_it_asks_out(tmp_path: 
     for name in files:
         assert (mirror.root / name).read_bytes() == (out / name).read_bytes(), name
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-    assert mirror.asked[:2] == ["check", "open"]
+    assert mirror.asked[:3] == ["check", "accept", "open"]
     puts = [a for a in mirror.asked if a.startswith("put ")]
     assert puts == [f"put {name}" for name in shards]  # each shard as soon as it is finished, in order
     assert mirror.asked.count("room") == len(shards) and "lost" not in mirror.asked
@@ -132,3 +135,41 @@ def test_a_third_destination_is_one_class_the_run_asks_as_it_asks_out(tmp_path: 
     started = [e for e in events if isinstance(e, UploadStarted)]
     assert len(started) == 1 and started[0].nbytes == sum((out / name).stat().st_size for name in shards)
     assert [e.shard for e in events if isinstance(e, ShardUploaded)] == shards
+
+
+def test_an_out_holding_the_output_is_refused_only_when_the_run_makes_it_again(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A Hub repo from the cache fixes its bytes: a run again into the OUT that holds its output has nothing to do;
+    one that makes the output all the same (--resume) refuses that OUT as any full one, before anything is
+    written, and --dry-run says so too."""
+    from huggingface_hub import constants
+
+    from fp8q.engine.api import Mode, preflight
+    from fp8q.errors import OutputError
+    from tests.source.test_source import add_commit
+
+    built = _source(tmp_path / "built")
+    commit = "c" * 40
+    add_commit(tmp_path / "hub", "org/tiny", commit, {f.name: f.read_bytes() for f in built.iterdir()}, refs=("main",))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    first = quantize("org/tiny", out, Options(device="cpu"))
+    assert not first.up_to_date
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert quantize("org/tiny", out, Options(device="cpu")).up_to_date
+    assert preflight("org/tiny", out, Options(device="cpu"), Mode.QUANTIZE).plan.problems == ()
+    full = f"{out}: exists and is not empty; pass --overwrite"
+    for attempt in (
+        lambda: quantize("org/tiny", out, Options(device="cpu", resume=True)),
+        lambda: preflight("org/tiny", out, Options(device="cpu", resume=True), Mode.QUANTIZE),
+    ):
+        try:
+            attempt()
+        except OutputError as e:
+            assert str(e).startswith(full), e
+        else:
+            raise AssertionError("an OUT holding an output was taken without --overwrite")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert not (tmp_path / "out.partial").exists()  # refused before anything was written
