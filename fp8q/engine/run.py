@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fp8q.dtypes import config_name
 from fp8q.engine.destinations import ON_DISK_FOR_UPLOAD, destinations, run_fingerprint
@@ -69,9 +69,6 @@ from fp8q.source.base import ShardFiles, Source
 from fp8q.source.files import is_model_id
 from fp8q.source.opening import open_source
 from fp8q.version import __version__
-
-if TYPE_CHECKING:  # imported at run time only for a Hub repo: they bring huggingface_hub
-    pass
 
 
 def run(
