@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fp8q.engine.destinations import destinations, run_fingerprint
+from fp8q.engine.destinations import destinations, run_fingerprint, up_to_date
 from fp8q.engine.options import Mode, Options, Push, QuantizeOptions, worker_count
 from fp8q.engine.planning import plan_conversion, plan_summary, refusal
 from fp8q.events import EventCallback, Report
@@ -46,10 +46,7 @@ def preflight(src: str | Path, out: str | Path | None, options: Options, mode: M
     fp = run_fingerprint(plan, source, options, mode)
     names = output_names(plan, options.model_card)
     targets = destinations(source, output_path(Path(out)) if out is not None else None, options, fp)
-    held = [target.check(names) for target in targets]
-    if options.resume or not all(held):  # the run would make the output: as it would, each must take it
-        for target in targets:
-            target.accept()
+    up_to_date(targets, names, options.resume)  # what the run checks and refuses, changing nothing
     outlooks = [words for target in targets if (words := target.outlook(names))]
     return Preflight(plan, outlooks[0] if outlooks else None)
 

@@ -49,9 +49,21 @@ def destinations(source: Source, out: Path | None, options: Options, fp: dict[st
     return found
 
 
+def up_to_date(targets: list[Destination], names: set[str], resume: bool) -> bool:
+    """Check every destination (each may refuse; none changes anything): True when every one holds this very output
+    already (the files `names`) and the run has nothing to do. Else the run makes the output (--resume makes it
+    whatever they hold), and each must `accept` it as it stands. A run asks this, and --dry-run as the run would."""
+    held = [target.check(names) for target in targets]
+    if not resume and all(held):
+        return True
+    for target in targets:
+        target.accept()
+    return False
+
+
 def run_fingerprint(plan: Plan, source: Source, options: Options, mode: Mode) -> dict[str, Any]:
     """What makes this run's output: what --resume and a destination's fp8q.json are compared with."""
     return fingerprint(plan.checkpoint, options.output_affecting(mode, plan.dtype), __version__, source.origin)
 
 
-__all__ = ["ON_DISK_FOR_UPLOAD", "destinations", "run_fingerprint"]
+__all__ = ["ON_DISK_FOR_UPLOAD", "destinations", "run_fingerprint", "up_to_date"]

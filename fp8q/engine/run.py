@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fp8q.dtypes import config_name
-from fp8q.engine.destinations import ON_DISK_FOR_UPLOAD, destinations, run_fingerprint
+from fp8q.engine.destinations import ON_DISK_FOR_UPLOAD, destinations, run_fingerprint, up_to_date
 from fp8q.engine.devices import resolve_device
 from fp8q.engine.distributed import Cluster, Watcher, assign
 from fp8q.engine.finish import Prepared, finish, metadata_sizes, output_names, source_card
@@ -152,15 +152,12 @@ def prepare(
         for target in targets:
             cleanup.callback(target.close)
         names = output_names(plan, options.model_card)
-        held = [target.check(names) for target in targets] if lead else []
         # Every destination holds this very output already (a CI job run again): nothing to read, write or push.
-        up_to_date = lead and not options.resume and all(held)
-        if lead and not up_to_date:
-            for target in targets:
-                target.accept()  # the run makes the output: each must take it as it stands (OUT: empty, say)
+        held = lead and up_to_date(targets, names, options.resume)
+        if lead and not held:
             reused, lock = _prepare_partial(plan, source, out, partial, fp, options, targets, keep, cluster.world)
             cleanup.callback(os.close, lock)  # releases OUT.partial/ (renamed to OUT by then if all went well)
-        ready = Prepared(source, out, partial, plan, fp, reused, card, targets, keep, up_to_date)
+        ready = Prepared(source, out, partial, plan, fp, reused, card, targets, keep, held)
     except Exception as e:  # noqa: BLE001 - handed to every process, then raised
         error = e
     cluster.agree(error)

@@ -169,7 +169,7 @@ def detect_layout(config: Mapping[str, Any] | None, tensors: Mapping[str, Tensor
     for meta in tensors.values():
         suffix = meta.name.rpartition(".")[2]
         expected = reading.expected(meta)
-        inputs = [expected] if isinstance(expected, InputLayout) else list(reading.claimed)
+        inputs = (expected,) if isinstance(expected, InputLayout) else reading.claimed
         codec = next((c for c in inputs if c.is_packed(meta, tensors)), None)
         if codec is not None:
             qw = _pair_packed(meta, tensors, codec)

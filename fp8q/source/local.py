@@ -44,6 +44,11 @@ class LocalSource:
     revision: str | None = None
 
     @property
+    def folder(self) -> Path:
+        """The folder that holds it: the path itself, or a single file's folder (its config.json is beside it)."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
     def remote(self) -> Mapping[str, Shard]:
         return {}
 
@@ -64,7 +69,7 @@ class LocalSource:
     def repo(self) -> HubRepo | None:
         if self.repo_id is not None:
             return HubRepo(self.repo_id, self.revision)
-        snapshot = hub_snapshot(self.path if self.path.is_dir() else self.path.parent)
+        snapshot = hub_snapshot(self.folder)
         return HubRepo(*snapshot) if snapshot else None  # a snapshot given as a path: the repo at its commit
 
     def read(self) -> Checkpoint:
@@ -85,7 +90,7 @@ class LocalSource:
         return None
 
     def side_file(self, name: str) -> Path:
-        return (self.path if self.path.is_dir() else self.path.parent) / name
+        return self.folder / name
 
 
 __all__ = ["LocalShards", "LocalSource"]
